@@ -1,0 +1,34 @@
+"""Pre-train and evaluate: ``python experiments/run.py [predictor=flow] [model=jin_tiny] [key=value ...]``."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from prob_jepa.config import ConfigKeyError, check_overrides  # noqa: E402
+from prob_jepa.train import pretrain  # noqa: E402
+
+CONF = Path(__file__).resolve().parent / "conf"
+
+
+@hydra.main(version_base=None, config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    result = pretrain(cfg, run_dir=HydraConfig.get().runtime.output_dir)
+    print(f"run directory: {result.run_dir}  (status: {result.status}, step {result.step})")
+    if result.metrics:
+        print(json.dumps(result.metrics.get("representation", {}), indent=2))
+
+
+if __name__ == "__main__":
+    try:
+        check_overrides(CONF, [a for a in sys.argv[1:] if not a.startswith("-")])
+    except ConfigKeyError as e:
+        sys.exit(f"error: {e}")
+    main()

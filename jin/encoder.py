@@ -1,0 +1,171 @@
+"""The JIN hierarchical encoder (JIN eq. 1); ``levels=1`` is a plain ViT (I-JEPA)."""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+from timm.layers import PatchEmbed
+from torch import nn
+
+from .layers.init import init_weights
+from .layers.coords import grid_coords, sincos_embed, unit_layout
+from .layers.spatial_bias import SpatialBias
+from .layers.stage import AdaptiveStage, Stage
+from .zoom import AdaptiveZoom
+
+
+class Level(NamedTuple):
+    """One level's output.
+
+    features: ``[B, U, T, D]`` (U mask units, T tokens per unit at this level),
+    coords: ``[B, U, T, 3]`` (x, y, scale), alpha: ``[B]`` computed fraction.
+    """
+
+    features: torch.Tensor
+    coords: torch.Tensor
+    alpha: torch.Tensor
+
+
+class UnitMerge(nn.Module):
+    """2×2 token merge inside each mask unit: linear ``D_l → D_{l+1}``, then max-pool (Hiera)."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, U, s², D_l]`` → ``[B, U, (s/2)², D_{l+1}]``."""
+        B, U, T, _ = x.shape
+        s = int(round(T**0.5))
+        x = self.proj(x).view(B, U, s // 2, 2, s // 2, 2, -1)
+        return x.amax(dim=(3, 5)).reshape(B, U, T // 4, -1)
+
+
+class HierarchicalEncoder(nn.Module):
+    """JIN hierarchical encoder: L levels, level l+1 tokens are 2×2 merges of level l (JIN eq. 1).
+
+    Tokens are kept grouped by *mask unit* — one token of the coarsest level,
+    ``2^(L-1) × 2^(L-1)`` tokens of the finest — so an encoder given only the
+    visible units (``units``) processes only context tokens at every level and
+    merges stay inside units (Hiera). ``levels=1`` makes a unit one patch and
+    the model a plain ViT with fixed sin-cos positions, i.e. I-JEPA's encoder.
+
+    Args:
+        img_size, patch_size, in_chans: input geometry.
+        dims, depths, num_heads: per-level width, number of blocks, heads.
+        mlp_ratio, drop_path_rate, dropout: block hyper-parameters.
+        spatial_bias: add the JIN eq. 7-8 bias in every level's attention.
+        bias_hidden: width of the bias MLP.
+        adaptive: use :class:`AdaptiveStage` (JIN eq. 4) at every level.
+        zoom_factors: zoom factors < 1 of the foveal views (:class:`AdaptiveZoom`);
+            empty for none.
+        zoom_tokens: tokens per side of each zoom crop.
+
+    References:
+        JIN eq. 1, 4, 7-8; Ryali et al., "Hiera" (arXiv:2306.00989);
+        Assran et al., "I-JEPA" (arXiv:2301.08243).
+    """
+
+    def __init__(
+        self,
+        img_size: int,
+        patch_size: int,
+        dims: Sequence[int],
+        depths: Sequence[int],
+        num_heads: Sequence[int],
+        mlp_ratio: float = 4.0,
+        in_chans: int = 3,
+        drop_path_rate: float = 0.0,
+        dropout: float = 0.0,
+        spatial_bias: bool = False,
+        bias_hidden: int = 16,
+        adaptive: bool = False,
+        zoom_factors: Sequence[float] = (),
+        zoom_tokens: int = 2,
+    ):
+        super().__init__()
+        if not len(dims) == len(depths) == len(num_heads):
+            raise ValueError(f"dims {list(dims)}, depths {list(depths)}, num_heads {list(num_heads)} differ in length")
+        self.levels = len(dims)
+        self.dims = list(dims)
+        self.grid = img_size // patch_size
+        self.unit = 2 ** (self.levels - 1)
+        if img_size % patch_size or self.grid % self.unit:
+            raise ValueError(
+                f"img_size {img_size} / patch_size {patch_size} = {img_size / patch_size} tokens per side must be "
+                f"an integer divisible by 2^(levels-1) = {self.unit}"
+            )
+        self.unit_grid = self.grid // self.unit
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, dims[0], output_fmt="NHWC")
+
+        coords0 = grid_coords(self.grid)
+        self.register_buffer("pos_embed", sincos_embed(coords0[..., :2], dims[0], self.grid / 2), persistent=False)
+        for level in range(self.levels):
+            side = self.grid // 2**level
+            self.register_buffer(f"coords_{level}", unit_layout(grid_coords(side), side // self.unit_grid), persistent=False)
+
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        stage_cls = AdaptiveStage if adaptive else Stage
+        self.stages = nn.ModuleList()
+        for level, (dim, depth, heads) in enumerate(zip(dims, depths, num_heads)):
+            bias = SpatialBias(heads, bias_hidden, self.grid) if spatial_bias else None
+            start = sum(depths[:level])
+            self.stages.append(stage_cls(dim, depth, heads, mlp_ratio, rates[start : start + depth], bias, dropout))
+        self.merges = nn.ModuleList(UnitMerge(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.norms = nn.ModuleList(nn.LayerNorm(d) for d in dims)
+        self.zoom = (
+            AdaptiveZoom(dims[0], self.grid, self.unit_grid, patch_size, zoom_factors, zoom_tokens)
+            if len(zoom_factors)
+            else None
+        )
+        self.apply(init_weights)
+        for stage in self.stages:
+            stage.init_router()
+
+    @property
+    def num_units(self) -> int:
+        return self.unit_grid**2
+
+    def coords(self, level: int, units: torch.Tensor | None = None, batch: int = 1) -> torch.Tensor:
+        """Coordinates of level ``level`` tokens: ``[B, U, T, 3]`` for ``units [B, U]`` (all units if ``None``)."""
+        c = getattr(self, f"coords_{level}")
+        return c.expand(batch, -1, -1, -1) if units is None else c[units]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    def forward(self, images: torch.Tensor, units: torch.Tensor | None = None) -> list[Level]:
+        """Encode the given mask units of ``images``.
+
+        Args:
+            images: ``[B, C, H, W]``.
+            units: ``[B, U]`` int64 indices of the mask units to encode (the
+                context); ``None`` encodes all ``unit_grid²`` units (the target view).
+        Returns:
+            one :class:`Level` per level, finest first.
+        """
+        B = images.shape[0]
+        x = self.patch_embed(images) + self.pos_embed.to(images.dtype)  # [B, G, G, D0]
+        x = unit_layout(x, self.unit)  # [B, U_all, u², D0]
+        if units is not None:
+            x = x[torch.arange(B, device=x.device)[:, None], units]
+        extra = self.zoom(images, x, units, self.patch_embed.proj) if self.zoom is not None else None
+
+        levels = []
+        for level, stage in enumerate(self.stages):
+            coords = self.coords(level, units, B)
+            _, U, T, D = x.shape
+            seq, pos = x.reshape(B, U * T, D), coords.reshape(B, U * T, 3)
+            if extra is None:
+                seq, alpha = stage(seq, pos)
+            else:
+                seq, alpha = stage(*extra.join(seq, pos))
+                seq, extra = extra.split(seq)
+            x = seq.view(B, U, T, D)
+            levels.append(Level(self.norms[level](x), coords, alpha))
+            if level + 1 < self.levels:
+                x = self.merges[level](x)
+                if extra is not None:
+                    extra = extra.project(self.merges[level].proj)
+        return levels

@@ -1,0 +1,124 @@
+"""Foveal zoom views (Jin's AdaptiveZoomModule): crops around a predicted region of interest."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers.coords import grid_coords, sincos_embed
+
+
+@dataclass
+class ZoomTokens:
+    """Extra tokens that join every level's attention.
+
+    x: ``[B, Z, D]``, coords: ``[B, Z, 3]``, key_mask: ``[B, 1, 1, Z]`` additive
+    (``-inf`` where the token's centre lies in a hidden mask unit, so a context
+    encoder never sees the targets through a zoom view).
+    """
+
+    x: torch.Tensor
+    coords: torch.Tensor
+    key_mask: torch.Tensor
+
+    def join(self, seq: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Append to ``seq [B, N, D]`` / ``pos [B, N, 3]``; returns (tokens, coords, attn_mask ``[B, 1, 1, N+Z]``)."""
+        base = self.key_mask.new_zeros(seq.shape[0], 1, 1, seq.shape[1])
+        return torch.cat([seq, self.x], 1), torch.cat([pos, self.coords], 1), torch.cat([base, self.key_mask], -1)
+
+    def split(self, seq: torch.Tensor) -> tuple[torch.Tensor, "ZoomTokens"]:
+        n = seq.shape[1] - self.x.shape[1]
+        return seq[:, :n], ZoomTokens(seq[:, n:], self.coords, self.key_mask)
+
+    def project(self, linear: nn.Module) -> "ZoomTokens":
+        return ZoomTokens(linear(self.x), self.coords, self.key_mask)
+
+
+class AdaptiveZoom(nn.Module):
+    """Predict a region of interest and add crops of it at several zoom factors.
+
+    An ROI network maps the mean visible patch embedding to a centre
+    ``(cx, cy) = σ(MLP(·))``; for every zoom factor ``z`` a ``z × z`` crop around
+    it (clamped inside the image) is resampled differentiably to
+    ``tokens_per_side × patch_size`` pixels and patch-embedded with the
+    encoder's own patch projection. Its tokens carry their true coordinates —
+    centre inside the image and ``scale = log2(z / tokens_per_side)`` — and a
+    learned embedding per zoom factor. Zoom factor 1 is the base view itself.
+
+    Args:
+        dim: level-0 width.
+        grid: tokens per side of the base view (positions embed as the base tokens do).
+        unit_grid: mask units per side (for hiding zoom tokens that fall in hidden units).
+        patch_size: pixels per patch side.
+        factors: zoom factors < 1 (JIN: 0.5, 0.25, 0.125).
+        tokens_per_side: tokens per crop side.
+        hidden: ROI MLP width.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        grid: int,
+        unit_grid: int,
+        patch_size: int,
+        factors: Sequence[float],
+        tokens_per_side: int,
+        hidden: int = 64,
+    ):
+        super().__init__()
+        self.grid, self.unit_grid = grid, unit_grid
+        self.patch_size = patch_size
+        self.factors = [float(f) for f in factors if f < 1]
+        self.tokens_per_side = tokens_per_side
+        self.roi = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, 2))
+        self.factor_embed = nn.Parameter(torch.zeros(len(self.factors), dim))
+        self.register_buffer("local", grid_coords(tokens_per_side)[..., :2].reshape(-1, 2), persistent=False)
+
+    def roi_centre(self, level0: torch.Tensor) -> torch.Tensor:
+        """level0: ``[B, U, T, D]`` visible patch embeddings → ROI centre ``[B, 2]`` in (0, 1)."""
+        return torch.sigmoid(self.roi(level0.mean(dim=(1, 2))))
+
+    def forward(
+        self, images: torch.Tensor, level0: torch.Tensor, units: torch.Tensor | None, patch_proj: nn.Module
+    ) -> ZoomTokens:
+        """Zoom tokens for ``images [B, C, H, W]`` given the visible level-0 tokens ``[B, U, T, D]``.
+
+        ``patch_proj`` is the encoder's patch projection, shared so crops and
+        base view are embedded alike.
+        """
+        B = images.shape[0]
+        n, p = self.tokens_per_side, self.patch_size
+        centre = self.roi_centre(level0)
+        tokens, coords = [], []
+        for i, z in enumerate(self.factors):
+            c = centre.clamp(z / 2, 1 - z / 2)  # [B, 2]
+            theta = torch.zeros(B, 2, 3, device=images.device, dtype=images.dtype)
+            theta[:, 0, 0] = theta[:, 1, 1] = z
+            theta[:, :, 2] = (2 * c - 1).to(images.dtype)
+            grid = F.affine_grid(theta, [B, images.shape[1], n * p, n * p], align_corners=False)
+            crop = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+            t = patch_proj(crop).flatten(2).transpose(1, 2)  # [B, n², D]
+            xy = (c[:, None, :] - z / 2 + z * self.local).float()  # [B, n², 2]
+            scale = xy.new_full((B, n * n, 1), math.log2(z / n))
+            t = t + sincos_embed(xy, t.shape[-1], self.grid / 2).to(t.dtype) + self.factor_embed[i]
+            tokens.append(t)
+            coords.append(torch.cat([xy, scale], -1))
+        x, xyz = torch.cat(tokens, 1), torch.cat(coords, 1)
+        return ZoomTokens(x, xyz, self.key_mask(xyz, units, self.unit_grid))
+
+    @staticmethod
+    def key_mask(coords: torch.Tensor, units: torch.Tensor | None, unit_grid: int) -> torch.Tensor:
+        """``[B, 1, 1, Z]``: 0 for tokens whose centre lies in a visible unit, ``-inf`` otherwise."""
+        B, Z, _ = coords.shape
+        mask = coords.new_zeros(B, 1, 1, Z)
+        if units is None:
+            return mask
+        cell = (coords[..., :2] * unit_grid).long().clamp(0, unit_grid - 1)
+        unit_of = cell[..., 1] * unit_grid + cell[..., 0]  # [B, Z]
+        visible = torch.zeros(B, unit_grid**2, dtype=torch.bool, device=coords.device)
+        visible.scatter_(1, units, True)
+        return mask.masked_fill(~visible.gather(1, unit_of)[:, None, None, :], float("-inf"))

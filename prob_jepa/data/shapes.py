@@ -1,0 +1,181 @@
+"""The embedded ``shapes`` world: procedural, seeded, labelled, no download.
+
+Each image shows one large labelled shape (8 classes, random colour, size,
+position and a small rotation) over a noisy gradient background with two small
+distractor blobs, and a square *marker* at a fixed place whose colour is drawn
+from two colours with known weights, independently of everything else. The
+marker's colour cannot be predicted from the rest of the image, so when the
+marker is masked the true distribution of its embedding has exactly two modes
+with known weights: the *ambiguity pairs* (:func:`ambiguity_pairs`) render the
+same scene with each colour, giving those two modes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+CLASSES = ("circle", "square", "triangle", "diamond", "cross", "ring", "star", "bar")
+MEAN, STD = 0.5, 0.25  # images are normalized as (x - MEAN) / STD
+
+
+@dataclass(frozen=True)
+class Marker:
+    """A ``size``-pixel square at ``(x, y)`` (top-left, pixels) coloured ``colors[k]`` with probability ``weights[k]``."""
+
+    size: int
+    x: int
+    y: int
+    colors: tuple[tuple[float, float, float], tuple[float, float, float]]
+    weights: tuple[float, float]
+
+    @classmethod
+    def from_config(cls, cfg) -> "Marker":
+        colors = tuple(tuple(float(v) for v in c) for c in cfg["colors"])
+        weights = tuple(float(w) for w in cfg["weights"])
+        if len(colors) != 2 or len(weights) != 2 or abs(sum(weights) - 1) > 1e-6:
+            raise ValueError(f"marker needs two colours and two weights summing to 1, got {colors}, {weights}")
+        return cls(int(cfg["size"]), int(cfg["x"]), int(cfg["y"]), colors, weights)
+
+
+def _shape_masks(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Inside-masks of every class in shape-normalized coordinates: ``[n, H, W]`` → ``[len(CLASSES), n, H, W]``."""
+    rho, phi = torch.sqrt(u**2 + v**2), torch.atan2(v, u)
+    au, av = u.abs(), v.abs()
+    return torch.stack(
+        [
+            rho <= 1.0,  # circle
+            torch.maximum(au, av) <= 0.8,  # square
+            (v >= -0.5) & (math.sqrt(3) * au + v <= 1.0),  # triangle
+            au / 0.6 + av <= 1.0,  # diamond
+            ((au <= 0.3) & (av <= 1.0)) | ((av <= 0.3) & (au <= 1.0)),  # cross
+            (rho <= 1.0) & (rho >= 0.55),  # ring
+            rho <= 0.6 + 0.4 * torch.cos(5 * phi),  # star
+            (au <= 1.0) & (av <= 0.35),  # bar
+        ]
+    )
+
+
+def _random_colors(g: torch.Generator, n: int) -> torch.Tensor:
+    """Saturated random colours ``[n, 3]`` in [0, 1]."""
+    hue = torch.rand(n, generator=g)[:, None]
+    k = torch.tensor([5.0, 3.0, 1.0])
+    rgb = 1 - torch.clamp(torch.minimum((k + hue * 6) % 6, 4 - (k + hue * 6) % 6), 0, 1)
+    value = 0.55 + 0.45 * torch.rand(n, 1, generator=g)
+    return rgb * value
+
+
+def render(
+    n: int, image_size: int, seed: int, marker: Marker, marker_choice: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Render ``n`` scenes.
+
+    Args:
+        marker_choice: force every marker to colour 0 or 1 (ambiguity pairs);
+            ``None`` draws it with ``marker.weights``. The scene itself does not
+            depend on this argument.
+    Returns:
+        images ``[n, 3, H, W]`` uint8, labels ``[n]``, marker colour index ``[n]``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    H = image_size
+    coord = (torch.arange(H, dtype=torch.float32) + 0.5) / H
+    yy, xx = torch.meshgrid(coord, coord, indexing="ij")
+
+    labels = torch.randint(len(CLASSES), (n,), generator=g)
+    radius = 0.17 + 0.13 * torch.rand(n, generator=g)
+    cx = radius + (1 - 2 * radius) * torch.rand(n, generator=g)
+    cy = radius + (1 - 2 * radius) * torch.rand(n, generator=g)
+    theta = (torch.rand(n, generator=g) - 0.5) * math.radians(40)
+    fg = _random_colors(g, n)
+    bg = 0.15 + 0.35 * torch.rand(n, 3, generator=g)
+    grad_dir = torch.rand(n, generator=g) * 2 * math.pi
+    blob_xy = torch.rand(n, 2, 2, generator=g)
+    blob_r = 0.04 + 0.04 * torch.rand(n, 2, generator=g)
+    blob_col = _random_colors(g, 2 * n).view(n, 2, 3)
+    noise = 0.03 * torch.randn(n, 3, H, H, generator=g)
+    draws = torch.rand(n, generator=g)
+    choice = (draws >= marker.weights[0]).long() if marker_choice is None else torch.full((n,), marker_choice)
+
+    ramp = (xx * torch.cos(grad_dir)[:, None, None] + yy * torch.sin(grad_dir)[:, None, None]) * 0.25
+    img = bg[:, :, None, None] + ramp[:, None] + noise
+    for k in range(2):
+        d = (xx - blob_xy[:, k, 0, None, None]) ** 2 + (yy - blob_xy[:, k, 1, None, None]) ** 2
+        inside = (d <= blob_r[:, k, None, None] ** 2)[:, None]
+        img = torch.where(inside, blob_col[:, k, :, None, None], img)
+
+    dx, dy = xx - cx[:, None, None], yy - cy[:, None, None]
+    cos, sin = torch.cos(theta)[:, None, None], torch.sin(theta)[:, None, None]
+    u = (dx * cos + dy * sin) / radius[:, None, None]
+    v = (-dx * sin + dy * cos) / radius[:, None, None]
+    inside = _shape_masks(u, v)[labels, torch.arange(n)][:, None]
+    img = torch.where(inside, fg[:, :, None, None], img)
+
+    colors = torch.tensor(marker.colors)[choice]  # [n, 3]
+    ys, xs = slice(marker.y, marker.y + marker.size), slice(marker.x, marker.x + marker.size)
+    img[:, :, ys, xs] = colors[:, :, None, None]
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8), labels, choice
+
+
+class ShapesDataset(Dataset):
+    """``num_images`` seeded scenes; yields ``(image [3, H, W] normalized float, label)``."""
+
+    classes = CLASSES
+
+    def __init__(self, num_images: int, image_size: int, seed: int, marker: Marker, chunk: int = 1024):
+        parts = [
+            render(min(chunk, num_images - s), image_size, seed * 100_003 + s // chunk, marker)
+            for s in range(0, num_images, chunk)
+        ]
+        self.images = torch.cat([p[0] for p in parts])
+        self.labels = torch.cat([p[1] for p in parts])
+        self.marker_choice = torch.cat([p[2] for p in parts])
+        self.marker = marker
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return normalize(self.images[i]), int(self.labels[i])
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[..., 3, H, W]`` → float, ``(x / 255 − MEAN) / STD``."""
+    return (images.float() / 255 - MEAN) / STD
+
+
+@dataclass
+class AmbiguityPairs:
+    """The same ``n`` scenes with the marker in each colour.
+
+    images: ``[2, n, 3, H, W]`` normalized (``images[k]`` has marker colour k),
+    weights: the true probability of each colour, marker: the hidden region.
+    """
+
+    images: torch.Tensor
+    weights: tuple[float, float]
+    marker: Marker
+
+    def marker_units(self, unit_px: int) -> list[int]:
+        """Row-major indices of the mask units (``unit_px`` pixels each) covered by the marker."""
+        m, per_row = self.marker, self.images.shape[-1] // unit_px
+        rows = range(m.y // unit_px, math.ceil((m.y + m.size) / unit_px))
+        cols = range(m.x // unit_px, math.ceil((m.x + m.size) / unit_px))
+        return [r * per_row + c for r in rows for c in cols]
+
+
+def ambiguity_pairs(n: int, image_size: int, seed: int, marker: Marker) -> AmbiguityPairs:
+    """``n`` scenes rendered twice, identical except for the marker colour."""
+    a = render(n, image_size, seed, marker, marker_choice=0)[0]
+    b = render(n, image_size, seed, marker, marker_choice=1)[0]
+    return AmbiguityPairs(normalize(torch.stack([a, b])), marker.weights, marker)
+
+
+def build_shapes(cfg, splits: Sequence[str] = ("train", "val")) -> tuple[ShapesDataset, ...]:
+    """Datasets of ``data=shapes``: disjoint seeds per split."""
+    marker = Marker.from_config(cfg.marker)
+    sizes = {"train": cfg.train_size, "val": cfg.val_size}
+    return tuple(ShapesDataset(sizes[s], cfg.image_size, cfg.seed * 2 + (s == "val"), marker) for s in splits)

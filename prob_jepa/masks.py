@@ -1,0 +1,141 @@
+"""I-JEPA multi-block masks on the mask-unit grid, vectorized and seeded per draw."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Masks:
+    """Index sets of one batch, in mask units (row-major on the unit grid).
+
+    context: ``[B, Kc]`` int64, sorted, disjoint from every target block.
+    targets: ``[B, M, Kt]`` int64, one row of ``Kt`` units per target block.
+    """
+
+    context: torch.Tensor
+    targets: torch.Tensor
+
+    def to(self, device: torch.device | str) -> "Masks":
+        return Masks(self.context.to(device, non_blocking=True), self.targets.to(device, non_blocking=True))
+
+    def __getitem__(self, rows: slice) -> "Masks":
+        return Masks(self.context[rows], self.targets[rows])
+
+
+class MaskCollator:
+    """Multi-block masking of I-JEPA: one large context block, M target blocks, no overlap.
+
+    Block *sizes* are drawn once per batch (so indices stack without padding),
+    block *positions* per image, uniformly over every valid top-left corner —
+    blocks reach the last row and column. The context is its block minus all
+    target blocks; every image keeps the same number of context units, a
+    uniformly random subset of its visible ones (never biased towards the top
+    rows). Images whose context would fall below ``min_keep`` are redrawn.
+
+    Randomness comes only from ``draw``: ``collator(batch_size, draw)`` is a pure
+    function, so a batch can be replayed and a resumed run continues exactly.
+
+    Args:
+        grid: mask units per side.
+        num_targets: target blocks per image (I-JEPA: 4).
+        target_scale, target_aspect: area fraction and aspect-ratio ranges of a target block.
+        context_scale, context_aspect: the same for the context block.
+        min_keep: minimum number of context units.
+        seed: base seed.
+
+    References:
+        Assran et al., "Self-Supervised Learning from Images with a Joint-Embedding
+        Predictive Architecture" (arXiv:2301.08243), Sec. 3 and Appendix C.
+    """
+
+    max_redraws = 100
+
+    def __init__(
+        self,
+        grid: int,
+        num_targets: int = 4,
+        target_scale: tuple[float, float] = (0.15, 0.2),
+        target_aspect: tuple[float, float] = (0.75, 1.5),
+        context_scale: tuple[float, float] = (0.85, 1.0),
+        context_aspect: tuple[float, float] = (1.0, 1.0),
+        min_keep: int = 4,
+        seed: int = 0,
+    ):
+        self.grid = grid
+        self.num_targets = num_targets
+        self.target_scale, self.target_aspect = tuple(target_scale), tuple(target_aspect)
+        self.context_scale, self.context_aspect = tuple(context_scale), tuple(context_aspect)
+        self.min_keep = min_keep
+        self.seed = seed
+
+    def generator(self, draw: int) -> torch.Generator:
+        state = np.random.SeedSequence([self.seed, draw]).generate_state(2, dtype=np.uint32)
+        return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+    def block_size(self, g: torch.Generator, scale: tuple[float, float], aspect: tuple[float, float]) -> tuple[int, int]:
+        """(h, w) of a block with area fraction in ``scale`` and aspect ratio h/w in ``aspect``."""
+        s, a = torch.rand(2, generator=g).tolist()
+        area = self.grid**2 * (scale[0] + s * (scale[1] - scale[0]))
+        ratio = aspect[0] + a * (aspect[1] - aspect[0])
+        h = min(self.grid, max(1, round(math.sqrt(area * ratio))))
+        w = min(self.grid, max(1, round(math.sqrt(area / ratio))))
+        return h, w
+
+    def block_corners(self, g: torch.Generator, shape: tuple[int, ...], h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Uniform top-left corners, inclusive of the last valid row / column."""
+        top = torch.randint(0, self.grid - h + 1, shape, generator=g)
+        left = torch.randint(0, self.grid - w + 1, shape, generator=g)
+        return top, left
+
+    def block_mask(self, top: torch.Tensor, left: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """``[..., G, G]`` bool mask of blocks with the given corners."""
+        r = torch.arange(self.grid)
+        rows = (r >= top[..., None]) & (r < top[..., None] + h)
+        cols = (r >= left[..., None]) & (r < left[..., None] + w)
+        return rows[..., :, None] & cols[..., None, :]
+
+    def block_indices(self, top: torch.Tensor, left: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """``[..., h*w]`` unit indices of blocks with the given corners."""
+        rows = top[..., None] + torch.arange(h)
+        cols = left[..., None] + torch.arange(w)
+        return (rows[..., :, None] * self.grid + cols[..., None, :]).flatten(-2)
+
+    def __call__(self, batch_size: int, draw: int) -> Masks:
+        g = self.generator(draw)
+        th, tw = self.block_size(g, self.target_scale, self.target_aspect)
+        ch, cw = self.block_size(g, self.context_scale, self.context_aspect)
+        M = self.num_targets
+
+        t_top, t_left = self.block_corners(g, (batch_size, M), th, tw)
+        c_top, c_left = self.block_corners(g, (batch_size,), ch, cw)
+        visible = self._context(t_top, t_left, th, tw, c_top, c_left, ch, cw)
+        for _ in range(self.max_redraws):
+            bad = visible.flatten(1).sum(1) < self.min_keep
+            if not bad.any():
+                break
+            n = int(bad.sum())
+            t_top[bad], t_left[bad] = self.block_corners(g, (n, M), th, tw)
+            c_top[bad], c_left[bad] = self.block_corners(g, (n,), ch, cw)
+            visible[bad] = self._context(t_top[bad], t_left[bad], th, tw, c_top[bad], c_left[bad], ch, cw)
+        else:
+            raise ValueError(
+                f"MaskCollator: after {self.max_redraws} redraws some context still has fewer than "
+                f"min_keep={self.min_keep} of {self.grid}² units (target blocks {th}×{tw} ×{M}, context block "
+                f"{ch}×{cw}); lower num_targets, target_scale or min_keep, or use a finer unit grid"
+            )
+
+        visible = visible.flatten(1)
+        keep = int(visible.sum(1).min())
+        # a uniformly random subset of `keep` visible units per image
+        score = torch.rand(visible.shape, generator=g).masked_fill(~visible, -1.0)
+        context = score.topk(keep, dim=1).indices.sort(dim=1).values
+        targets = self.block_indices(t_top, t_left, th, tw)
+        return Masks(context, targets)
+
+    def _context(self, t_top, t_left, th, tw, c_top, c_left, ch, cw) -> torch.Tensor:
+        targets = self.block_mask(t_top, t_left, th, tw).any(dim=1)
+        return self.block_mask(c_top, c_left, ch, cw) & ~targets

@@ -1,0 +1,206 @@
+"""The JEPA model: context encoder, EMA target encoder, predictor trunk, one head per level."""
+from __future__ import annotations
+
+import copy
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from jin import HierarchicalEncoder
+from jin.cross_scale import CrossScalePredictors
+from jin.layers import budget_loss
+
+from .heads import Head, build_head
+from .predictor import PredictorTrunk
+
+
+class StepOutput(NamedTuple):
+    """loss: scalar objective; terms: its parts (detached); targets: level-0 target features ``[B, U, T, D]``."""
+
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor]
+    targets: torch.Tensor
+
+
+class JEPA(nn.Module):
+    """I-JEPA / z-JEPA with a probabilistic predictor head per level.
+
+    Total loss (JIN eq. 9): ``Σ_l w_l · head_l.loss(cond_l, sg[target_l])
+    + λ1 · cross-scale (eq. 2-3) + λ_b · budget (eq. 10)``, where targets are
+    the layer-normed features of the EMA target encoder at the target units.
+
+    Args:
+        encoder: the context encoder; the target encoder is its copy.
+        predictor: the trunk producing ``cond`` for every target token.
+        heads: one head per level (level l models ``D_l``-dimensional targets).
+        level_weights: ``w_l``.
+        cross_scale: eq. 2-3 predictors, or ``None``; ``cross_scale_weight`` is λ1.
+        alpha_targets: per-level computed-fraction targets (used when the encoder
+            is adaptive); ``budget_weight`` is λ_b.
+    """
+
+    def __init__(
+        self,
+        encoder: HierarchicalEncoder,
+        predictor: PredictorTrunk,
+        heads: Sequence[Head],
+        level_weights: Sequence[float],
+        cross_scale: CrossScalePredictors | None = None,
+        cross_scale_weight: float = 0.0,
+        alpha_targets: Sequence[float] | None = None,
+        budget_weight: float = 0.0,
+    ):
+        super().__init__()
+        self.context_encoder = encoder
+        self.target_encoder = copy.deepcopy(encoder).requires_grad_(False)
+        self.predictor = predictor
+        self.heads = nn.ModuleList(heads)
+        self.level_weights = list(level_weights)
+        self.cross_scale = cross_scale
+        self.cross_scale_weight = cross_scale_weight
+        self.alpha_targets = list(alpha_targets) if alpha_targets is not None else None
+        self.budget_weight = budget_weight
+
+    @property
+    def levels(self) -> int:
+        return self.context_encoder.levels
+
+    @torch.no_grad()
+    def target_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Layer-normed target-encoder features of all units, per level ``[B, U_all, T_l, D_l]``."""
+        return [F.layer_norm(lv.features, lv.features.shape[-1:]) for lv in self.target_encoder(images)]
+
+    def target_coords(self, targets: torch.Tensor) -> list[torch.Tensor]:
+        """Target-unit indices ``[B, M, K]`` → per level coords ``[B, M, K·T_l, 3]``."""
+        B, M, _ = targets.shape
+        return [self.context_encoder.coords(l, targets.flatten(1)).reshape(B, M, -1, 3) for l in range(self.levels)]
+
+    def predict(self, images: torch.Tensor, context: torch.Tensor, targets: torch.Tensor):
+        """Context levels and per-level ``cond [B, M, N_l, C]`` for the target units."""
+        ctx = self.context_encoder(images, context)
+        cond = self.predictor([(lv.features, lv.coords) for lv in ctx], self.target_coords(targets))
+        return ctx, cond
+
+    def forward(self, images: torch.Tensor, context: torch.Tensor, targets: torch.Tensor) -> StepOutput:
+        """One JEPA step's loss.
+
+        Args:
+            images: ``[B, C, H, W]``.
+            context: ``[B, Kc]`` context unit indices.
+            targets: ``[B, M, Kt]`` target unit indices.
+        """
+        B, M, _ = targets.shape
+        target_all = self.target_features(images)
+        batch = torch.arange(B, device=images.device)[:, None]
+        ctx, cond = self.predict(images, context, targets)
+
+        terms: dict[str, torch.Tensor] = {}
+        loss = images.new_zeros((), dtype=torch.float32)
+        for l, (head, weight) in enumerate(zip(self.heads, self.level_weights)):
+            y = target_all[l][batch, targets.flatten(1)].reshape(B, M, -1, target_all[l].shape[-1])
+            term = head(cond[l].flatten(0, 2), y.flatten(0, 2))
+            terms[f"jepa/level{l}"] = term.detach()
+            loss = loss + weight * term
+        terms["jepa"] = loss.detach()
+        if self.cross_scale is not None:
+            cross = self.cross_scale([lv.features for lv in ctx])
+            terms["cross_scale"] = cross.detach()
+            loss = loss + self.cross_scale_weight * cross
+        if self.alpha_targets is not None:
+            budget = budget_loss([lv.alpha for lv in ctx], self.alpha_targets)
+            terms["budget"] = budget.detach()
+            for l, lv in enumerate(ctx):
+                terms[f"alpha/level{l}"] = lv.alpha.detach().float().mean()
+            loss = loss + self.budget_weight * budget
+        terms["loss"] = loss.detach()
+        return StepOutput(loss, terms, target_all[0])
+
+    @torch.no_grad()
+    def update_target(self, momentum: float) -> None:
+        """EMA: ``θ̄ ← m·θ̄ + (1 − m)·θ`` for every parameter of the target encoder."""
+        tgt = [p.data for p in self.target_encoder.parameters()]
+        src = [p.data for p in self.context_encoder.parameters()]
+        torch._foreach_lerp_(tgt, src, 1.0 - momentum)
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor, encoder: str = "target") -> torch.Tensor:
+        """Frozen representation ``[B, D_L]``: average-pooled last-level tokens (I-JEPA probes the target encoder)."""
+        enc = self.target_encoder if encoder == "target" else self.context_encoder
+        return enc(images)[-1].features.mean(dim=(1, 2))
+
+
+def level_config(model_cfg: DictConfig) -> dict:
+    """Per-level lists truncated to ``model.levels``.
+
+    ``levels < len(dims)`` keeps the *last* ``levels`` widths and folds the
+    dropped levels' depth into the first kept level, so ``levels=1`` is a flat
+    ViT of the top width and the same total depth — the no-hierarchy ablation.
+    """
+    L = int(model_cfg.levels)
+    dims, depths, heads = list(model_cfg.dims), list(model_cfg.depths), list(model_cfg.num_heads)
+    if not 1 <= L <= len(dims):
+        raise ValueError(f"model.levels={L} must be between 1 and {len(dims)} (the length of model.dims)")
+    drop = len(dims) - L
+    depths = [sum(depths[: drop + 1])] + depths[drop + 1 :]
+    return {
+        "dims": dims[drop:],
+        "depths": depths,
+        "num_heads": heads[drop:],
+        "level_weights": list(model_cfg.level_weights)[:L],
+        "alpha_targets": list(model_cfg.alpha_targets)[:L],
+    }
+
+
+def build_encoder(cfg: DictConfig) -> HierarchicalEncoder:
+    m, lv = cfg.model, level_config(cfg.model)
+    return HierarchicalEncoder(
+        img_size=cfg.data.image_size,
+        patch_size=m.patch_size,
+        dims=lv["dims"],
+        depths=lv["depths"],
+        num_heads=lv["num_heads"],
+        mlp_ratio=m.mlp_ratio,
+        drop_path_rate=m.drop_path_rate,
+        dropout=m.dropout,
+        spatial_bias=m.spatial_bias,
+        bias_hidden=m.bias_hidden,
+        adaptive=m.adaptive,
+        zoom_factors=list(m.zoom_factors) if m.zoom else [],
+        zoom_tokens=m.zoom_tokens,
+    )
+
+
+def build_model(cfg: DictConfig) -> JEPA:
+    """The JEPA of ``cfg.model`` (backbone, trunk) and ``cfg.predictor`` (head)."""
+    m, lv = cfg.model, level_config(cfg.model)
+    encoder = build_encoder(cfg)
+    p = m.predictor
+    trunk = PredictorTrunk(
+        context_dims=lv["dims"],
+        dim=p.dim,
+        depth=p.depth,
+        num_heads=p.num_heads,
+        mlp_ratio=p.mlp_ratio,
+        grid=encoder.grid,
+        spatial_bias=m.spatial_bias,
+        bias_hidden=m.bias_hidden,
+        drop_path_rate=p.drop_path_rate,
+        dropout=m.dropout,
+    )
+    head_cfg = OmegaConf.to_container(cfg.predictor, resolve=True)
+    name = head_cfg.pop("name")
+    heads = [build_head(name, dim=d, cond_dim=p.dim, **head_cfg) for d in lv["dims"]]
+    cross = CrossScalePredictors(lv["dims"]) if m.cross_scale and len(lv["dims"]) > 1 else None
+    return JEPA(
+        encoder,
+        trunk,
+        heads,
+        lv["level_weights"],
+        cross_scale=cross,
+        cross_scale_weight=m.cross_scale_weight,
+        alpha_targets=lv["alpha_targets"] if m.adaptive else None,
+        budget_weight=m.budget_weight,
+    )

@@ -1,0 +1,77 @@
+"""The run directory: the one place a run writes (layout in DESIGN.md)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class RunDir:
+    """``config.yaml``, ``metrics.jsonl``, ``checkpoints/last.pt``, ``eval.json``, ``plots/``."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / "checkpoints" / "last.pt"
+
+    @property
+    def eval(self) -> Path:
+        return self.path / "eval.json"
+
+    @property
+    def plots(self) -> Path:
+        return self.path / "plots"
+
+    def create(self) -> None:
+        for p in (self.path, self.checkpoint.parent, self.plots):
+            p.mkdir(parents=True, exist_ok=True)
+
+    def save_config(self, cfg: DictConfig) -> None:
+        OmegaConf.save(cfg, self.config, resolve=True)
+
+    def load_config(self) -> DictConfig:
+        return OmegaConf.load(self.config)
+
+    def log(self, record: dict[str, Any]) -> None:
+        with self.metrics.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics.exists():
+            return []
+        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """Drop records past ``after_step`` (a resumed run re-logs them)."""
+        keep = [r for r in self.read_metrics() if r["step"] <= after_step]
+        self.metrics.write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+    def write_eval(self, metrics: dict[str, Any]) -> None:
+        self.eval.write_text(json.dumps(_finite(metrics), indent=2) + "\n")
+
+    def read_eval(self) -> dict[str, Any]:
+        return json.loads(self.eval.read_text())
+
+
+def _finite(x: Any) -> Any:
+    """JSON has no NaN / inf: write them as null."""
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x

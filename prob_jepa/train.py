@@ -1,0 +1,289 @@
+"""Pre-training: ``pretrain(cfg, train_set=None, val_set=None, run_dir=None)``."""
+from __future__ import annotations
+
+import contextlib
+import resource
+import signal
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import GlobalBatchSampler, SeededDataset, build_datasets, seed_for
+from .distributed import DistInfo, any_rank, barrier, init_distributed, unwrap
+from .eval.diagnostics import effective_rank, feature_std
+from .masks import MaskCollator
+from .model import JEPA, build_model
+from .run_dir import RunDir
+from .schedules import Schedules
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; the last good checkpoint is kept untouched."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    metrics: dict[str, Any]
+    step: int
+    status: str  # "completed" | "stopped" (trainer.max_steps) | "interrupted" (signal)
+
+
+class StopSignal:
+    """SIGINT / SIGTERM request a checkpoint and a clean stop; a second SIGINT aborts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> "StopSignal":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    """Weight decay on matrices only; biases, norms, embeddings and scalars are exempt (I-JEPA)."""
+    decay, exempt = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else exempt).append(p)
+    return [{"params": decay}, {"params": exempt, "weight_decay": 0.0, "exempt": True}]
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Trainer:
+    """Owns the model, optimizer, data order and schedules of one run; :meth:`fit` trains."""
+
+    def __init__(self, cfg: DictConfig, info: DistInfo, run: RunDir, train_set: Dataset):
+        self.cfg, self.info, self.run = cfg, info, run
+        tc = cfg.trainer
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.model: JEPA = build_model(cfg).to(info.device)
+        if tc.grad_checkpointing:
+            self.model.context_encoder.set_grad_checkpointing()
+        self.collator = MaskCollator(grid=self.model.context_encoder.unit_grid, seed=cfg.seed, **cfg.mask)
+
+        self.micro = tc.micro_batch_size or tc.batch_size // info.world_size
+        self.accum = tc.batch_size // (info.world_size * self.micro)
+        if self.micro * self.accum * info.world_size != tc.batch_size:
+            raise ValueError(
+                f"trainer.batch_size={tc.batch_size} must equal world size {info.world_size} × "
+                f"trainer.micro_batch_size={self.micro} × accumulation steps"
+            )
+        self.sampler = GlobalBatchSampler(len(train_set), tc.batch_size, info.rank, info.world_size, self.accum, cfg.seed)
+        self.loader = DataLoader(
+            SeededDataset(train_set),
+            batch_sampler=self.sampler,
+            num_workers=tc.num_workers,
+            pin_memory=info.device.type == "cuda",
+            generator=torch.Generator().manual_seed(cfg.seed),  # never draws from the training RNG
+        )
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        self.total_steps = tc.epochs * self.steps_per_epoch
+        self.schedules = Schedules.from_config(cfg.optim, self.total_steps, self.steps_per_epoch)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+        self.step = 0
+        self.last_targets: torch.Tensor | None = None
+
+        self.net: nn.Module = self.model
+        if info.distributed:
+            ids = [info.device.index] if info.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if tc.compile:
+            self.net = torch.compile(self.net, dynamic=True)
+        bf16 = tc.precision == "bf16" or (tc.precision == "auto" and info.device.type == "cuda")
+        self.autocast = lambda: torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+        }
+
+    def save(self) -> None:
+        if self.info.is_main:
+            save_checkpoint(self.run.checkpoint, self.state_dict())
+        barrier(self.info)
+
+    def resume(self) -> None:
+        """Continue from ``checkpoints/last.pt`` when it exists (``trainer.resume=true``)."""
+        if not self.run.checkpoint.exists():
+            return
+        if not self.cfg.trainer.resume:
+            raise FileExistsError(
+                f"{self.run.checkpoint} exists and trainer.resume=false: nothing is overwritten. "
+                f"Pass trainer.resume=true to continue it, or choose another run directory."
+            )
+        state = load_checkpoint(self.run.checkpoint, self.info.device)
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise RuntimeError(
+                f"{self.run.checkpoint} was written by a different model configuration; resume it with the "
+                f"config saved in {self.run.config}, or choose another run directory.\n{e}"
+            ) from e
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        if self.info.is_main:
+            self.run.truncate_metrics(self.step)
+
+    # ----------------------------------------------------------------- step
+    def batches(self, stop_at: int) -> Iterator[list]:
+        """Micro-batch groups (one per optimizer step) from ``self.step`` to ``stop_at``."""
+        while self.step < stop_at:
+            epoch, offset = divmod(self.step, self.steps_per_epoch)
+            self.sampler.set_epoch(epoch)
+            self.sampler.start_at(offset)
+            it = iter(self.loader)
+            for _ in range(offset, min(self.steps_per_epoch, offset + stop_at - self.step)):
+                yield [next(it) for _ in range(self.accum)]
+
+    def train_step(self, micro_batches: list) -> dict[str, torch.Tensor]:
+        """One optimizer step over ``accum`` micro-batches; returns the averaged loss terms."""
+        lr, wd, momentum = self.schedules(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+            if not group.get("exempt"):
+                group["weight_decay"] = wd
+        torch.manual_seed(seed_for(self.cfg.seed, self.info.rank, self.step))  # dropout / drop-path
+        self.optimizer.zero_grad(set_to_none=True)
+        terms: dict[str, torch.Tensor] = defaultdict(float)
+        rows = slice(self.info.rank * self.micro, (self.info.rank + 1) * self.micro)
+        for m, (images, _) in enumerate(micro_batches):
+            # Step 1. masks, forward target and context, loss
+            masks = self.collator(self.micro * self.info.world_size, self.step * self.accum + m)[rows]
+            masks = masks.to(self.info.device)
+            images = images.to(self.info.device, non_blocking=True)
+            last = m == self.accum - 1
+            sync = self.net.no_sync() if self.info.distributed and not last else contextlib.nullcontext()
+            with sync:
+                with self.autocast():
+                    out = self.net(images, masks.context, masks.targets)
+                if any_rank(not torch.isfinite(out.loss).item(), self.info):
+                    raise NonFiniteLossError(
+                        f"loss became non-finite at step {self.step} (terms: "
+                        f"{ {k: float(v) for k, v in out.terms.items()} }); the last good checkpoint "
+                        f"{self.run.checkpoint} is kept. Lower optim.lr or raise trainer.clip_grad."
+                    )
+                (out.loss / self.accum).backward()
+            for k, v in out.terms.items():
+                terms[k] = terms[k] + v / self.accum
+        # Step 2. clip and optimizer step
+        terms["grad_norm"] = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.clip_grad)
+        self.optimizer.step()
+        # Step 3. momentum update of the target encoder
+        self.model.update_target(momentum)
+        self.last_targets = out.targets
+        terms.update(lr=torch.tensor(lr), weight_decay=torch.tensor(wd), ema=torch.tensor(momentum))
+        return terms
+
+    def record(self, terms: dict[str, torch.Tensor], images_per_s: float) -> dict[str, Any]:
+        """A ``metrics.jsonl`` line: loss terms averaged over ranks, throughput, memory, collapse diagnostics."""
+        values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.info.device) for v in terms.values()])
+        if self.info.distributed:
+            torch.distributed.all_reduce(values)
+            values /= self.info.world_size
+        rec = {"step": self.step, "epoch": self.step / self.steps_per_epoch}
+        rec.update({k: v for k, v in zip(terms, values.tolist())})
+        feats = self.last_targets.flatten(0, -2)[:2048]
+        rec.update(
+            images_per_s=images_per_s,
+            memory_mb=peak_memory_mb(self.info.device),
+            feature_std=feature_std(feats),
+            effective_rank=effective_rank(feats),
+        )
+        return rec
+
+    # ------------------------------------------------------------------ fit
+    def fit(self) -> str:
+        """Train until the schedule ends or ``trainer.max_steps``; returns the status."""
+        tc = self.cfg.trainer
+        stop_at = min(self.total_steps, tc.max_steps if tc.max_steps is not None else self.total_steps)
+        self.net.train()
+        bar = tqdm(total=stop_at, initial=self.step, desc="pretrain", disable=not (self.info.is_main and tc.progress))
+        tic, seen, status = time.perf_counter(), 0, "completed" if stop_at == self.total_steps else "stopped"
+        with StopSignal() as stop:
+            for micro_batches in self.batches(stop_at):
+                terms = self.train_step(micro_batches)
+                self.step += 1
+                seen += tc.batch_size
+                bar.update(1)
+                if self.step % tc.log_every == 0 or self.step == stop_at:
+                    rec = self.record(terms, seen / (time.perf_counter() - tic))
+                    if self.info.is_main:
+                        self.run.log(rec)
+                        bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
+                    tic, seen = time.perf_counter(), 0
+                if any_rank(stop.requested, self.info):
+                    status = "interrupted"
+                    break
+                if self.step % tc.checkpoint_every == 0:
+                    self.save()
+        bar.close()
+        self.save()
+        return status
+
+
+def pretrain(
+    cfg: DictConfig, train_set: Dataset | None = None, val_set: Dataset | None = None, run_dir: str | Path | None = None
+) -> TrainResult:
+    """Pre-train a JEPA as configured, then evaluate it.
+
+    Args:
+        cfg: the composed config (``experiments/conf``).
+        train_set, val_set: map-style datasets of ``(image [3, H, W], int label)``
+            replacing ``cfg.data``; without ``val_set`` the probes split ``train_set``.
+        run_dir: where to write; default ``runs/<date>_<time>``.
+    Returns:
+        :class:`TrainResult` with the run directory and the evaluation metrics.
+    """
+    from .eval import evaluate  # evaluation imports plotting; keep it off the import path of training
+
+    info = init_distributed(cfg.trainer.device)
+    run = RunDir(run_dir if run_dir is not None else Path("runs") / time.strftime("%Y-%m-%d_%H-%M-%S"))
+    if train_set is None:
+        train_set, default_val = build_datasets(cfg.data)
+        val_set = default_val if val_set is None else val_set
+    if info.is_main:
+        run.create()
+        run.save_config(cfg)
+    barrier(info)
+
+    trainer = Trainer(cfg, info, run, train_set)
+    trainer.resume()
+    status = trainer.fit()
+
+    metrics: dict[str, Any] = {}
+    if status != "interrupted" and cfg.eval.enabled and info.is_main:
+        metrics = evaluate(trainer.model, cfg, train_set, val_set, run, info.device)
+    barrier(info)
+    return TrainResult(run.path, metrics, trainer.step, status)

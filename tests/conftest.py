@@ -1,0 +1,59 @@
+"""Shared test fixtures: config composition and the list of heads from their config files."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "experiments" / "conf"
+
+
+def head_configs() -> dict[str, dict]:
+    """Every ``experiments/conf/predictor/*.yaml`` as ``{name: options}`` — a new head is tested once its config exists."""
+    out = {}
+    for path in sorted((CONF / "predictor").glob("*.yaml")):
+        cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        out[cfg.pop("name")] = cfg
+    return out
+
+
+HEAD_CONFIGS = head_configs()
+
+
+@pytest.fixture
+def compose():
+    """``compose(*overrides)`` → the composed Hydra config of ``experiments/conf``."""
+    from prob_jepa.config import compose_config
+
+    return lambda *overrides: compose_config(CONF, overrides)
+
+
+@pytest.fixture
+def tiny_overrides() -> list[str]:
+    """A CPU-second-sized run: a 2-block ViT on 32 px shapes."""
+    return [
+        "data.image_size=32",
+        "data.train_size=128",
+        "data.val_size=64",
+        "data.marker.size=8",
+        "model.patch_size=4",
+        "model.dims=[32]",
+        "model.depths=[2]",
+        "model.num_heads=[2]",
+        "model.predictor.dim=24",
+        "model.predictor.depth=1",
+        "model.predictor.num_heads=2",
+        "mask.min_keep=2",
+        "trainer.batch_size=16",
+        "trainer.epochs=2",
+        "trainer.log_every=1",
+        "trainer.progress=false",
+        "eval.batch_size=64",
+    ]
