@@ -47,8 +47,11 @@ class HierarchicalEncoder(nn.Module):
     Tokens are kept grouped by *mask unit* — one token of the coarsest level,
     ``2^(L-1) × 2^(L-1)`` tokens of the finest — so an encoder given only the
     visible units (``units``) processes only context tokens at every level and
-    merges stay inside units (Hiera). ``levels=1`` makes a unit one patch and
-    the model a plain ViT with fixed sin-cos positions, i.e. I-JEPA's encoder.
+    merges stay inside units (Hiera). Levels below ``global_from`` attend
+    within their mask unit only (Hiera's mask-unit attention, which keeps the
+    finest levels affordable at 224 px); the others attend globally.
+    ``levels=1`` makes a unit one patch and the model a plain ViT with fixed
+    sin-cos positions, i.e. I-JEPA's encoder.
 
     Args:
         img_size, patch_size, in_chans: input geometry.
@@ -56,7 +59,9 @@ class HierarchicalEncoder(nn.Module):
         mlp_ratio, drop_path_rate, dropout: block hyper-parameters.
         spatial_bias: add the JIN eq. 7-8 bias in every level's attention.
         bias_hidden: width of the bias MLP.
-        adaptive: use :class:`AdaptiveStage` (JIN eq. 4) at every level.
+        adaptive: use :class:`AdaptiveStage` (JIN eq. 4) at every level (at a
+            mask-unit-attention level, α and the top-k are per unit).
+        global_from: first level with global attention (0: all levels global).
         zoom_factors: zoom factors < 1 of the foveal views (:class:`AdaptiveZoom`);
             empty for none.
         zoom_tokens: tokens per side of each zoom crop.
@@ -80,6 +85,7 @@ class HierarchicalEncoder(nn.Module):
         spatial_bias: bool = False,
         bias_hidden: int = 16,
         adaptive: bool = False,
+        global_from: int = 0,
         zoom_factors: Sequence[float] = (),
         zoom_tokens: int = 2,
     ):
@@ -96,6 +102,7 @@ class HierarchicalEncoder(nn.Module):
                 f"an integer divisible by 2^(levels-1) = {self.unit}"
             )
         self.unit_grid = self.grid // self.unit
+        self.global_from = global_from
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, dims[0], output_fmt="NHWC")
 
         coords0 = grid_coords(self.grid)
@@ -104,7 +111,7 @@ class HierarchicalEncoder(nn.Module):
             side = self.grid // 2**level
             self.register_buffer(f"coords_{level}", unit_layout(grid_coords(side), side // self.unit_grid), persistent=False)
 
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        rates = [drop_path_rate * i / max(1, sum(depths) - 1) for i in range(sum(depths))]
         stage_cls = AdaptiveStage if adaptive else Stage
         self.stages = nn.ModuleList()
         for level, (dim, depth, heads) in enumerate(zip(dims, depths, num_heads)):
@@ -156,13 +163,16 @@ class HierarchicalEncoder(nn.Module):
         for level, stage in enumerate(self.stages):
             coords = self.coords(level, units, B)
             _, U, T, D = x.shape
-            seq, pos = x.reshape(B, U * T, D), coords.reshape(B, U * T, 3)
-            if extra is None:
-                seq, alpha = stage(seq, pos)
+            if level < self.global_from:  # mask-unit attention: units are independent windows
+                window = getattr(self, f"coords_{level}")[:1].expand(B * U, -1, -1)  # same offsets in every unit
+                seq, alpha = stage(x.reshape(B * U, T, D), window)
+                alpha = alpha.view(B, U).mean(1)
+            elif extra is None:
+                seq, alpha = stage(x.reshape(B, U * T, D), coords.reshape(B, U * T, 3))
             else:
-                seq, alpha = stage(*extra.join(seq, pos))
+                seq, alpha = stage(*extra.join(x.reshape(B, U * T, D), coords.reshape(B, U * T, 3)))
                 seq, extra = extra.split(seq)
-            x = seq.view(B, U, T, D)
+            x = seq.reshape(B, U, T, D)
             levels.append(Level(self.norms[level](x), coords, alpha))
             if level + 1 < self.levels:
                 x = self.merges[level](x)

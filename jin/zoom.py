@@ -49,6 +49,10 @@ class AdaptiveZoom(nn.Module):
     centre inside the image and ``scale = log2(z / tokens_per_side)`` — and a
     learned embedding per zoom factor. Zoom factor 1 is the base view itself.
 
+    A context encoder must not see the targets through a zoom view: pixels of
+    hidden units are zeroed before cropping (a crop token may span several
+    units), and tokens centred in hidden units are masked as attention keys.
+
     Args:
         dim: level-0 width.
         grid: tokens per side of the base view (positions embed as the base tokens do).
@@ -93,6 +97,8 @@ class AdaptiveZoom(nn.Module):
         B = images.shape[0]
         n, p = self.tokens_per_side, self.patch_size
         centre = self.roi_centre(level0)
+        if units is not None:
+            images = images * self.pixel_visibility(units, images.shape[-1]).to(images.dtype)
         tokens, coords = [], []
         for i, z in enumerate(self.factors):
             c = centre.clamp(z / 2, 1 - z / 2)  # [B, 2]
@@ -109,6 +115,13 @@ class AdaptiveZoom(nn.Module):
             coords.append(torch.cat([xy, scale], -1))
         x, xyz = torch.cat(tokens, 1), torch.cat(coords, 1)
         return ZoomTokens(x, xyz, self.key_mask(xyz, units, self.unit_grid))
+
+    def pixel_visibility(self, units: torch.Tensor, size: int) -> torch.Tensor:
+        """``[B, 1, size, size]``: 1 on pixels of visible units, 0 elsewhere."""
+        B = units.shape[0]
+        visible = torch.zeros(B, self.unit_grid**2, device=units.device).scatter_(1, units, 1.0)
+        visible = visible.view(B, 1, self.unit_grid, self.unit_grid)
+        return F.interpolate(visible, size=(size, size), mode="nearest")
 
     @staticmethod
     def key_mask(coords: torch.Tensor, units: torch.Tensor | None, unit_grid: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ from .spatial_bias import SpatialBias
 
 def autocast_dtype_like(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Cast an additive mask to the dtype attention will run in (SDPA needs q's dtype)."""
-    if torch.is_autocast_enabled(x.device.type):
+    if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
         return mask.to(torch.get_autocast_dtype(x.device.type))
     return mask.to(x.dtype)
 

@@ -1,0 +1,167 @@
+"""The JIN hierarchical encoder: levels, masking, spatial bias, adaptive computation, zoom."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from jin import HierarchicalEncoder
+from jin.layers import SpatialBias, grid_coords, unit_layout
+
+IMG = 32
+
+
+def encoder(**kw) -> HierarchicalEncoder:
+    torch.manual_seed(0)
+    args = dict(img_size=IMG, patch_size=4, dims=[16, 24, 32], depths=[1, 1, 1], num_heads=[2, 2, 2])
+    args.update(kw)
+    return HierarchicalEncoder(**args).eval()
+
+
+def test_unit_layout_groups_2x2_merges_contiguously():
+    grid = grid_coords(8)  # [8, 8, 3]
+    units = unit_layout(grid, 4)  # 4 units of 4×4 tokens
+    assert units.shape == (4, 16, 3)
+    # unit 1 is the top-right 4×4 block
+    assert torch.allclose(units[1, 0, :2], torch.tensor([4.5 / 8, 0.5 / 8]))
+
+
+@pytest.mark.parametrize("levels", [1, 2, 3])
+def test_per_level_token_counts_under_masking(levels):
+    enc = encoder(dims=[16, 24, 32][:levels], depths=[1] * levels, num_heads=[2] * levels)
+    unit = 2 ** (levels - 1)
+    assert enc.unit_grid == (IMG // 4) // unit
+    units = torch.stack([torch.randperm(enc.num_units)[:3] for _ in range(2)])
+    out = enc(torch.randn(2, 3, IMG, IMG), units)
+    for l, lv in enumerate(out):
+        side = unit // 2**l
+        assert lv.features.shape == (2, 3, side * side, [16, 24, 32][l])
+        assert lv.coords.shape == (2, 3, side * side, 3)
+        # coordinates of level l are those of a (grid / 2^l)-sided grid
+        assert torch.allclose(lv.coords[..., 2], torch.tensor(-math.log2((IMG / 4) / 2**l)))
+    full = enc(torch.randn(2, 3, IMG, IMG))
+    assert full[0].features.shape[1] == enc.num_units
+
+
+def test_merged_tokens_sit_at_the_centre_of_their_children():
+    enc = encoder()
+    c0, c1 = enc.coords(0)[0], enc.coords(1)[0]  # [U, 16, 3], [U, 4, 3]
+    children = c0.view(-1, 2, 2, 2, 2, 3).permute(0, 1, 3, 2, 4, 5).reshape(-1, 4, 4, 3)
+    assert torch.allclose(children[..., :2].mean(2), c1[..., :2])
+
+
+@pytest.mark.parametrize(
+    "kw", [{}, {"spatial_bias": True}, {"adaptive": True}, {"zoom_factors": [0.5, 0.25], "zoom_tokens": 2}]
+)
+def test_context_features_ignore_hidden_pixels(kw):
+    """The context encoder sees only its units: changing any hidden pixel changes nothing."""
+    enc = encoder(**kw)
+    units = torch.tensor([[0, 1, 3]])  # of the 2×2 unit grid; unit 2 (bottom-left) is hidden
+    x = torch.randn(1, 3, IMG, IMG)
+    y = x.clone()
+    y[:, :, IMG // 2 :, : IMG // 2] = torch.randn(1, 3, IMG // 2, IMG // 2)  # repaint unit 2
+    with torch.no_grad():
+        a, b = enc(x, units), enc(y, units)
+    for la, lb in zip(a, b):
+        torch.testing.assert_close(la.features, lb.features)
+
+
+def test_spatial_bias_depends_on_relative_position_and_scale_only():
+    torch.manual_seed(0)
+    bias = SpatialBias(num_heads=2, hidden=8, grid=8)
+    c = torch.rand(1, 5, 3)
+    b = bias(c)
+    assert b.shape == (1, 2, 5, 5)
+    shifted = c + torch.tensor([0.125, -0.25, 0.5])  # a common translation in position and scale
+    torch.testing.assert_close(bias(shifted), b)
+    moved = c.clone()
+    moved[0, 0, 0] += 0.3  # Δpos of token 0 changes
+    assert not torch.allclose(bias(moved)[0, :, 0], b[0, :, 0])
+    rescaled = c.clone()
+    rescaled[0, 0, 2] += 1.0  # Δscale of token 0 changes
+    assert not torch.allclose(bias(rescaled)[0, :, 0], b[0, :, 0])
+
+
+def test_spatial_bias_changes_attention_output():
+    with_bias = encoder(spatial_bias=True)
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        a = with_bias(x)[0].features
+        for stage in with_bias.stages:
+            torch.nn.init.normal_(stage.spatial_bias.mlp[-1].weight, std=1.0)
+        b = with_bias(x)[0].features
+    assert not torch.allclose(a, b)
+
+
+def test_adaptive_computation_lowers_measured_flops():
+    enc = encoder(adaptive=True)
+    x = torch.randn(4, 3, IMG, IMG)
+
+    def flops(alpha_bias: float) -> int:
+        for stage in enc.stages:
+            torch.nn.init.constant_(stage.alpha[-1].bias, alpha_bias)
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            out = enc(x)
+        return counter.get_total_flops(), torch.stack([lv.alpha.mean() for lv in out])
+
+    full, alpha_full = flops(8.0)
+    low, alpha_low = flops(-1.5)
+    assert (alpha_full > 0.99).all() and (alpha_low < 0.25).all()
+    assert low < 0.6 * full, f"α≈{alpha_low.tolist()} computed {low} FLOPs vs {full} at α≈1"
+
+
+def test_adaptive_router_receives_task_gradients():
+    enc = encoder(adaptive=True).train()
+    out = enc(torch.randn(2, 3, IMG, IMG))
+    sum(lv.features.square().mean() for lv in out).backward()
+    assert all(stage.score.weight.grad.abs().sum() > 0 for stage in enc.stages)
+
+
+def test_zoom_tokens_carry_true_coordinates_and_follow_the_roi():
+    enc = encoder(zoom_factors=[0.5, 0.25], zoom_tokens=2)
+    x = torch.randn(2, 3, IMG, IMG)
+    level0 = torch.randn(2, 4, 16, 16)
+    z = enc.zoom(x, level0, None, enc.patch_embed.proj)
+    assert z.x.shape == (2, 8, 16) and z.coords.shape == (2, 8, 3)
+    assert torch.allclose(z.coords[0, :4, 2], torch.tensor(-2.0))  # log2(0.5 / 2)
+    assert torch.allclose(z.coords[0, 4:, 2], torch.tensor(-3.0))  # log2(0.25 / 2)
+    centre = enc.zoom.roi_centre(level0)
+    spread = z.coords[:, 4:, :2].mean(1)
+    torch.testing.assert_close(spread, centre.clamp(0.125, 0.875))
+    # the ROI is learned: its parameters receive gradients through the crops
+    enc.train()
+    enc(x)[-1].features.sum().backward()
+    assert enc.zoom.roi[0].weight.grad.abs().sum() > 0
+
+
+def test_bad_geometry_fails_clearly():
+    with pytest.raises(ValueError, match="divisible"):
+        HierarchicalEncoder(img_size=36, patch_size=4, dims=[8, 8, 8], depths=[1, 1, 1], num_heads=[1, 1, 1])
+
+
+def test_spatial_bias_is_exact_on_token_grids():
+    """The gathered table equals the MLP applied to each pair's log-spaced offset."""
+    torch.manual_seed(0)
+    bias = SpatialBias(num_heads=3, hidden=8, grid=8)
+    enc = encoder()
+    coords = torch.cat([enc.coords(l)[0].reshape(-1, 3) for l in range(3)])[None]  # all levels at once
+    delta = coords[:, :, None] - coords[:, None]
+    pos = delta[..., :2] * 8
+    direct = bias.mlp(torch.cat([torch.sign(pos) * torch.log2(1 + pos.abs()), delta[..., 2:]], -1)).permute(0, 3, 1, 2)
+    torch.testing.assert_close(bias(coords), direct, rtol=1e-5, atol=1e-5)
+
+
+def test_mask_unit_attention_keeps_units_independent():
+    enc = encoder(global_from=2, spatial_bias=True)
+    x = torch.randn(1, 3, IMG, IMG)
+    y = x.clone()
+    y[:, :, IMG // 2 :, : IMG // 2] = torch.randn(1, 3, IMG // 2, IMG // 2)  # unit 2 only
+    with torch.no_grad():
+        a, b = enc(x), enc(y)
+    for level in (0, 1):  # local levels: the other units are untouched
+        keep = [0, 1, 3]
+        torch.testing.assert_close(a[level].features[:, keep], b[level].features[:, keep])
+    assert not torch.allclose(a[2].features[:, 0], b[2].features[:, 0])  # global level mixes units
