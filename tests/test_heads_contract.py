@@ -112,7 +112,7 @@ def test_stable_under_bf16_autocast(name):
 
 
 # ---------------------------------------------------------------- trained heads
-STEPS = {"diffusion": 3000}
+STEPS = {"diffusion": 1000}
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +147,7 @@ def test_log_prob_integrates_to_one(name, dim, trained):
     head, _ = trained(name, dim)
     for c in (-0.7, 0.1, 0.6):
         cond = cond_features(torch.tensor([c]), 8)
-        total = grid_integral(head, cond, dim, half_width=6.0, points=2001 if dim == 1 else 241)
+        total = grid_integral(head, cond, dim, half_width=5.0, points=1001 if dim == 1 else 121)
         assert math.isclose(total, 1.0, abs_tol=0.05), f"{name}: ∫p = {total:.4f} at c={c}"
 
 
@@ -158,7 +158,7 @@ def test_samples_cover_both_modes(name, trained):
     c = torch.tensor([-0.8, -0.3, 0.2, 0.7])
     with torch.no_grad():
         samples = head.sample(cond_features(c, 8), 1000)  # [S, 4, 2]
-    share = task.mode_of(samples, c.expand(1000, -1).reshape(-1)).view(1000, 4).float().mean(0)
+    share = task.mode_of(samples, c).float().mean(0)  # [4]: share of samples in mode 2 per context
     assert ((share >= 0.25) & (share <= 0.75)).all(), f"{name}: share of samples in mode 2 per context = {share}"
 
 

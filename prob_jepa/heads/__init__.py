@@ -1,7 +1,8 @@
 """Predictor heads: ``build_head(name, dim=D, cond_dim=C, **cfg)``.
 
-Every module in this package registers its head with :func:`register_head`
-when imported; they are all imported here, so adding a head is adding a file.
+Every module in this package (but ``base`` and ``layers``) registers its head
+with :func:`register_head` when imported; they are all imported here, so adding
+a head is adding a file.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def build_head(name: str, dim: int, cond_dim: int, **cfg) -> Head:
 
 
 for _module in pkgutil.iter_modules(__path__):
-    if _module.name != "base":
+    if _module.name not in ("base", "layers"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["HEADS", "Head", "build_head", "fp32", "register_head"]

@@ -32,7 +32,7 @@ class DeterministicHead(Head):
             raise ValueError(f"point_loss {point_loss!r}; valid: {', '.join(losses)}")
         self.point_loss = losses[point_loss]
         self.proj = nn.Linear(cond_dim, dim)
-        self.log_sigma = nn.Parameter(torch.zeros(()))
+        self.log_sigma = nn.Parameter(torch.zeros(1))  # 1-D: FSDP shards no scalars
 
     @fp32
     def mean(self, cond: torch.Tensor) -> torch.Tensor:
