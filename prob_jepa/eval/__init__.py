@@ -8,10 +8,15 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import Dataset, Subset
 
+from ..masks import MaskCollator
 from ..model import JEPA, build_model
 from ..run_dir import RunDir
 from . import plots
+from .ambiguity import ambiguity_metrics
+from .cost import step_flops, training_cost
+from .heads import EVAL_DRAWS, collect_rows, head_metrics
 from .representation import extract_features, knn_accuracy, linear_probe
+from .uncertainty import energy_calibration, image_energies
 
 
 def split(dataset: Dataset, fraction: float = 0.2, seed: int = 0) -> tuple[Subset, Subset]:
@@ -27,39 +32,77 @@ def first(dataset: Dataset, n: int | None) -> Dataset:
 
 def representation_metrics(
     model: JEPA, cfg: DictConfig, train_set: Dataset, val_set: Dataset, device: torch.device
-) -> dict[str, dict[str, float]]:
-    """Linear probe and k-NN on the target encoder, and on the same encoder at its random initialization."""
+) -> tuple[dict[str, dict[str, float]], torch.Tensor, torch.Tensor]:
+    """Linear probe and k-NN on the target encoder, and on the same encoder at its random initialization.
+
+    Returns the metrics and the pretrained probe's validation logits and labels.
+    """
     e = cfg.eval
     torch.manual_seed(cfg.seed)
     reference = build_model(cfg).to(device).eval()  # the weights training started from
-    train_set, val_set = first(train_set, e.probe_train_size), first(val_set, e.probe_val_size)
-    out = {}
+    out, logits, labels = {}, None, None
     for name, m in (("pretrained", model), ("random_init", reference)):
         tx, ty = extract_features(m.features, train_set, e.batch_size, device, f"{name} train features")
         vx, vy = extract_features(m.features, val_set, e.batch_size, device, f"{name} val features")
         probe = linear_probe(tx, ty, vx, vy)
         out[name] = {
-            "linear_probe": probe["accuracy"],
-            "probe_weight_decay": probe["weight_decay"],
+            "linear_probe": probe.accuracy,
+            "probe_weight_decay": probe.weight_decay,
             "knn": knn_accuracy(tx, ty, vx, vy, k=e.knn_k, temperature=e.knn_temperature),
         }
-    return out
+        if logits is None:
+            logits, labels = probe.logits, vy
+    return out, logits, labels
 
 
 def evaluate(
     model: JEPA, cfg: DictConfig, train_set: Dataset, val_set: Dataset | None, run: RunDir, device: torch.device
 ) -> dict[str, Any]:
-    """Every evaluation of the run; writes ``eval.json`` and the plots, returns the metrics."""
+    """Every evaluation of the run; writes ``eval.json``, ``plots/plot_data.json`` and the figures.
+
+    ``train_set`` should yield un-augmented images (the ``train_eval`` split).
+    """
     model.eval()
+    e = cfg.eval
     if val_set is None:
         train_set, val_set = split(train_set)
+    train_set, val_set = first(train_set, e.probe_train_size), first(val_set, e.probe_val_size)
     tic = time.perf_counter()
-    metrics: dict[str, Any] = {"representation": representation_metrics(model, cfg, train_set, val_set, device)}
-    metrics["timings"] = {"eval_s": time.perf_counter() - tic}
+    metrics: dict[str, Any] = {}
+    metrics["representation"], logits, labels = representation_metrics(model, cfg, train_set, val_set, device)
+    plot_data: dict[str, Any] = {"representation": metrics["representation"]}
+
+    collator = MaskCollator(grid=model.context_encoder.unit_grid, seed=cfg.seed, **cfg.mask)
+    head = model.heads[-1]
+    rows = collect_rows(model, val_set, collator, e.head_images, e.batch_size, device)
+    metrics["head"], candidate_energy = head_metrics(head, rows, e)
+    n = min(e.head_images, len(labels))
+    per_image = rows.first_per_image(e.energy_tokens_per_image)
+    with torch.no_grad():
+        energy = image_energies(head.energy(per_image.target, per_image.cond), per_image.image, n)
+    metrics["uncertainty"], probe_plot = energy_calibration(logits[:n], labels[:n], energy)
+    calib = metrics["head"]["calibration"]
+    plot_data.update(
+        reliability=probe_plot["reliability"],
+        pit={k: calib[k]["pit_histogram"] for k in ("before", "after")},
+        energy={**candidate_energy, "image": probe_plot["image"], "image_correct": probe_plot["image_correct"]},
+    )
+    if "marker" in cfg.data:
+        metrics["multimodality"], plot_data["ambiguity"] = ambiguity_metrics(
+            model, head, cfg.data, e.ambiguity_pairs, e.num_samples, device, seed=cfg.data.seed + EVAL_DRAWS
+        )
+
+    images = torch.stack([val_set[i][0] for i in range(min(cfg.trainer.batch_size, len(val_set)))]).to(device)
+    metrics["cost"] = {"flops_per_step": step_flops(model, images, collator(len(images), EVAL_DRAWS).to(device))}
     records = run.read_metrics()
     if records:
+        metrics["cost"].update(training_cost(records, cfg.trainer.batch_size))
         metrics["train"] = {"final_loss": records[-1]["loss"], "steps": records[-1]["step"]}
-        plots.training_curves(records, run.plots / "training_curves.png")
-    plots.probe_bars(metrics["representation"], run.plots / "probe.png")
+    metrics["cost"].update(metrics["head"]["timings"])
+    metrics["timings"] = {"eval_s": time.perf_counter() - tic}
+
     run.write_eval(metrics)
+    run.write_plot_data(plot_data)
+    name = run.path.name
+    plots.all_figures({name: plot_data}, {name: records} if records else {}, [], run.plots)
     return metrics

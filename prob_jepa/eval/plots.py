@@ -1,56 +1,161 @@
-"""Figures written to ``<run>/plots`` (PNG, seaborn style)."""
+"""Figures (PNG, seaborn style). Every function takes ``{run name: data}``, so one run's
+``plots/`` and ``experiments/compare.py``'s cross-run figures are drawn by the same code from
+the same ``plots/plot_data.json``."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 sns.set_theme(style="whitegrid", context="notebook")
+
+Runs = Mapping[str, Mapping[str, Any]]
 
 
 def save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def training_curves(records: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Loss, learning rate and collapse diagnostics against the step."""
-    panels = [k for k in ("loss", "lr", "feature_std", "effective_rank") if records and k in records[0]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
-    steps = [r["step"] for r in records]
-    for ax, key in zip(axes if len(panels) > 1 else [axes], panels):
-        ax.plot(steps, [r[key] for r in records], lw=1.5)
-        ax.set_xlabel("step")
-        ax.set_title(key)
-        if key == "loss":
-            parts = [k for k in records[0] if k.startswith("jepa/level")]
-            for k in parts if len(parts) > 1 else []:
-                ax.plot(steps, [r[k] for r in records], lw=1, alpha=0.7, label=k.split("/")[1])
-            if len(parts) > 1:
-                ax.legend(fontsize=8)
+def _grid(n: int, width: float = 4.0, height: float = 3.3, cols: int = 4):
+    cols = min(cols, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat)
+
+
+def training_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) -> Path:
+    """Loss, learning rate and collapse diagnostics against the step, one line per run."""
+    keys = ("loss", "lr", "feature_std", "effective_rank")
+    fig, axes = _grid(len(keys))
+    for ax, key in zip(axes, keys):
+        for name, records in runs.items():
+            ax.plot([r["step"] for r in records], [r[key] for r in records], lw=1.4, label=name)
+        ax.set(xlabel="step", title=key)
+    if len(runs) > 1:
+        axes[0].legend(fontsize=7)
     return save(fig, path)
 
 
-def probe_bars(representation: dict[str, dict[str, float]], path: Path) -> Path:
-    """Linear-probe and k-NN accuracy of the pretrained encoder against its random initialization."""
+def probe_bars(runs: Runs, path: Path) -> Path:
+    """Linear-probe and k-NN accuracy of each pretrained encoder and of its random initialization."""
     rows = [
-        {"encoder": enc, "metric": metric, "accuracy": representation[enc][metric]}
+        (name, f"{enc} {metric}", rep[enc][metric])
+        for name, rep in runs.items()
         for enc in ("pretrained", "random_init")
         for metric in ("linear_probe", "knn")
     ]
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    sns.barplot(
-        x=[r["metric"] for r in rows], y=[r["accuracy"] for r in rows], hue=[r["encoder"] for r in rows], ax=ax
-    )
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("top-1 accuracy")
-    ax.set_title("frozen features")
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(runs) + 3), 3.4))
+    sns.barplot(x=[r[0] for r in rows], y=[r[2] for r in rows], hue=[r[1] for r in rows], ax=ax)
+    ax.set(ylim=(0, 1), ylabel="top-1 accuracy", title="frozen features")
+    ax.legend(fontsize=7)
+    ax.tick_params(axis="x", labelrotation=20)
     return save(fig, path)
+
+
+def reliability(runs: Runs, path: Path) -> Path:
+    """Reliability diagrams of the probe: raw, temperature-scaled, energy-aware temperature."""
+    fig, axes = _grid(len(runs), 3.6, 3.6)
+    for ax, (name, d) in zip(axes, runs.items()):
+        ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
+        for key, curve in d["reliability"].items():
+            ax.plot(curve["confidence"], curve["accuracy"], marker="o", ms=3, label=key)
+        ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=name)
+    axes[0].legend(fontsize=7)
+    return save(fig, path)
+
+
+def pit_histograms(runs: Runs, path: Path) -> Path:
+    """PIT histograms of the head's samples before and after the sample temperature (flat = calibrated)."""
+    fig, axes = _grid(len(runs), 3.8, 3.0)
+    for ax, (name, d) in zip(axes, runs.items()):
+        for key, color in (("before", "C0"), ("after", "C1")):
+            hist = np.asarray(d["pit"][key])
+            edges = np.linspace(0, 1, len(hist) + 1)
+            ax.stairs(hist, edges, fill=key == "before", alpha=0.5 if key == "before" else 1.0, color=color, label=key)
+        ax.axhline(1.0, c="grey", ls="--", lw=1)
+        ax.set(title=name, xlabel="PIT", ylabel="density")
+    axes[0].legend(fontsize=7)
+    return save(fig, path)
+
+
+def energy_distributions(runs: Runs, path: Path) -> Path:
+    """Per run: energies of true vs. other candidate targets, and image energies where the probe is right vs. wrong."""
+    fig, axes = _grid(2 * len(runs), 3.8, 3.0, cols=4)
+    for i, (name, d) in enumerate(runs.items()):
+        e = d["energy"]
+        a, b = axes[2 * i], axes[2 * i + 1]
+        for key, label in (("true", "true target"), ("other", "other targets")):
+            sns.kdeplot(np.asarray(e[key]), ax=a, label=label, fill=True, warn_singular=False)
+        a.set(title=f"{name}: candidates", xlabel="energy (nats)")
+        image, correct = np.asarray(e["image"]), np.asarray(e["image_correct"], dtype=bool)
+        for mask, label in ((correct, "probe right"), (~correct, "probe wrong")):
+            if mask.sum() > 1:
+                sns.kdeplot(image[mask], ax=b, label=label, fill=True, warn_singular=False)
+        b.set(title=f"{name}: images", xlabel="mean energy (nats)")
+        a.legend(fontsize=7)
+        b.legend(fontsize=7)
+    return save(fig, path)
+
+
+def ambiguity_projection(runs: Runs, path: Path) -> Path:
+    """Samples, both true modes and the point prediction of marker tokens: x along the mode axis,
+    y along the samples' main orthogonal spread."""
+    panels = [(name, r, row) for name, d in runs.items() for r, row in enumerate(d["ambiguity"]["rows"])]
+    fig, axes = _grid(len(panels), 3.0, 3.0)
+    for ax, (name, r, row) in zip(axes, panels):
+        s, a, b, m = (np.asarray(row[k]) for k in ("samples", "mode_a", "mode_b", "mean"))
+        w = runs[name]["ambiguity"]["weights"]
+        ax.scatter(s[:, 0], s[:, 1], s=6, alpha=0.4, label="samples")
+        ax.scatter(*a, marker="*", s=180, c="C3", label=f"mode a (p={w[0]:g})")
+        ax.scatter(*b, marker="*", s=180, c="C2", label=f"mode b (p={w[1]:g})")
+        ax.scatter(*m, marker="X", s=90, c="k", label="mean()")
+        ax.axvline(0, c="grey", lw=0.8, ls=":")
+        ax.set(title=f"{name} · token {r}", xlabel="mode axis", yticks=[])
+    axes[0].legend(fontsize=6, loc="best")
+    return save(fig, path)
+
+
+def tradeoffs(table: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    """Likelihood and probe accuracy against the measured cost of a training step."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, key, label in ((axes[0], "nll_per_dim", "NLL (nats / dim)"), (axes[1], "linear_probe", "linear probe")):
+        for row in table:
+            if row.get(key) is not None and row.get("train_ms_per_step") is not None:
+                ax.scatter(row["train_ms_per_step"], row[key], s=40)
+                ax.annotate(row["run"], (row["train_ms_per_step"], row[key]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+        ax.set(xlabel="ms per training step", ylabel=label)
+    return save(fig, path)
+
+
+def all_figures(runs: Runs, records: Mapping[str, Sequence], table: Sequence, folder: Path) -> list[Path]:
+    """Every figure for ``runs`` (``{name: plot_data}``) into ``folder``."""
+    paths = [
+        training_curves(records, folder / "training_curves.png"),
+        probe_bars({n: d["representation"] for n, d in runs.items()}, folder / "probe.png"),
+    ]
+    with_heads = {n: d for n, d in runs.items() if "pit" in d}
+    if with_heads:
+        paths += [
+            reliability(with_heads, folder / "reliability.png"),
+            pit_histograms(with_heads, folder / "pit.png"),
+            energy_distributions(with_heads, folder / "energy.png"),
+        ]
+    ambiguous = {n: d for n, d in runs.items() if d.get("ambiguity")}
+    if ambiguous:
+        paths.append(ambiguity_projection(ambiguous, folder / "ambiguity_pca.png"))
+    if len(table) > 1:
+        paths.append(tradeoffs(table, folder / "tradeoffs.png"))
+    return paths

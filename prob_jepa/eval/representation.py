@@ -1,6 +1,7 @@
 """Representation quality of frozen features: linear probe and k-NN."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -48,14 +49,23 @@ def _accuracy(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
     return ((x @ w[:-1] + w[-1]).argmax(1) == y).float().mean().item()
 
 
+@dataclass
+class ProbeResult:
+    """accuracy on the test features, the chosen L2 penalty, and the test logits ``[N, C]``."""
+
+    accuracy: float
+    weight_decay: float
+    logits: torch.Tensor
+
+
 def linear_probe(
     train_x: torch.Tensor,
     train_y: torch.Tensor,
     test_x: torch.Tensor,
     test_y: torch.Tensor,
     weight_decays: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1),
-    max_iter: int = 300,
-) -> dict[str, float]:
+    max_iter: int = 100,
+) -> ProbeResult:
     """Linear-probe top-1 accuracy on standardized features.
 
     The L2 penalty is chosen on a held-out fifth of the training features, then
@@ -72,7 +82,7 @@ def linear_probe(
     }
     best = max(scores, key=scores.get)
     w = _fit_logistic(train_x, train_y, num_classes, best, max_iter)
-    return {"accuracy": _accuracy(w, test_x, test_y), "weight_decay": best}
+    return ProbeResult(_accuracy(w, test_x, test_y), best, test_x @ w[:-1] + w[-1])
 
 
 def knn_accuracy(

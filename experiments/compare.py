@@ -1,0 +1,32 @@
+"""Compare runs: ``python experiments/compare.py RUN_DIR_OR_MULTIRUN_DIR... [--out DIR]``.
+
+Prints one markdown table (also written as CSV) and draws the cross-run figures.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from prob_jepa.eval import plots
+from prob_jepa.eval.summary import find_runs, summary_row, write_table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("runs", nargs="+", help="run directories, or folders holding them (e.g. a multirun dir)")
+    parser.add_argument("--out", type=Path, default=Path("comparison"), help="where the table and figures go")
+    args = parser.parse_args()
+
+    runs = find_runs(args.runs)
+    rows = [summary_row(r) for r in runs]
+    md, csv_path = write_table(rows, args.out)
+    data = {r.path.name: r.read_plot_data() for r in runs}
+    records = {r.path.name: r.read_metrics() for r in runs}
+    figures = plots.all_figures(data, records, rows, args.out)
+    print(md.read_text())
+    print(f"table: {md}, {csv_path}")
+    print("figures: " + ", ".join(str(f) for f in figures))
+
+
+if __name__ == "__main__":
+    main()

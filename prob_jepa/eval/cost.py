@@ -1,0 +1,109 @@
+"""Compute cost of a training step, measured (never derived from the config)."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Sequence
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..masks import Masks
+from ..model import JEPA
+
+
+def step_flops(model: JEPA, images: torch.Tensor, masks: Masks) -> int:
+    """FLOPs of one training forward + backward (``torch.utils.flop_counter``; a multiply-add is 2)."""
+    counter = FlopCounterMode(display=False)
+    was_training = model.training
+    model.train()
+    with counter:
+        model(images, masks.context, masks.targets).loss.backward()
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    return counter.get_total_flops()
+
+
+def training_cost(records: Sequence[dict[str, Any]], batch_size: int) -> dict[str, float]:
+    """Median step time and peak memory over the logged steps (the first log window includes warm-up)."""
+    steady = [r for r in records[1:] if r.get("images_per_s")] or list(records)
+    ips = statistics.median(r["images_per_s"] for r in steady)
+    return {
+        "train_ms_per_step": 1e3 * batch_size / ips,
+        "train_images_per_s": ips,
+        "peak_memory_mb": max(r["memory_mb"] for r in records),
+    }
+
+
+def matmul_peak_flops(device: torch.device, size: int = 2048, repeats: int = 10) -> float:
+    """The device's measured dense-matmul throughput (FLOP/s): fp32 on CPU, bf16 on CUDA."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(3):
+        _sync(device)
+        tic = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - tic)
+    return 2 * size**3 * repeats / best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step, steps: int, warmup: int, device: torch.device) -> list[float]:
+    """Seconds of each of ``steps`` calls of ``step()`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        tic = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - tic)
+    return times
+
+
+def level_report(model: JEPA, image_size: int, count_flops: bool = True) -> list[dict[str, Any]]:
+    """Parameters and forward FLOPs (one full image) of every encoder level, the predictor and the heads."""
+    enc = model.context_encoder
+    counter = FlopCounterMode(display=False)
+    if count_flops:
+        with counter, torch.no_grad():
+            enc(torch.zeros(1, 3, image_size, image_size, device=next(enc.parameters()).device))
+    flops = counter.get_flop_counts()
+
+    def module_flops(name: str) -> int:  # a module's count includes its children's
+        return sum(flops.get(name, {}).values())
+
+    def params(module: torch.nn.Module | None) -> int:
+        return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+    rows = []
+    for l, stage in enumerate(enc.stages):
+        side = enc.grid // 2**l
+        merge = enc.merges[l - 1] if l > 0 else enc.patch_embed
+        rows.append({
+            "part": f"level {l}", "tokens": f"{side}×{side}", "dim": enc.dims[l], "depth": len(stage.blocks),
+            "params": params(stage) + params(merge) + params(enc.norms[l]),
+            "gflops": (module_flops(f"HierarchicalEncoder.stages.{l}") + module_flops(
+                f"HierarchicalEncoder.merges.{l - 1}" if l else "HierarchicalEncoder.patch_embed")) / 1e9
+            if count_flops else None,
+        })
+    if enc.zoom is not None:
+        rows.append({"part": "zoom", "tokens": "", "dim": enc.dims[0], "depth": "", "params": params(enc.zoom),
+                     "gflops": module_flops("HierarchicalEncoder.zoom") / 1e9 if count_flops else None})
+    rows.append({"part": "encoder total", "tokens": "", "dim": "", "depth": "", "params": params(enc),
+                 "gflops": counter.get_total_flops() / 1e9 if count_flops else None})
+    rows.append({"part": "predictor trunk", "tokens": "", "dim": model.predictor.dim,
+                 "depth": len(model.predictor.stage.blocks), "params": params(model.predictor), "gflops": None})
+    rows.append({"part": "heads", "tokens": "", "dim": "", "depth": "", "params": params(model.heads), "gflops": None})
+    rows.append({"part": "cross-scale", "tokens": "", "dim": "", "depth": "", "params": params(model.cross_scale),
+                 "gflops": None})
+    return rows

@@ -1,0 +1,97 @@
+"""One table row per run, from its ``eval.json`` and ``config.yaml`` (used by ``experiments/compare.py``)."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..run_dir import RunDir
+
+COLUMNS = {  # column: (path in eval.json, format)
+    "linear_probe": (("representation", "pretrained", "linear_probe"), ".3f"),
+    "knn": (("representation", "pretrained", "knn"), ".3f"),
+    "probe_random_init": (("representation", "random_init", "linear_probe"), ".3f"),
+    "nll_per_dim": (("head", "likelihood", "nll_per_dim"), ".3f"),
+    "energy_score": (("head", "samples", "energy_score"), ".3f"),
+    "crps": (("head", "samples", "crps"), ".4f"),
+    "cov50": (("head", "calibration", "before", "coverage", "0.5"), ".3f"),
+    "cov80": (("head", "calibration", "before", "coverage", "0.8"), ".3f"),
+    "cov95": (("head", "calibration", "before", "coverage", "0.95"), ".3f"),
+    "pit_ks": (("head", "calibration", "before", "pit_ks"), ".3f"),
+    "pit_ks_calibrated": (("head", "calibration", "after", "pit_ks"), ".3f"),
+    "sample_temperature": (("head", "calibration", "temperature"), ".2f"),
+    "mode_share_a": (("multimodality", "samples", "share_a"), ".3f"),
+    "sharpness_samples": (("multimodality", "samples", "sharpness"), ".3f"),
+    "sharpness_mean": (("multimodality", "mean", "sharpness"), ".3f"),
+    "retrieval_acc": (("head", "energy_retrieval", "after", "accuracy"), ".3f"),
+    "energy_probe_r": (("uncertainty", "energy_correct_pearson_r"), ".3f"),
+    "ece_raw": (("uncertainty", "raw", "ece"), ".3f"),
+    "ece_temperature": (("uncertainty", "temperature", "ece"), ".3f"),
+    "ece_energy": (("uncertainty", "energy_temperature", "ece"), ".3f"),
+    "train_ms_per_step": (("cost", "train_ms_per_step"), ".0f"),
+    "gflops_per_step": (("cost", "flops_per_step"), ".1f"),
+    "sample_ms": (("cost", "sample_ms_per_sample"), ".4f"),
+    "log_prob_ms": (("cost", "log_prob_ms_per_row"), ".4f"),
+    "peak_memory_mb": (("cost", "peak_memory_mb"), ".0f"),
+}
+
+
+def _get(tree: dict, path: Sequence[str]) -> Any:
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def find_runs(paths: Sequence[str | Path]) -> list[RunDir]:
+    """Run directories among ``paths``: each path is a run (has ``eval.json``) or holds runs (a multirun dir)."""
+    runs = []
+    for p in map(Path, paths):
+        if (p / "eval.json").exists():
+            runs.append(RunDir(p))
+        else:
+            found = sorted({q.parent for q in p.rglob("eval.json")})
+            if not found:
+                raise FileNotFoundError(f"{p} is not a run directory and holds none (no eval.json below it)")
+            runs += [RunDir(q) for q in found]
+    return runs
+
+
+def summary_row(run: RunDir) -> dict[str, Any]:
+    metrics, cfg = run.read_eval(), run.load_config()
+    row = {"run": run.path.name, "head": cfg.predictor.name, "model": cfg.model.name,
+           "steps": _get(metrics, ("train", "steps"))}
+    for column, (path, _) in COLUMNS.items():
+        row[column] = _get(metrics, path)
+    if row["gflops_per_step"] is not None:
+        row["gflops_per_step"] /= 1e9
+    return row
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], formats: dict[str, str]) -> str:
+    """A markdown table of ``rows`` (dicts with the same keys); ``formats`` maps a column to a format spec."""
+    columns = list(rows[0])
+
+    def cell(c: str, v: Any) -> str:
+        return "–" if v is None or v == "" else format(v, formats[c]) if c in formats else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(c, r[c]) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The comparison table in markdown."""
+    return markdown_table(rows, {c: f for c, (_, f) in COLUMNS.items()})
+
+
+def write_table(rows: Sequence[dict[str, Any]], folder: Path) -> tuple[Path, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    md, csv_path = folder / "comparison.md", folder / "comparison.csv"
+    md.write_text(markdown(rows) + "\n")
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return md, csv_path

@@ -1,0 +1,248 @@
+"""Evaluation metrics against known answers: exact Gaussians, two-mode mixtures, Boltzmann choices."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from prob_jepa.eval.calibration import (
+    apply_temperature,
+    energy_probabilities,
+    expected_calibration_error,
+    fit_energy_temperature,
+    fit_logit_temperature,
+    fit_sample_temperature,
+    interval_coverage,
+    pit_histogram,
+    pit_ks,
+    pit_values,
+    reliability_curve,
+    top1_confidence,
+)
+from prob_jepa.eval.metrics import crps, energy_score, nll_per_dim, pearson_r
+from prob_jepa.eval.multimodality import mode_coverage, sharpness
+
+LEVELS = (0.5, 0.8, 0.95)
+
+
+def gaussian(
+    spread: float = 1.0, shift: float = 0.0, num_samples: int = 200, rows: int = 1000, dim: int = 4, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets ``y ~ N(μ, σ²)`` per row and coordinate, and samples from ``N(μ + shift·σ, (spread·σ)²)``."""
+    g = torch.Generator().manual_seed(seed)
+    mu, sigma = torch.randn(rows, dim, generator=g), torch.rand(rows, dim, generator=g) + 0.5
+    target = mu + sigma * torch.randn(rows, dim, generator=g)
+    samples = mu + sigma * (shift + spread * torch.randn(num_samples, rows, dim, generator=g))
+    return samples, target
+
+
+def gaussian_crps(mu: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Closed-form CRPS of ``N(μ, σ²)`` at ``y`` (Gneiting & Raftery 2007, eq. 5)."""
+    z = (y - mu) / sigma
+    pdf, cdf = torch.exp(-z**2 / 2) / math.sqrt(2 * math.pi), 0.5 * (1 + torch.erf(z / math.sqrt(2)))
+    return sigma * (z * (2 * cdf - 1) + 2 * pdf - 1 / math.sqrt(math.pi))
+
+
+# likelihood and proper scores
+
+
+def test_nll_per_dim_is_mean_negative_log_prob_over_dim():
+    assert nll_per_dim(torch.tensor([-3.0, -5.0]), dim=2) == pytest.approx(2.0)
+
+
+def test_crps_matches_gaussian_closed_form():
+    g = torch.Generator().manual_seed(1)
+    mu, sigma = torch.randn(300, 2, generator=g), torch.rand(300, 2, generator=g) + 0.5
+    y = torch.randn(300, 2, generator=g)
+    samples = mu + sigma * torch.randn(1000, 300, 2, generator=g)
+    assert crps(samples, y) == pytest.approx(gaussian_crps(mu, sigma, y).mean().item(), rel=0.02)
+
+
+def test_energy_score_of_one_sample_is_euclidean_error():
+    samples, target = torch.randn(1, 5, 3), torch.randn(5, 3)
+    assert energy_score(samples, target) == pytest.approx((samples[0] - target).norm(dim=1).mean().item(), rel=1e-5)
+
+
+def test_energy_score_in_one_dimension_equals_crps():
+    samples, target = gaussian(rows=300, dim=1, num_samples=50)
+    assert energy_score(samples, target, chunk=64) == pytest.approx(crps(samples, target), rel=1e-4)
+
+
+@pytest.mark.parametrize("score", [energy_score, crps])
+def test_true_distribution_scores_better_than_shifted_or_narrow(score):
+    kw = dict(rows=200, num_samples=100)
+    true = score(*gaussian(**kw))
+    assert true < score(*gaussian(shift=1.0, **kw))
+    assert true < score(*gaussian(spread=0.3, **kw))
+
+
+# calibration of sample-based predictions
+
+
+def test_exact_gaussian_covers_nominal_levels():
+    coverage = interval_coverage(*gaussian(), levels=LEVELS)
+    for level in LEVELS:
+        assert coverage[level] == pytest.approx(level, abs=0.02)
+
+
+@pytest.mark.parametrize("spread, sign", [(1.6, 1), (0.6, -1)])
+def test_dispersion_shows_as_over_or_under_coverage(spread, sign):
+    coverage = interval_coverage(*gaussian(spread=spread), levels=LEVELS)
+    for level in LEVELS:
+        assert sign * (coverage[level] - level) > 0.03
+
+
+def test_exact_gaussian_has_flat_pit():
+    pit = pit_values(*gaussian(), generator=torch.Generator().manual_seed(0))
+    assert pit.shape == (1000 * 4,)
+    assert pit_ks(pit) < 0.03
+    assert torch.allclose(pit_histogram(pit, bins=10), torch.ones(10, dtype=torch.float64), atol=0.15)
+
+
+@pytest.mark.parametrize("spread, shape", [(2.0, "cap"), (0.5, "cup")])
+def test_miscalibrated_pit_is_far_from_flat_with_the_right_shape(spread, shape):
+    pit = pit_values(*gaussian(spread=spread), randomize=False)
+    hist = pit_histogram(pit, bins=10)
+    assert pit_ks(pit) > 0.1
+    middle, edges = hist[4:6].mean(), hist[[0, -1]].mean()
+    assert (middle > edges) if shape == "cap" else (middle < edges)
+
+
+def test_pit_breaks_ties_of_a_point_mass_uniformly():
+    target = torch.randn(1000, 2)
+    samples = target.expand(20, -1, -1)
+    assert torch.all(pit_values(samples, target, randomize=False) == 0.5)
+    assert pit_ks(pit_values(samples, target, generator=torch.Generator().manual_seed(0))) < 0.05
+
+
+def test_pit_ks_of_known_points():
+    assert pit_ks(torch.tensor([0.25, 0.75])) == pytest.approx(0.25)
+    assert pit_ks(torch.tensor([0.9, 0.95])) == pytest.approx(0.9)
+
+
+def test_apply_temperature_scales_spread_and_keeps_the_mean():
+    samples, _ = gaussian(rows=10)
+    hot = apply_temperature(samples, 2.5)
+    assert torch.allclose(hot.mean(0), samples.mean(0), atol=1e-5)
+    assert torch.allclose(hot.std(0), 2.5 * samples.std(0), rtol=1e-4)
+
+
+@pytest.mark.parametrize("spread", [2.0, 0.5])
+def test_sample_temperature_recovers_the_dispersion_factor(spread):
+    samples, target = gaussian(spread=spread, rows=500, num_samples=100)
+    tau = fit_sample_temperature(samples, target)
+    assert tau == pytest.approx(1 / spread, rel=0.1)
+    coverage = interval_coverage(apply_temperature(samples, tau), target, levels=LEVELS)
+    for level in LEVELS:
+        assert coverage[level] == pytest.approx(level, abs=0.03)
+
+
+# calibration of classifiers and energies
+
+
+def calibrated_confidences(n: int = 20000, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    confidence = 0.2 + 0.8 * torch.rand(n, generator=g)
+    return confidence, torch.rand(n, generator=g) < confidence
+
+
+def test_ece_of_a_hand_example():
+    confidence, correct = torch.tensor([0.9, 0.9, 0.3]), torch.tensor([True, False, False])
+    assert expected_calibration_error(confidence, correct, bins=10) == pytest.approx(2 / 3 * 0.4 + 1 / 3 * 0.3)
+
+
+def test_ece_is_near_zero_when_calibrated_and_positive_when_overconfident():
+    confidence, correct = calibrated_confidences()
+    assert expected_calibration_error(confidence, correct) < 0.02
+    overconfident = confidence.sqrt()  # same outcomes, higher stated confidence
+    assert expected_calibration_error(overconfident, correct) > 0.1
+
+
+def test_reliability_curve_follows_the_diagonal_when_calibrated():
+    confidence, correct = calibrated_confidences()
+    bin_conf, bin_acc, count = reliability_curve(confidence, correct, bins=10)
+    assert count.sum() == len(confidence) and count[:2].sum() == 0  # no confidence below 0.2
+    assert bin_conf[:2].isnan().all() and bin_acc[:2].isnan().all()
+    assert torch.allclose(bin_acc[2:], bin_conf[2:], atol=0.03)
+
+
+def boltzmann_choices(temperature: float, queries: int = 4000, candidates: int = 8, seed: int = 0):
+    """Energies ``[Q, K]`` and the index of a candidate drawn from ``p ∝ exp(−E / T)``."""
+    g = torch.Generator().manual_seed(seed)
+    energies = 5.0 * torch.randn(queries, candidates, generator=g)
+    correct = torch.multinomial(torch.softmax(-energies / temperature, dim=1), 1, generator=g).squeeze(1)
+    return energies, correct
+
+
+def test_energy_probabilities_are_a_softmax_of_negative_energy():
+    energies = torch.tensor([[0.0, 1.0, 3.0]])
+    p = energy_probabilities(energies, temperature=2.0)
+    expected = torch.exp(-energies.double() / 2) / torch.exp(-energies.double() / 2).sum()
+    assert torch.allclose(p, expected)
+
+
+def test_energy_temperature_fit_recovers_boltzmann_temperature():
+    energies, correct = boltzmann_choices(temperature=2.5)
+    assert fit_energy_temperature(energies, correct) == pytest.approx(2.5, rel=0.1)
+
+
+def test_logit_temperature_scaling_recovers_scale_and_reduces_ece():
+    g = torch.Generator().manual_seed(0)
+    true_logits = 2.0 * torch.randn(3000, 10, generator=g)
+    labels = torch.multinomial(torch.softmax(true_logits, dim=1), 1, generator=g).squeeze(1)
+    logits = 3.0 * true_logits  # an overconfident classifier
+    temperature = fit_logit_temperature(logits, labels)
+    assert temperature == pytest.approx(3.0, rel=0.1)
+    before = expected_calibration_error(*top1_confidence(logits, labels))
+    after = expected_calibration_error(*top1_confidence(logits, labels, temperature))
+    assert after < 0.03 < before
+
+
+# energy-error relation
+
+
+def test_pearson_r_matches_hand_computation():
+    x, y = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([2.0, 4.0, 5.0, 9.0])
+    assert pearson_r(x, y) == pytest.approx(11 / math.sqrt(5 * 26))
+    assert pearson_r(x, 1 - 2 * x) == pytest.approx(-1.0)
+
+
+# multimodality on two known modes
+
+
+def two_modes(rows: int = 300, dim: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, dim, generator=g), torch.randn(rows, dim, generator=g)
+
+
+def test_mixture_samples_cover_modes_with_their_weights():
+    a, b = two_modes()
+    g = torch.Generator().manual_seed(1)
+    pick_a = (torch.rand(200, len(a), 1, generator=g) < 0.7).float()
+    samples = pick_a * a + (1 - pick_a) * b + 0.05 * torch.randn(200, *a.shape, generator=g)
+    coverage = mode_coverage(samples, a, b, weights=(0.7, 0.3))
+    assert coverage["share_a"] == pytest.approx(0.7, abs=0.02)
+    assert coverage["share_b"] == pytest.approx(0.3, abs=0.02)
+    assert coverage["weight_error"] < 0.02
+    assert sharpness(samples, a, b) < 0.2
+
+
+def test_sharpness_is_one_at_the_midpoint_and_zero_on_the_modes():
+    a, b = two_modes()
+    assert sharpness(((a + b) / 2).expand(3, -1, -1), a, b) == pytest.approx(1.0, abs=1e-5)
+    assert sharpness(torch.stack([a, b, a]), a, b) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_point_prediction_of_the_mean_shows_averaging():
+    a, b = two_modes()
+    mean = (0.7 * a + 0.3 * b)[None]  # the L2-optimal point for weights 0.7 / 0.3
+    assert sharpness(mean, a, b) == pytest.approx(0.6, abs=1e-5)
+    coverage = mode_coverage(mean, a, b, weights=(0.7, 0.3))
+    assert coverage["share_a"] == 1.0 and coverage["weight_error"] == pytest.approx(0.3)
+
+
+def test_identical_modes_are_rejected():
+    a, _ = two_modes()
+    with pytest.raises(ValueError, match="coincide"):
+        sharpness(a[None], a, a)
