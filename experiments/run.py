@@ -31,4 +31,6 @@ if __name__ == "__main__":
         check_overrides(CONF, [a for a in sys.argv[1:] if not a.startswith("-")])
     except ConfigKeyError as e:
         sys.exit(f"error: {e}")
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun only rank 0 writes into the run directory
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
     main()

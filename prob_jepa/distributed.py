@@ -1,6 +1,7 @@
 """Process-group set-up and model wrapping: DDP only when ``WORLD_SIZE > 1`` (torchrun)."""
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -62,12 +63,46 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside DDP / torch.compile wrappers (checkpoints never carry ``module.``)."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
+STRATEGIES = ("ddp", "fsdp")
+
+
+def wrap_model(model: nn.Module, info: DistInfo, strategy: str) -> nn.Module:
+    """The module to call for training: the model itself on one process; DDP or FSDP2 under torchrun.
+
+    FSDP shards every transformer block of both encoders and of the predictor,
+    then each encoder and the whole model; the EMA update then runs shard by
+    shard, so the target encoder stays consistent across ranks.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"trainer.strategy={strategy!r}; valid: {', '.join(STRATEGIES)}")
+    if not info.distributed:
+        return model
+    if strategy == "ddp":
+        ids = [info.device.index] if info.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    from torch.distributed.fsdp import fully_shard
+
+    for encoder in (model.context_encoder, model.target_encoder):
+        for stage in encoder.stages:
+            for block in stage.blocks:
+                fully_shard(block)
+        fully_shard(encoder)
+    for block in model.predictor.stage.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+@contextlib.contextmanager
+def gradient_sync(net: nn.Module, info: DistInfo, enabled: bool):
+    """All-reduce gradients only on the last micro-batch of a step (DDP ``no_sync`` / FSDP2 equivalent)."""
+    if not info.distributed or enabled:
+        if hasattr(net, "set_requires_gradient_sync"):
+            net.set_requires_gradient_sync(True)
+        yield
+    elif isinstance(net, nn.parallel.DistributedDataParallel):
+        with net.no_sync():
+            yield
+    else:
+        net.set_requires_gradient_sync(False)
+        yield

@@ -35,8 +35,9 @@ class JEPA(nn.Module):
     Args:
         encoder: the context encoder; the target encoder is its copy.
         predictor: the trunk producing ``cond`` for every target token.
-        heads: one head per level (level l models ``D_l``-dimensional targets).
-        level_weights: ``w_l``.
+        heads: one head per predicted level (level l models ``D_l``-dimensional targets).
+        level_weights: ``w_l`` of the predicted levels.
+        predict_levels: the levels the predictor sees and predicts (default: all).
         cross_scale: eq. 2-3 predictors, or ``None``; ``cross_scale_weight`` is λ1.
         alpha_targets: per-level computed-fraction targets (used when the encoder
             is adaptive); ``budget_weight`` is λ_b.
@@ -52,8 +53,12 @@ class JEPA(nn.Module):
         cross_scale_weight: float = 0.0,
         alpha_targets: Sequence[float] | None = None,
         budget_weight: float = 0.0,
+        predict_levels: Sequence[int] | None = None,
     ):
         super().__init__()
+        self.predict_levels = list(range(encoder.levels)) if predict_levels is None else list(predict_levels)
+        if not len(heads) == len(level_weights) == len(self.predict_levels):
+            raise ValueError(f"{len(heads)} heads, {len(level_weights)} weights, levels {self.predict_levels}")
         self.context_encoder = encoder
         self.target_encoder = copy.deepcopy(encoder).requires_grad_(False)
         self.predictor = predictor
@@ -74,15 +79,25 @@ class JEPA(nn.Module):
         return [F.layer_norm(lv.features, lv.features.shape[-1:]) for lv in self.target_encoder(images)]
 
     def target_coords(self, targets: torch.Tensor) -> list[torch.Tensor]:
-        """Target-unit indices ``[B, M, K]`` → per level coords ``[B, M, K·T_l, 3]``."""
+        """Target-unit indices ``[B, M, K]`` → per predicted level coords ``[B, M, K·T_l, 3]``."""
         B, M, _ = targets.shape
-        return [self.context_encoder.coords(l, targets.flatten(1)).reshape(B, M, -1, 3) for l in range(self.levels)]
+        enc = self.context_encoder
+        return [enc.coords(l, targets.flatten(1)).reshape(B, M, -1, 3) for l in self.predict_levels]
+
+    def gather_targets(self, target_all: list[torch.Tensor], targets: torch.Tensor) -> list[torch.Tensor]:
+        """Target features at the target units, per predicted level ``[B, M, N_l, D_l]`` (the order of ``cond``)."""
+        B, M, _ = targets.shape
+        batch = torch.arange(B, device=targets.device)[:, None]
+        return [
+            target_all[l][batch, targets.flatten(1)].reshape(B, M, -1, target_all[l].shape[-1])
+            for l in self.predict_levels
+        ]
 
     def predict(self, images: torch.Tensor, context: torch.Tensor, targets: torch.Tensor):
-        """Context levels and per-level ``cond [B, M, N_l, C]`` for the target units."""
+        """Context levels and, per predicted level, ``cond [B, M, N_l, C]`` for the target units."""
         ctx = self.context_encoder(images, context)
-        cond = self.predictor([(lv.features, lv.coords) for lv in ctx], self.target_coords(targets))
-        return ctx, cond
+        seen = [(ctx[l].features, ctx[l].coords) for l in self.predict_levels]
+        return ctx, self.predictor(seen, self.target_coords(targets))
 
     def forward(self, images: torch.Tensor, context: torch.Tensor, targets: torch.Tensor) -> StepOutput:
         """One JEPA step's loss.
@@ -92,16 +107,14 @@ class JEPA(nn.Module):
             context: ``[B, Kc]`` context unit indices.
             targets: ``[B, M, Kt]`` target unit indices.
         """
-        B, M, _ = targets.shape
         target_all = self.target_features(images)
-        batch = torch.arange(B, device=images.device)[:, None]
         ctx, cond = self.predict(images, context, targets)
+        ys = self.gather_targets(target_all, targets)
 
         terms: dict[str, torch.Tensor] = {}
         loss = images.new_zeros((), dtype=torch.float32)
-        for l, (head, weight) in enumerate(zip(self.heads, self.level_weights)):
-            y = target_all[l][batch, targets.flatten(1)].reshape(B, M, -1, target_all[l].shape[-1])
-            term = head(cond[l].flatten(0, 2), y.flatten(0, 2))
+        for l, c, y, head, weight in zip(self.predict_levels, cond, ys, self.heads, self.level_weights):
+            term = head(c.flatten(0, 2), y.flatten(0, 2))
             terms[f"jepa/level{l}"] = term.detach()
             loss = loss + weight * term
         terms["jepa"] = loss.detach()
@@ -145,12 +158,14 @@ def level_config(model_cfg: DictConfig) -> dict:
         raise ValueError(f"model.levels={L} must be between 1 and {len(dims)} (the length of model.dims)")
     drop = len(dims) - L
     depths = [sum(depths[: drop + 1])] + depths[drop + 1 :]
+    k = model_cfg.predictor.levels or L
     return {
         "dims": dims[drop:],
         "depths": depths,
         "num_heads": heads[drop:],
         "level_weights": list(model_cfg.level_weights)[:L],
         "alpha_targets": list(model_cfg.alpha_targets)[:L],
+        "predict_levels": list(range(max(0, L - k), L)),
     }
 
 
@@ -168,6 +183,7 @@ def build_encoder(cfg: DictConfig) -> HierarchicalEncoder:
         spatial_bias=m.spatial_bias,
         bias_hidden=m.bias_hidden,
         adaptive=m.adaptive,
+        global_from=m.global_from,
         zoom_factors=list(m.zoom_factors) if m.zoom else [],
         zoom_tokens=m.zoom_tokens,
     )
@@ -178,8 +194,9 @@ def build_model(cfg: DictConfig) -> JEPA:
     m, lv = cfg.model, level_config(cfg.model)
     encoder = build_encoder(cfg)
     p = m.predictor
+    predicted = lv["predict_levels"]
     trunk = PredictorTrunk(
-        context_dims=lv["dims"],
+        context_dims=[lv["dims"][l] for l in predicted],
         dim=p.dim,
         depth=p.depth,
         num_heads=p.num_heads,
@@ -192,15 +209,16 @@ def build_model(cfg: DictConfig) -> JEPA:
     )
     head_cfg = OmegaConf.to_container(cfg.predictor, resolve=True)
     name = head_cfg.pop("name")
-    heads = [build_head(name, dim=d, cond_dim=p.dim, **head_cfg) for d in lv["dims"]]
+    heads = [build_head(name, dim=lv["dims"][l], cond_dim=p.dim, **head_cfg) for l in predicted]
     cross = CrossScalePredictors(lv["dims"]) if m.cross_scale and len(lv["dims"]) > 1 else None
     return JEPA(
         encoder,
         trunk,
         heads,
-        lv["level_weights"],
+        [lv["level_weights"][l] for l in predicted],
         cross_scale=cross,
         cross_scale_weight=m.cross_scale_weight,
         alpha_targets=lv["alpha_targets"] if m.adaptive else None,
         budget_weight=m.budget_weight,
+        predict_levels=predicted,
     )

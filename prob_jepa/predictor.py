@@ -52,7 +52,7 @@ class PredictorTrunk(nn.Module):
         self.level_embed = nn.Parameter(torch.zeros(len(context_dims), dim))
         self.mask_token = nn.Parameter(torch.zeros(dim))
         bias = SpatialBias(num_heads, bias_hidden, grid) if spatial_bias else None
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        rates = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]
         self.stage = Stage(dim, depth, num_heads, mlp_ratio, rates, bias, dropout)
         self.norm = nn.LayerNorm(dim)
         self.apply(init_weights)

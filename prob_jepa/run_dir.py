@@ -65,6 +65,17 @@ class RunDir:
     def read_eval(self) -> dict[str, Any]:
         return json.loads(self.eval.read_text())
 
+    @property
+    def plot_data(self) -> Path:
+        return self.plots / "plot_data.json"
+
+    def write_plot_data(self, data: dict[str, Any]) -> None:
+        """The arrays behind the figures, so ``experiments/compare.py`` can redraw them across runs."""
+        self.plot_data.write_text(json.dumps(_finite(data)))
+
+    def read_plot_data(self) -> dict[str, Any]:
+        return json.loads(self.plot_data.read_text())
+
 
 def _finite(x: Any) -> Any:
     """JSON has no NaN / inf: write them as null."""

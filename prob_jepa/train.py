@@ -1,7 +1,6 @@
 """Pre-training: ``pretrain(cfg, train_set=None, val_set=None, run_dir=None)``."""
 from __future__ import annotations
 
-import contextlib
 import resource
 import signal
 import threading
@@ -14,17 +13,27 @@ from typing import Any, Iterator
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import GlobalBatchSampler, SeededDataset, build_datasets, seed_for
-from .distributed import DistInfo, any_rank, barrier, init_distributed, unwrap
+from .distributed import DistInfo, any_rank, barrier, gradient_sync, init_distributed, wrap_model
 from .eval.diagnostics import effective_rank, feature_std
 from .masks import MaskCollator
 from .model import JEPA, build_model
 from .run_dir import RunDir
 from .schedules import Schedules
+
+
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -71,6 +80,18 @@ def param_groups(model: nn.Module) -> list[dict]:
     return [{"params": decay}, {"params": exempt, "weight_decay": 0.0, "exempt": True}]
 
 
+def accumulation(global_batch: int, micro_batch: int | None, world_size: int) -> tuple[int, int]:
+    """(per-rank micro-batch, accumulation steps) with ``global = world × micro × accum``."""
+    micro = micro_batch or global_batch // world_size
+    accum = global_batch // (world_size * micro) if micro else 0
+    if accum < 1 or world_size * micro * accum != global_batch:
+        raise ValueError(
+            f"trainer.batch_size={global_batch} must be world size {world_size} × trainer.micro_batch_size "
+            f"{micro_batch} × a whole number of accumulation steps"
+        )
+    return micro, accum
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -89,13 +110,7 @@ class Trainer:
             self.model.context_encoder.set_grad_checkpointing()
         self.collator = MaskCollator(grid=self.model.context_encoder.unit_grid, seed=cfg.seed, **cfg.mask)
 
-        self.micro = tc.micro_batch_size or tc.batch_size // info.world_size
-        self.accum = tc.batch_size // (info.world_size * self.micro)
-        if self.micro * self.accum * info.world_size != tc.batch_size:
-            raise ValueError(
-                f"trainer.batch_size={tc.batch_size} must equal world size {info.world_size} × "
-                f"trainer.micro_batch_size={self.micro} × accumulation steps"
-            )
+        self.micro, self.accum = accumulation(tc.batch_size, tc.micro_batch_size, info.world_size)
         self.sampler = GlobalBatchSampler(len(train_set), tc.batch_size, info.rank, info.world_size, self.accum, cfg.seed)
         self.loader = DataLoader(
             SeededDataset(train_set),
@@ -107,32 +122,40 @@ class Trainer:
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.total_steps = tc.epochs * self.steps_per_epoch
         self.schedules = Schedules.from_config(cfg.optim, self.total_steps, self.steps_per_epoch)
-        self.optimizer = torch.optim.AdamW(param_groups(self.model), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
         self.step = 0
         self.last_targets: torch.Tensor | None = None
 
-        self.net: nn.Module = self.model
-        if info.distributed:
-            ids = [info.device.index] if info.device.type == "cuda" else None
-            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        if tc.compile:
-            self.net = torch.compile(self.net, dynamic=True)
+        self.wrapped = wrap_model(self.model, info, tc.strategy)  # DDP / FSDP (or the model itself)
+        # after wrapping: FSDP replaces the parameters with sharded ones
+        self.optimizer = torch.optim.AdamW(param_groups(self.model), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+        self.net = torch.compile(self.wrapped, dynamic=True) if tc.compile else self.wrapped
         bf16 = tc.precision == "bf16" or (tc.precision == "auto" and info.device.type == "cuda")
         self.autocast = lambda: torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=bf16)
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
+        """Full (unsharded, CPU) state; collective under FSDP, so every rank calls it."""
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": get_model_state_dict(self.model, options=FULL_STATE),
+            "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=FULL_STATE),
             "step": self.step,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         }
 
     def save(self) -> None:
+        state = self.state_dict()
         if self.info.is_main:
-            save_checkpoint(self.run.checkpoint, self.state_dict())
+            save_checkpoint(self.run.checkpoint, state)
         barrier(self.info)
+
+    def full_model(self) -> JEPA:
+        """The trained model, whole, for evaluation on one process (gathered from FSDP shards when sharded)."""
+        if self.cfg.trainer.strategy != "fsdp" or not self.info.distributed:
+            return self.model
+        state = get_model_state_dict(self.model, options=FULL_STATE)
+        model = build_model(self.cfg)
+        model.load_state_dict(state)
+        return model.to(self.info.device)
 
     def resume(self) -> None:
         """Continue from ``checkpoints/last.pt`` when it exists (``trainer.resume=true``)."""
@@ -143,15 +166,16 @@ class Trainer:
                 f"{self.run.checkpoint} exists and trainer.resume=false: nothing is overwritten. "
                 f"Pass trainer.resume=true to continue it, or choose another run directory."
             )
-        state = load_checkpoint(self.run.checkpoint, self.info.device)
+        state = load_checkpoint(self.run.checkpoint)
+        load = StateDictOptions(full_state_dict=True)
         try:
-            self.model.load_state_dict(state["model"])
+            set_model_state_dict(self.model, state["model"], options=load)
         except RuntimeError as e:
             raise RuntimeError(
                 f"{self.run.checkpoint} was written by a different model configuration; resume it with the "
                 f"config saved in {self.run.config}, or choose another run directory.\n{e}"
             ) from e
-        self.optimizer.load_state_dict(state["optimizer"])
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=load)
         self.step = int(state["step"])
         if self.info.is_main:
             self.run.truncate_metrics(self.step)
@@ -183,14 +207,12 @@ class Trainer:
             masks = self.collator(self.micro * self.info.world_size, self.step * self.accum + m)[rows]
             masks = masks.to(self.info.device)
             images = images.to(self.info.device, non_blocking=True)
-            last = m == self.accum - 1
-            sync = self.net.no_sync() if self.info.distributed and not last else contextlib.nullcontext()
-            with sync:
+            with gradient_sync(self.wrapped, self.info, enabled=m == self.accum - 1):
                 with self.autocast():
                     out = self.net(images, masks.context, masks.targets)
                 if any_rank(not torch.isfinite(out.loss).item(), self.info):
                     raise NonFiniteLossError(
-                        f"loss became non-finite at step {self.step} (terms: "
+                        f"loss became non-finite at step {self.step + 1} (terms: "
                         f"{ {k: float(v) for k, v in out.terms.items()} }); the last good checkpoint "
                         f"{self.run.checkpoint} is kept. Lower optim.lr or raise trainer.clip_grad."
                     )
@@ -198,7 +220,8 @@ class Trainer:
             for k, v in out.terms.items():
                 terms[k] = terms[k] + v / self.accum
         # Step 2. clip and optimizer step
-        terms["grad_norm"] = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.clip_grad)
+        norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.clip_grad)
+        terms["grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
         self.optimizer.step()
         # Step 3. momentum update of the target encoder
         self.model.update_target(momentum)
@@ -270,8 +293,9 @@ def pretrain(
 
     info = init_distributed(cfg.trainer.device)
     run = RunDir(run_dir if run_dir is not None else Path("runs") / time.strftime("%Y-%m-%d_%H-%M-%S"))
+    probe_set = train_set
     if train_set is None:
-        train_set, default_val = build_datasets(cfg.data)
+        train_set, default_val, probe_set = build_datasets(cfg.data, ("train", "val", "train_eval"))
         val_set = default_val if val_set is None else val_set
     if info.is_main:
         run.create()
@@ -283,7 +307,9 @@ def pretrain(
     status = trainer.fit()
 
     metrics: dict[str, Any] = {}
-    if status != "interrupted" and cfg.eval.enabled and info.is_main:
-        metrics = evaluate(trainer.model, cfg, train_set, val_set, run, info.device)
+    if status != "interrupted" and cfg.eval.enabled:
+        model = trainer.full_model()
+        if info.is_main:
+            metrics = evaluate(model, cfg, probe_set, val_set, run, info.device)
     barrier(info)
     return TrainResult(run.path, metrics, trainer.step, status)

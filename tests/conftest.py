@@ -4,11 +4,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
-from omegaconf import OmegaConf
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Sleep rather than spin while waiting for OpenMP work: spinning threads slow small ops ~100x when the
+# cores are shared (CI neighbours, torchrun children). Must be set before torch starts its thread pool.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,25 +38,30 @@ def compose():
     return lambda *overrides: compose_config(CONF, overrides)
 
 
+TINY = [
+    "data.image_size=32",
+    "data.train_size=128",
+    "data.val_size=64",
+    "data.marker.size=8",
+    "model.patch_size=4",
+    "model.dims=[32]",
+    "model.depths=[2]",
+    "model.num_heads=[2]",
+    "model.predictor.dim=24",
+    "model.predictor.depth=1",
+    "model.predictor.num_heads=2",
+    "mask.min_keep=2",
+    "trainer.batch_size=16",
+    "trainer.epochs=2",
+    "trainer.log_every=1",
+    "trainer.progress=false",
+    "eval.batch_size=64",
+]
+SMALL_EVAL = ["eval.head_images=32", "eval.head_rows=256", "eval.sample_rows=64", "eval.num_samples=16",
+              "eval.retrieval_queries=64", "eval.ambiguity_pairs=16", "trainer.max_steps=4"]
+
+
 @pytest.fixture
 def tiny_overrides() -> list[str]:
     """A CPU-second-sized run: a 2-block ViT on 32 px shapes."""
-    return [
-        "data.image_size=32",
-        "data.train_size=128",
-        "data.val_size=64",
-        "data.marker.size=8",
-        "model.patch_size=4",
-        "model.dims=[32]",
-        "model.depths=[2]",
-        "model.num_heads=[2]",
-        "model.predictor.dim=24",
-        "model.predictor.depth=1",
-        "model.predictor.num_heads=2",
-        "mask.min_keep=2",
-        "trainer.batch_size=16",
-        "trainer.epochs=2",
-        "trainer.log_every=1",
-        "trainer.progress=false",
-        "eval.batch_size=64",
-    ]
+    return list(TINY)

@@ -86,7 +86,7 @@ def render(
     yy, xx = torch.meshgrid(coord, coord, indexing="ij")
 
     labels = torch.randint(len(CLASSES), (n,), generator=g)
-    radius = 0.17 + 0.13 * torch.rand(n, generator=g)
+    radius = 0.24 + 0.14 * torch.rand(n, generator=g)
     cx = radius + (1 - 2 * radius) * torch.rand(n, generator=g)
     cy = radius + (1 - 2 * radius) * torch.rand(n, generator=g)
     theta = (torch.rand(n, generator=g) - 0.5) * math.radians(40)
@@ -175,7 +175,12 @@ def ambiguity_pairs(n: int, image_size: int, seed: int, marker: Marker) -> Ambig
 
 
 def build_shapes(cfg, splits: Sequence[str] = ("train", "val")) -> tuple[ShapesDataset, ...]:
-    """Datasets of ``data=shapes``: disjoint seeds per split."""
+    """Datasets of ``data=shapes``: disjoint seeds per split; ``train_eval`` is ``train`` (there is no augmentation)."""
     marker = Marker.from_config(cfg.marker)
-    sizes = {"train": cfg.train_size, "val": cfg.val_size}
-    return tuple(ShapesDataset(sizes[s], cfg.image_size, cfg.seed * 2 + (s == "val"), marker) for s in splits)
+    made: dict[str, ShapesDataset] = {}
+    for s in splits:
+        key = "train" if s == "train_eval" else s
+        if key not in made:
+            size = {"train": cfg.train_size, "val": cfg.val_size}[key]
+            made[key] = ShapesDataset(size, cfg.image_size, cfg.seed * 2 + (key == "val"), marker)
+    return tuple(made["train" if s == "train_eval" else s] for s in splits)

@@ -1,0 +1,54 @@
+"""The command line: clear errors for bad input, a sweep, and the comparison of its runs."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from conftest import ROOT, SMALL_EVAL
+
+
+def run(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_unknown_predictor_lists_valid_names():
+    proc = run("experiments/run.py", "predictor=gaussian_process")
+    assert proc.returncode != 0
+    for name in ("deterministic", "mdn", "autoregressive", "flow", "diffusion"):
+        assert name in proc.stderr + proc.stdout
+
+
+def test_unknown_config_key_lists_valid_keys():
+    proc = run("experiments/run.py", "trainer.batchsize=8")
+    assert proc.returncode != 0
+    assert "trainer.batchsize" in proc.stderr and "batch_size" in proc.stderr and "max_steps" in proc.stderr
+
+
+def test_missing_dataset_says_where_and_how(tmp_path):
+    proc = run("experiments/run.py", "data=tiny_imagenet_100", f"data.root={tmp_path / 'nowhere'}",
+               f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode != 0
+    assert str(tmp_path / "nowhere") in proc.stderr and "tiny-imagenet-200.zip" in proc.stderr
+
+
+@pytest.mark.slow
+def test_five_head_sweep_then_compare(tiny_overrides, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run("experiments/run.py", "-m", "experiment=sweep_heads", *tiny_overrides, *SMALL_EVAL,
+               f"hydra.sweep.dir={sweep}", timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "comparison"
+    proc = run("experiments/compare.py", str(sweep), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = (out / "comparison.md").read_text().splitlines()
+    assert len(table) == 2 + 5 and table[0].startswith("| run | head |")
+    assert {line.split("|")[2].strip() for line in table[2:]} == {
+        "deterministic", "mdn", "autoregressive", "flow", "diffusion"}
+    assert "| run | head |" in proc.stdout
+    for png in ("probe.png", "reliability.png", "pit.png", "energy.png", "ambiguity_pca.png", "tradeoffs.png",
+                "training_curves.png"):
+        assert Image.open(out / png).size[0] > 200, png
+    assert (out / "comparison.csv").read_text().count("\n") == 6

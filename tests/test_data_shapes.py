@@ -1,0 +1,60 @@
+"""The embedded shapes world and its ambiguity pairs."""
+from __future__ import annotations
+
+import torch
+
+from prob_jepa.data import GlobalBatchSampler, SeededDataset, build_datasets
+from prob_jepa.data.shapes import CLASSES, Marker, ShapesDataset, ambiguity_pairs, render
+
+MARKER = Marker(size=8, x=0, y=0, colors=((1.0, 0.1, 0.1), (0.1, 0.3, 1.0)), weights=(0.7, 0.3))
+
+
+def test_rendering_is_seeded_and_labelled():
+    a, la, _ = render(64, 32, seed=3, marker=MARKER)
+    b, lb, _ = render(64, 32, seed=3, marker=MARKER)
+    c, _, _ = render(64, 32, seed=4, marker=MARKER)
+    assert a.dtype == torch.uint8 and a.shape == (64, 3, 32, 32)
+    assert torch.equal(a, b) and torch.equal(la, lb) and not torch.equal(a, c)
+    assert la.min() >= 0 and la.max() < len(CLASSES)
+
+
+def test_classes_are_balanced_and_marker_colours_follow_their_weights():
+    ds = ShapesDataset(4000, 32, seed=0, marker=MARKER)
+    counts = torch.bincount(ds.labels, minlength=len(CLASSES)).float()
+    assert (counts / counts.mean() - 1).abs().max() < 0.2
+    assert abs(ds.marker_choice.float().mean().item() - 0.3) < 0.03
+    image, label = ds[0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and isinstance(label, int)
+
+
+def test_ambiguity_pairs_differ_only_inside_the_marker():
+    pairs = ambiguity_pairs(16, 32, seed=5, marker=MARKER)
+    a, b = pairs.images
+    differs = (a != b).any(dim=1).any(dim=0)  # [H, W]: pixels that differ in any pair
+    assert differs[:8, :8].all() and not differs[8:].any() and not differs[:, 8:].any()
+    assert pairs.weights == (0.7, 0.3)
+    assert pairs.marker_units(8) == [0] and pairs.marker_units(4) == [0, 1, 8, 9]
+
+
+def test_splits_are_disjoint_and_train_eval_is_train(compose, tiny_overrides):
+    cfg = compose(*tiny_overrides).data
+    train, val, probe = build_datasets(cfg, ("train", "val", "train_eval"))
+    assert probe is train
+    assert not torch.equal(train.images[: len(val)], val.images)
+
+
+def test_batches_slice_one_global_order_across_ranks():
+    one = list(GlobalBatchSampler(64, 16, seed=1))
+    two = [list(GlobalBatchSampler(64, 16, rank=r, world_size=2, seed=1)) for r in (0, 1)]
+    for step, batch in enumerate(one):
+        assert batch == two[0][step] + two[1][step]
+    resumed = GlobalBatchSampler(64, 16, seed=1)
+    resumed.start_at(2)
+    assert list(resumed) == one[2:]
+
+
+def test_seeded_dataset_does_not_touch_the_training_rng():
+    state = torch.get_rng_state()
+    ds = SeededDataset(ShapesDataset(8, 32, seed=0, marker=MARKER))
+    ds[(3, 123)]
+    assert torch.equal(state, torch.get_rng_state())

@@ -1,0 +1,100 @@
+"""The JEPA model: target encoder, predictor trunk structure, cross-scale loss, EMA."""
+from __future__ import annotations
+
+import torch
+
+from jin.cross_scale import CrossScalePredictors, children
+from prob_jepa.masks import MaskCollator
+from prob_jepa.model import build_model, level_config
+from prob_jepa.predictor import PredictorTrunk
+
+
+def test_target_encoder_equals_context_encoder_right_after_construction(compose, tiny_overrides):
+    model = build_model(compose(*tiny_overrides))
+    ctx, tgt = model.context_encoder.state_dict(), model.target_encoder.state_dict()
+    assert ctx.keys() == tgt.keys()
+    assert all(torch.equal(ctx[k], tgt[k]) for k in ctx)
+    assert not any(p.requires_grad for p in model.target_encoder.parameters())
+
+
+def test_ema_update_moves_target_by_one_minus_momentum(compose, tiny_overrides):
+    model = build_model(compose(*tiny_overrides))
+    with torch.no_grad():
+        for p in model.context_encoder.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in model.target_encoder.parameters()]
+    model.update_target(0.9)
+    for b, t, c in zip(before, model.target_encoder.parameters(), model.context_encoder.parameters()):
+        torch.testing.assert_close(t, 0.9 * b + 0.1 * c)
+
+
+def test_loss_is_finite_and_reaches_every_trainable_parameter(compose, tiny_overrides):
+    cfg = compose(*tiny_overrides)
+    model = build_model(cfg)
+    masks = MaskCollator(model.context_encoder.unit_grid, seed=0, **cfg.mask)(4, 0)
+    out = model(torch.randn(4, 3, 32, 32), masks.context, masks.targets)
+    assert torch.isfinite(out.loss) and set(out.terms) >= {"loss", "jepa", "jepa/level0"}
+    out.loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
+
+
+def trunk(spatial_bias: bool = False) -> PredictorTrunk:
+    torch.manual_seed(0)
+    return PredictorTrunk([8, 12], dim=16, depth=2, num_heads=2, mlp_ratio=2.0, grid=8, spatial_bias=spatial_bias).eval()
+
+
+def inputs(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ctx = [(torch.randn(2, 5, 4, 8, generator=g), torch.rand(2, 5, 4, 3, generator=g)),
+           (torch.randn(2, 5, 1, 12, generator=g), torch.rand(2, 5, 1, 3, generator=g))]
+    targets = [torch.rand(2, 3, 8, 3, generator=g), torch.rand(2, 3, 2, 3, generator=g)]
+    return ctx, targets
+
+
+def test_trunk_output_shapes():
+    ctx, targets = inputs()
+    out = trunk()(ctx, targets)
+    assert [o.shape for o in out] == [(2, 3, 8, 16), (2, 3, 2, 16)]
+
+
+def test_target_blocks_are_predicted_independently_of_each_other():
+    """One pass over all blocks equals I-JEPA's one pass per block."""
+    for bias in (False, True):
+        net = trunk(bias)
+        ctx, targets = inputs()
+        joint = net(ctx, targets)
+        moved = [t.clone() for t in targets]
+        for t in moved:
+            t[:, 1:] = torch.rand_like(t[:, 1:])  # move every block but block 0
+        again = net(ctx, moved)
+        for a, b in zip(joint, again):
+            torch.testing.assert_close(a[:, 0], b[:, 0])
+            assert not torch.allclose(a[:, 1:], b[:, 1:])
+        alone = net(ctx, [t[:, :1] for t in targets])
+        for a, b in zip(joint, alone):
+            torch.testing.assert_close(a[:, :1], b, rtol=1e-5, atol=1e-5)
+
+
+def test_cross_scale_loss_has_gradients_only_where_stop_gradient_allows():
+    torch.manual_seed(0)
+    cs = CrossScalePredictors([8, 12])
+    fine = torch.randn(2, 3, 16, 8, requires_grad=True)
+    coarse = torch.randn(2, 3, 4, 12, requires_grad=True)
+    g_fine, g_coarse = torch.autograd.grad(cs([fine, coarse]), [fine, coarse])
+    # each level receives gradient only as the *input* of its predictor (eq. 2 for fine, eq. 3 for coarse),
+    # never as the sg[·] target of the other one
+    fine2, coarse2 = fine.detach().requires_grad_(), coarse.detach().requires_grad_()
+    up_only = torch.nn.functional.smooth_l1_loss(cs.up[0](children(fine2)), coarse2.detach())
+    down_only = torch.nn.functional.smooth_l1_loss(cs.down[0](coarse2), children(fine2).detach())
+    e_fine = torch.autograd.grad(up_only / 2, fine2)[0]
+    e_coarse = torch.autograd.grad(down_only / 2, coarse2)[0]
+    assert e_fine.abs().sum() > 0 and e_coarse.abs().sum() > 0
+    torch.testing.assert_close(g_fine, e_fine)
+    torch.testing.assert_close(g_coarse, e_coarse)
+
+
+def test_levels_ablation_keeps_total_depth_and_top_width(compose):
+    cfg = compose("model.dims=[16,32,64]", "model.depths=[1,2,3]", "model.num_heads=[1,2,4]", "model.levels=1")
+    lv = level_config(cfg.model)
+    assert lv["dims"] == [64] and lv["depths"] == [6] and lv["num_heads"] == [4] and lv["level_weights"] == [1.0]
