@@ -10,12 +10,29 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+from hydra.core.override_parser.overrides_parser import OverridesParser  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from prob_jepa.config import ConfigKeyError, check_overrides  # noqa: E402
 from prob_jepa.train import pretrain  # noqa: E402
 
 CONF = Path(__file__).resolve().parent / "conf"
+
+
+def sweep_job_name(num: int) -> str:
+    """``<job number>_<swept key=value,...>``: a multirun job's folder names only what the sweep varies.
+
+    Hydra's ``override_dirname`` lists every override and can exceed the file-name limit; the swept
+    keys are those of ``hydra.sweeper.params`` (experiment presets) and the command line's sweeps.
+    """
+    hc = HydraConfig.get()
+    parsed = OverridesParser.create().parse_overrides([a for a in sys.argv[1:] if not a.startswith("-")])
+    swept = {o.key_or_group for o in parsed if o.is_sweep_override()} | set(hc.sweeper.get("params") or {})
+    items = sorted(o for o in hc.overrides.task if o.split("=", 1)[0].lstrip("+~") in swept)
+    return f"{num}_{','.join(items).replace('/', '_')}" if items else str(num)
+
+
+OmegaConf.register_new_resolver("sweep_job_name", sweep_job_name)
 
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")

@@ -39,6 +39,7 @@ def compose():
 
 
 TINY = [
+    "model=vit_tiny",
     "data.image_size=32",
     "data.train_size=128",
     "data.val_size=64",

@@ -40,6 +40,9 @@ def test_five_head_sweep_then_compare(tiny_overrides, tmp_path):
     proc = run("experiments/run.py", "-m", "experiment=sweep_heads", *tiny_overrides, *SMALL_EVAL,
                f"hydra.sweep.dir={sweep}", timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == [  # folders name only what the sweep varies
+        "0_predictor=deterministic", "1_predictor=mdn", "2_predictor=autoregressive", "3_predictor=flow",
+        "4_predictor=diffusion"]
     out = tmp_path / "comparison"
     proc = run("experiments/compare.py", str(sweep), "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from prob_jepa.data import GlobalBatchSampler, SeededDataset, build_datasets
-from prob_jepa.data.shapes import CLASSES, Marker, ShapesDataset, ambiguity_pairs, render
+from prob_jepa.data.shapes import AREA_SCALE, CLASSES, EQUAL_AREA, EXTENT, Marker, ShapesDataset, _shape_masks
+from prob_jepa.data.shapes import ambiguity_pairs, render
 
 MARKER = Marker(size=8, x=0, y=0, colors=((1.0, 0.1, 0.1), (0.1, 0.3, 1.0)), weights=(0.7, 0.3))
 
@@ -16,6 +17,17 @@ def test_rendering_is_seeded_and_labelled():
     assert a.dtype == torch.uint8 and a.shape == (64, 3, 32, 32)
     assert torch.equal(a, b) and torch.equal(la, lb) and not torch.equal(a, c)
     assert la.min() >= 0 and la.max() < len(CLASSES)
+
+
+def test_every_class_covers_the_same_area_and_fits_its_margin():
+    c = torch.linspace(-2, 2, 801)
+    v, u = torch.meshgrid(c, c, indexing="ij")
+    inside = _shape_masks(u[None] / AREA_SCALE[:, None, None], v[None] / AREA_SCALE[:, None, None])
+    inside = inside[torch.arange(len(CLASSES)), torch.arange(len(CLASSES))]  # class k at its own scale
+    areas = inside.float().mean((1, 2)) * 16
+    assert torch.allclose(areas, torch.full_like(areas, EQUAL_AREA), rtol=0.02), areas
+    reach = torch.maximum(u.abs(), v.abs())  # unrotated; the ±20° tilt may clip a corner by a pixel
+    assert max(reach[m].max().item() for m in inside) <= EXTENT + 0.01
 
 
 def test_classes_are_balanced_and_marker_colours_follow_their_weights():

@@ -1,7 +1,7 @@
 """The embedded ``shapes`` world: procedural, seeded, labelled, no download.
 
-Each image shows one large labelled shape (8 classes, random colour, size,
-position and a small rotation) over a noisy gradient background with two small
+Each image shows one large labelled shape (8 classes of equal area, random
+colour, size, position and a small rotation) over a noisy gradient background with two small
 distractor blobs, and a square *marker* at a fixed place whose colour is drawn
 from two colours with known weights, independently of everything else. The
 marker's colour cannot be predicted from the rest of the image, so when the
@@ -59,6 +59,20 @@ def _shape_masks(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     )
 
 
+def _unit_areas(resolution: int = 601) -> torch.Tensor:
+    """Area of every class at unit radius ``[len(CLASSES)]`` (grid estimate on [-1.5, 1.5]²)."""
+    c = torch.linspace(-1.5, 1.5, resolution)
+    v, u = torch.meshgrid(c, c, indexing="ij")
+    return _shape_masks(u[None], v[None])[:, 0].float().mean((1, 2)) * 9.0
+
+
+# Every class is drawn with the same area for a given radius, so the amount of foreground colour (what a
+# linear read-out of pooled pixel statistics sees first) says nothing about the class; only the geometry does.
+EQUAL_AREA = 2.0
+AREA_SCALE = torch.sqrt(EQUAL_AREA / _unit_areas())
+EXTENT = 1.3  # the largest |u|, |v| of any class after area scaling (diamond: 1.29)
+
+
 def _random_colors(g: torch.Generator, n: int) -> torch.Tensor:
     """Saturated random colours ``[n, 3]`` in [0, 1]."""
     hue = torch.rand(n, generator=g)[:, None]
@@ -86,9 +100,10 @@ def render(
     yy, xx = torch.meshgrid(coord, coord, indexing="ij")
 
     labels = torch.randint(len(CLASSES), (n,), generator=g)
-    radius = 0.24 + 0.14 * torch.rand(n, generator=g)
-    cx = radius + (1 - 2 * radius) * torch.rand(n, generator=g)
-    cy = radius + (1 - 2 * radius) * torch.rand(n, generator=g)
+    radius = 0.2 + 0.12 * torch.rand(n, generator=g)
+    margin = EXTENT * radius
+    cx = margin + (1 - 2 * margin) * torch.rand(n, generator=g)
+    cy = margin + (1 - 2 * margin) * torch.rand(n, generator=g)
     theta = (torch.rand(n, generator=g) - 0.5) * math.radians(40)
     fg = _random_colors(g, n)
     bg = 0.15 + 0.35 * torch.rand(n, 3, generator=g)
@@ -109,8 +124,9 @@ def render(
 
     dx, dy = xx - cx[:, None, None], yy - cy[:, None, None]
     cos, sin = torch.cos(theta)[:, None, None], torch.sin(theta)[:, None, None]
-    u = (dx * cos + dy * sin) / radius[:, None, None]
-    v = (-dx * sin + dy * cos) / radius[:, None, None]
+    scale = (radius * AREA_SCALE[labels])[:, None, None]
+    u = (dx * cos + dy * sin) / scale
+    v = (-dx * sin + dy * cos) / scale
     inside = _shape_masks(u, v)[labels, torch.arange(n)][:, None]
     img = torch.where(inside, fg[:, :, None, None], img)
 
