@@ -1,7 +1,10 @@
 """Flow head: a conditional normalizing flow (nflows) with a standard normal base."""
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from nflows.distributions import StandardNormal
 from nflows.flows import Flow
 from nflows.nn.nets import ResidualNet
@@ -32,6 +35,97 @@ class _AffineCoupling(AffineCouplingTransform):
         n = self.num_transform_features
         raw = transform_params[:, n:]
         return torch.exp(MAX_LOG_SCALE * torch.tanh(raw / MAX_LOG_SCALE)), transform_params[:, :n]
+
+
+def rational_quadratic_spline(
+    inputs: torch.Tensor,
+    params: torch.Tensor,
+    num_bins: int,
+    tail_bound: float,
+    inverse: bool = False,
+    softmax_scale: float = 1.0,
+    min_bin_width: float = 1e-3,
+    min_bin_height: float = 1e-3,
+    min_derivative: float = 1e-3,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Monotonic rational-quadratic spline on ``[-B, B]``, identity outside (linear tails).
+
+    Durkan et al. 2019, eq. 4 (the map within bin ``k``) and eq. 5 (its derivative);
+    the inverse solves the quadratic of their appendix A. Same parametrization and
+    results as nflows' ``unconstrained_rational_quadratic_spline(tails="linear")``,
+    but laid out bins-first (``[3K − 1, N, F]``): the softmax, cumsum and gathers then
+    run along a leading axis over long contiguous rows instead of along a last axis of
+    length ``K``, about three times faster on CPU, and no boolean-mask indexing.
+
+    Args:
+        inputs: ``[N, F]``.
+        params: ``[N, F, 3K − 1]`` unnormalized widths (``K``), heights (``K``) and
+            interior-knot derivatives (``K − 1``); the two end knots have slope 1.
+        softmax_scale: multiplies the width and height logits (nflows: 1/√hidden).
+    Returns:
+        outputs ``[N, F]`` and ``log |d out / d in|`` ``[N, F]``.
+    """
+    k, b = num_bins, tail_bound
+    p = params.movedim(-1, 0).contiguous()  # [3K - 1, N, F]
+    widths = min_bin_width + (1 - min_bin_width * k) * torch.softmax(p[:k] * softmax_scale, dim=0)
+    heights = min_bin_height + (1 - min_bin_height * k) * torch.softmax(p[k : 2 * k] * softmax_scale, dim=0)
+    edge = torch.ones_like(inputs)[None]
+    slopes = torch.cat([edge, min_derivative + F.softplus(p[2 * k :]), edge])  # [K + 1, N, F]
+
+    def knots(sizes: torch.Tensor) -> torch.Tensor:  # [K, N, F] fractions → [K + 1, N, F] positions
+        inner = 2 * b * torch.cumsum(sizes, dim=0)[:-1] - b
+        return torch.cat([-b * edge, inner, b * edge])
+
+    xs, ys = knots(widths), knots(heights)
+    widths, heights = xs[1:] - xs[:-1], ys[1:] - ys[:-1]
+    inside = (inputs >= -b) & (inputs <= b)
+    x = inputs.clamp(-b, b)
+    grid = ys if inverse else xs
+    bin_ = (x[None] >= grid[1:-1]).sum(0, keepdim=True)  # [1, N, F], 0 … K − 1
+
+    def at(t: torch.Tensor) -> torch.Tensor:
+        return t.gather(0, bin_)[0]
+
+    x_k, y_k, w_k, h_k, d_k, d_k1 = at(xs), at(ys), at(widths), at(heights), at(slopes), at(slopes[1:])
+    s_k = h_k / w_k
+    curvature = d_k1 + d_k - 2 * s_k
+    if inverse:
+        dy = x - y_k
+        a = dy * curvature + h_k * (s_k - d_k)
+        b_ = h_k * d_k - dy * curvature
+        c = -s_k * dy
+        xi = 2 * c / (-b_ - torch.sqrt((b_.square() - 4 * a * c).clamp_min(0)))
+        out = xi * w_k + x_k
+    else:
+        xi = (x - x_k) / w_k
+    xi_1 = xi * (1 - xi)
+    denominator = s_k + curvature * xi_1
+    if not inverse:
+        out = y_k + h_k * (s_k * xi.square() + d_k * xi_1) / denominator
+    numerator = s_k.square() * (d_k1 * xi.square() + 2 * s_k * xi_1 + d_k * (1 - xi).square())
+    logabsdet = torch.log(numerator) - 2 * torch.log(denominator)
+    if inverse:
+        logabsdet = -logabsdet
+    return torch.where(inside, out, inputs), torch.where(inside, logabsdet, 0.0)
+
+
+class _SplineCoupling(PiecewiseRationalQuadraticCouplingTransform):
+    """nflows' rational-quadratic coupling (linear tails) evaluated by :func:`rational_quadratic_spline`."""
+
+    def _piecewise_cdf(
+        self, inputs: torch.Tensor, transform_params: torch.Tensor, inverse: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return rational_quadratic_spline(
+            inputs,
+            transform_params,
+            self.num_bins,
+            self.tail_bound,
+            inverse=inverse,
+            softmax_scale=1.0 / math.sqrt(self.transform_net.hidden_features),  # as nflows
+            min_bin_width=self.min_bin_width,
+            min_bin_height=self.min_bin_height,
+            min_derivative=self.min_derivative,
+        )
 
 
 @register_head("flow")
@@ -95,9 +189,7 @@ class FlowHead(Head):
         def coupling(mask: torch.Tensor) -> nn.Module:
             if transform == "affine":
                 return _AffineCoupling(mask, conditioner)
-            return PiecewiseRationalQuadraticCouplingTransform(
-                mask, conditioner, num_bins=num_bins, tails="linear", tail_bound=tail_bound
-            )
+            return _SplineCoupling(mask, conditioner, num_bins=num_bins, tails="linear", tail_bound=tail_bound)
 
         # the second half is transformed; for D = 1 that is the only coordinate
         half = (torch.arange(dim) >= dim // 2).float()
