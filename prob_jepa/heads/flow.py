@@ -50,12 +50,12 @@ def rational_quadratic_spline(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Monotonic rational-quadratic spline on ``[-B, B]``, identity outside (linear tails).
 
-    Durkan et al. 2019, eq. 4 (the map within bin ``k``) and eq. 5 (its derivative);
+    Durkan et al. 2019 (arXiv:1906.04032), sec. 3.1: eq. 4 (the map within bin ``k``), eq. 5 (its derivative);
     the inverse solves the quadratic of their appendix A. Same parametrization and
     results as nflows' ``unconstrained_rational_quadratic_spline(tails="linear")``,
     but laid out bins-first (``[3K − 1, N, F]``): the softmax, cumsum and gathers then
     run along a leading axis over long contiguous rows instead of along a last axis of
-    length ``K``, about three times faster on CPU, and no boolean-mask indexing.
+    length ``K``, and nothing is gathered by a boolean mask: about twice as fast on CPU.
 
     Args:
         inputs: ``[N, F]``.
