@@ -180,7 +180,7 @@ class HeavyTailedProductTask(HeavyTailedTask):
         return self.dim * torch.distributions.StudentT(float(self.df), 0.0, self.scale).entropy().item()
 
 
-TASKS = {task.name: task for task in (BimodalTask, HeteroscedasticTask, HeavyTailedTask, HeavyTailedProductTask)}
+TASKS = {t.name: t for t in (BimodalTask, HeteroscedasticTask, HeavyTailedTask, HeavyTailedProductTask)}
 
 
 def train_head(
