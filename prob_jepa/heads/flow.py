@@ -89,23 +89,22 @@ def rational_quadratic_spline(
     x_k, y_k, w_k, h_k, d_k, d_k1 = at(xs), at(ys), at(widths), at(heights), at(slopes), at(slopes[1:])
     s_k = h_k / w_k
     curvature = d_k1 + d_k - 2 * s_k
-    if inverse:
+    if inverse:  # the root of the quadratic in ξ that lies in [0, 1]
         dy = x - y_k
         a = dy * curvature + h_k * (s_k - d_k)
         b_ = h_k * d_k - dy * curvature
         c = -s_k * dy
         xi = 2 * c / (-b_ - torch.sqrt((b_.square() - 4 * a * c).clamp_min(0)))
-        out = xi * w_k + x_k
     else:
         xi = (x - x_k) / w_k
     xi_1 = xi * (1 - xi)
     denominator = s_k + curvature * xi_1
-    if not inverse:
-        out = y_k + h_k * (s_k * xi.square() + d_k * xi_1) / denominator
     numerator = s_k.square() * (d_k1 * xi.square() + 2 * s_k * xi_1 + d_k * (1 - xi).square())
-    logabsdet = torch.log(numerator) - 2 * torch.log(denominator)
+    logabsdet = torch.log(numerator) - 2 * torch.log(denominator)  # of the forward map, at ξ
     if inverse:
-        logabsdet = -logabsdet
+        out, logabsdet = xi * w_k + x_k, -logabsdet
+    else:
+        out = y_k + h_k * (s_k * xi.square() + d_k * xi_1) / denominator
     return torch.where(inside, out, inputs), torch.where(inside, logabsdet, 0.0)
 
 
