@@ -128,7 +128,9 @@ class Trainer:
         self.wrapped = wrap_model(self.model, info, tc.strategy)  # DDP / FSDP (or the model itself)
         # after wrapping: FSDP replaces the parameters with sharded ones
         self.optimizer = torch.optim.AdamW(param_groups(self.model), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
-        self.net = torch.compile(self.wrapped, dynamic=True) if tc.compile else self.wrapped
+        # Automatic dynamic shapes: only what varies (the number of context / target tokens) becomes symbolic.
+        # dynamic=True also makes the batch symbolic, which F.affine_grid (JIN's zoom) cannot take.
+        self.net = torch.compile(self.wrapped) if tc.compile else self.wrapped
         bf16 = tc.precision == "bf16" or (tc.precision == "auto" and info.device.type == "cuda")
         self.autocast = lambda: torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=bf16)
 

@@ -1,11 +1,12 @@
 """The embedded shapes world and its ambiguity pairs."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from prob_jepa.data import GlobalBatchSampler, SeededDataset, build_datasets
 from prob_jepa.data.shapes import AREA_SCALE, CLASSES, EQUAL_AREA, EXTENT, Marker, ShapesDataset, _shape_masks
-from prob_jepa.data.shapes import ambiguity_pairs, render
+from prob_jepa.data.shapes import Scene, ambiguity_pairs, render
 
 MARKER = Marker(size=8, x=0, y=0, colors=((1.0, 0.1, 0.1), (0.1, 0.3, 1.0)), weights=(0.7, 0.3))
 
@@ -70,3 +71,17 @@ def test_seeded_dataset_does_not_touch_the_training_rng():
     ds = SeededDataset(ShapesDataset(8, 32, seed=0, marker=MARKER))
     ds[(3, 123)]
     assert torch.equal(state, torch.get_rng_state())
+
+
+def test_scene_options_control_the_clutter():
+    plain = Scene(radius=(0.3, 0.38), distractors=0, noise=0.0, gradient=0.0)
+    images, _, _ = render(16, 32, seed=2, marker=MARKER, scene=plain)
+    colours = [torch.unique(im.flatten(1), dim=1).shape[1] for im in images]
+    assert max(colours) <= 3  # background, shape, marker — nothing else
+    cluttered, _, _ = render(16, 32, seed=2, marker=MARKER)
+    assert min(torch.unique(im.flatten(1), dim=1).shape[1] for im in cluttered) > 3
+
+
+def test_scene_rejects_a_shape_that_cannot_fit():
+    with pytest.raises(ValueError, match="data.scene.radius"):
+        Scene.from_config({"radius": [0.3, 0.45]})

@@ -14,7 +14,7 @@ from ..run_dir import RunDir
 from . import plots
 from .ambiguity import ambiguity_metrics
 from .cost import step_flops, training_cost
-from .heads import EVAL_DRAWS, collect_rows, head_metrics
+from .heads import EVAL_DRAWS, collect_rows, head_metrics, on_head
 from .representation import extract_features, knn_accuracy, linear_probe
 from .uncertainty import energy_calibration, image_energies
 
@@ -79,7 +79,7 @@ def evaluate(
     n = min(e.head_images, len(labels))
     per_image = rows.first_per_image(e.energy_tokens_per_image)
     with torch.no_grad():
-        energy = image_energies(head.energy(per_image.target, per_image.cond), per_image.image, n)
+        energy = image_energies(on_head(head, "energy", per_image.target, per_image.cond), per_image.image, n)
     metrics["uncertainty"], probe_plot = energy_calibration(logits[:n], labels[:n], energy)
     calib = metrics["head"]["calibration"]
     plot_data.update(

@@ -6,7 +6,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from ..data.shapes import Marker, ambiguity_pairs
+from ..data.shapes import Marker, Scene, ambiguity_pairs
 from ..heads import Head
 from ..model import JEPA
 from .multimodality import mode_coverage, sharpness
@@ -26,7 +26,7 @@ def ambiguity_metrics(
     the deterministic head shows what averaging does.
     """
     marker = Marker.from_config(data.marker)
-    pairs = ambiguity_pairs(num_pairs, data.image_size, seed, marker)
+    pairs = ambiguity_pairs(num_pairs, data.image_size, seed, marker, Scene.from_config(data.get("scene", {})))
     enc = model.context_encoder
     hidden = torch.tensor(pairs.marker_units(data.image_size // enc.unit_grid))
     visible = torch.tensor([u for u in range(enc.num_units) if u not in set(hidden.tolist())])

@@ -71,6 +71,15 @@ def collect_rows(
     return Rows(torch.cat(conds), torch.cat(targets), torch.cat(images))
 
 
+def on_head(head: Head, method: str, *args: Any) -> torch.Tensor:
+    """``head.<method>(*args)`` on the head's device: CPU tensors in, an fp32 CPU tensor out.
+
+    Rows are kept on the CPU (they are many); the head may live on a GPU.
+    """
+    device = next(head.parameters()).device
+    return getattr(head, method)(*(a.to(device) if torch.is_tensor(a) else a for a in args)).float().cpu()
+
+
 def timed(fn, *args) -> tuple[Any, float]:
     tic = time.perf_counter()
     out = fn(*args)
@@ -101,16 +110,16 @@ def head_metrics(head: Head, rows: Rows, e: DictConfig) -> tuple[dict[str, Any],
     head.eval()
     out: dict[str, Any] = {"rows": len(rows), "dim": head.dim}
     lik = spread(rows, e.head_rows, seed=1)
-    log_prob, t_lp = timed(head.log_prob, lik.target, lik.cond)
-    mean = head.mean(lik.cond)
-    energy = head.energy(lik.target, lik.cond)
+    log_prob, t_lp = timed(on_head, head, "log_prob", lik.target, lik.cond)
+    mean = on_head(head, "mean", lik.cond)
+    energy = on_head(head, "energy", lik.target, lik.cond)
     error = (mean - lik.target).square().sum(-1)
     out["likelihood"] = {"nll_per_dim": nll_per_dim(log_prob, head.dim)}
     out["point"] = {"mse_per_dim": (error.mean() / head.dim).item()}
     out["energy_error_pearson_r"] = pearson_r(energy, error)
 
     samp = spread(rows, e.sample_rows, seed=2)
-    samples, t_s = timed(head.sample, samp.cond, e.num_samples)
+    samples, t_s = timed(on_head, head, "sample", samp.cond, e.num_samples)
     out["samples"] = {"energy_score": energy_score(samples, samp.target), "crps": crps(samples, samp.target)}
     half = len(samp) // 2
     tau = fit_sample_temperature(samples[:, :half], samp.target[:half])
@@ -144,7 +153,7 @@ def energy_retrieval(head: Head, queries: Rows, pool: Rows, candidates: int) -> 
     clash = pool.image[others] == queries.image[:, None]
     others[clash] = (others[clash] + len(pool) // 2) % len(pool)  # another image's token, almost always
     cands = torch.cat([queries.target[:, None], pool.target[others]], 1)  # [Q, K, D]; index 0 is the truth
-    energies = head.energy(cands.flatten(0, 1), queries.cond.repeat_interleave(K, 0)).view(Q, K)
+    energies = on_head(head, "energy", cands.flatten(0, 1), queries.cond.repeat_interleave(K, 0)).view(Q, K)
     half = Q // 2
     truth = torch.zeros(Q, dtype=torch.long)
     T = fit_energy_temperature(energies[:half], truth[:half])
