@@ -1,12 +1,13 @@
 """The embedded ``shapes`` world: procedural, seeded, labelled, no download.
 
 Each image shows one large labelled shape (8 classes of equal area, random
-colour, size, position and a small rotation) over a noisy gradient background with small
-distractor blobs (:class:`Scene` sets how much of each), and a square *marker* at a fixed place whose colour is drawn
-from two colours with known weights, independently of everything else. The
-marker's colour cannot be predicted from the rest of the image, so when the
-marker is masked the true distribution of its embedding has exactly two modes
-with known weights: the *ambiguity pairs* (:func:`ambiguity_pairs`) render the
+colour, size, position and a small rotation) over a noisy gradient background
+with small distractor blobs (:class:`Scene` sets how much of each), and a square
+*marker* at a fixed place whose colour is drawn from two colours with known
+weights, independently of everything else. The marker's colour cannot be
+predicted from the rest of the image, so when the marker is masked the true
+distribution of its embedding has exactly two modes with known weights: the
+*ambiguity pairs* (:func:`ambiguity_pairs`) render the
 same scene with each colour, giving those two modes.
 """
 from __future__ import annotations
@@ -59,7 +60,8 @@ class Scene:
     def from_config(cls, cfg) -> "Scene":
         lo, hi = (float(r) for r in cfg.get("radius", cls.radius))
         if not 0 < lo <= hi or hi * EXTENT > 0.5:
-            raise ValueError(f"data.scene.radius must satisfy 0 < lo <= hi <= {0.5 / EXTENT:.3f} (the shape fits), got {[lo, hi]}")
+            bound = f"{0.5 / EXTENT:.3f}"
+            raise ValueError(f"data.scene.radius must satisfy 0 < lo <= hi <= {bound} (the shape fits), got {[lo, hi]}")
         return cls(
             (lo, hi), int(cfg.get("distractors", cls.distractors)), float(cfg.get("noise", cls.noise)),
             float(cfg.get("gradient", cls.gradient)),
