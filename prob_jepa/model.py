@@ -29,7 +29,8 @@ class JEPA(nn.Module):
     """I-JEPA / z-JEPA with a probabilistic predictor head per level.
 
     Total loss (JIN eq. 9): ``Σ_l w_l · head_l.loss(cond_l, sg[target_l])
-    + λ1 · cross-scale (eq. 2-3) + λ_b · budget (eq. 10)``, where targets are
+    + λ1 · cross-scale (eq. 2-3) + λ_b · budget (eq. 10)`` (+ the Switch load-balancing
+    loss when the trunk has experts), where targets are
     the layer-normed features of the EMA target encoder at the target units.
 
     Args:
@@ -41,6 +42,7 @@ class JEPA(nn.Module):
         cross_scale: eq. 2-3 predictors, or ``None``; ``cross_scale_weight`` is λ1.
         alpha_targets: per-level computed-fraction targets (used when the encoder
             is adaptive); ``budget_weight`` is λ_b.
+        balance_weight: weight of the trunk's mixture-of-experts load-balancing loss (if it has experts).
     """
 
     def __init__(
@@ -54,6 +56,7 @@ class JEPA(nn.Module):
         alpha_targets: Sequence[float] | None = None,
         budget_weight: float = 0.0,
         predict_levels: Sequence[int] | None = None,
+        balance_weight: float = 0.0,
     ):
         super().__init__()
         self.predict_levels = list(range(encoder.levels)) if predict_levels is None else list(predict_levels)
@@ -68,6 +71,7 @@ class JEPA(nn.Module):
         self.cross_scale_weight = cross_scale_weight
         self.alpha_targets = list(alpha_targets) if alpha_targets is not None else None
         self.budget_weight = budget_weight
+        self.balance_weight = balance_weight
 
     @property
     def levels(self) -> int:
@@ -128,6 +132,10 @@ class JEPA(nn.Module):
             for l, lv in enumerate(ctx):
                 terms[f"alpha/level{l}"] = lv.alpha.detach().float().mean()
             loss = loss + self.budget_weight * budget
+        balance = self.predictor.balance_loss()
+        if balance is not None:
+            terms["moe_balance"] = balance.detach()
+            loss = loss + self.balance_weight * balance
         terms["loss"] = loss.detach()
         return StepOutput(loss, terms, target_all[0])
 
@@ -206,6 +214,8 @@ def build_model(cfg: DictConfig) -> JEPA:
         bias_hidden=m.bias_hidden,
         drop_path_rate=p.drop_path_rate,
         dropout=m.dropout,
+        moe_experts=p.moe_experts,
+        moe_top_k=p.moe_top_k,
     )
     head_cfg = OmegaConf.to_container(cfg.predictor, resolve=True)
     name = head_cfg.pop("name")
@@ -221,4 +231,5 @@ def build_model(cfg: DictConfig) -> JEPA:
         alpha_targets=lv["alpha_targets"] if m.adaptive else None,
         budget_weight=m.budget_weight,
         predict_levels=predicted,
+        balance_weight=p.moe_balance_weight,
     )

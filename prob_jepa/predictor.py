@@ -7,7 +7,7 @@ import torch
 from timm.layers import trunc_normal_
 from torch import nn
 
-from jin.layers import SpatialBias, Stage, sincos_embed
+from jin.layers import MoEMLP, SpatialBias, Stage, sincos_embed
 from jin.layers.init import init_weights
 
 
@@ -31,6 +31,8 @@ class PredictorTrunk(nn.Module):
         spatial_bias: add the JIN eq. 7-8 bias.
         bias_hidden: bias MLP width.
         drop_path_rate, dropout: regularization.
+        moe_experts: > 0 turns every block's MLP into a top-``moe_top_k`` mixture of
+            that many experts (:class:`~jin.layers.moe.MoEMLP`).
     """
 
     def __init__(
@@ -45,6 +47,8 @@ class PredictorTrunk(nn.Module):
         bias_hidden: int = 16,
         drop_path_rate: float = 0.0,
         dropout: float = 0.0,
+        moe_experts: int = 0,
+        moe_top_k: int = 2,
     ):
         super().__init__()
         self.dim, self.grid = dim, grid
@@ -54,10 +58,18 @@ class PredictorTrunk(nn.Module):
         bias = SpatialBias(num_heads, bias_hidden, grid) if spatial_bias else None
         rates = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]
         self.stage = Stage(dim, depth, num_heads, mlp_ratio, rates, bias, dropout)
+        if moe_experts:
+            for block in self.stage.blocks:
+                block.mlp = MoEMLP(dim, int(dim * mlp_ratio), moe_experts, moe_top_k)
         self.norm = nn.LayerNorm(dim)
         self.apply(init_weights)
         trunc_normal_(self.level_embed, std=0.02)
         trunc_normal_(self.mask_token, std=0.02)
+
+    def balance_loss(self) -> torch.Tensor | None:
+        """Mean load-balancing loss of the MoE blocks in the last forward; ``None`` for a dense trunk."""
+        losses = [b.mlp.aux_loss for b in self.stage.blocks if isinstance(b.mlp, MoEMLP)]
+        return torch.stack(losses).mean() if losses else None
 
     def position(self, coords: torch.Tensor, level: int) -> torch.Tensor:
         return sincos_embed(coords[..., :2], self.dim, self.grid / 2) + self.level_embed[level]
