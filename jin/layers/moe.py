@@ -14,7 +14,7 @@ class MoEMLP(nn.Module):
     Dispatch is one sort and two batched matmuls: the ``T·k`` (token, expert)
     assignments are sorted by expert and scattered into a zero-padded
     ``[E, C, D]`` buffer (``C`` = the busiest expert's load, so no token is
-    dropped), every expert runs at once with ``torch.bmm``, and the results are
+    dropped), every expert runs at once with ``torch.baddbmm``, and the results are
     summed back per token with the renormalized top-k gate weights.
 
     ``num_gates > 1`` gives M3-JEPA's multi-gate variant: the experts are
@@ -71,8 +71,8 @@ class MoEMLP(nn.Module):
         buffer[sorted_expert, slot] = x[token]
 
         # Step 2. every expert at once
-        h = F.gelu(torch.baddbmm(self.b1.to(buffer.dtype), buffer, self.w1.to(buffer.dtype)))
-        y = torch.baddbmm(self.b2.to(h.dtype), h, self.w2.to(h.dtype))
+        h = F.gelu(torch.baddbmm(self.b1, buffer, self.w1))  # autocast runs baddbmm in bf16 on CUDA
+        y = torch.baddbmm(self.b2, h, self.w2)
 
         # Step 3. weighted sum back per token
         contrib = y[sorted_expert, slot].float() * weight.flatten()[order, None]
