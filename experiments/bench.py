@@ -4,8 +4,8 @@
     python experiments/bench.py model=jin_b --report      # parameters and FLOPs per level of a preset
 
 Each head is measured in its own process (peak memory is per process) on a
-synthetic batch of ``trainer.batch_size`` images through the real training step
-(masks, forward, backward, clip, AdamW, EMA). MFU = measured FLOPs per step /
+synthetic batch of ``trainer.batch_size`` images (paired scenes for ``experiment=hypermodal_*``)
+through the real training step (masks, forward, backward, clip, AdamW, EMA). MFU = measured FLOPs per step /
 step time / the device's measured matmul peak (fp32 on CPU, bf16 on CUDA).
 """
 from __future__ import annotations
@@ -22,10 +22,11 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from torch.utils.data import default_collate  # noqa: E402
 
 from prob_jepa.config import compose_config  # noqa: E402
 from prob_jepa.distributed import DistInfo, resolve_device  # noqa: E402
-from prob_jepa.eval.cost import level_report, matmul_peak_flops, step_flops, time_steps  # noqa: E402
+from prob_jepa.eval.cost import level_report, matmul_peak_flops, micro_batch_flops, time_steps  # noqa: E402
 from prob_jepa.eval.summary import markdown_table  # noqa: E402
 from prob_jepa.model import build_model  # noqa: E402
 from prob_jepa.run_dir import RunDir  # noqa: E402
@@ -35,32 +36,45 @@ CONF = Path(__file__).resolve().parent / "conf"
 HEADS = sorted(p.stem for p in (CONF / "predictor").glob("*.yaml"))
 
 
+def synthetic_data(cfg) -> torch.utils.data.Dataset:
+    """One global batch: random images, or (``experiment=hypermodal_*``) paired scenes in every modality."""
+    n = cfg.trainer.batch_size
+    if "hypermodal" in cfg:
+        from prob_jepa.data.multimodal import MultimodalSpec, PairedShapes
+
+        return PairedShapes(n, seed=0, spec=MultimodalSpec.from_config(cfg.data), modalities=cfg.data.modalities)
+    size = cfg.data.image_size
+    images = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(0))
+    return torch.utils.data.TensorDataset(images, torch.zeros(n, dtype=torch.long))
+
+
 def measure(overrides: list[str], steps: int, warmup: int) -> dict:
     """One configuration's training step, in this process."""
     cfg = compose_config(CONF, overrides)
     device = resolve_device(cfg.trainer.device)
     info = DistInfo(0, 1, 0, device)
-    n, size = cfg.trainer.batch_size, cfg.data.image_size
-    images = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(0))
-    data = torch.utils.data.TensorDataset(images, torch.zeros(n, dtype=torch.long))
+    n, hypermodal = cfg.trainer.batch_size, "hypermodal" in cfg
+    data = synthetic_data(cfg)
+    trainer_class = Trainer
+    if hypermodal:
+        from prob_jepa.hypermodal.train import HypermodalTrainer as trainer_class
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(cfg, info, RunDir(tmp), data)
+        trainer = trainer_class(cfg, info, RunDir(tmp), data)
         micro = trainer.micro
-        batches = [(images[i * micro : (i + 1) * micro], None) for i in range(trainer.accum)]
+        batches = [default_collate([data[j] for j in range(i * micro, (i + 1) * micro)]) for i in range(trainer.accum)]
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         times = time_steps(lambda: trainer.train_step(batches), steps, warmup, device)
-        masks = trainer.collator(micro, 0).to(device)
-        with trainer.autocast():
-            flops = step_flops(trainer.model, images[:micro].to(device), masks) * trainer.accum
+        flops = micro_batch_flops(trainer, batches[0]) * trainer.accum
     step_s = statistics.median(times)
     peak = matmul_peak_flops(device)
     return {
         "head": cfg.predictor.name,
-        "model": cfg.model.name,
+        "model": "hypermodal" if hypermodal else cfg.model.name,
+        "moe_experts": (cfg.hypermodal if hypermodal else cfg.model).predictor.moe_experts,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu × {torch.get_num_threads()}",
         "batch": n,
-        "image_size": size,
+        "image_size": cfg.data.image_size,
         "step_ms": 1e3 * step_s,
         "step_ms_iqr": 1e3 * (statistics.quantiles(times, n=4)[2] - statistics.quantiles(times, n=4)[0]),
         "images_per_s": n / step_s,
@@ -122,7 +136,7 @@ def main() -> None:
     base = next((r for r in rows if r["head"] == "deterministic"), None)
     for r in rows:
         r["vs_deterministic"] = r["step_ms"] / base["step_ms"] if base else None
-    columns = ["head", "model", "batch", "step_ms", "step_ms_iqr", "images_per_s", "gflops_per_step",
+    columns = ["head", "model", "moe_experts", "batch", "step_ms", "step_ms_iqr", "images_per_s", "gflops_per_step",
                "achieved_tflops", "mfu", "peak_memory_mb", "vs_deterministic"]
     print(f"device: {rows[0]['device']}, measured matmul peak {rows[0]['peak_tflops']:.3f} TFLOP/s")
     print(markdown_table([{c: r[c] for c in columns} for r in rows],

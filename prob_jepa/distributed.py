@@ -66,8 +66,10 @@ def barrier(info: DistInfo) -> None:
 STRATEGIES = ("ddp", "fsdp")
 
 
-def wrap_model(model: nn.Module, info: DistInfo, strategy: str) -> nn.Module:
+def wrap_model(model: nn.Module, info: DistInfo, strategy: str, find_unused_parameters: bool = False) -> nn.Module:
     """The module to call for training: the model itself on one process; DDP or FSDP2 under torchrun.
+
+    ``find_unused_parameters`` lets DDP finish a step in which some parameters got no gradient.
 
     FSDP shards every transformer block of both encoders and of the predictor,
     then each encoder and the whole model; the EMA update then runs shard by
@@ -79,7 +81,7 @@ def wrap_model(model: nn.Module, info: DistInfo, strategy: str) -> nn.Module:
         return model
     if strategy == "ddp":
         ids = [info.device.index] if info.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused_parameters)
     from torch.distributed.fsdp import fully_shard
 
     for encoder in (model.context_encoder, model.target_encoder):

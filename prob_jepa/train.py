@@ -28,7 +28,7 @@ from .data import GlobalBatchSampler, SeededDataset, build_datasets, seed_for
 from .distributed import DistInfo, any_rank, barrier, gradient_sync, init_distributed, wrap_model
 from .eval.diagnostics import effective_rank, feature_std
 from .masks import MaskCollator
-from .model import JEPA, build_model
+from .model import JEPA, StepOutput, build_model
 from .run_dir import RunDir
 from .schedules import Schedules
 
@@ -101,14 +101,16 @@ def peak_memory_mb(device: torch.device) -> float:
 class Trainer:
     """Owns the model, optimizer, data order and schedules of one run; :meth:`fit` trains."""
 
+    optimizer_load_options = StateDictOptions(full_state_dict=True)
+
     def __init__(self, cfg: DictConfig, info: DistInfo, run: RunDir, train_set: Dataset):
         self.cfg, self.info, self.run = cfg, info, run
         tc = cfg.trainer
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        self.model: JEPA = build_model(cfg).to(info.device)
+        self.model = self.build_model().to(info.device)
         if tc.grad_checkpointing:
-            self.model.context_encoder.set_grad_checkpointing()
-        self.collator = MaskCollator(grid=self.model.context_encoder.unit_grid, seed=cfg.seed, **cfg.mask)
+            self.enable_grad_checkpointing()
+        self.setup_masks()
 
         self.micro, self.accum = accumulation(tc.batch_size, tc.micro_batch_size, info.world_size)
         self.sampler = GlobalBatchSampler(len(train_set), tc.batch_size, info.rank, info.world_size, self.accum, cfg.seed)
@@ -125,7 +127,7 @@ class Trainer:
         self.step = 0
         self.last_targets: torch.Tensor | None = None
 
-        self.wrapped = wrap_model(self.model, info, tc.strategy)  # DDP / FSDP (or the model itself)
+        self.wrapped = self.wrap(tc.strategy)  # DDP / FSDP (or the model itself)
         # after wrapping: FSDP replaces the parameters with sharded ones
         self.optimizer = torch.optim.AdamW(param_groups(self.model), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
         # Automatic dynamic shapes: only what varies (the number of context / target tokens) becomes symbolic.
@@ -133,6 +135,29 @@ class Trainer:
         self.net = torch.compile(self.wrapped) if tc.compile else self.wrapped
         bf16 = tc.precision == "bf16" or (tc.precision == "auto" and info.device.type == "cuda")
         self.autocast = lambda: torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    # ---------------------------------------------------------- what a task overrides
+    def build_model(self) -> JEPA:
+        return build_model(self.cfg)
+
+    def enable_grad_checkpointing(self) -> None:
+        self.model.context_encoder.set_grad_checkpointing()
+
+    def setup_masks(self) -> None:
+        self.collator = MaskCollator(grid=self.model.context_encoder.unit_grid, seed=self.cfg.seed, **self.cfg.mask)
+
+    def wrap(self, strategy: str) -> nn.Module:
+        return wrap_model(self.model, self.info, strategy)
+
+    def forward_micro(self, batch, m: int) -> StepOutput:
+        """Loss of micro-batch ``m`` of the current step: masks, then the model under autocast."""
+        images, _ = batch
+        rows = slice(self.info.rank * self.micro, (self.info.rank + 1) * self.micro)
+        masks = self.collator(self.micro * self.info.world_size, self.step * self.accum + m)[rows]
+        masks = masks.to(self.info.device)
+        images = images.to(self.info.device, non_blocking=True)
+        with self.autocast():
+            return self.net(images, masks.context, masks.targets)
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -150,12 +175,12 @@ class Trainer:
             save_checkpoint(self.run.checkpoint, state)
         barrier(self.info)
 
-    def full_model(self) -> JEPA:
+    def full_model(self) -> nn.Module:
         """The trained model, whole, for evaluation on one process (gathered from FSDP shards when sharded)."""
         if self.cfg.trainer.strategy != "fsdp" or not self.info.distributed:
             return self.model
         state = get_model_state_dict(self.model, options=FULL_STATE)
-        model = build_model(self.cfg)
+        model = self.build_model()
         model.load_state_dict(state)
         return model.to(self.info.device)
 
@@ -177,7 +202,7 @@ class Trainer:
                 f"{self.run.checkpoint} was written by a different model configuration; resume it with the "
                 f"config saved in {self.run.config}, or choose another run directory.\n{e}"
             ) from e
-        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=load)
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=self.optimizer_load_options)
         self.step = int(state["step"])
         if self.info.is_main:
             self.run.truncate_metrics(self.step)
@@ -203,15 +228,10 @@ class Trainer:
         torch.manual_seed(seed_for(self.cfg.seed, self.info.rank, self.step))  # dropout / drop-path
         self.optimizer.zero_grad(set_to_none=True)
         terms: dict[str, torch.Tensor] = defaultdict(float)
-        rows = slice(self.info.rank * self.micro, (self.info.rank + 1) * self.micro)
-        for m, (images, _) in enumerate(micro_batches):
+        for m, batch in enumerate(micro_batches):
             # Step 1. masks, forward target and context, loss
-            masks = self.collator(self.micro * self.info.world_size, self.step * self.accum + m)[rows]
-            masks = masks.to(self.info.device)
-            images = images.to(self.info.device, non_blocking=True)
             with gradient_sync(self.wrapped, self.info, enabled=m == self.accum - 1):
-                with self.autocast():
-                    out = self.net(images, masks.context, masks.targets)
+                out = self.forward_micro(batch, m)
                 if any_rank(not torch.isfinite(out.loss).item(), self.info):
                     raise NonFiniteLossError(
                         f"loss became non-finite at step {self.step + 1} (terms: "
@@ -281,7 +301,7 @@ class Trainer:
 def pretrain(
     cfg: DictConfig, train_set: Dataset | None = None, val_set: Dataset | None = None, run_dir: str | Path | None = None
 ) -> TrainResult:
-    """Pre-train a JEPA as configured, then evaluate it.
+    """Pre-train a JEPA as configured, then evaluate it (the hypermodal JEPA when ``cfg.hypermodal`` exists).
 
     Args:
         cfg: the composed config (``experiments/conf``).
@@ -304,7 +324,11 @@ def pretrain(
         run.save_config(cfg)
     barrier(info)
 
-    trainer = Trainer(cfg, info, run, train_set)
+    trainer_class = Trainer
+    if "hypermodal" in cfg:  # several modalities: its own trainer hooks and evaluation
+        from .hypermodal.evaluate import evaluate_hypermodal as evaluate
+        from .hypermodal.train import HypermodalTrainer as trainer_class
+    trainer = trainer_class(cfg, info, run, train_set)
     trainer.resume()
     status = trainer.fit()
 

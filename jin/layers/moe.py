@@ -18,7 +18,8 @@ class MoEMLP(nn.Module):
     summed back per token with the renormalized top-k gate weights.
 
     ``num_gates > 1`` gives M3-JEPA's multi-gate variant: the experts are
-    shared, and each task routes with its own gate (``forward(x, gate=g)``).
+    shared, and each task routes with its own gate (``forward(x, gate=g)``, or set
+    ``active_gate`` when the layer sits inside a block that calls it as ``mlp(x)``).
 
     After each forward, ``aux_loss`` holds the Switch Transformer load-balancing
     loss ``E · Σ_e f_e · P_e`` (Fedus et al. 2021, eq. 4; 1 when balanced), with
@@ -44,6 +45,7 @@ class MoEMLP(nn.Module):
         self.b2 = nn.Parameter(torch.zeros(num_experts, 1, dim))
         self.aux_loss: torch.Tensor | None = None
         self.load: torch.Tensor | None = None
+        self.active_gate = 0
 
     def route(self, x: torch.Tensor, gate: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Router probabilities ``[T, E]``, top-k experts ``[T, k]`` and their renormalized weights ``[T, k]``."""
@@ -53,12 +55,12 @@ class MoEMLP(nn.Module):
         weight, expert = probs.topk(self.top_k, dim=-1)
         return probs, expert, weight / weight.sum(-1, keepdim=True)
 
-    def forward(self, x: torch.Tensor, gate: int = 0) -> torch.Tensor:
-        """``x [..., D]`` → ``[..., D]``."""
+    def forward(self, x: torch.Tensor, gate: int | None = None) -> torch.Tensor:
+        """``x [..., D]`` → ``[..., D]``, routed by ``gate`` (default ``active_gate``)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         T, E, k = x.shape[0], self.num_experts, self.top_k
-        probs, expert, weight = self.route(x, gate)
+        probs, expert, weight = self.route(x, self.active_gate if gate is None else gate)
 
         # Step 1. sort the T·k assignments by expert; each gets a slot in its expert's buffer row
         flat = expert.flatten()

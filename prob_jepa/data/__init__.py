@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 from torch.utils.data import Dataset
 
 from .imagenet import build_imagenet, build_tiny_imagenet
+from .multimodal import PairedShapes, build_paired_shapes
 from .sampler import GlobalBatchSampler, SeededDataset, seed_for
 from .shapes import ShapesDataset, build_shapes
 
@@ -17,6 +18,7 @@ BUILDERS: dict[str, Callable] = {
     "shapes": build_shapes,
     "tiny_imagenet_100": build_tiny_imagenet,
     "imagenet_1k": build_imagenet,
+    "paired_shapes": build_paired_shapes,
 }
 
 
@@ -27,4 +29,6 @@ def build_datasets(cfg, splits: Sequence[str] = ("train", "val")) -> tuple[Datas
     return BUILDERS[cfg.name](cfg, splits)
 
 
-__all__ = ["BUILDERS", "GlobalBatchSampler", "SeededDataset", "ShapesDataset", "build_datasets", "seed_for"]
+__all__ = [
+    "BUILDERS", "GlobalBatchSampler", "PairedShapes", "SeededDataset", "ShapesDataset", "build_datasets", "seed_for",
+]

@@ -12,6 +12,15 @@ from ..masks import Masks
 from ..model import JEPA
 
 
+def micro_batch_flops(trainer, batch) -> int:
+    """FLOPs of one micro-batch's forward + backward through ``trainer.forward_micro`` (any trainer)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        trainer.forward_micro(batch, 0).loss.backward()
+    trainer.model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
 def step_flops(model: JEPA, images: torch.Tensor, masks: Masks) -> int:
     """FLOPs of one training forward + backward (``torch.utils.flop_counter``; a multiply-add is 2)."""
     counter = FlopCounterMode(display=False)

@@ -1,0 +1,48 @@
+"""Audio as log-mel patches (A-JEPA): coordinates ``(time, frequency, 0)``."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import ModalityEncoder
+
+
+class AudioEncoder(ModalityEncoder):
+    """Log-mel spectrogram ``[B, F, T]`` → ``(F/pf)·(T/pt)`` patch tokens (frequency-major order).
+
+    Coordinates are the patch centre's normalized time and frequency, so block masks
+    are time-frequency rectangles (A-JEPA's time-frequency aware masking).
+
+    References:
+        Fei et al., A-JEPA: Joint-Embedding Predictive Architecture Can Listen (arXiv:2311.15830).
+
+    Args:
+        n_mels, frames: spectrogram size; patch: ``(frequency, time)`` bins per patch.
+    """
+
+    mask_weights = (1.0, 1.0, 0.0)
+
+    def __init__(self, n_mels: int, frames: int, patch: tuple[int, int], dim: int, depth: int = 1,
+                 num_heads: int = 3, mlp_ratio: float = 4.0):
+        pf, pt = patch
+        if n_mels % pf or frames % pt:
+            raise ValueError(f"patch {tuple(patch)} must divide the spectrogram ({n_mels} mels, {frames} frames)")
+        self.rows, self.cols = n_mels // pf, frames // pt
+        super().__init__(dim, depth, num_heads, mlp_ratio, max_freq=max(self.rows, self.cols) / 2)
+        self.proj = nn.Conv2d(1, dim, kernel_size=(pf, pt), stride=(pf, pt))
+        f = (torch.arange(self.rows, dtype=torch.float32) + 0.5) / self.rows
+        t = (torch.arange(self.cols, dtype=torch.float32) + 0.5) / self.cols
+        ff, tt = torch.meshgrid(f, t, indexing="ij")
+        self.register_buffer("grid_coords", torch.stack([tt, ff, torch.zeros_like(tt)], -1).reshape(-1, 3),
+                             persistent=False)
+        self.init()
+
+    @property
+    def num_tokens(self) -> int:
+        return self.rows * self.cols
+
+    def token_coords(self, x: torch.Tensor) -> torch.Tensor:
+        return self.grid_coords.expand(x.shape[0], -1, -1)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x[:, None]).flatten(2).transpose(1, 2)

@@ -1,0 +1,69 @@
+"""3-D point clouds as point patches (Point-MAE): coordinates ``(x, y, z)`` of each patch centre."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import ModalityEncoder
+
+
+def farthest_point_sample(points: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices ``[B, k]`` of ``k`` farthest-point-sampled points of ``points [B, P, 3]``, starting at point 0.
+
+    ``k`` sequential steps, each vectorized over the batch and the points.
+    """
+    B, P, _ = points.shape
+    index = points.new_zeros(B, k, dtype=torch.long)
+    nearest = points.new_full((B, P), float("inf"))
+    farthest = points.new_zeros(B, dtype=torch.long)
+    batch = torch.arange(B, device=points.device)
+    for i in range(k):
+        index[:, i] = farthest
+        centre = points[batch, farthest][:, None]  # [B, 1, 3]
+        nearest = torch.minimum(nearest, ((points - centre) ** 2).sum(-1))
+        farthest = nearest.argmax(1)
+    return index
+
+
+class PointEncoder(ModalityEncoder):
+    """Points ``[B, P, 3]`` in ``[0, 1]³`` → ``num_groups`` patch tokens.
+
+    Patch centres are farthest-point samples; each patch is its centre's
+    ``group_size`` nearest points, relative to the centre, embedded by a shared
+    point-wise MLP and max-pooled (a mini-PointNet). Tokens are ordered by sampling
+    order, so a mask is drawn from the coordinates, not from the order.
+
+    References:
+        Pang et al., Masked Autoencoders for Point Cloud Self-supervised Learning (Point-MAE, arXiv:2203.06604).
+    """
+
+    mask_weights = (1.0, 1.0, 1.0)
+
+    def __init__(self, num_groups: int, group_size: int, dim: int, depth: int = 1, num_heads: int = 3,
+                 mlp_ratio: float = 4.0, hidden: int = 64):
+        super().__init__(dim, depth, num_heads, mlp_ratio, max_freq=num_groups ** (1 / 3))
+        self.num_groups, self.group_size = num_groups, group_size
+        self.point_mlp = nn.Sequential(nn.Linear(3, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.out = nn.Linear(dim, dim)
+        self.init()
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_groups
+
+    def token_coords(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] < max(self.num_groups, self.group_size):
+            raise ValueError(f"{x.shape[1]} points; this encoder needs at least {max(self.num_groups, self.group_size)}")
+        index = farthest_point_sample(x.detach().float(), self.num_groups)
+        return x.gather(1, index[..., None].expand(-1, -1, 3))
+
+    def groups(self, x: torch.Tensor) -> torch.Tensor:
+        """Each patch's points relative to its centre ``[B, G, group_size, 3]``."""
+        centres = self.token_coords(x)
+        dist = torch.cdist(centres, x, compute_mode="donot_use_mm_for_euclid_dist")  # exact: no ‖a‖²+‖b‖²−2ab
+        near = dist.topk(self.group_size, dim=-1, largest=False).indices  # [B, G, k]
+        batch = torch.arange(x.shape[0], device=x.device)[:, None, None]
+        return x[batch, near] - centres[:, :, None]
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.point_mlp(self.groups(x)).amax(dim=2))

@@ -1,0 +1,110 @@
+"""The hypermodal encoder: per-modality encoders, a growable modality table, one shared transformer."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from timm.layers import trunc_normal_
+from torch import nn
+
+from .encoders.base import ModalityEncoder, Tokens
+from .layers.init import init_weights
+from .layers.stage import Stage
+
+
+class ModalityTable(nn.Module):
+    """Learned modality embeddings, one ``[D]`` row per modality, that can grow at run time.
+
+    Rows are separate parameters, so adding a modality leaves every existing row (and
+    the optimizer state attached to it) untouched.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.rows = nn.ParameterDict()
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.rows.keys())
+
+    def add(self, name: str) -> nn.Parameter:
+        if name in self.rows:
+            raise ValueError(f"modality {name!r} already exists; modalities: {', '.join(self.names)}")
+        row = nn.Parameter(trunc_normal_(torch.empty(self.dim), std=0.02))
+        self.rows[name] = row
+        return row
+
+    def forward(self, name: str) -> torch.Tensor:
+        """The row of ``name`` ``[D]``."""
+        if name not in self.rows:
+            raise KeyError(f"unknown modality {name!r}; modalities: {', '.join(self.names)}")
+        return self.rows[name]
+
+
+class HypermodalEncoder(nn.Module):
+    """JIN's hypermodal embedding space: every modality's tokens in one transformer.
+
+    ``forward(name, x)`` runs the modality's own encoder (tokens with coordinates,
+    its own blocks), adds the modality's learned embedding, then the shared blocks
+    and norm, so all modalities land in one ``D``-dimensional space where
+    predictions and alignment energies compare them.
+
+    Args:
+        encoders: ``{name: ModalityEncoder}``, all of width ``dim``.
+        dim, depth, num_heads, mlp_ratio, drop_path_rate: the shared blocks.
+    """
+
+    def __init__(self, encoders: Mapping[str, ModalityEncoder], dim: int, depth: int, num_heads: int,
+                 mlp_ratio: float = 4.0, drop_path_rate: float = 0.0):
+        super().__init__()
+        self.dim = dim
+        rates = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]
+        self.stage = Stage(dim, depth, num_heads, mlp_ratio, rates, None)
+        self.norm = nn.LayerNorm(dim)
+        self.apply(init_weights)
+        self.encoders = nn.ModuleDict()
+        self.modality_embed = ModalityTable(dim)
+        for name, encoder in encoders.items():
+            self.add_modality(name, encoder)
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.encoders.keys())
+
+    def add_modality(self, name: str, encoder: ModalityEncoder) -> list[nn.Parameter]:
+        """Add a modality at run time; returns its new parameters (give them to the optimizer).
+
+        Existing encoders, rows of the modality table and shared blocks are untouched, so
+        every existing modality's output is unchanged.
+        """
+        if not name.isidentifier():
+            raise ValueError(f"modality name {name!r} must be an identifier (it names parameters)")
+        if encoder.dim != self.dim:
+            raise ValueError(f"encoder for {name!r} has width {encoder.dim}; the shared blocks take {self.dim}")
+        row = self.modality_embed.add(name)
+        self.encoders[name] = encoder
+        return [row, *encoder.parameters()]
+
+    def encoder(self, name: str) -> ModalityEncoder:
+        if name not in self.encoders:
+            raise KeyError(f"unknown modality {name!r}; modalities: {', '.join(self.modalities)}")
+        return self.encoders[name]
+
+    def token_coords(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``[B, N, 3]`` coordinates of every token of ``x`` (what masks are drawn from)."""
+        return self.encoder(name).token_coords(x)
+
+    def query(self, name: str, coords: torch.Tensor) -> torch.Tensor:
+        """Position + modality embedding of tokens of ``name`` at ``coords [..., 3]`` → ``[..., D]``."""
+        return self.encoder(name).position(coords) + self.modality_embed(name)
+
+    def forward(self, name: str, x: torch.Tensor, keep: torch.Tensor | None = None) -> Tokens:
+        """Tokens ``[B, N or K, D]`` of modality ``name`` (only those at ``keep [B, K]`` when given)."""
+        tokens = self.encoder(name)(x, keep)
+        features, _ = self.stage(tokens.features + self.modality_embed(name), tokens.coords)
+        return Tokens(self.norm(features), tokens.coords)
+
+    def pooled(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Mean of every token's features ``[B, D]``."""
+        return self(name, x).features.mean(1)

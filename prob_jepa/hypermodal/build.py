@@ -1,0 +1,73 @@
+"""Build the hypermodal JEPA from the config (``experiment=hypermodal_shapes``)."""
+from __future__ import annotations
+
+from typing import Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from jin.encoders import AudioEncoder, ImageEncoder, ModalityEncoder, PointEncoder, TextEncoder, VideoEncoder
+from jin.hypermodal import HypermodalEncoder
+
+from ..heads import build_head
+from .model import HypermodalJEPA, LossWeights
+from .predictor import HypermodalPredictor
+
+
+def _image(h: DictConfig, data: DictConfig, **block) -> ModalityEncoder:
+    return ImageEncoder(data.image_size, h.image.patch_size, **block)
+
+
+def _audio(h: DictConfig, data: DictConfig, **block) -> ModalityEncoder:
+    return AudioEncoder(data.n_mels, data.audio_frames, tuple(h.audio.patch), **block)
+
+
+def _text(h: DictConfig, data: DictConfig, **block) -> ModalityEncoder:
+    from ..data.multimodal import load_tokenizer
+
+    return TextEncoder(load_tokenizer().get_vocab_size(), data.text_length, causal=h.text.causal, **block)
+
+
+def _video(h: DictConfig, data: DictConfig, **block) -> ModalityEncoder:
+    return VideoEncoder(data.video_frames, data.video_size, tuple(h.video.tubelet), **block)
+
+
+def _points(h: DictConfig, data: DictConfig, **block) -> ModalityEncoder:
+    return PointEncoder(h.points.num_groups, h.points.group_size, **block)
+
+
+ENCODERS: dict[str, Callable[..., ModalityEncoder]] = {
+    "image": _image, "audio": _audio, "text": _text, "video": _video, "points": _points,
+}
+
+
+def build_modality_encoder(name: str, cfg: DictConfig) -> ModalityEncoder:
+    """The encoder of modality ``name`` as ``cfg.hypermodal`` and ``cfg.data`` size it."""
+    if name not in ENCODERS:
+        raise ValueError(f"unknown modality {name!r}; valid: {', '.join(ENCODERS)}")
+    h = cfg.hypermodal
+    return ENCODERS[name](h, cfg.data, dim=h.dim, depth=h.encoder_depth, num_heads=h.num_heads, mlp_ratio=h.mlp_ratio)
+
+
+def loss_weights(cfg: DictConfig) -> LossWeights:
+    o, p = cfg.hypermodal.objectives, cfg.hypermodal.predictor
+    return LossWeights(
+        within=o.within, cross=o.cross, joint=o.joint, energy=o.energy, energy_margin=o.energy_margin,
+        infonce=o.infonce, temperature=o.temperature, m3_alpha=cfg.hypermodal.m3.alpha, balance=p.moe_balance_weight,
+    )
+
+
+def build_hypermodal(cfg: DictConfig) -> HypermodalJEPA:
+    """Encoders of ``cfg.hypermodal.modalities``, the shared blocks, predictor and ``cfg.predictor`` head."""
+    h = cfg.hypermodal
+    encoder = HypermodalEncoder(
+        {m: build_modality_encoder(m, cfg) for m in h.modalities},
+        h.dim, h.depth, h.num_heads, h.mlp_ratio, h.drop_path_rate,
+    )
+    p = h.predictor
+    predictor = HypermodalPredictor(
+        h.dim, p.dim, p.depth, p.num_heads, p.mlp_ratio, p.moe_experts, p.moe_top_k,
+        num_gates=h.m3.gates if h.m3.enabled else 1,
+    )
+    head_cfg = OmegaConf.to_container(cfg.predictor, resolve=True)
+    head = build_head(head_cfg.pop("name"), dim=h.dim, cond_dim=p.dim, **head_cfg)
+    return HypermodalJEPA(encoder, predictor, head, h.embed_dim, loss_weights(cfg), m3=h.m3.enabled)

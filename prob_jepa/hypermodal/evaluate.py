@@ -1,0 +1,174 @@
+"""Evaluation of a hypermodal run: retrieval, zero-shot transfer, modality dropout, alignment energies."""
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any, Mapping, Sequence
+
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ..eval import first, plots, split
+from ..eval.cost import training_cost
+from ..eval.representation import linear_probe
+from ..run_dir import RunDir
+from .model import HypermodalJEPA
+from .objectives import pair_energy
+
+KS = (1, 5, 10)
+
+
+@torch.no_grad()
+def embed_dataset(
+    model: HypermodalJEPA, dataset: Dataset, batch_size: int, device: torch.device
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+    """Alignment embeddings ``{m: [N, E]}``, target-encoder features ``{m: [N, D]}`` (CPU, fp32) and labels ``[N]``."""
+    names = model.modalities
+    embeds: dict[str, list] = {m: [] for m in names}
+    feats: dict[str, list] = {m: [] for m in names}
+    labels = []
+    bf16 = device.type == "cuda"
+    for inputs, y in tqdm(DataLoader(dataset, batch_size=batch_size), desc="embeddings", leave=False):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            for m in names:
+                x = inputs[m].to(device)
+                embeds[m].append(model.embed(m, x).float().cpu())
+                feats[m].append(model.features(m, x).float().cpu())
+        labels.append(torch.as_tensor(y))
+    cat = lambda d: {m: torch.cat(v) for m, v in d.items()}  # noqa: E731
+    return cat(embeds), cat(feats), torch.cat(labels)
+
+
+def recall_at_k(query: torch.Tensor, gallery: torch.Tensor, ks: Sequence[int] = KS) -> dict[str, float]:
+    """Item ``i`` of ``query [N, E]`` should retrieve item ``i`` of ``gallery [N, E]`` (cosine similarity).
+
+    Returns ``R@k`` (share of queries whose match ranks in the top ``k``) and the median rank (1 = first).
+    """
+    sim = query @ gallery.T
+    rank = (sim > sim.diagonal()[:, None]).sum(1)  # how many items beat the true match
+    out = {f"R@{k}": (rank < k).float().mean().item() for k in ks}
+    out["median_rank"] = rank.float().median().item() + 1
+    return out
+
+
+def retrieval(embeds: Mapping[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    """Cross-modal retrieval in each direction of every pair: ``{"a->b": {R@1, R@5, R@10, median_rank}}``."""
+    return {f"{a}->{b}": recall_at_k(embeds[a], embeds[b]) for a, b in itertools.permutations(embeds, 2)}
+
+
+def zero_shot_transfer(train: Mapping[str, torch.Tensor], train_y: torch.Tensor, val: Mapping[str, torch.Tensor],
+                       val_y: torch.Tensor) -> dict[str, dict[str, float]]:
+    """A linear class probe fit on modality ``a``'s embeddings, scored on every modality ``b``'s: ``{a: {b: acc}}``.
+
+    The diagonal is the ordinary probe; off the diagonal the probe never saw modality ``b``.
+    """
+    names, n = list(val), len(val_y)
+    out = {}
+    for a in names:
+        probe = linear_probe(train[a], train_y, torch.cat([val[b] for b in names]), val_y.repeat(len(names)))
+        correct = (probe.logits.argmax(1) == val_y.repeat(len(names))).float()
+        out[a] = {b: correct[i * n:(i + 1) * n].mean().item() for i, b in enumerate(names)}
+    return out
+
+
+def dropout_robustness(train: Mapping[str, torch.Tensor], train_y: torch.Tensor, val: Mapping[str, torch.Tensor],
+                       val_y: torch.Tensor) -> dict[str, float]:
+    """Probe accuracy of the fused embedding (mean over modalities) when only ``k`` modalities are present.
+
+    The probe is fit on all modalities fused; ``{k: accuracy}`` averages over every subset of size ``k``.
+    """
+    names = list(val)
+    fuse = lambda d, subset: torch.nn.functional.normalize(torch.stack([d[m] for m in subset]).mean(0), dim=-1)  # noqa: E731
+    subsets = [s for k in range(len(names), 0, -1) for s in itertools.combinations(names, k)]
+    probe = linear_probe(fuse(train, names), train_y, torch.cat([fuse(val, s) for s in subsets]),
+                         val_y.repeat(len(subsets)))
+    correct = (probe.logits.argmax(1) == val_y.repeat(len(subsets))).float().view(len(subsets), -1).mean(1)
+    return {
+        str(k): correct[[i for i, s in enumerate(subsets) if len(s) == k]].mean().item()
+        for k in range(len(names), 0, -1)
+    }
+
+
+def alignment_energies(embeds: Mapping[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    """Mean JIN eq. 5 energy of matched pairs and of mismatched pairs, per modality pair."""
+    out = {}
+    for a, b in itertools.combinations(embeds, 2):
+        energy = pair_energy(embeds[a], embeds[b])
+        off = ~torch.eye(len(energy), dtype=torch.bool)
+        out[f"{a}-{b}"] = {"matched": energy.diagonal().mean().item(), "random": energy[off].mean().item()}
+    return out
+
+
+def retrieval_figure(table: Mapping[str, Mapping[str, float]], names: Sequence[str], path, chance: float):
+    """Heat map of R@1 for every (query, gallery) pair."""
+    grid = [[table[f"{a}->{b}"]["R@1"] if a != b else float("nan") for b in names] for a in names]
+    fig, ax = plots.plt.subplots(figsize=(5.2, 4.3))
+    plots.sns.heatmap(grid, annot=True, fmt=".2f", vmin=0, vmax=1, cmap="viridis", xticklabels=names,
+                      yticklabels=names, ax=ax)
+    ax.set(xlabel="gallery modality", ylabel="query modality", title=f"retrieval R@1 (chance {chance:.3f})")
+    return plots.save(fig, path)
+
+
+def transfer_figure(zero_shot, dropout, energies, path):
+    """Zero-shot transfer matrix, accuracy against present modalities, matched vs random energies."""
+    names = list(zero_shot)
+    fig, axes = plots.plt.subplots(1, 3, figsize=(15, 4.2))
+    plots.sns.heatmap([[zero_shot[a][b] for b in names] for a in names], annot=True, fmt=".2f", vmin=0, vmax=1,
+                      cmap="viridis", xticklabels=names, yticklabels=names, ax=axes[0])
+    axes[0].set(xlabel="evaluated on", ylabel="probe fit on", title="zero-shot class transfer")
+    ks = sorted(dropout, key=int)
+    axes[1].plot([int(k) for k in ks], [dropout[k] for k in ks], marker="o")
+    axes[1].set(xlabel="modalities present", ylabel="probe accuracy (fused)", ylim=(0, 1), title="modality dropout")
+    pairs = list(energies)
+    x = range(len(pairs))
+    axes[2].bar([i - 0.2 for i in x], [energies[p]["matched"] for p in pairs], 0.4, label="matched")
+    axes[2].bar([i + 0.2 for i in x], [energies[p]["random"] for p in pairs], 0.4, label="random")
+    axes[2].set_xticks(list(x), pairs, rotation=60, fontsize=7)
+    axes[2].set(ylabel="energy (1 − cos)", title="alignment energy (JIN eq. 5)")
+    axes[2].legend()
+    return plots.save(fig, path)
+
+
+def evaluate_hypermodal(
+    model: HypermodalJEPA, cfg: DictConfig, train_set: Dataset, val_set: Dataset | None, run: RunDir,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Retrieval R@1/5/10 in each direction, zero-shot transfer, modality dropout, energies, per-modality probes.
+
+    Writes ``eval.json`` and ``plots/retrieval.png``, ``plots/transfer.png``, ``plots/training_curves.png``.
+    """
+    model.eval()
+    e = cfg.eval
+    if val_set is None:
+        train_set, val_set = split(train_set)
+    train_set, val_set = first(train_set, e.probe_train_size), first(val_set, e.probe_val_size)
+    tic = time.perf_counter()
+    train_z, train_f, train_y = embed_dataset(model, train_set, e.batch_size, device)
+    val_z, val_f, val_y = embed_dataset(model, val_set, e.batch_size, device)
+    table = retrieval(val_z)
+    probes = {m: linear_probe(train_f[m], train_y, val_f[m], val_y).accuracy for m in val_f}
+    metrics: dict[str, Any] = {
+        "representation": {
+            "mean_R@1": sum(r["R@1"] for r in table.values()) / len(table),
+            "min_R@1": min(r["R@1"] for r in table.values()),
+            "chance_R@1": 1 / len(val_y),
+            **{f"linear_probe/{m}": acc for m, acc in probes.items()},
+        },
+        "retrieval": table,
+        "retrieval_gallery": len(val_y),
+        "zero_shot": zero_shot_transfer(train_z, train_y, val_z, val_y),
+        "modality_dropout": dropout_robustness(train_z, train_y, val_z, val_y),
+        "energy": alignment_energies(val_z),
+    }
+    records = run.read_metrics()
+    if records:
+        metrics["cost"] = training_cost(records, cfg.trainer.batch_size)
+        metrics["train"] = {"final_loss": records[-1]["loss"], "steps": records[-1]["step"]}
+        plots.training_curves({run.path.name: records}, run.plots / "training_curves.png")
+    metrics["timings"] = {"eval_s": time.perf_counter() - tic}
+    run.write_eval(metrics)
+    retrieval_figure(table, model.modalities, run.plots / "retrieval.png", 1 / len(val_y))
+    transfer_figure(metrics["zero_shot"], metrics["modality_dropout"], metrics["energy"], run.plots / "transfer.png")
+    return metrics

@@ -1,0 +1,59 @@
+"""Block masks for any modality, drawn from token coordinates."""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+
+
+class ModalityMask(NamedTuple):
+    """context: ``[B, Kc]`` token indices; targets: ``[B, M, Kt]`` (M blocks of Kt tokens)."""
+
+    context: torch.Tensor
+    targets: torch.Tensor
+
+    def to(self, device: torch.device) -> "ModalityMask":
+        return ModalityMask(self.context.to(device), self.targets.to(device))
+
+
+def coordinate_block_masks(
+    coords: torch.Tensor,
+    weights: Sequence[float],
+    num_targets: int,
+    target_size: int,
+    generator: torch.Generator,
+) -> ModalityMask:
+    """I-JEPA's multi-block masking for tokens that only have coordinates.
+
+    Each of the ``M`` target blocks is the ``Kt`` tokens nearest to a random centre token
+    under the weighted L∞ distance ``max_k w_k |c_k − c'_k|`` — a square patch of an
+    image, a time-frequency rectangle of a spectrogram (A-JEPA), a span of text
+    (``w = (1, 0, 0)``), a tube through a clip (``w = (1, 1, 0)`` on ``(x, y, t)``, V-JEPA)
+    or a ball-like patch of a point cloud. The context is every other token, less a random
+    few when blocks overlap, so that its size ``N − M·Kt`` is the same for every sample.
+    Vectorized over the batch and the blocks.
+
+    Args:
+        coords: ``[B, N, 3]`` token coordinates.
+        weights: per-axis distance weights (0 ignores an axis).
+    Returns:
+        :class:`ModalityMask` with context ``[B, N − M·Kt]`` (sorted) and targets ``[B, M, Kt]``.
+    """
+    B, N, _ = coords.shape
+    if num_targets * target_size >= N:
+        raise ValueError(f"{num_targets} target blocks of {target_size} tokens leave no context among {N} tokens")
+    coords = coords.double().cpu()  # float64: the tie-breaking jitter below must not round away
+    centre = torch.randint(N, (B, num_targets), generator=generator)
+    c = coords.gather(1, centre[..., None].expand(-1, -1, 3))  # [B, M, 3]
+    w = torch.tensor([float(v) for v in weights], dtype=torch.float64)
+    dist = ((coords[:, None] - c[:, :, None]).abs() * w).amax(-1)  # [B, M, N]
+    # Random order among equidistant tokens, the same for tokens that differ only along an ignored axis
+    # (a tube's frames), so a block of k·frames tokens is k whole tubes.
+    seen = coords * (w > 0)
+    jitter = ((seen[:, None] * torch.rand(B, num_targets, 1, 3, generator=generator, dtype=torch.float64)).sum(-1) * 1e3).frac()
+    dist = dist + 1e-6 * jitter
+    targets = dist.topk(target_size, dim=-1, largest=False).indices
+    hidden = torch.zeros(B, N).scatter_(1, targets.flatten(1), 1.0)
+    score = torch.rand(B, N, generator=generator) + 2 * hidden  # hidden tokens rank last
+    context = score.topk(N - num_targets * target_size, dim=1, largest=False).indices.sort(1).values
+    return ModalityMask(context, targets)

@@ -1,0 +1,103 @@
+"""Cross-modal objectives: energy-based alignment (JIN eq. 5-6), InfoNCE, and which predictions a step makes."""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+
+PHASES = ("single", "cross", "full")
+
+
+def pair_energy(za: torch.Tensor, zb: torch.Tensor) -> torch.Tensor:
+    """JIN eq. 5: energy of every pair ``E[i, j] = ½‖ẑ_a,i − ẑ_b,j‖² = 1 − cos`` ``[B, B]`` (lower = compatible).
+
+    ``za``, ``zb``: ``[B, E]`` embeddings of the same ``B`` scenes in two modalities (L2-normalized here).
+    """
+    return 1.0 - F.normalize(za, dim=-1) @ F.normalize(zb, dim=-1).T
+
+
+def energy_alignment(za: torch.Tensor, zb: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
+    """JIN eq. 6: pull matched pairs' energy down, push mismatched pairs above ``margin``.
+
+    ``mean_i E[i, i] + mean_{i≠j} max(0, margin − E[i, j])`` — the contrastive energy loss
+    of LeCun et al. (2006) over in-batch negatives. The JIN paper's exact equations were not
+    available to us; this is our reading of "energy-based alignment".
+    """
+    energy = pair_energy(za, zb)
+    off = ~torch.eye(len(energy), dtype=torch.bool, device=energy.device)
+    return energy.diagonal().mean() + F.relu(margin - energy[off]).mean()
+
+
+def info_nce(za: torch.Tensor, zb: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
+    """Symmetric InfoNCE (CLIP) over the batch: ``[B, E]`` × ``[B, E]`` → scalar."""
+    logits = F.normalize(za, dim=-1) @ F.normalize(zb, dim=-1).T / temperature
+    labels = torch.arange(len(logits), device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+class Task(NamedTuple):
+    """Predict ``target``'s masked tokens from the context tokens of ``sources``; ``kind`` names the loss term."""
+
+    sources: tuple[str, ...]
+    target: str
+    kind: str  # "within" | "cross" | "joint" | "m3"
+
+
+def plan_tasks(present: Sequence[str], phase: str, step: int) -> list[Task]:
+    """The predictions of one step.
+
+    ``single``: each modality from its own context (within-modality JEPA). ``cross`` adds
+    cross-modal JEPA: modality ``i`` predicts modality ``i + 1 + step mod (n − 1)`` of the
+    present ones, so every ordered pair recurs. ``full`` adds the joint prediction of every
+    modality from the context of all present modalities.
+    """
+    if phase not in PHASES:
+        raise ValueError(f"unknown phase {phase!r}; valid: {', '.join(PHASES)}")
+    n = len(present)
+    tasks = [Task((m,), m, "within") for m in present]
+    if phase in ("cross", "full") and n > 1:
+        shift = 1 + step % (n - 1)
+        tasks += [Task((m,), present[(i + shift) % n], "cross") for i, m in enumerate(present)]
+    if phase == "full" and n > 1:
+        tasks += [Task(tuple(present), m, "joint") for m in present]
+    return tasks
+
+
+def m3_tasks(present: Sequence[str], step: int, num_gates: int = 2) -> tuple[list[Task], int]:
+    """M3-JEPA's alternating directional tasks and the gate that routes them.
+
+    Step ``s`` trains direction group ``g = s mod num_gates``: with two gates, group 0 is every
+    ``a → b`` with ``a`` before ``b`` in ``present`` and group 1 the reverse directions, each
+    routed through its own gate of the mixture-of-experts predictor.
+    """
+    g = step % num_gates
+    pairs = [(a, b) for i, a in enumerate(present) for j, b in enumerate(present) if i != j]
+    chosen = [(a, b) for a, b in pairs if (present.index(a) > present.index(b)) == bool(g % 2)]
+    return [Task((a,), b, "m3") for a, b in chosen], g
+
+
+def phase_at(step: int, total: int, curriculum: Sequence[Sequence] | None) -> str:
+    """The curriculum phase at ``step`` (Jin: single-modality → cross-modal → full).
+
+    ``curriculum``: ``[[phase, until_fraction], ...]`` in order; ``None`` trains ``full`` throughout.
+    """
+    if not curriculum:
+        return "full"
+    for phase, until in curriculum:
+        if phase not in PHASES:
+            raise ValueError(f"unknown curriculum phase {phase!r}; valid: {', '.join(PHASES)}")
+        if step < float(until) * total:
+            return str(phase)
+    return str(curriculum[-1][0])
+
+
+def modality_dropout(modalities: Sequence[str], p: float, generator: torch.Generator, keep: int = 2) -> list[str]:
+    """Each modality left out with probability ``p``; at least ``keep`` stay (chosen at random when too few do)."""
+    n = len(modalities)
+    draws = torch.rand(n, generator=generator)
+    kept = draws >= p
+    if int(kept.sum()) < min(keep, n):
+        kept = torch.zeros(n, dtype=torch.bool)
+        kept[draws.argsort(descending=True)[: min(keep, n)]] = True
+    return [m for m, k in zip(modalities, kept.tolist()) if k]

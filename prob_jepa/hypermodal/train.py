@@ -1,0 +1,77 @@
+"""The hypermodal trainer: the JEPA trainer's loop with per-modality masks, tasks and modality dropout."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+from jin.layers import Stage
+
+from ..data import seed_for
+from ..distributed import wrap_model
+from ..model import StepOutput
+from ..train import Trainer
+from .build import build_hypermodal
+from .masks import coordinate_block_masks
+from .model import HypermodalJEPA
+from .objectives import m3_tasks, modality_dropout, phase_at, plan_tasks
+
+
+class HypermodalTrainer(Trainer):
+    """Trains :class:`HypermodalJEPA` on batches of ``({modality: tensor}, label)``.
+
+    Each step draws, from one generator seeded by (seed, rank, step, micro-batch): the
+    modalities that take part (modality dropout, in the ``full`` phase), then a block mask
+    per modality from its token coordinates. The curriculum phase
+    (``hypermodal.curriculum``) decides which predictions are made; with ``hypermodal.m3``
+    the step instead trains M3-JEPA's directional task ``step mod gates`` through its gate.
+    """
+
+    model: HypermodalJEPA
+    # A parameter that has had no gradient yet (a modality left out of every step so far) has no AdamW state.
+    optimizer_load_options = StateDictOptions(full_state_dict=True, strict=False)
+
+    def build_model(self) -> HypermodalJEPA:
+        return build_hypermodal(self.cfg)
+
+    def enable_grad_checkpointing(self) -> None:
+        for module in self.model.modules():
+            if isinstance(module, Stage):
+                module.grad_checkpointing = True
+
+    def setup_masks(self) -> None:
+        h = self.cfg.hypermodal
+        missing = [m for m in h.modalities if m not in h.mask]
+        if missing:
+            raise ValueError(f"hypermodal.mask has no entry for {missing}; it has {', '.join(h.mask)}")
+
+    def wrap(self, strategy: str) -> nn.Module:
+        if self.info.distributed and strategy != "ddp":
+            raise ValueError(f"the hypermodal model trains with trainer.strategy=ddp, not {strategy!r}")
+        # modality dropout leaves some encoders out of a step: DDP must not wait for their gradients
+        return wrap_model(self.model, self.info, strategy, find_unused_parameters=True)
+
+    def forward_micro(self, batch, m: int) -> StepOutput:
+        inputs, _ = batch
+        h = self.cfg.hypermodal
+        g = torch.Generator().manual_seed(seed_for(self.cfg.seed, self.info.rank, self.step, m))
+        phase = phase_at(self.step, self.total_steps, h.curriculum)
+        present = [n for n in self.model.modalities if n in inputs]
+        if phase == "full" and h.modality_dropout > 0:
+            present = modality_dropout(present, h.modality_dropout, g)
+        if h.m3.enabled:
+            tasks, gate = m3_tasks(present, self.step, h.m3.gates)
+        else:
+            tasks, gate = plan_tasks(present, phase, self.step), 0
+            tasks = [t for t in tasks if h.objectives[t.kind] > 0]  # a term weighted 0 costs nothing
+        masks = {}
+        for name in present:
+            spec = h.mask[name]
+            coords = self.model.token_coords(name, inputs[name])
+            weights = self.model.context_encoder.encoder(name).mask_weights
+            masks[name] = coordinate_block_masks(coords, weights, spec.num_targets, spec.target_size, g)
+        device = self.info.device
+        inputs = {n: inputs[n].to(device, non_blocking=True) for n in present}
+        masks = {n: mk.to(device) for n, mk in masks.items()}
+        with self.autocast():
+            return self.net(inputs, masks, tasks, gate, align=phase != "single")

@@ -1,0 +1,219 @@
+"""The hypermodal JEPA: add_modality invariance, task isolation, gates, alignment, retrieval, end to end."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from prob_jepa.data.multimodal import MultimodalSpec, PairedShapes
+from prob_jepa.hypermodal import (
+    build_hypermodal, build_modality_encoder, coordinate_block_masks, energy_alignment, m3_tasks, modality_dropout,
+    pair_energy, phase_at, plan_tasks,
+)
+from prob_jepa.hypermodal.evaluate import recall_at_k
+from prob_jepa.run_dir import RunDir
+from prob_jepa.train import pretrain
+
+MODALITIES = ["image", "audio", "text", "video", "points"]
+SMALL = [
+    "experiment=hypermodal_shapes",
+    "data.train_size=128",
+    "data.val_size=64",
+    "hypermodal.dim=24",
+    "hypermodal.depth=1",
+    "hypermodal.num_heads=2",
+    "hypermodal.embed_dim=16",
+    "hypermodal.points.group_size=8",
+    "hypermodal.predictor.dim=24",
+    "hypermodal.predictor.depth=1",
+    "hypermodal.predictor.num_heads=2",
+    "trainer.batch_size=32",
+    "trainer.epochs=2",
+    "trainer.log_every=1",
+    "trainer.progress=false",
+    "eval.batch_size=64",
+]
+
+
+@pytest.fixture(scope="module")
+def scenes() -> PairedShapes:
+    return PairedShapes(64, seed=5, spec=MultimodalSpec(num_points=128))
+
+
+def batch(scenes: PairedShapes, n: int, modalities=MODALITIES, start: int = 0) -> dict[str, torch.Tensor]:
+    items = [scenes[i][0] for i in range(start, start + n)]
+    return {m: torch.stack([it[m] for it in items]) for m in modalities}
+
+
+def masks_for(model, inputs, cfg, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for m, x in inputs.items():
+        spec = cfg.hypermodal.mask[m]
+        weights = model.context_encoder.encoder(m).mask_weights
+        out[m] = coordinate_block_masks(model.token_coords(m, x), weights, spec.num_targets, spec.target_size, g)
+    return out
+
+
+def small_model(compose, *overrides):
+    cfg = compose(*SMALL, *overrides)
+    torch.manual_seed(0)
+    return build_hypermodal(cfg).eval(), cfg
+
+
+def test_add_modality_at_run_time_leaves_every_existing_output_bit_for_bit(compose, scenes):
+    model, cfg = small_model(compose, "data.modalities=[image,text]")
+    x = batch(scenes, 8, MODALITIES)
+    old = {m: x[m] for m in ("image", "text")}
+    masks = masks_for(model, old, cfg)
+    tasks = plan_tasks(["image", "text"], "full", step=0)
+    before = model(old, masks, tasks)
+    embeds = {m: model.embed(m, old[m]) for m in old}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # a run in progress
+
+    new = model.add_modality("audio", build_modality_encoder("audio", cfg))
+    assert model.modalities == ["image", "text", "audio"] == model.target_encoder.modalities
+    after = model(old, masks, tasks)
+    assert torch.equal(after.loss, before.loss) and after.terms.keys() == before.terms.keys()
+    assert all(torch.equal(after.terms[k], before.terms[k]) for k in before.terms)
+    assert all(torch.equal(model.embed(m, old[m]), embeds[m]) for m in old)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    target_row = model.target_encoder.modality_embed("audio")
+    assert torch.equal(target_row, model.context_encoder.modality_embed("audio")) and not target_row.requires_grad
+
+    # the new modality trains: its parameters join the optimizer and receive gradients
+    model.train()
+    opt.add_param_group({"params": new})
+    three = {**old, "audio": x["audio"]}
+    out = model(three, masks_for(model, three, cfg), plan_tasks(list(three), "full", step=0))
+    out.loss.backward()
+    assert all(p.grad is not None for p in new)
+    snapshot = [p.detach().clone() for p in new]
+    opt.step()
+    assert any(not torch.equal(p, s) for p, s in zip(new, snapshot))
+
+
+def test_tasks_read_only_their_source_modalities(compose, scenes):
+    model, cfg = small_model(compose)
+    x = batch(scenes, 4)
+    masks = masks_for(model, x, cfg)
+    tasks = plan_tasks(MODALITIES, "full", step=0)
+    other = dict(x, audio=batch(scenes, 4, start=20)["audio"])  # change only the audio
+    ctx = lambda inp: {m: model.context_encoder(m, inp[m], masks[m].context).features for m in MODALITIES}  # noqa: E731
+    coords = {m: model.target_encoder(m, x[m]).coords for m in MODALITIES}
+    a = model.predict(ctx(x), coords, masks, tasks, gate=0)
+    b = model.predict(ctx(other), coords, masks, tasks, gate=0)
+    for task, ca, cb in zip(tasks, a, b):
+        assert torch.equal(ca, cb) == ("audio" not in task.sources), task
+
+
+def test_each_gate_routes_its_own_task_direction(compose, scenes):
+    model, cfg = small_model(compose, "hypermodal.m3.enabled=true", "hypermodal.predictor.moe_experts=4")
+    x = batch(scenes, 4, ["image", "text"])
+    masks = masks_for(model, x, cfg)
+    (t0, g0), (t1, g1) = m3_tasks(["image", "text"], step=0), m3_tasks(["image", "text"], step=1)
+    assert (g0, g1) == (0, 1)
+    assert [(t.sources, t.target) for t in t0 + t1] == [(("image",), "text"), (("text",), "image")]
+    ctx = {m: model.context_encoder(m, x[m], masks[m].context).features for m in x}
+    coords = {m: model.target_encoder(m, x[m]).coords for m in x}
+    via0, via1 = (model.predict(ctx, coords, masks, t0, gate=g)[0] for g in (0, 1))
+    assert not torch.allclose(via0, via1)
+    out = model(x, masks, t0, gate=0)
+    assert {"jepa/m3", "m3/contrastive", "moe_balance", "energy", "infonce"} <= out.terms.keys()
+    alpha = cfg.hypermodal.m3.alpha
+    expected = (1 - alpha) * out.terms["m3/contrastive"] + alpha * out.terms["jepa/m3"]
+    expected += 0.1 * out.terms["energy"] + out.terms["infonce"] + 0.01 * out.terms["moe_balance"]
+    assert torch.allclose(out.loss, expected)
+    with pytest.raises(ValueError, match="mixture of experts"):
+        small_model(compose, "hypermodal.m3.enabled=true")
+
+
+def test_curriculum_phases_and_modality_dropout():
+    curriculum = [["single", 0.2], ["cross", 0.5], ["full", 1.0]]
+    assert [phase_at(s, 100, curriculum) for s in (0, 19, 20, 49, 50, 99)] == ["single"] * 2 + ["cross"] * 2 + ["full"] * 2
+    assert phase_at(0, 100, None) == "full"
+    kinds = lambda phase: sorted({t.kind for t in plan_tasks(MODALITIES, phase, 0)})  # noqa: E731
+    assert kinds("single") == ["within"] and kinds("cross") == ["cross", "within"]
+    assert kinds("full") == ["cross", "joint", "within"]
+    pairs = {(t.sources[0], t.target) for s in range(4) for t in plan_tasks(MODALITIES, "cross", s) if t.kind == "cross"}
+    assert len(pairs) == 20  # every ordered pair within n − 1 steps
+    with pytest.raises(ValueError, match="valid: single, cross, full"):
+        phase_at(0, 10, [["warmup", 1.0]])
+    kept = [modality_dropout(MODALITIES, 0.5, torch.Generator().manual_seed(s)) for s in range(200)]
+    assert min(map(len, kept)) == 2 and max(map(len, kept)) == 5
+    assert kept[:5] == [modality_dropout(MODALITIES, 0.5, torch.Generator().manual_seed(s)) for s in range(5)]
+    assert sum(map(len, kept)) / 200 == pytest.approx(2.5 + 0.5, abs=0.4)  # 5 × (1 − p), raised to at least 2
+
+
+def test_energy_alignment_separates_matched_from_random_pairs_after_training(compose):
+    model, cfg = small_model(compose, "data.modalities=[image,audio,text]")
+    data = PairedShapes(128, seed=3, modalities=["image", "audio", "text"])
+    x = {m: torch.stack([data[i][0][m] for i in range(128)]) for m in ("image", "audio", "text")}
+
+    def energies():
+        with torch.no_grad():
+            z = {m: model.embed(m, v) for m, v in x.items()}
+        e = pair_energy(z["image"], z["audio"]), pair_energy(z["image"], z["text"])
+        off = ~torch.eye(128, dtype=torch.bool)
+        return [(m.diagonal().mean().item(), m[off].mean().item()) for m in e]
+
+    untrained = energies()
+    assert all(abs(matched - random) < 0.05 for matched, random in untrained)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        rows = torch.randperm(128, generator=g)[:32]
+        inp = {m: v[rows] for m, v in x.items()}
+        z = {m: model.proj(model.context_encoder(m, inp[m]).features.mean(1)) for m in inp}
+        loss = energy_alignment(z["image"], z["audio"]) + energy_alignment(z["image"], z["text"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    for matched, random in energies():
+        assert matched < random - 0.25, (matched, random)
+
+
+def test_recall_at_k():
+    z = torch.nn.functional.normalize(torch.randn(200, 16, generator=torch.Generator().manual_seed(0)), dim=1)
+    perfect = recall_at_k(z, z)
+    assert perfect == {"R@1": 1.0, "R@5": 1.0, "R@10": 1.0, "median_rank": 1.0}
+    shuffled = recall_at_k(z, z[torch.randperm(200, generator=torch.Generator().manual_seed(1))])
+    assert shuffled["R@1"] < 0.05 and shuffled["R@10"] < 0.15 and shuffled["median_rank"] > 50
+
+
+@pytest.mark.slow
+def test_hypermodal_run_end_to_end_and_resumes_exactly(compose, tmp_path):
+    cfg = compose(*SMALL, "trainer.max_steps=3", "eval.enabled=false")
+    stopped = pretrain(cfg, run_dir=tmp_path / "resumed")
+    assert (stopped.status, stopped.step) == ("stopped", 3)
+    resumed = pretrain(compose(*SMALL), run_dir=tmp_path / "resumed")
+    straight = pretrain(compose(*SMALL), run_dir=tmp_path / "straight")
+    assert resumed.step == straight.step == 8
+    loss = lambda r: {x["step"]: x["loss"] for x in RunDir(r.run_dir).read_metrics()}  # noqa: E731
+    assert loss(resumed) == loss(straight)
+    metrics = json.loads((straight.run_dir / "eval.json").read_text())
+    pairs = [f"{a}->{b}" for a in MODALITIES for b in MODALITIES if a != b]
+    assert sorted(metrics["retrieval"]) == sorted(pairs)
+    assert all(set(r) == {"R@1", "R@5", "R@10", "median_rank"} for r in metrics["retrieval"].values())
+    assert set(metrics["zero_shot"]) == set(MODALITIES) and set(metrics["modality_dropout"]) == set("12345")
+    assert metrics["representation"]["chance_R@1"] == 1 / 64
+    for png in ("retrieval.png", "transfer.png", "training_curves.png"):
+        assert (straight.run_dir / "plots" / png).stat().st_size > 10_000
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["hypermodal_curriculum", "hypermodal_m3"])
+def test_hypermodal_presets_train(compose, tmp_path, preset):
+    overrides = [o for o in SMALL if not o.startswith("experiment=")]
+    result = pretrain(compose(f"experiment={preset}", *overrides, "eval.enabled=false"), run_dir=tmp_path)
+    records = RunDir(result.run_dir).read_metrics()
+    assert result.status == "completed" and len(records) == 8
+    if preset == "hypermodal_m3":
+        assert all("jepa/m3" in r and "moe_balance" in r for r in records)
+    else:  # single-modality steps first, then cross-modal, then full
+        assert "jepa/cross" not in records[0] and "energy" not in records[0]
+        assert "jepa/cross" in records[-1] and "jepa/joint" in records[-1]

@@ -1,0 +1,150 @@
+"""Modality encoders: token shapes and coordinates, the growable modality table, block masks."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from jin.encoders import AudioEncoder, ImageEncoder, PointEncoder, TextEncoder, VideoEncoder, farthest_point_sample
+from jin.hypermodal import HypermodalEncoder
+from prob_jepa.hypermodal import coordinate_block_masks
+
+D, B = 24, 3
+
+
+def encoders() -> dict:
+    torch.manual_seed(0)
+    return {
+        "image": ImageEncoder(16, 4, D, num_heads=2),
+        "audio": AudioEncoder(8, 16, (4, 4), D, num_heads=2),
+        "text": TextEncoder(50, 8, D, num_heads=2),
+        "video": VideoEncoder(4, 16, (2, 8), D, num_heads=2),
+        "points": PointEncoder(8, 6, D, num_heads=2),
+    }
+
+
+def inputs() -> dict:
+    g = torch.Generator().manual_seed(1)
+    return {
+        "image": torch.randn(B, 3, 16, 16, generator=g),
+        "audio": torch.randn(B, 8, 16, generator=g),
+        "text": torch.randint(0, 50, (B, 8), generator=g),
+        "video": torch.randn(B, 4, 3, 16, 16, generator=g),
+        "points": torch.rand(B, 64, 3, generator=g),
+    }
+
+
+def test_each_encoder_yields_tokens_with_their_coordinates():
+    enc, x = encoders(), inputs()
+    expected_tokens = {"image": 16, "audio": 8, "text": 8, "video": 8, "points": 8}
+    out = {m: enc[m](x[m]) for m in enc}
+    for m, tokens in out.items():
+        assert tokens.features.shape == (B, expected_tokens[m], D) == (B, enc[m].num_tokens, D), m
+        assert tokens.coords.shape == (B, expected_tokens[m], 3), m
+        assert torch.isfinite(tokens.features).all(), m
+    image = out["image"].coords[0]  # (x, y, scale): a 4×4 grid of patch centres, row-major
+    assert torch.allclose(image[:4, 0], torch.tensor([0.125, 0.375, 0.625, 0.875]))
+    assert torch.allclose(image[::4, 1], torch.tensor([0.125, 0.375, 0.625, 0.875])) and (image[:, 2] == -2).all()
+    audio = out["audio"].coords[0]  # (time, frequency, 0): 2 mel rows × 4 time columns
+    assert torch.allclose(audio[:4, 0], torch.tensor([0.125, 0.375, 0.625, 0.875])) and audio[:4, 1].eq(0.25).all()
+    assert audio[4:, 1].eq(0.75).all()
+    text = out["text"].coords[0]
+    assert torch.allclose(text[:, 0], (torch.arange(8) + 0.5) / 8) and text[:, 1:].eq(0).all()
+    video = out["video"].coords[0]  # (x, y, t): two time steps of a 2×2 grid of tubelets
+    assert video[:4, 2].eq(0.25).all() and video[4:, 2].eq(0.75).all()
+    assert torch.equal(video[:4, :2], video[4:, :2])
+    points, centres = x["points"], out["points"].coords  # patch centres are points of the cloud
+    assert ((centres[:, :, None] - points[:, None]).abs().sum(-1).amin(-1) == 0).all()
+
+
+def test_patches_see_their_own_region():
+    enc, x = encoders(), inputs()
+    image = enc["image"]
+    x2 = x["image"].clone()
+    x2[:, :, :4, :4] += 1.0  # only the first patch's pixels
+    changed = (image.embed(x2) - image.embed(x["image"])).abs().amax(-1) > 0
+    assert changed[:, 0].all() and not changed[:, 1:].any()
+    audio = enc["audio"]
+    a2 = x["audio"].clone()
+    a2[:, 4:, 12:] += 1.0  # the highest mel bands of the last frames
+    changed = (audio.embed(a2) - audio.embed(x["audio"])).abs().amax(-1) > 0
+    assert changed[:, 7].all() and not changed[:, :7].any()
+
+
+def test_keep_selects_tokens_and_causal_text_ignores_later_tokens():
+    enc, x = encoders(), inputs()
+    keep = torch.tensor([[0, 2, 5]] * B)
+    full = enc["image"].token_coords(x["image"])
+    assert torch.equal(enc["image"](x["image"], keep).coords, full[:, [0, 2, 5]])
+    torch.manual_seed(0)
+    causal = TextEncoder(50, 8, D, num_heads=2, causal=True).eval()
+    later = x["text"].clone()
+    later[:, 5:] = (later[:, 5:] + 1) % 50
+    a, b = causal(x["text"]).features, causal(later).features
+    assert torch.allclose(a[:, :5], b[:, :5], atol=1e-6) and not torch.allclose(a[:, 5:], b[:, 5:])
+    bidirectional = enc["text"].eval()
+    assert not torch.allclose(bidirectional(x["text"]).features[:, :5], bidirectional(later).features[:, :5])
+
+
+def test_farthest_point_sampling_spreads_the_centres():
+    g = torch.Generator().manual_seed(0)
+    points = torch.rand(4, 512, 3, generator=g)
+    idx = farthest_point_sample(points, 16)
+    assert idx.shape == (4, 16) and all(len(set(row.tolist())) == 16 for row in idx)
+    centres = points.gather(1, idx[..., None].expand(-1, -1, 3))
+    spread = lambda c: (torch.cdist(c, c) + 9 * torch.eye(16)).amin((1, 2))  # noqa: E731
+    random = points[:, :16]
+    assert (spread(centres) > spread(random)).all()
+
+
+def test_encoder_input_errors_are_clear():
+    with pytest.raises(ValueError, match="must divide"):
+        AudioEncoder(10, 16, (4, 4), D)
+    with pytest.raises(ValueError, match="takes 8"):
+        TextEncoder(50, 8, D)(torch.zeros(2, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match="at least"):
+        PointEncoder(8, 6, D)(torch.rand(2, 5, 3))
+
+
+def test_add_modality_grows_the_table_and_leaves_existing_outputs_bit_for_bit():
+    enc, x = encoders(), inputs()
+    model = HypermodalEncoder({"image": enc["image"], "text": enc["text"]}, D, 2, 2).eval()
+    before = {m: model(m, x[m]).features for m in ("image", "text")}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    new = model.add_modality("audio", enc["audio"])
+    assert model.modality_embed.names == ["image", "text", "audio"]
+    assert {id(p) for p in new} == {id(model.modality_embed.rows["audio"]), *map(id, enc["audio"].parameters())}
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in state.items())
+    for m in ("image", "text"):
+        assert torch.equal(model(m, x[m]).features, before[m]), m
+    assert model("audio", x["audio"]).features.shape == (B, 8, D)
+    with pytest.raises(ValueError, match="already exists"):
+        model.add_modality("audio", enc["audio"])
+    with pytest.raises(KeyError, match="modalities: image, text, audio"):
+        model("smell", x["audio"])
+    with pytest.raises(ValueError, match="width"):
+        model.add_modality("video", VideoEncoder(4, 16, (2, 8), 12, num_heads=2))
+
+
+def test_block_masks_are_disjoint_fixed_size_and_follow_the_modality_geometry():
+    enc, x = encoders(), inputs()
+    g = torch.Generator().manual_seed(0)
+    for m, e in enc.items():
+        coords = e.token_coords(x[m])
+        n = coords.shape[1]
+        mask = coordinate_block_masks(coords, e.mask_weights, 2, 2, g)
+        assert mask.context.shape == (B, n - 4) and mask.targets.shape == (B, 2, 2)
+        for b in range(B):
+            assert not set(mask.context[b].tolist()) & set(mask.targets[b].flatten().tolist()), m
+    text = torch.linspace(0, 1, 32)[None, :, None].expand(64, -1, 3) * torch.tensor([1.0, 0, 0])
+    spans = coordinate_block_masks(text, (1, 0, 0), 2, 5, g).targets.sort(-1).values
+    assert (spans.diff(dim=-1) == 1).all()  # a text block is a contiguous span
+    video = VideoEncoder(4, 32, (1, 8), D, num_heads=2).token_coords(torch.zeros(64, 4, 3, 32, 32))
+    tubes = coordinate_block_masks(video, (1, 1, 0), 1, 8, g).targets[:, 0]  # 4 frames × 2 positions
+    xy = video[0, :, :2][tubes]  # [64, 8, 2]
+    assert all(len({tuple(p) for p in row.tolist()}) == 2 for row in xy)  # tubes through every frame
+    again = coordinate_block_masks(video, (1, 1, 0), 1, 8, torch.Generator().manual_seed(0))
+    first = coordinate_block_masks(video, (1, 1, 0), 1, 8, torch.Generator().manual_seed(0))
+    assert torch.equal(again.targets, first.targets) and torch.equal(again.context, first.context)
+    with pytest.raises(ValueError, match="no context"):
+        coordinate_block_masks(video, (1, 1, 0), 4, 16, g)
