@@ -148,3 +148,23 @@ def test_block_masks_are_disjoint_fixed_size_and_follow_the_modality_geometry():
     assert torch.equal(again.targets, first.targets) and torch.equal(again.context, first.context)
     with pytest.raises(ValueError, match="no context"):
         coordinate_block_masks(video, (1, 1, 0), 4, 16, g)
+
+
+def test_video_temporal_levels_cover_the_clip_at_each_resolution():
+    torch.manual_seed(0)
+    video = VideoEncoder(4, 16, (1, 8), D, num_heads=2, temporal_levels=3)  # tokens of 1, 2 and 4 frames
+    clip = torch.randn(B, 4, 3, 16, 16)
+    tokens = video(clip)
+    assert tokens.features.shape == (B, (4 + 2 + 1) * 4, D) == (B, video.num_tokens, D)
+    t = tokens.coords[0, :, 2]
+    assert torch.equal(t[:16:4], torch.tensor([0.125, 0.375, 0.625, 0.875]))  # level 0: one frame each
+    assert torch.equal(t[16:24:4], torch.tensor([0.25, 0.75])) and t[24:].eq(0.5).all()
+    later = clip.clone()
+    later[:, 3] += 1.0  # only the last frame changes: level 0 tokens of frames 0-2 do not see it
+    changed = (video.embed(later) - video.embed(clip)).abs().amax(-1)[0] > 0
+    assert not changed[:12].any() and changed[12:16].all() and not changed[16:20].any() and changed[20:].all()
+    mask = coordinate_block_masks(tokens.coords, video.mask_weights, 1, 7, torch.Generator().manual_seed(0))
+    xy = tokens.coords[0, mask.targets[0, 0], :2]
+    assert (xy == xy[0]).all()  # one place, through every frame and every level
+    with pytest.raises(ValueError, match="temporal level"):
+        VideoEncoder(4, 16, (2, 8), D, temporal_levels=3)

@@ -1,48 +1,71 @@
-"""Video as tubelets (V-JEPA): coordinates ``(x, y, t)``."""
+"""Video as tubelets (V-JEPA) at one or more temporal levels: coordinates ``(x, y, t)``."""
 from __future__ import annotations
 
 import torch
+from timm.layers import trunc_normal_
 from torch import nn
 
 from .base import ModalityEncoder
 
 
 class VideoEncoder(ModalityEncoder):
-    """Clip ``[B, T, C, H, W]`` → ``(T/pt)·(H/p)·(W/p)`` tubelet tokens (time-major order).
+    """Clip ``[B, T, C, H, W]`` → tubelet tokens at ``temporal_levels`` temporal resolutions.
+
+    Level ``k`` cuts the clip into tubelets of ``pt·2^k`` frames × ``p × p`` pixels
+    (``(T / (pt·2^k))·(H/p)·(W/p)`` tokens, time-major), each with its own projection
+    and a learned level embedding; a token's ``t`` is the centre of its frames. Levels
+    are concatenated, finest first, so the encoder attends across temporal scales
+    (JIN's hierarchy along time).
 
     Block masks ignore time (``mask_weights = (1, 1, 0)``): a target is a spatial block
-    through every frame, V-JEPA's tube masking, so it cannot be copied from a neighbouring frame.
+    through every frame *and every level*, V-JEPA's tube masking, so it cannot be copied
+    from a neighbouring frame or from a coarser token over the same place.
 
     References:
         Bardes et al., Revisiting Feature Prediction for Learning Visual Representations from Video
         (V-JEPA, arXiv:2404.08471).
 
     Args:
-        frames, img_size, in_chans: clip geometry; tubelet: ``(frames, pixels)`` per token side.
+        frames, img_size, in_chans: clip geometry; tubelet: ``(frames, pixels)`` of a level-0 token.
+        temporal_levels: how many temporal resolutions (level ``k`` needs ``pt·2^k`` to divide ``frames``).
     """
 
     mask_weights = (1.0, 1.0, 0.0)
 
     def __init__(self, frames: int, img_size: int, tubelet: tuple[int, int], dim: int, depth: int = 1,
-                 num_heads: int = 3, mlp_ratio: float = 4.0, in_chans: int = 3):
+                 num_heads: int = 3, mlp_ratio: float = 4.0, in_chans: int = 3, temporal_levels: int = 1):
         pt, p = tubelet
-        if frames % pt or img_size % p:
-            raise ValueError(f"tubelet {tuple(tubelet)} must divide the clip ({frames} frames of {img_size} px)")
-        self.steps, self.grid = frames // pt, img_size // p
+        spans = [pt * 2**k for k in range(temporal_levels)]
+        if temporal_levels < 1 or img_size % p or any(frames % s for s in spans):
+            raise ValueError(
+                f"tubelet {tuple(tubelet)} with {temporal_levels} temporal level(s) must divide the clip "
+                f"({frames} frames of {img_size} px): level k spans tubelet frames × 2^k"
+            )
+        self.grid = img_size // p
         super().__init__(dim, depth, num_heads, mlp_ratio, max_freq=self.grid / 2)
-        self.proj = nn.Conv3d(in_chans, dim, kernel_size=(pt, p, p), stride=(pt, p, p))
-        t = (torch.arange(self.steps, dtype=torch.float32) + 0.5) / self.steps
+        self.proj = nn.ModuleList(nn.Conv3d(in_chans, dim, kernel_size=(s, p, p), stride=(s, p, p)) for s in spans)
+        self.level_embed = nn.Parameter(torch.zeros(temporal_levels, dim))
         s = (torch.arange(self.grid, dtype=torch.float32) + 0.5) / self.grid
-        tt, yy, xx = torch.meshgrid(t, s, s, indexing="ij")
-        self.register_buffer("grid_coords", torch.stack([xx, yy, tt], -1).reshape(-1, 3), persistent=False)
+        coords, levels = [], []
+        for k, span in enumerate(spans):
+            t = (torch.arange(frames // span, dtype=torch.float32) + 0.5) / (frames // span)
+            tt, yy, xx = torch.meshgrid(t, s, s, indexing="ij")
+            coords.append(torch.stack([xx, yy, tt], -1).reshape(-1, 3))
+            levels.append(torch.full((len(coords[-1]),), k))
+        self.register_buffer("grid_coords", torch.cat(coords), persistent=False)
+        self.register_buffer("token_level", torch.cat(levels), persistent=False)
         self.init()
+        if temporal_levels > 1:
+            trunc_normal_(self.level_embed, std=0.02)
 
     @property
     def num_tokens(self) -> int:
-        return self.steps * self.grid**2
+        return len(self.grid_coords)
 
     def token_coords(self, x: torch.Tensor) -> torch.Tensor:
         return self.grid_coords.expand(x.shape[0], -1, -1)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x.transpose(1, 2)).flatten(2).transpose(1, 2)
+        clip = x.transpose(1, 2)  # [B, C, T, H, W]
+        tokens = torch.cat([proj(clip).flatten(2).transpose(1, 2) for proj in self.proj], 1)
+        return tokens + self.level_embed[self.token_level]

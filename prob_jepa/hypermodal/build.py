@@ -28,7 +28,8 @@ def _text(h: DictConfig, data: DictConfig, **block) -> ModalityEncoder:
 
 
 def _video(h: DictConfig, data: DictConfig, **block) -> ModalityEncoder:
-    return VideoEncoder(data.video_frames, data.video_size, tuple(h.video.tubelet), **block)
+    return VideoEncoder(data.video_frames, data.video_size, tuple(h.video.tubelet),
+                        temporal_levels=h.video.temporal_levels, **block)
 
 
 def _points(h: DictConfig, data: DictConfig, **block) -> ModalityEncoder:
