@@ -17,7 +17,9 @@ def load_bench():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides", [TINY, SMALL + ["hypermodal.predictor.moe_experts=4"]], ids=["image", "hypermodal"])
+@pytest.mark.parametrize(
+    "overrides", [TINY, SMALL + ["hypermodal.predictor.moe_experts=4"]], ids=["image", "hypermodal"]
+)
 def test_bench_measures_a_training_step(overrides):
     row = load_bench().measure(list(overrides), steps=2, warmup=1)
     assert row["step_ms"] > 0 and row["images_per_s"] > 0 and row["gflops_per_step"] > 0

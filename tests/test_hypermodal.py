@@ -132,12 +132,14 @@ def test_each_gate_routes_its_own_task_direction(compose, scenes):
 
 def test_curriculum_phases_and_modality_dropout():
     curriculum = [["single", 0.2], ["cross", 0.5], ["full", 1.0]]
-    assert [phase_at(s, 100, curriculum) for s in (0, 19, 20, 49, 50, 99)] == ["single"] * 2 + ["cross"] * 2 + ["full"] * 2
+    phases = [phase_at(s, 100, curriculum) for s in (0, 19, 20, 49, 50, 99)]
+    assert phases == ["single"] * 2 + ["cross"] * 2 + ["full"] * 2
     assert phase_at(0, 100, None) == "full"
     kinds = lambda phase: sorted({t.kind for t in plan_tasks(MODALITIES, phase, 0)})  # noqa: E731
     assert kinds("single") == ["within"] and kinds("cross") == ["cross", "within"]
     assert kinds("full") == ["cross", "joint", "within"]
-    pairs = {(t.sources[0], t.target) for s in range(4) for t in plan_tasks(MODALITIES, "cross", s) if t.kind == "cross"}
+    cross = [t for s in range(4) for t in plan_tasks(MODALITIES, "cross", s) if t.kind == "cross"]
+    pairs = {(t.sources[0], t.target) for t in cross}
     assert len(pairs) == 20  # every ordered pair within n − 1 steps
     with pytest.raises(ValueError, match="valid: single, cross, full"):
         phase_at(0, 10, [["warmup", 1.0]])

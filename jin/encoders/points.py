@@ -53,14 +53,16 @@ class PointEncoder(ModalityEncoder):
 
     def token_coords(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] < max(self.num_groups, self.group_size):
-            raise ValueError(f"{x.shape[1]} points; this encoder needs at least {max(self.num_groups, self.group_size)}")
+            need = max(self.num_groups, self.group_size)
+            raise ValueError(f"{x.shape[1]} points; this encoder needs at least {need}")
         index = farthest_point_sample(x.detach().float(), self.num_groups)
         return x.gather(1, index[..., None].expand(-1, -1, 3))
 
     def groups(self, x: torch.Tensor) -> torch.Tensor:
         """Each patch's points relative to its centre ``[B, G, group_size, 3]``."""
         centres = self.token_coords(x)
-        dist = torch.cdist(centres, x, compute_mode="donot_use_mm_for_euclid_dist")  # exact: no ‖a‖²+‖b‖²−2ab
+        # exact distances (not ‖a‖² + ‖b‖² − 2ab), so a centre is its own nearest point
+        dist = torch.cdist(centres, x, compute_mode="donot_use_mm_for_euclid_dist")
         near = dist.topk(self.group_size, dim=-1, largest=False).indices  # [B, G, k]
         batch = torch.arange(x.shape[0], device=x.device)[:, None, None]
         return x[batch, near] - centres[:, :, None]

@@ -2,8 +2,9 @@
 from .build import ENCODERS, build_hypermodal, build_modality_encoder
 from .masks import ModalityMask, coordinate_block_masks
 from .model import HypermodalJEPA, LossWeights
-from .objectives import PHASES, Task, energy_alignment, info_nce, m3_tasks, modality_dropout, pair_energy, phase_at
-from .objectives import plan_tasks
+from .objectives import (
+    PHASES, Task, energy_alignment, info_nce, m3_tasks, modality_dropout, pair_energy, phase_at, plan_tasks,
+)
 from .predictor import HypermodalPredictor
 
 __all__ = [

@@ -80,7 +80,9 @@ def dropout_robustness(train: Mapping[str, torch.Tensor], train_y: torch.Tensor,
     The probe is fit on all modalities fused; ``{k: accuracy}`` averages over every subset of size ``k``.
     """
     names = list(val)
-    fuse = lambda d, subset: torch.nn.functional.normalize(torch.stack([d[m] for m in subset]).mean(0), dim=-1)  # noqa: E731
+    def fuse(embeds: Mapping[str, torch.Tensor], subset: Sequence[str]) -> torch.Tensor:
+        return torch.nn.functional.normalize(torch.stack([embeds[m] for m in subset]).mean(0), dim=-1)
+
     subsets = [s for k in range(len(names), 0, -1) for s in itertools.combinations(names, k)]
     probe = linear_probe(fuse(train, names), train_y, torch.cat([fuse(val, s) for s in subsets]),
                          val_y.repeat(len(subsets)))

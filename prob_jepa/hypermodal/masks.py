@@ -50,7 +50,8 @@ def coordinate_block_masks(
     # Random order among equidistant tokens, the same for tokens that differ only along an ignored axis
     # (a tube's frames), so a block of k·frames tokens is k whole tubes.
     seen = coords * (w > 0)
-    jitter = ((seen[:, None] * torch.rand(B, num_targets, 1, 3, generator=generator, dtype=torch.float64)).sum(-1) * 1e3).frac()
+    direction = torch.rand(B, num_targets, 1, 3, generator=generator, dtype=torch.float64)
+    jitter = ((seen[:, None] * direction).sum(-1) * 1e3).frac()
     dist = dist + 1e-6 * jitter
     targets = dist.topk(target_size, dim=-1, largest=False).indices
     hidden = torch.zeros(B, N).scatter_(1, targets.flatten(1), 1.0)

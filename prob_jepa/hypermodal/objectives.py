@@ -10,7 +10,7 @@ PHASES = ("single", "cross", "full")
 
 
 def pair_energy(za: torch.Tensor, zb: torch.Tensor) -> torch.Tensor:
-    """JIN eq. 5: energy of every pair ``E[i, j] = ½‖ẑ_a,i − ẑ_b,j‖² = 1 − cos`` ``[B, B]`` (lower = compatible).
+    """JIN eq. 5: energy of every pair ``E[i, j] = ½‖ẑ_a,i − ẑ_b,j‖² = 1 − cos``, ``[B, B]`` (lower: compatible).
 
     ``za``, ``zb``: ``[B, E]`` embeddings of the same ``B`` scenes in two modalities (L2-normalized here).
     """
