@@ -32,3 +32,18 @@ def test_two_ranks_match_one_process_and_only_rank0_writes(strategy, compose, ti
     written = {p.name for p in (tmp_path / "ranks").iterdir()}
     assert written == {"config.yaml", "metrics.jsonl", "checkpoints", "plots", ".hydra", "run.log"}, written
     assert [p.name for p in (tmp_path / "ranks" / "checkpoints").iterdir()] == ["last.pt"]
+
+
+@pytest.mark.slow
+def test_hypermodal_model_trains_under_torchrun(tmp_path):
+    """Ranks draw their own masks and modality dropout, so some encoders get no gradient on a rank: DDP copes."""
+    from test_hypermodal import SMALL
+
+    overrides = [*SMALL, "trainer.max_steps=2", "eval.enabled=false", "hypermodal.modality_dropout=0.5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "experiments/run.py", *overrides, f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["step"] for r in RunDir(tmp_path).read_metrics()] == [1, 2]
+    assert (tmp_path / "checkpoints" / "last.pt").exists()
