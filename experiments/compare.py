@@ -20,9 +20,14 @@ def main() -> None:
     runs = find_runs(args.runs)
     rows = [summary_row(r) for r in runs]
     md, csv_path = write_table(rows, args.out)
-    data = {r.path.name: r.read_plot_data() for r in runs}
     records = {r.path.name: r.read_metrics() for r in runs}
-    figures = plots.all_figures(data, records, rows, args.out)
+    # the figures of the image heads; hypermodal runs have their own plots/ (retrieval, transfer)
+    with_heads = [(r, row) for r, row in zip(runs, rows) if r.plot_data.exists()]
+    if with_heads:
+        data = {r.path.name: r.read_plot_data() for r, _ in with_heads}
+        figures = plots.all_figures(data, records, [row for _, row in with_heads], args.out)
+    else:
+        figures = [plots.training_curves(records, args.out / "training_curves.png")]
     print(md.read_text())
     print(f"table: {md}, {csv_path}")
     print("figures: " + ", ".join(str(f) for f in figures))

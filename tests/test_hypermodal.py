@@ -12,6 +12,7 @@ from prob_jepa.hypermodal import (
     pair_energy, phase_at, plan_tasks,
 )
 from prob_jepa.hypermodal.evaluate import recall_at_k
+from prob_jepa.eval.summary import markdown, summary_row
 from prob_jepa.run_dir import RunDir
 from prob_jepa.train import pretrain
 
@@ -205,6 +206,9 @@ def test_hypermodal_run_end_to_end_and_resumes_exactly(compose, tmp_path):
     assert metrics["representation"]["chance_R@1"] == 1 / 64
     for png in ("retrieval.png", "transfer.png", "training_curves.png"):
         assert (straight.run_dir / "plots" / png).stat().st_size > 10_000
+    row = summary_row(RunDir(straight.run_dir))  # experiments/compare.py's table
+    assert row["model"] == "hypermodal" and row["retrieval_mean_R@1"] == metrics["representation"]["mean_R@1"]
+    assert "retrieval_min_R@1" in markdown([row]) and "nll_per_dim" not in markdown([row])
 
 
 @pytest.mark.slow

@@ -28,6 +28,8 @@ COLUMNS = {  # column: (path in eval.json, format)
     "ece_raw": (("uncertainty", "raw", "ece"), ".3f"),
     "ece_temperature": (("uncertainty", "temperature", "ece"), ".3f"),
     "ece_energy": (("uncertainty", "energy_temperature", "ece"), ".3f"),
+    "retrieval_mean_R@1": (("representation", "mean_R@1"), ".3f"),  # hypermodal runs
+    "retrieval_min_R@1": (("representation", "min_R@1"), ".3f"),
     "train_ms_per_step": (("cost", "train_ms_per_step"), ".0f"),
     "gflops_per_step": (("cost", "flops_per_step"), ".1f"),
     "sample_ms": (("cost", "sample_ms_per_sample"), ".4f"),
@@ -60,7 +62,8 @@ def find_runs(paths: Sequence[str | Path]) -> list[RunDir]:
 
 def summary_row(run: RunDir) -> dict[str, Any]:
     metrics, cfg = run.read_eval(), run.load_config()
-    row = {"run": run.path.name, "head": cfg.predictor.name, "model": cfg.model.name,
+    model = "hypermodal" if "hypermodal" in cfg else cfg.model.name
+    row = {"run": run.path.name, "head": cfg.predictor.name, "model": model,
            "steps": _get(metrics, ("train", "steps"))}
     for column, (path, _) in COLUMNS.items():
         row[column] = _get(metrics, path)
@@ -82,8 +85,9 @@ def markdown_table(rows: Sequence[dict[str, Any]], formats: dict[str, str]) -> s
 
 
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
-    """The comparison table in markdown."""
-    return markdown_table(rows, {c: f for c, (_, f) in COLUMNS.items()})
+    """The comparison table in markdown, without the columns no run has (the CSV keeps every column)."""
+    shown = [c for c in rows[0] if any(r[c] is not None for r in rows)]
+    return markdown_table([{c: r[c] for c in shown} for r in rows], {c: f for c, (_, f) in COLUMNS.items()})
 
 
 def write_table(rows: Sequence[dict[str, Any]], folder: Path) -> tuple[Path, Path]:
