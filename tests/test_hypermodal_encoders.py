@@ -61,12 +61,14 @@ def test_patches_see_their_own_region():
     image = enc["image"]
     x2 = x["image"].clone()
     x2[:, :, :4, :4] += 1.0  # only the first patch's pixels
-    changed = (image.embed(x2) - image.embed(x["image"])).abs().amax(-1) > 0
+    grid = image.token_coords(x2)
+    changed = (image.embed(x2, grid) - image.embed(x["image"], grid)).abs().amax(-1) > 0
     assert changed[:, 0].all() and not changed[:, 1:].any()
     audio = enc["audio"]
     a2 = x["audio"].clone()
     a2[:, 4:, 12:] += 1.0  # the highest mel bands of the last frames
-    changed = (audio.embed(a2) - audio.embed(x["audio"])).abs().amax(-1) > 0
+    grid = audio.token_coords(a2)
+    changed = (audio.embed(a2, grid) - audio.embed(x["audio"], grid)).abs().amax(-1) > 0
     assert changed[:, 7].all() and not changed[:, :7].any()
 
 
@@ -161,7 +163,8 @@ def test_video_temporal_levels_cover_the_clip_at_each_resolution():
     assert torch.equal(t[16:24:4], torch.tensor([0.25, 0.75])) and t[24:].eq(0.5).all()
     later = clip.clone()
     later[:, 3] += 1.0  # only the last frame changes: level 0 tokens of frames 0-2 do not see it
-    changed = (video.embed(later) - video.embed(clip)).abs().amax(-1)[0] > 0
+    grid = video.token_coords(clip)
+    changed = (video.embed(later, grid) - video.embed(clip, grid)).abs().amax(-1)[0] > 0
     assert not changed[:12].any() and changed[12:16].all() and not changed[16:20].any() and changed[20:].all()
     mask = coordinate_block_masks(tokens.coords, video.mask_weights, 1, 7, torch.Generator().manual_seed(0))
     xy = tokens.coords[0, mask.targets[0, 0], :2]

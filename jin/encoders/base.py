@@ -59,8 +59,8 @@ class ModalityEncoder(nn.Module):
         """Coordinates of every token of ``x``: ``[B, N, 3]`` (no parameters; masks are drawn from them)."""
         raise NotImplementedError
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Content embedding of every token ``[B, N, D]``, in the order of :meth:`token_coords`."""
+    def embed(self, x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        """Content embedding of every token ``[B, N, D]``, in the order of ``coords = token_coords(x)``."""
         raise NotImplementedError
 
     def position(self, coords: torch.Tensor) -> torch.Tensor:
@@ -78,7 +78,7 @@ class ModalityEncoder(nn.Module):
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> Tokens:
         """Tokens of ``x``, only those at ``keep [B, K]`` when given (a mask's context)."""
         coords = self.token_coords(x)
-        features = self.embed(x) + self.position(coords).to(coords.dtype)
+        features = self.embed(x, coords) + self.position(coords).to(coords.dtype)
         if keep is not None:
             features, coords = gather_tokens(features, keep), gather_tokens(coords, keep)
         features, _ = self.stage(features, coords, self.attention_mask(coords))

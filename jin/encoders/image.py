@@ -32,5 +32,5 @@ class ImageEncoder(ModalityEncoder):
     def token_coords(self, x: torch.Tensor) -> torch.Tensor:
         return self.grid_coords.expand(x.shape[0], -1, -1)
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         return self.patch(x)

@@ -58,14 +58,13 @@ class PointEncoder(ModalityEncoder):
         index = farthest_point_sample(x.detach().float(), self.num_groups)
         return x.gather(1, index[..., None].expand(-1, -1, 3))
 
-    def groups(self, x: torch.Tensor) -> torch.Tensor:
+    def groups(self, x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
         """Each patch's points relative to its centre ``[B, G, group_size, 3]``."""
-        centres = self.token_coords(x)
         # exact distances (not ‖a‖² + ‖b‖² − 2ab), so a centre is its own nearest point
         dist = torch.cdist(centres, x, compute_mode="donot_use_mm_for_euclid_dist")
         near = dist.topk(self.group_size, dim=-1, largest=False).indices  # [B, G, k]
         batch = torch.arange(x.shape[0], device=x.device)[:, None, None]
         return x[batch, near] - centres[:, :, None]
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.point_mlp(self.groups(x)).amax(dim=2))
+    def embed(self, x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        return self.out(self.point_mlp(self.groups(x, coords)).amax(dim=2))

@@ -40,5 +40,5 @@ class TextEncoder(ModalityEncoder):
             raise ValueError(f"text of {x.shape[1]} tokens; this encoder takes {self.length}")
         return self.grid_coords.expand(x.shape[0], -1, -1)
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         return self.tokens(x)

@@ -65,7 +65,7 @@ class VideoEncoder(ModalityEncoder):
     def token_coords(self, x: torch.Tensor) -> torch.Tensor:
         return self.grid_coords.expand(x.shape[0], -1, -1)
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         clip = x.transpose(1, 2)  # [B, C, T, H, W]
         tokens = torch.cat([proj(clip).flatten(2).transpose(1, 2) for proj in self.proj], 1)
         return tokens + self.level_embed[self.token_level]
