@@ -30,6 +30,14 @@ def first(dataset: Dataset, n: int | None) -> Dataset:
     return dataset if n is None or n >= len(dataset) else Subset(dataset, range(n))
 
 
+def evaluation_sets(train_set: Dataset, val_set: Dataset | None, eval_cfg: DictConfig) -> tuple[Dataset, Dataset]:
+    """The probes' (train, validation) sets: ``val_set``, or a held-out fifth of ``train_set`` when there is none,
+    each cut to ``eval.probe_train_size`` / ``eval.probe_val_size``."""
+    if val_set is None:
+        train_set, val_set = split(train_set)
+    return first(train_set, eval_cfg.probe_train_size), first(val_set, eval_cfg.probe_val_size)
+
+
 def representation_metrics(
     model: JEPA, cfg: DictConfig, train_set: Dataset, val_set: Dataset, device: torch.device
 ) -> tuple[dict[str, dict[str, float]], torch.Tensor, torch.Tensor]:
@@ -64,9 +72,7 @@ def evaluate(
     """
     model.eval()
     e = cfg.eval
-    if val_set is None:
-        train_set, val_set = split(train_set)
-    train_set, val_set = first(train_set, e.probe_train_size), first(val_set, e.probe_val_size)
+    train_set, val_set = evaluation_sets(train_set, val_set, e)
     tic = time.perf_counter()
     metrics: dict[str, Any] = {}
     metrics["representation"], logits, labels = representation_metrics(model, cfg, train_set, val_set, device)

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..eval import first, plots, split
+from ..eval import evaluation_sets, plots
 from ..eval.cost import training_cost
 from ..eval.representation import linear_probe
 from ..run_dir import RunDir
@@ -143,9 +143,7 @@ def evaluate_hypermodal(
     """
     model.eval()
     e = cfg.eval
-    if val_set is None:
-        train_set, val_set = split(train_set)
-    train_set, val_set = first(train_set, e.probe_train_size), first(val_set, e.probe_val_size)
+    train_set, val_set = evaluation_sets(train_set, val_set, e)
     tic = time.perf_counter()
     train_z, train_f, train_y = embed_dataset(model, train_set, e.batch_size, device)
     val_z, val_f, val_y = embed_dataset(model, val_set, e.batch_size, device)
