@@ -21,7 +21,7 @@ from prob_jepa.eval.calibration import (
     top1_confidence,
 )
 from prob_jepa.eval.metrics import crps, energy_score, nll_per_dim, pearson_r
-from prob_jepa.eval.multimodality import mode_coverage, sharpness
+from prob_jepa.eval.multimodality import axis_position, mode_coverage, on_mode_share, sharpness
 
 LEVELS = (0.5, 0.8, 0.95)
 
@@ -246,3 +246,25 @@ def test_identical_modes_are_rejected():
     a, _ = two_modes()
     with pytest.raises(ValueError, match="coincide"):
         sharpness(a[None], a, a)
+
+
+def test_on_mode_share_counts_samples_within_a_quarter_gap_along_the_axis():
+    a, b = two_modes(dim=64)
+    g = torch.Generator().manual_seed(2)
+    axis = (a - b) / (a - b).norm(dim=-1, keepdim=True)
+    gap = (a - b).norm(dim=-1, keepdim=True)
+    on_a = a + 0.2 * gap * axis * torch.randn(400, len(a), 1, generator=g)  # along-axis spread 0.2 × gap
+    # P(N(0, 0.2²) < 0.25) for the side towards b, every sample on the far side counts: Φ(1.25) = 0.894
+    assert on_mode_share(on_a, a, b) == pytest.approx(0.894, abs=0.02)
+    middle = (a + b) / 2 + 0.2 * gap * axis * (torch.rand(400, len(a), 1, generator=g) - 0.5)  # within ±gap/10
+    off_axis = 2.0 * torch.randn(400, *a.shape, generator=g)
+    off_axis -= (off_axis * axis).sum(-1, keepdim=True) * axis  # large spread orthogonal to the mode axis
+    assert on_mode_share(middle + off_axis, a, b) == 0.0
+    assert on_mode_share(((a + b) / 2)[None], a, b) == 0.0
+    assert on_mode_share(torch.stack([a, b]), a, b) == 1.0
+
+
+def test_axis_position_of_the_weighted_mean_is_its_weight():
+    a, b = two_modes()
+    assert axis_position((0.7 * a + 0.3 * b)[None], a, b) == pytest.approx(0.7, abs=1e-6)
+    assert axis_position(torch.stack([a, a, b]), a, b) == pytest.approx(2 / 3, abs=1e-6)

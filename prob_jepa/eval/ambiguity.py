@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 from ..data.shapes import Marker, Scene, ambiguity_pairs
 from ..heads import Head
 from ..model import JEPA
-from .multimodality import mode_coverage, sharpness
+from .multimodality import axis_position, mode_coverage, on_mode_share, sharpness
 
 
 @torch.no_grad()
@@ -23,10 +23,12 @@ def ambiguity_metrics(
     target token are the target encoder's features of the scene with either
     marker colour; their known weights are the marker's colour probabilities.
     Both the samples and the point prediction (``head.mean``) are scored, so
-    the deterministic head shows what averaging does.
+    the deterministic head shows what averaging does: the share of samples nearer
+    each mode, the share nearer a mode than the midpoint (``on_mode``), the mean
+    position along the axis from mode b (0) to mode a (1) and the sharpness.
     """
     marker = Marker.from_config(data.marker)
-    pairs = ambiguity_pairs(num_pairs, data.image_size, seed, marker, Scene.from_config(data.get("scene", {})))
+    pairs = ambiguity_pairs(num_pairs, data.image_size, seed, marker, Scene.from_config(data.scene))
     enc = model.context_encoder
     hidden = torch.tensor(pairs.marker_units(data.image_size // enc.unit_grid))
     visible = torch.tensor([u for u in range(enc.num_units) if u not in set(hidden.tolist())])
@@ -45,12 +47,21 @@ def ambiguity_metrics(
 
     samples = head.sample(cond, num_samples)
     mean = head.mean(cond)[None]
+
+    def scores(x: torch.Tensor) -> dict[str, float]:
+        return {
+            **mode_coverage(x, a, b, marker.weights),
+            "on_mode": on_mode_share(x, a, b),
+            "axis_position": axis_position(x, a, b),
+            "sharpness": sharpness(x, a, b),
+        }
+
     out = {
         "pairs": num_pairs,
         "rows": int(distinct.sum()),
         "weights": list(marker.weights),
-        "samples": {**mode_coverage(samples, a, b, marker.weights), "sharpness": sharpness(samples, a, b)},
-        "mean": {**mode_coverage(mean, a, b, marker.weights), "sharpness": sharpness(mean, a, b)},
+        "samples": scores(samples),
+        "mean": scores(mean),
     }
     shown = range(min(4, len(a)))
     return out, {"weights": list(marker.weights), "rows": [project(samples[:, r], a[r], b[r], mean[0, r]) for r in shown]}

@@ -63,3 +63,36 @@ def sharpness(samples: torch.Tensor, mode_a: torch.Tensor, mode_b: torch.Tensor)
     """
     d_a, d_b, half_gap = _mode_distances(samples, mode_a, mode_b)
     return (torch.minimum(d_a, d_b) / half_gap).mean().item()
+
+
+@torch.no_grad()
+def on_mode_share(samples: torch.Tensor, mode_a: torch.Tensor, mode_b: torch.Tensor) -> float:
+    """Fraction of samples (over samples and rows) nearer one of the two modes than the midpoint ``(a + b)/2``.
+
+    A head that puts its samples *on* the modes scores 1; a point prediction of the mean, or samples clustered
+    around the midpoint, score near 0. A sample ``a + e`` is nearer ``a`` than the midpoint iff the component of
+    ``e`` along the axis towards ``b`` is below a quarter of the gap ``‖a − b‖``: only the spread along the mode
+    axis counts, not the spread in the other directions (``sharpness`` sees those). Samples spread along the axis
+    far wider than the gap also score high; read it with the mode shares.
+
+    Args:
+        samples: ``[S, N, D]`` draws; mode_a, mode_b: ``[N, D]`` the two true targets, distinct on every row.
+    """
+    d_a, d_b, _ = _mode_distances(samples, mode_a, mode_b)
+    d_mid = (samples.double() - (mode_a.double() + mode_b.double()) / 2).norm(dim=-1)
+    return (torch.minimum(d_a, d_b) < d_mid).double().mean().item()
+
+
+@torch.no_grad()
+def axis_position(samples: torch.Tensor, mode_a: torch.Tensor, mode_b: torch.Tensor) -> float:
+    """Mean position of the samples along the axis from ``b`` (0) to ``a`` (1): ``(x − b)·(a − b) / ‖a − b‖²``.
+
+    The L2-optimal point for mode weights ``(w_a, w_b)`` sits at ``w_a``: between the modes, on neither.
+
+    Args:
+        samples: ``[S, N, D]`` draws; mode_a, mode_b: ``[N, D]`` the two true targets, distinct on every row.
+    """
+    _mode_distances(samples, mode_a, mode_b)  # checks shapes and distinct modes
+    a, b = mode_a.double(), mode_b.double()
+    axis = a - b
+    return (((samples.double() - b) * axis).sum(-1) / axis.square().sum(-1)).mean().item()

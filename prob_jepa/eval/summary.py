@@ -21,6 +21,8 @@ COLUMNS = {  # column: (path in eval.json, format)
     "pit_ks_calibrated": (("head", "calibration", "after", "pit_ks"), ".3f"),
     "sample_temperature": (("head", "calibration", "temperature"), ".2f"),
     "mode_share_a": (("multimodality", "samples", "share_a"), ".3f"),
+    "on_mode_samples": (("multimodality", "samples", "on_mode"), ".3f"),
+    "axis_position_mean": (("multimodality", "mean", "axis_position"), ".3f"),
     "sharpness_samples": (("multimodality", "samples", "sharpness"), ".3f"),
     "sharpness_mean": (("multimodality", "mean", "sharpness"), ".3f"),
     "retrieval_acc": (("head", "energy_retrieval", "after", "accuracy"), ".3f"),
