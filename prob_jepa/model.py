@@ -15,6 +15,7 @@ from jin.layers import budget_loss
 
 from .heads import Head, build_head
 from .predictor import PredictorTrunk
+from .regularizers import SIGReg
 
 
 class StepOutput(NamedTuple):
@@ -30,7 +31,7 @@ class JEPA(nn.Module):
 
     Total loss (JIN eq. 9): ``Σ_l w_l · head_l.loss(cond_l, sg[target_l])
     + λ1 · cross-scale (eq. 2-3) + λ_b · budget (eq. 10)`` (+ the Switch load-balancing
-    loss when the trunk has experts), where targets are
+    loss when the trunk has experts, + SIGReg on the context tokens when set), where targets are
     the layer-normed features of the EMA target encoder at the target units.
 
     Args:
@@ -43,6 +44,8 @@ class JEPA(nn.Module):
         alpha_targets: per-level computed-fraction targets (used when the encoder
             is adaptive); ``budget_weight`` is λ_b.
         balance_weight: weight of the trunk's mixture-of-experts load-balancing loss (if it has experts).
+        sigreg: :class:`SIGReg` on the context encoder's last-level tokens (LeJEPA), or ``None``;
+            ``sigreg_weight`` is its weight.
     """
 
     def __init__(
@@ -57,6 +60,8 @@ class JEPA(nn.Module):
         budget_weight: float = 0.0,
         predict_levels: Sequence[int] | None = None,
         balance_weight: float = 0.0,
+        sigreg: SIGReg | None = None,
+        sigreg_weight: float = 0.0,
     ):
         super().__init__()
         self.predict_levels = list(range(encoder.levels)) if predict_levels is None else list(predict_levels)
@@ -72,6 +77,8 @@ class JEPA(nn.Module):
         self.alpha_targets = list(alpha_targets) if alpha_targets is not None else None
         self.budget_weight = budget_weight
         self.balance_weight = balance_weight
+        self.sigreg = sigreg
+        self.sigreg_weight = sigreg_weight
 
     @property
     def levels(self) -> int:
@@ -132,6 +139,10 @@ class JEPA(nn.Module):
             for l, lv in enumerate(ctx):
                 terms[f"alpha/level{l}"] = lv.alpha.detach().float().mean()
             loss = loss + self.budget_weight * budget
+        if self.sigreg is not None:
+            sigreg = self.sigreg(ctx[-1].features.flatten(0, 2))
+            terms["sigreg"] = sigreg.detach()
+            loss = loss + self.sigreg_weight * sigreg
         balance = self.predictor.balance_loss()
         if balance is not None:
             terms["moe_balance"] = balance.detach()
@@ -232,4 +243,6 @@ def build_model(cfg: DictConfig) -> JEPA:
         budget_weight=m.budget_weight,
         predict_levels=predicted,
         balance_weight=p.moe_balance_weight,
+        sigreg=SIGReg(m.sigreg_slices) if m.sigreg_weight > 0 else None,
+        sigreg_weight=m.sigreg_weight,
     )

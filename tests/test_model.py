@@ -39,6 +39,21 @@ def test_loss_is_finite_and_reaches_every_trainable_parameter(compose, tiny_over
     assert not missing, missing
 
 
+def test_sigreg_term_is_weighted_into_the_loss(compose, tiny_overrides):
+    cfg = compose(*tiny_overrides, "model.sigreg_weight=0.5")
+    model = build_model(cfg)
+    masks = MaskCollator(model.context_encoder.unit_grid, seed=0, **cfg.mask)(4, 0)
+    images = torch.randn(4, 3, 32, 32)
+    torch.manual_seed(0)
+    out = model(images, masks.context, masks.targets)
+    model.sigreg_weight = 0.0
+    torch.manual_seed(0)
+    plain = model(images, masks.context, masks.targets)
+    assert out.terms["sigreg"] > 0
+    torch.testing.assert_close(out.loss - plain.loss, 0.5 * out.terms["sigreg"])
+    assert build_model(compose(*tiny_overrides, "model.sigreg_weight=0")).sigreg is None
+
+
 def trunk(spatial_bias: bool = False) -> PredictorTrunk:
     torch.manual_seed(0)
     return PredictorTrunk([8, 12], dim=16, depth=2, num_heads=2, mlp_ratio=2.0, grid=8, spatial_bias=spatial_bias).eval()
