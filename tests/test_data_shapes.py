@@ -9,12 +9,14 @@ from prob_jepa.data.shapes import AREA_SCALE, CLASSES, EQUAL_AREA, EXTENT, Marke
 from prob_jepa.data.shapes import Scene, ambiguity_pairs, render
 
 MARKER = Marker(size=8, x=0, y=0, colors=((1.0, 0.1, 0.1), (0.1, 0.3, 1.0)), weights=(0.7, 0.3))
+SCENE = Scene(radius=(0.3, 0.38), distractors=0, noise=0.03, gradient=0.0, texture=(0.0, 0.3), texture_block=2)
+PLAIN = Scene(radius=(0.3, 0.38), distractors=0, noise=0.0, gradient=0.0, texture=(0.0, 0.0), texture_block=2)
 
 
 def test_rendering_is_seeded_and_labelled():
-    a, la, _ = render(64, 32, seed=3, marker=MARKER)
-    b, lb, _ = render(64, 32, seed=3, marker=MARKER)
-    c, _, _ = render(64, 32, seed=4, marker=MARKER)
+    a, la, _ = render(64, 32, seed=3, marker=MARKER, scene=SCENE)
+    b, lb, _ = render(64, 32, seed=3, marker=MARKER, scene=SCENE)
+    c, _, _ = render(64, 32, seed=4, marker=MARKER, scene=SCENE)
     assert a.dtype == torch.uint8 and a.shape == (64, 3, 32, 32)
     assert torch.equal(a, b) and torch.equal(la, lb) and not torch.equal(a, c)
     assert la.min() >= 0 and la.max() < len(CLASSES)
@@ -32,7 +34,7 @@ def test_every_class_covers_the_same_area_and_fits_its_margin():
 
 
 def test_classes_are_balanced_and_marker_colours_follow_their_weights():
-    ds = ShapesDataset(4000, 32, seed=0, marker=MARKER)
+    ds = ShapesDataset(4000, 32, seed=0, marker=MARKER, scene=SCENE)
     counts = torch.bincount(ds.labels, minlength=len(CLASSES)).float()
     assert (counts / counts.mean() - 1).abs().max() < 0.2
     assert abs(ds.marker_choice.float().mean().item() - 0.3) < 0.03
@@ -41,7 +43,7 @@ def test_classes_are_balanced_and_marker_colours_follow_their_weights():
 
 
 def test_ambiguity_pairs_differ_only_inside_the_marker():
-    pairs = ambiguity_pairs(16, 32, seed=5, marker=MARKER)
+    pairs = ambiguity_pairs(16, 32, seed=5, marker=MARKER, scene=SCENE)
     a, b = pairs.images
     differs = (a != b).any(dim=1).any(dim=0)  # [H, W]: pixels that differ in any pair
     assert differs[:8, :8].all() and not differs[8:].any() and not differs[:, 8:].any()
@@ -68,20 +70,45 @@ def test_batches_slice_one_global_order_across_ranks():
 
 def test_seeded_dataset_does_not_touch_the_training_rng():
     state = torch.get_rng_state()
-    ds = SeededDataset(ShapesDataset(8, 32, seed=0, marker=MARKER))
+    ds = SeededDataset(ShapesDataset(8, 32, seed=0, marker=MARKER, scene=SCENE))
     ds[(3, 123)]
     assert torch.equal(state, torch.get_rng_state())
 
 
 def test_scene_options_control_the_clutter():
-    plain = Scene(radius=(0.3, 0.38), distractors=0, noise=0.0, gradient=0.0)
-    images, _, _ = render(16, 32, seed=2, marker=MARKER, scene=plain)
+    images, _, _ = render(16, 32, seed=2, marker=MARKER, scene=PLAIN)
     colours = [torch.unique(im.flatten(1), dim=1).shape[1] for im in images]
     assert max(colours) <= 3  # background, shape, marker — nothing else
-    cluttered, _, _ = render(16, 32, seed=2, marker=MARKER)
-    assert min(torch.unique(im.flatten(1), dim=1).shape[1] for im in cluttered) > 3
+    cluttered = Scene(radius=(0.3, 0.38), distractors=2, noise=0.0, gradient=0.25, texture=(0.0, 0.0), texture_block=2)
+    images, _, _ = render(16, 32, seed=2, marker=MARKER, scene=cluttered)
+    assert min(torch.unique(im.flatten(1), dim=1).shape[1] for im in images) > 3
 
 
 def test_scene_rejects_a_shape_that_cannot_fit():
     with pytest.raises(ValueError, match="data.scene.radius"):
-        Scene.from_config({"radius": [0.3, 0.45]})
+        Scene.from_config({"radius": [0.3, 0.45], "distractors": 0, "noise": 0.0, "gradient": 0.0,
+                           "texture": [0.0, 0.0], "texture_block": 2})
+
+
+def test_texture_is_blocky_per_image_noise_and_the_marker_stays_solid():
+    block = 4
+    textured = Scene(radius=(0.3, 0.38), distractors=0, noise=0.0, gradient=0.0, texture=(0.1, 0.2), texture_block=block)
+    images, _, _ = render(32, 32, seed=6, marker=MARKER, scene=textured)
+    untextured = Scene(radius=(0.3, 0.38), distractors=0, noise=0.0, gradient=0.0, texture=(0.0, 0.0), texture_block=block)
+    plain, _, _ = render(32, 32, seed=6, marker=MARKER, scene=untextured)  # the same draws, texture scaled by 0
+    diff = images.float() / 255 - plain.float() / 255  # the texture (where nothing was clipped)
+    assert torch.equal(images[:, :, :8, :8], plain[:, :, :8, :8])  # the marker carries no texture
+
+    def block_range(x: torch.Tensor) -> torch.Tensor:  # max − min within each block, [n, 3, rows, cols]
+        blocks = x[:, :, 8:, 8:].unflatten(2, (-1, block)).unflatten(4, (-1, block))
+        return blocks.amax((3, 5)) - blocks.amin((3, 5))
+
+    uniform = (block_range(plain.float()).amax(1, keepdim=True) == 0).expand(-1, 3, -1, -1)  # no shape edge inside
+    assert (block_range(diff)[uniform] <= 1 / 255 + 1e-6).all()  # the texture is constant within a block
+    spread = diff[:, :, 8:, 8:].flatten(1).std(1)  # one std per image, drawn from the range (minus clipping)
+    assert 0.06 < spread.min() and spread.max() < 0.21 and spread.max() - spread.min() > 0.03
+
+
+def test_default_scene_matches_the_config(compose):
+    cfg = compose().data
+    assert Scene.from_config(cfg.scene) == SCENE

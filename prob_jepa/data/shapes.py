@@ -1,8 +1,10 @@
 """The embedded ``shapes`` world: procedural, seeded, labelled, no download.
 
 Each image shows one large labelled shape (8 classes of equal area, random
-colour, size, position and a small rotation) over a noisy gradient background
-with small distractor blobs (:class:`Scene` sets how much of each), and a square
+colour, size, position and a small rotation) over a background of random colour;
+shape and background carry independent blocky colour texture whose strength is
+drawn per image, plus pixel noise (:class:`Scene` sets how much of each, and the
+optional background ramp and distractor blobs), and a square
 *marker* at a fixed place whose colour is drawn from two colours with known
 weights, independently of everything else. The marker's colour cannot be
 predicted from the rest of the image, so when the marker is masked the true
@@ -44,27 +46,39 @@ class Marker:
 
 @dataclass(frozen=True)
 class Scene:
-    """How a scene is drawn: the shape's radius range (fraction of the image side), the number of distractor
-    blobs, the pixel-noise std and the background ramp's strength (both in [0, 1] intensity units).
+    """How a scene is drawn (``data.scene``; the defaults live in ``experiments/conf/data/shapes.yaml``).
 
-    The shape fills much of the image by default: with radii of 0.2–0.32 most mask units are background,
-    and 5 epochs of JEPA training did not beat a random encoder's linear probe (see the README).
+    radius: range of the labelled shape's radius, a fraction of the image side.
+    distractors: small random blobs. noise: pixel-noise std. gradient: background ramp strength.
+    texture: range of each image's texture std — shape and background are covered with independent
+        blocky colour noise (``texture_block`` pixels per block) whose std is drawn per image from this
+        range ([0, 1] intensity units). Texture is detail that no context can predict: a JEPA learns to
+        ignore it, while it dominates the pooled statistics a random encoder reads. Its per-image strength
+        makes some images harder than others, so there is something for uncertainty to detect.
     """
 
-    radius: tuple[float, float] = (0.3, 0.38)
-    distractors: int = 2
-    noise: float = 0.03
-    gradient: float = 0.25
+    radius: tuple[float, float]
+    distractors: int
+    noise: float
+    gradient: float
+    texture: tuple[float, float]
+    texture_block: int
 
     @classmethod
     def from_config(cls, cfg) -> "Scene":
-        lo, hi = (float(r) for r in cfg.get("radius", cls.radius))
+        """The scene of a ``data.scene`` config node; every key is read, a missing one is an error."""
+        lo, hi = (float(r) for r in cfg["radius"])
         if not 0 < lo <= hi or hi * EXTENT > 0.5:
             bound = f"{0.5 / EXTENT:.3f}"
             raise ValueError(f"data.scene.radius must satisfy 0 < lo <= hi <= {bound} (the shape fits), got {[lo, hi]}")
+        t_lo, t_hi = (float(t) for t in cfg["texture"])
+        if not 0 <= t_lo <= t_hi:
+            raise ValueError(f"data.scene.texture must be a range 0 <= lo <= hi, got {[t_lo, t_hi]}")
+        if int(cfg["texture_block"]) < 1:
+            raise ValueError(f"data.scene.texture_block must be a positive number of pixels, got {cfg['texture_block']}")
         return cls(
-            (lo, hi), int(cfg.get("distractors", cls.distractors)), float(cfg.get("noise", cls.noise)),
-            float(cfg.get("gradient", cls.gradient)),
+            (lo, hi), int(cfg["distractors"]), float(cfg["noise"]), float(cfg["gradient"]), (t_lo, t_hi),
+            int(cfg["texture_block"]),
         )
 
 
@@ -109,8 +123,15 @@ def _random_colors(g: torch.Generator, n: int) -> torch.Tensor:
     return rgb * value
 
 
+def blocky_noise(g: torch.Generator, n: int, size: int, block: int) -> torch.Tensor:
+    """Standard normal colour noise constant over ``block × block`` pixel blocks: ``[n, 3, size, size]``."""
+    cells = -(-size // block)
+    noise = torch.randn(n, 3, cells, cells, generator=g)
+    return noise.repeat_interleave(block, 2).repeat_interleave(block, 3)[:, :, :size, :size]
+
+
 def render(
-    n: int, image_size: int, seed: int, marker: Marker, marker_choice: int | None = None, scene: Scene = Scene()
+    n: int, image_size: int, seed: int, marker: Marker, scene: Scene, marker_choice: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Render ``n`` scenes.
 
@@ -140,11 +161,15 @@ def render(
     blob_r = 0.04 + 0.04 * torch.rand(n, k, generator=g)
     blob_col = _random_colors(g, k * n).view(n, k, 3)
     noise = scene.noise * torch.randn(n, 3, H, H, generator=g)
+    t_lo, t_hi = scene.texture
+    amplitude = (t_lo + (t_hi - t_lo) * torch.rand(n, generator=g))[:, None, None, None]
+    bg_texture = amplitude * blocky_noise(g, n, H, scene.texture_block)
+    fg_texture = amplitude * blocky_noise(g, n, H, scene.texture_block)
     draws = torch.rand(n, generator=g)
     choice = (draws >= marker.weights[0]).long() if marker_choice is None else torch.full((n,), marker_choice)
 
     ramp = (xx * torch.cos(grad_dir)[:, None, None] + yy * torch.sin(grad_dir)[:, None, None]) * scene.gradient
-    img = bg[:, :, None, None] + ramp[:, None] + noise
+    img = bg[:, :, None, None] + ramp[:, None] + noise + bg_texture
     for k in range(scene.distractors):
         d = (xx - blob_xy[:, k, 0, None, None]) ** 2 + (yy - blob_xy[:, k, 1, None, None]) ** 2
         inside = (d <= blob_r[:, k, None, None] ** 2)[:, None]
@@ -156,7 +181,7 @@ def render(
     u = (dx * cos + dy * sin) / scale
     v = (-dx * sin + dy * cos) / scale
     inside = _shape_masks(u, v)[labels, torch.arange(n)][:, None]
-    img = torch.where(inside, fg[:, :, None, None], img)
+    img = torch.where(inside, fg[:, :, None, None] + fg_texture, img)
 
     colors = torch.tensor(marker.colors)[choice]  # [n, 3]
     ys, xs = slice(marker.y, marker.y + marker.size), slice(marker.x, marker.x + marker.size)
@@ -170,7 +195,7 @@ class ShapesDataset(Dataset):
     classes = CLASSES
 
     def __init__(
-        self, num_images: int, image_size: int, seed: int, marker: Marker, scene: Scene = Scene(), chunk: int = 1024
+        self, num_images: int, image_size: int, seed: int, marker: Marker, scene: Scene, chunk: int = 1024
     ):
         parts = [
             render(min(chunk, num_images - s), image_size, seed * 100_003 + s // chunk, marker, scene=scene)
@@ -213,7 +238,7 @@ class AmbiguityPairs:
         return [r * per_row + c for r in rows for c in cols]
 
 
-def ambiguity_pairs(n: int, image_size: int, seed: int, marker: Marker, scene: Scene = Scene()) -> AmbiguityPairs:
+def ambiguity_pairs(n: int, image_size: int, seed: int, marker: Marker, scene: Scene) -> AmbiguityPairs:
     """``n`` scenes rendered twice, identical except for the marker colour."""
     a = render(n, image_size, seed, marker, marker_choice=0, scene=scene)[0]
     b = render(n, image_size, seed, marker, marker_choice=1, scene=scene)[0]
@@ -222,7 +247,7 @@ def ambiguity_pairs(n: int, image_size: int, seed: int, marker: Marker, scene: S
 
 def build_shapes(cfg, splits: Sequence[str] = ("train", "val")) -> tuple[ShapesDataset, ...]:
     """Datasets of ``data=shapes``: disjoint seeds per split; ``train_eval`` is ``train`` (there is no augmentation)."""
-    marker, scene = Marker.from_config(cfg.marker), Scene.from_config(cfg.get("scene", {}))
+    marker, scene = Marker.from_config(cfg.marker), Scene.from_config(cfg.scene)
     made: dict[str, ShapesDataset] = {}
     for s in splits:
         key = "train" if s == "train_eval" else s
