@@ -40,6 +40,7 @@ def test_loss_is_finite_and_reaches_every_trainable_parameter(compose, tiny_over
 
 
 def test_sigreg_term_is_weighted_into_the_loss(compose, tiny_overrides):
+    assert compose().model.sigreg_weight == 0.1  # the default run's recipe (model=jin_tiny)
     cfg = compose(*tiny_overrides, "model.sigreg_weight=0.5")
     model = build_model(cfg)
     masks = MaskCollator(model.context_encoder.unit_grid, seed=0, **cfg.mask)(4, 0)
