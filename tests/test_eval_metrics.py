@@ -21,7 +21,9 @@ from prob_jepa.eval.calibration import (
     top1_confidence,
 )
 from prob_jepa.eval.metrics import crps, energy_score, nll_per_dim, pearson_r
-from prob_jepa.eval.multimodality import axis_position, mode_coverage, on_mode_share, sharpness
+from prob_jepa.eval.multimodality import (
+    axis_coordinates, axis_histogram, axis_position, mode_coverage, on_mode_share, sharpness,
+)
 
 LEVELS = (0.5, 0.8, 0.95)
 
@@ -268,3 +270,16 @@ def test_axis_position_of_the_weighted_mean_is_its_weight():
     a, b = two_modes()
     assert axis_position((0.7 * a + 0.3 * b)[None], a, b) == pytest.approx(0.7, abs=1e-6)
     assert axis_position(torch.stack([a, a, b]), a, b) == pytest.approx(2 / 3, abs=1e-6)
+
+
+def test_axis_coordinates_agree_with_on_mode_share_and_their_histogram_keeps_every_sample():
+    a, b = two_modes(dim=16)
+    g = torch.Generator().manual_seed(3)
+    samples = a + 3.0 * torch.randn(64, *a.shape, generator=g)  # many beyond both ends of the axis
+    x = axis_coordinates(samples, a, b)
+    assert x.shape == samples.shape[:2]
+    assert ((x < 0.25) | (x > 0.75)).double().mean().item() == pytest.approx(on_mode_share(samples, a, b), abs=1e-12)
+    hist = axis_histogram(x, lo=-1.0, hi=2.0, bins=30)
+    assert len(hist["edges"]) == 31 and sum(hist["counts"]) == x.numel()
+    assert hist["counts"][0] == int((x <= -0.9).sum()) and hist["counts"][-1] == int((x >= 1.9).sum())
+    assert axis_histogram(torch.tensor([0.0, 1.0]), bins=3)["counts"] == [0, 1, 1]

@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 from ..data.shapes import Marker, Scene, ambiguity_pairs
 from ..heads import Head
 from ..model import JEPA
-from .multimodality import axis_position, mode_coverage, on_mode_share, sharpness
+from .multimodality import axis_coordinates, axis_histogram, axis_position, mode_coverage, on_mode_share, sharpness
 
 
 @torch.no_grad()
@@ -64,7 +64,13 @@ def ambiguity_metrics(
         "mean": scores(mean),
     }
     shown = range(min(4, len(a)))
-    return out, {"weights": list(marker.weights), "rows": [project(samples[:, r], a[r], b[r], mean[0, r]) for r in shown]}
+    plot = {
+        "weights": list(marker.weights),
+        "rows": [project(samples[:, r], a[r], b[r], mean[0, r]) for r in shown],
+        "axis_histogram": axis_histogram(axis_coordinates(samples, a, b)),
+        "mean_axis_histogram": axis_histogram(axis_coordinates(mean, a, b)),
+    }
+    return out, plot
 
 
 def project(samples: torch.Tensor, a: torch.Tensor, b: torch.Tensor, mean: torch.Tensor) -> dict[str, list]:

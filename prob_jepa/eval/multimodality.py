@@ -84,15 +84,37 @@ def on_mode_share(samples: torch.Tensor, mode_a: torch.Tensor, mode_b: torch.Ten
 
 
 @torch.no_grad()
-def axis_position(samples: torch.Tensor, mode_a: torch.Tensor, mode_b: torch.Tensor) -> float:
-    """Mean position of the samples along the axis from ``b`` (0) to ``a`` (1): ``(x − b)·(a − b) / ‖a − b‖²``.
+def axis_coordinates(samples: torch.Tensor, mode_a: torch.Tensor, mode_b: torch.Tensor) -> torch.Tensor:
+    """Position of every sample along the axis from ``b`` (0) to ``a`` (1): ``(x − b)·(a − b) / ‖a − b‖²``.
 
-    The L2-optimal point for mode weights ``(w_a, w_b)`` sits at ``w_a``: between the modes, on neither.
+    A sample is nearer one of the modes than the midpoint iff its coordinate is below 0.25 or above 0.75
+    (the orthogonal part adds the same amount to all three distances).
 
     Args:
         samples: ``[S, N, D]`` draws; mode_a, mode_b: ``[N, D]`` the two true targets, distinct on every row.
+    Returns:
+        ``[S, N]`` float64 coordinates.
     """
     _mode_distances(samples, mode_a, mode_b)  # checks shapes and distinct modes
     a, b = mode_a.double(), mode_b.double()
     axis = a - b
-    return (((samples.double() - b) * axis).sum(-1) / axis.square().sum(-1)).mean().item()
+    return ((samples.double() - b) * axis).sum(-1) / axis.square().sum(-1)
+
+
+@torch.no_grad()
+def axis_position(samples: torch.Tensor, mode_a: torch.Tensor, mode_b: torch.Tensor) -> float:
+    """Mean of :func:`axis_coordinates`: 0 at mode ``b``, 1 at mode ``a``.
+
+    The L2-optimal point for mode weights ``(w_a, w_b)`` sits at ``w_a``: between the modes, on neither.
+    """
+    return axis_coordinates(samples, mode_a, mode_b).mean().item()
+
+
+def axis_histogram(coordinates: torch.Tensor, lo: float = -1.0, hi: float = 2.0, bins: int = 60) -> dict[str, list]:
+    """Histogram of :func:`axis_coordinates` on ``[lo, hi]``; coordinates outside are counted in the end bins.
+
+    Returns ``{"edges": [bins + 1], "counts": [bins]}`` (counts sum to the number of coordinates).
+    """
+    x = coordinates.double().flatten().clamp(lo, hi)
+    counts = torch.histc(x, bins=bins, min=lo, max=hi)
+    return {"edges": torch.linspace(lo, hi, bins + 1).tolist(), "counts": counts.long().tolist()}

@@ -127,6 +127,30 @@ def ambiguity_projection(runs: Runs, path: Path) -> Path:
     return save(fig, path)
 
 
+def ambiguity_axis(runs: Runs, path: Path) -> Path:
+    """Where the samples for the hidden marker tokens fall along the axis from the minority mode (0) to the
+    majority mode (1), over every ambiguity-pair row: bars for the samples, a black line for the point
+    predictions; shaded where a sample is nearer a mode than the midpoint."""
+    fig, axes = _grid(len(runs), 4.0, 3.0)
+    for ax, (name, d) in zip(axes, runs.items()):
+        amb, (wa, wb) = d["ambiguity"], d["ambiguity"]["weights"]
+        edges = np.asarray(amb["axis_histogram"]["edges"])
+        centres, width = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
+        fraction = {k: np.asarray(amb[k]["counts"], dtype=float) for k in ("axis_histogram", "mean_axis_histogram")}
+        fraction = {k: v / max(v.sum(), 1) for k, v in fraction.items()}
+        ax.bar(centres, fraction["axis_histogram"], width=width, color="C0", alpha=0.8, label="samples")
+        ax.step(centres, fraction["mean_axis_histogram"], where="mid", c="k", lw=1.0, label="mean()")
+        ax.axvspan(edges[0], 0.25, color="C1", alpha=0.08, lw=0, zorder=0)
+        ax.axvspan(0.75, edges[-1], color="C1", alpha=0.08, lw=0, zorder=0, label="nearer a mode than the midpoint")
+        ax.axvline(0, c="C2", lw=1.5, label=f"mode b (p={wb:g})")
+        ax.axvline(1, c="C3", lw=1.5, label=f"mode a (p={wa:g})")
+        ax.axvline(0.5, c="grey", lw=0.8, ls=":")
+        ax.set(title=name, xlabel="mode axis (b = 0, a = 1; ends clipped)", ylabel="fraction",
+               xlim=(edges[0], edges[-1]))
+    axes[0].legend(fontsize=6, loc="upper left")
+    return save(fig, path)
+
+
 def tradeoffs(table: Sequence[Mapping[str, Any]], path: Path) -> Path:
     """Likelihood and probe accuracy against the measured cost of a training step."""
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
@@ -156,6 +180,9 @@ def all_figures(runs: Runs, records: Mapping[str, Sequence], table: Sequence, fo
     ambiguous = {n: d for n, d in runs.items() if d.get("ambiguity")}
     if ambiguous:
         paths.append(ambiguity_projection(ambiguous, folder / "ambiguity_pca.png"))
+        with_axis = {n: d for n, d in ambiguous.items() if "axis_histogram" in d["ambiguity"]}
+        if with_axis:
+            paths.append(ambiguity_axis(with_axis, folder / "ambiguity_axis.png"))
     if len(table) > 1:
         paths.append(tradeoffs(table, folder / "tradeoffs.png"))
     return paths
