@@ -1,6 +1,8 @@
 """The embedded shapes world and its ambiguity pairs."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -79,7 +81,7 @@ def test_scene_options_control_the_clutter():
     images, _, _ = render(16, 32, seed=2, marker=MARKER, scene=PLAIN)
     colours = [torch.unique(im.flatten(1), dim=1).shape[1] for im in images]
     assert max(colours) <= 3  # background, shape, marker — nothing else
-    cluttered = Scene(radius=(0.3, 0.38), distractors=2, noise=0.0, gradient=0.25, texture=(0.0, 0.0), texture_block=2)
+    cluttered = replace(PLAIN, distractors=2, gradient=0.25)
     images, _, _ = render(16, 32, seed=2, marker=MARKER, scene=cluttered)
     assert min(torch.unique(im.flatten(1), dim=1).shape[1] for im in images) > 3
 
@@ -92,9 +94,9 @@ def test_scene_rejects_a_shape_that_cannot_fit():
 
 def test_texture_is_blocky_per_image_noise_and_the_marker_stays_solid():
     block = 4
-    textured = Scene(radius=(0.3, 0.38), distractors=0, noise=0.0, gradient=0.0, texture=(0.1, 0.2), texture_block=block)
+    textured = replace(PLAIN, texture=(0.1, 0.2), texture_block=block)
     images, _, _ = render(32, 32, seed=6, marker=MARKER, scene=textured)
-    untextured = Scene(radius=(0.3, 0.38), distractors=0, noise=0.0, gradient=0.0, texture=(0.0, 0.0), texture_block=block)
+    untextured = replace(PLAIN, texture_block=block)
     plain, _, _ = render(32, 32, seed=6, marker=MARKER, scene=untextured)  # the same draws, texture scaled by 0
     diff = images.float() / 255 - plain.float() / 255  # the texture (where nothing was clipped)
     assert torch.equal(images[:, :, :8, :8], plain[:, :, :8, :8])  # the marker carries no texture

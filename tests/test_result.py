@@ -17,6 +17,7 @@ from prob_jepa.checkpoint import load_checkpoint
 from prob_jepa.data import build_datasets
 from prob_jepa.eval import first, representation_metrics
 from prob_jepa.model import build_model
+from prob_jepa.run_dir import RunDir
 from prob_jepa.train import pretrain
 
 SHORT_RUN = ["trainer.epochs=3", "trainer.progress=false", "eval.enabled=false"]
@@ -30,7 +31,7 @@ def short_run_margin(compose, seed: int, run_dir: Path) -> dict[str, float]:
     train_set, val_set = build_datasets(cfg.data, ("train_eval", "val"))
     pretrain(cfg, run_dir=run_dir)
     model = build_model(cfg)
-    model.load_state_dict(load_checkpoint(Path(run_dir) / "checkpoints" / "last.pt")["model"])
+    model.load_state_dict(load_checkpoint(RunDir(run_dir).checkpoint)["model"])
     metrics, _, _ = representation_metrics(
         model.eval(), cfg, first(train_set, PROBE_TRAIN), first(val_set, PROBE_VAL), torch.device("cpu")
     )

@@ -12,16 +12,24 @@ import torch
 from .metrics import check_samples
 
 
+def _checked(
+    samples: torch.Tensor, mode_a: torch.Tensor, mode_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``samples [S, N, D]`` and both modes ``[N, D]`` in float64, after checking shapes and that the modes differ."""
+    check_samples(samples, mode_a)
+    check_samples(samples, mode_b)
+    samples, mode_a, mode_b = samples.double(), mode_a.double(), mode_b.double()
+    if ((mode_a - mode_b).norm(dim=-1) == 0).any():
+        raise ValueError("mode_a and mode_b coincide on some rows; keep only ambiguous rows")
+    return samples, mode_a, mode_b
+
+
 def _mode_distances(
     samples: torch.Tensor, mode_a: torch.Tensor, mode_b: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Distance of every sample to each mode, ``[S, N]`` twice, and the half-gap ``‖a − b‖ / 2``, ``[N]``."""
-    check_samples(samples, mode_a)
-    check_samples(samples, mode_b)
-    samples, mode_a, mode_b = samples.double(), mode_a.double(), mode_b.double()
+    samples, mode_a, mode_b = _checked(samples, mode_a, mode_b)
     half_gap = (mode_a - mode_b).norm(dim=-1) / 2
-    if (half_gap == 0).any():
-        raise ValueError("mode_a and mode_b coincide on some rows; keep only ambiguous rows")
     return (samples - mode_a).norm(dim=-1), (samples - mode_b).norm(dim=-1), half_gap
 
 
@@ -78,9 +86,8 @@ def on_mode_share(samples: torch.Tensor, mode_a: torch.Tensor, mode_b: torch.Ten
     Args:
         samples: ``[S, N, D]`` draws; mode_a, mode_b: ``[N, D]`` the two true targets, distinct on every row.
     """
-    d_a, d_b, _ = _mode_distances(samples, mode_a, mode_b)
-    d_mid = (samples.double() - (mode_a.double() + mode_b.double()) / 2).norm(dim=-1)
-    return (torch.minimum(d_a, d_b) < d_mid).double().mean().item()
+    x = axis_coordinates(samples, mode_a, mode_b)
+    return ((x < 0.25) | (x > 0.75)).double().mean().item()
 
 
 @torch.no_grad()
@@ -95,10 +102,9 @@ def axis_coordinates(samples: torch.Tensor, mode_a: torch.Tensor, mode_b: torch.
     Returns:
         ``[S, N]`` float64 coordinates.
     """
-    _mode_distances(samples, mode_a, mode_b)  # checks shapes and distinct modes
-    a, b = mode_a.double(), mode_b.double()
+    samples, a, b = _checked(samples, mode_a, mode_b)
     axis = a - b
-    return ((samples.double() - b) * axis).sum(-1) / axis.square().sum(-1)
+    return ((samples - b) * axis).sum(-1) / axis.square().sum(-1)
 
 
 @torch.no_grad()
