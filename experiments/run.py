@@ -4,19 +4,17 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import hydra  # noqa: E402
+from hydra._internal.utils import get_args_parser  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.core.override_parser.overrides_parser import OverridesParser  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from prob_jepa.config import ConfigKeyError, check_overrides  # noqa: E402
+from prob_jepa.config import ConfigKeyError, check_argv  # noqa: E402
 from prob_jepa.train import pretrain  # noqa: E402
-
-CONF = Path(__file__).resolve().parent / "conf"
 
 
 def sweep_job_name(num: int) -> str:
@@ -26,7 +24,7 @@ def sweep_job_name(num: int) -> str:
     keys are those of ``hydra.sweeper.params`` (experiment presets) and the command line's sweeps.
     """
     hc = HydraConfig.get()
-    parsed = OverridesParser.create().parse_overrides([a for a in sys.argv[1:] if not a.startswith("-")])
+    parsed = OverridesParser.create().parse_overrides(get_args_parser().parse_args(sys.argv[1:]).overrides)
     swept = {o.key_or_group for o in parsed if o.is_sweep_override()} | set(hc.sweeper.get("params") or {})
     items = sorted(o for o in hc.overrides.task if o.split("=", 1)[0].lstrip("+~") in swept)
     return f"{num}_{','.join(items).replace('/', '_')}" if items else str(num)
@@ -45,7 +43,7 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     try:
-        check_overrides(CONF, [a for a in sys.argv[1:] if not a.startswith("-")])
+        check_argv(sys.argv[1:], __file__, config_path="conf", config_name="config")  # as in @hydra.main
     except ConfigKeyError as e:
         sys.exit(f"error: {e}")
     if int(os.environ.get("RANK", "0")) > 0:  # under torchrun only rank 0 writes into the run directory

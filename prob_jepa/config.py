@@ -1,13 +1,28 @@
 """Config helpers: compose the Hydra config, and fail early on mistyped override keys."""
 from __future__ import annotations
 
+import argparse
+import os
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Sequence
 
 from hydra import compose, initialize_config_dir
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra._internal.utils import create_automatic_config_search_path, get_args_parser
+from hydra.core.config_search_path import SearchPathQuery
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+
+BASIC_SWEEPER = f"{BasicSweeper.__module__}.{BasicSweeper.__name__}"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot train and evaluate to the end; raised before step 1, naming its keys."""
 
 
 class ConfigKeyError(KeyError):
@@ -24,34 +39,151 @@ def compose_config(config_dir: str | Path, overrides: Sequence[str] = (), config
         return compose(config_name, overrides=list(overrides))
 
 
-def check_overrides(config_dir: str | Path, overrides: Sequence[str], config_name: str = "config") -> None:
-    """Raise :class:`ConfigKeyError` listing the valid keys when an override's key does not exist.
+def check_argv(
+    argv: Sequence[str], app_file: str | Path, config_path: str = "conf", config_name: str = "config"
+) -> None:
+    """Fail fast, listing the valid keys, when an override of the command line ``argv`` names a missing key.
 
-    Group selections (``predictor=flow``) are left to Hydra, which lists the
-    available options itself; ``+key`` / ``~key`` / ``hydra.*`` are not checked.
+    ``app_file``, ``config_path`` and ``config_name`` are those of the ``@hydra.main`` that will read
+    ``argv``. Hydra's own argument parser splits flags from overrides, and ``--config-name``,
+    ``--config-path`` and ``--config-dir`` choose the config as they will for Hydra. Under
+    ``--multirun`` every job of the basic sweeper is checked (command-line sweeps and
+    ``hydra.sweeper.params``), then the config Hydra composes before sweeping. A command line that
+    composes passes; so does every other error, which Hydra reports in its own words: flags argparse
+    rejects, ``--help`` / ``--info``, unknown group options, values of the wrong type.
+
+    Raises:
+        ConfigKeyError: naming the key, the job it is missing in, and the valid keys of its parent node.
     """
-    config_dir = Path(config_dir)
-    groups = {p.name for p in config_dir.iterdir() if p.is_dir()}
-    parsed = OverridesParser.create().parse_overrides(list(overrides))
-    selections = [o.input_line for o in parsed if o.key_or_group in groups or o.key_or_group.split("@")[0] in groups]
-    keys = [o for o in parsed if o.input_line not in selections and not (o.is_add() or o.is_delete() or o.is_force_add())]
-    keys = [o for o in keys if not o.key_or_group.startswith("hydra.")]
-    if not keys:
+    args = _hydra_args(argv)
+    if args is None or args.help or args.hydra_help or args.info or args.shell_completion or args.experimental_rerun:
         return
-    cfg = compose_config(config_dir, selections, config_name)
-    for o in keys:
-        node: object = cfg
-        path = o.key_or_group.split(".")
-        for i, part in enumerate(path):
-            if not isinstance(node, DictConfig) or part not in node:
-                parent = ".".join(path[:i]) or "<root>"
-                valid = sorted(node.keys()) if isinstance(node, DictConfig) else []
-                raise ConfigKeyError(
-                    f"unknown config key '{o.key_or_group}': '{part}' is not in {parent}. "
-                    f"Valid keys of {parent}: {', '.join(map(str, valid))}"
-                )
-            node = node[part]
-    GlobalHydra.instance().clear()
+    name = args.config_name or config_name
+    try:
+        path = config_path if args.config_path is None else args.config_path
+        loader = _config_loader(app_file, path, args.config_dir)
+        overrides = OverridesParser.create().parse_overrides(args.overrides)
+        if args.multirun:
+            _check_sweep(loader, name, overrides)
+        else:
+            _check(loader, name, overrides, RunMode.RUN)
+    except ConfigKeyError:
+        raise
+    except Exception:  # Hydra meets the same error when it reads argv, and reports it in its own words
+        return
+
+
+def _hydra_args(argv: Sequence[str]) -> argparse.Namespace | None:
+    """``argv`` as Hydra's argument parser reads it, or None where argparse exits (Hydra then prints why)."""
+    with open(os.devnull, "w") as null, redirect_stdout(null), redirect_stderr(null):
+        try:
+            return get_args_parser().parse_args(list(argv))
+        except SystemExit:
+            return None
+
+
+def _config_loader(app_file: str | Path, config_path: str, config_dir: str | None) -> ConfigLoaderImpl:
+    """Hydra's config loader with the search path ``hydra._internal.utils._run_hydra`` builds."""
+    search_path = create_automatic_config_search_path(str(app_file), None, config_path)
+    if config_dir is not None:
+        search_path.prepend("command-line", f"file://{os.path.abspath(config_dir)}", SearchPathQuery(provider="schema"))
+    return ConfigLoaderImpl(config_search_path=search_path)
+
+
+def _check_sweep(loader: ConfigLoaderImpl, config_name: str, overrides: list[Override]) -> None:
+    """Check the jobs of the sweep (one per distinct :func:`_shape`), then the config Hydra composes before sweeping."""
+    checked = set()
+    for job, swept in _sweep_jobs(loader, config_name, overrides):
+        shape = tuple(_shape(loader, o) for o in job)
+        if shape not in checked:
+            checked.add(shape)
+            _check(loader, config_name, job, RunMode.RUN, f" in the job {swept}" if swept else "")
+    _check(loader, config_name, overrides, RunMode.MULTIRUN,
+           " before sweeping: Hydra first composes the config with swept groups at their defaults (++ adds it there)")
+
+
+def _sweep_jobs(
+    loader: ConfigLoaderImpl, config_name: str, overrides: list[Override]
+) -> list[tuple[list[Override], str]]:
+    """Each job's overrides as Hydra's basic sweeper composes them, and its swept values; none for other sweepers."""
+    hydra_overrides = [o.input_line for o in overrides if o.is_hydra_override()]
+    selections = [o.input_line for o in overrides if o.is_hydra_override() or _selects_group(loader, o)]
+    sweeper = loader.load_configuration(config_name, selections, RunMode.MULTIRUN).hydra.sweeper
+    if sweeper._target_ != BASIC_SWEEPER:
+        return []
+    parse = OverridesParser.create().parse_overrides
+    params = [f"{k}={v}" for k, v in (sweeper.params or {}).items()]
+    task = parse(params + [o.input_line for o in overrides if not o.is_hydra_override()])  # as Hydra passes them
+    swept = {o.get_key_element() for o in task if o.is_sweep_override()}
+    return [(parse(hydra_overrides + job), ", ".join(line for line in job if line.split("=", 1)[0] in swept))
+            for job in BasicSweeper.split_arguments(task, None)[0]]
+
+
+def _shape(loader: ConfigLoaderImpl, override: Override) -> str:
+    """What an override contributes to the keys of a job: a group selection or container value, else its key only."""
+    if _selects_group(loader, override) or isinstance(override.value(), (dict, list)):
+        return override.input_line
+    return override.get_key_element()
+
+
+def _check(
+    loader: ConfigLoaderImpl, config_name: str, overrides: list[Override], mode: RunMode, where: str = ""
+) -> None:
+    """Where Hydra cannot compose ``overrides``, find the first value override whose key is missing.
+
+    Hydra selects the groups first, then applies the other overrides in order; each key is looked up
+    in the config composed from the groups and the overrides before it.
+
+    Raises:
+        ConfigKeyError: for that override.
+        Exception: Hydra's own error where an earlier override fails for another reason.
+    """
+    if _composes(loader, config_name, overrides, mode):
+        return
+    groups = [o.input_line for o in overrides if _selects_group(loader, o)]
+    settings = [o for o in overrides if not _selects_group(loader, o)]
+    for i, o in enumerate(settings):
+        if not (o.is_add() or o.is_force_add()):  # + and ++ may create keys; a value or ~ needs one
+            cfg = loader.load_configuration(config_name, groups + [s.input_line for s in settings[:i]], mode)
+            _require_key(cfg, o.key_or_group, where)
+
+
+def _composes(loader: ConfigLoaderImpl, config_name: str, overrides: list[Override], mode: RunMode) -> bool:
+    """Whether Hydra composes ``overrides`` in ``mode``."""
+    try:
+        loader.load_configuration(config_name, [o.input_line for o in overrides], mode)
+    except Exception:  # the caller finds which override fails, if any fails on a key
+        return False
+    return True
+
+
+def _selects_group(loader: ConfigLoaderImpl, override: Override) -> bool:
+    """Whether Hydra reads ``override`` as a config-group selection (``predictor=flow``), as its defaults list does."""
+    return not isinstance(override.value(), dict) and loader.repository.group_exists(override.key_or_group)
+
+
+def _require_key(cfg: DictConfig, key: str, where: str) -> None:
+    """Raise :class:`ConfigKeyError` unless every part of the dotted ``key`` exists in ``cfg`` (list items by index)."""
+    node: object = OmegaConf.to_container(cfg, resolve=False)  # plain containers: the walk resolves nothing
+    path = key.split(".")
+    for i, part in enumerate(path):
+        children = _children(node)
+        if part not in children:
+            parent = ".".join(path[:i]) or "<root>"
+            raise ConfigKeyError(
+                f"unknown config key '{key}'{where}: '{part}' is not in {parent}. "
+                f"Valid keys of {parent}: {', '.join(children) or '(none: it is a value)'}"
+            )
+        node = children[part]
+
+
+def _children(node: object) -> dict[str, object]:
+    """A node's children by the names an override uses: a mapping's keys (sorted), a list's indices."""
+    if isinstance(node, dict):
+        return {str(k): node[k] for k in sorted(node, key=str)}
+    if isinstance(node, list):
+        return {str(i): v for i, v in enumerate(node)}
+    return {}
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -1,7 +1,6 @@
 """The JEPA model: context encoder, EMA target encoder, predictor trunk, one head per level."""
 from __future__ import annotations
 
-import copy
 from typing import NamedTuple, Sequence
 
 import torch
@@ -13,6 +12,8 @@ from jin import HierarchicalEncoder
 from jin.cross_scale import CrossScalePredictors
 from jin.layers import budget_loss
 
+from .config import ConfigError
+from .ema import ContextTargetPair
 from .heads import Head, build_head
 from .predictor import PredictorTrunk
 from .regularizers import SIGReg
@@ -26,7 +27,7 @@ class StepOutput(NamedTuple):
     targets: torch.Tensor
 
 
-class JEPA(nn.Module):
+class JEPA(ContextTargetPair):
     """I-JEPA / z-JEPA with a probabilistic predictor head per level.
 
     Total loss (JIN eq. 9): ``Σ_l w_l · head_l.loss(cond_l, sg[target_l])
@@ -67,8 +68,7 @@ class JEPA(nn.Module):
         self.predict_levels = list(range(encoder.levels)) if predict_levels is None else list(predict_levels)
         if not len(heads) == len(level_weights) == len(self.predict_levels):
             raise ValueError(f"{len(heads)} heads, {len(level_weights)} weights, levels {self.predict_levels}")
-        self.context_encoder = encoder
-        self.target_encoder = copy.deepcopy(encoder).requires_grad_(False)
+        self.init_target(encoder)
         self.predictor = predictor
         self.heads = nn.ModuleList(heads)
         self.level_weights = list(level_weights)
@@ -79,6 +79,20 @@ class JEPA(nn.Module):
         self.balance_weight = balance_weight
         self.sigreg = sigreg
         self.sigreg_weight = sigreg_weight
+        for level in range(self.levels):  # an output norm that no loss reads would get no gradient: freeze it
+            if level not in self.read_levels:
+                self.context_encoder.norms[level].requires_grad_(False)
+
+    @property
+    def read_levels(self) -> set[int]:
+        """Levels whose context-encoder outputs some loss reads: the predicted ones, all for the
+        cross-scale loss, the last for SIGReg."""
+        read = set(self.predict_levels)
+        if self.cross_scale is not None:
+            read |= set(range(self.levels))
+        if self.sigreg is not None:
+            read.add(self.levels - 1)
+        return read
 
     @property
     def levels(self) -> int:
@@ -151,13 +165,6 @@ class JEPA(nn.Module):
         return StepOutput(loss, terms, target_all[0])
 
     @torch.no_grad()
-    def update_target(self, momentum: float) -> None:
-        """EMA: ``θ̄ ← m·θ̄ + (1 − m)·θ`` for every parameter of the target encoder."""
-        tgt = [p.data for p in self.target_encoder.parameters()]
-        src = [p.data for p in self.context_encoder.parameters()]
-        torch._foreach_lerp_(tgt, src, 1.0 - momentum)
-
-    @torch.no_grad()
     def features(self, images: torch.Tensor, encoder: str = "target") -> torch.Tensor:
         """Frozen representation ``[B, D_L]``: average-pooled last-level tokens (I-JEPA probes the target encoder)."""
         enc = self.target_encoder if encoder == "target" else self.context_encoder
@@ -170,14 +177,21 @@ def level_config(model_cfg: DictConfig) -> dict:
     ``levels < len(dims)`` keeps the *last* ``levels`` widths and folds the
     dropped levels' depth into the first kept level, so ``levels=1`` is a flat
     ViT of the top width and the same total depth — the no-hierarchy ablation.
+    ``global_from`` counts the preset's levels, so it moves down with the dropped
+    ones: the kept levels attend globally exactly when they did in the full model
+    (without this, ``jin_tiny`` at ``levels=1`` attended within one-token units: not at all).
     """
     L = int(model_cfg.levels)
     dims, depths, heads = list(model_cfg.dims), list(model_cfg.depths), list(model_cfg.num_heads)
+    if not len(dims) == len(depths) == len(heads):
+        raise ConfigError(f"model.dims {dims}, model.depths {depths} and model.num_heads {heads} differ in length")
     if not 1 <= L <= len(dims):
-        raise ValueError(f"model.levels={L} must be between 1 and {len(dims)} (the length of model.dims)")
+        raise ConfigError(f"model.levels={L} must be between 1 and {len(dims)} (the length of model.dims)")
+    k = model_cfg.predictor.levels or L
+    if not 1 <= k <= L:
+        raise ConfigError(f"model.predictor.levels={k} must be null (every level) or between 1 and model.levels={L}")
     drop = len(dims) - L
     depths = [sum(depths[: drop + 1])] + depths[drop + 1 :]
-    k = model_cfg.predictor.levels or L
     return {
         "dims": dims[drop:],
         "depths": depths,
@@ -185,6 +199,7 @@ def level_config(model_cfg: DictConfig) -> dict:
         "level_weights": list(model_cfg.level_weights)[:L],
         "alpha_targets": list(model_cfg.alpha_targets)[:L],
         "predict_levels": list(range(max(0, L - k), L)),
+        "global_from": max(0, int(model_cfg.global_from) - drop),
     }
 
 
@@ -202,10 +217,37 @@ def build_encoder(cfg: DictConfig) -> HierarchicalEncoder:
         spatial_bias=m.spatial_bias,
         bias_hidden=m.bias_hidden,
         adaptive=m.adaptive,
-        global_from=m.global_from,
+        global_from=lv["global_from"],
         zoom_factors=list(m.zoom_factors) if m.zoom else [],
         zoom_tokens=m.zoom_tokens,
     )
+
+
+def check_experts(key: str, predictor: DictConfig) -> None:
+    """A mixture of experts routes each token to ``moe_top_k`` of ``moe_experts`` experts.
+
+    Raises:
+        ConfigError: ``{key}.moe_top_k`` is not between 1 and ``{key}.moe_experts`` (when experts are on).
+    """
+    if predictor.moe_experts and not 1 <= predictor.moe_top_k <= predictor.moe_experts:
+        raise ConfigError(
+            f"{key}.moe_top_k={predictor.moe_top_k} must be between 1 and {key}.moe_experts={predictor.moe_experts}"
+        )
+
+
+def build_configured_head(predictor: DictConfig, dim: int, cond_dim: int) -> Head:
+    """The head of ``cfg.predictor`` for ``dim``-dimensional targets.
+
+    Raises:
+        ConfigError: the head rejects its options (e.g. more DDIM steps than training timesteps);
+            the message names the ``predictor.*`` keys.
+    """
+    options = OmegaConf.to_container(predictor, resolve=True)
+    name = options.pop("name")
+    try:
+        return build_head(name, dim=dim, cond_dim=cond_dim, **options)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"predictor={name}: invalid predictor.* options: {e}") from e
 
 
 def build_model(cfg: DictConfig) -> JEPA:
@@ -213,6 +255,7 @@ def build_model(cfg: DictConfig) -> JEPA:
     m, lv = cfg.model, level_config(cfg.model)
     encoder = build_encoder(cfg)
     p = m.predictor
+    check_experts("model.predictor", p)
     predicted = lv["predict_levels"]
     trunk = PredictorTrunk(
         context_dims=[lv["dims"][l] for l in predicted],
@@ -228,9 +271,7 @@ def build_model(cfg: DictConfig) -> JEPA:
         moe_experts=p.moe_experts,
         moe_top_k=p.moe_top_k,
     )
-    head_cfg = OmegaConf.to_container(cfg.predictor, resolve=True)
-    name = head_cfg.pop("name")
-    heads = [build_head(name, dim=lv["dims"][l], cond_dim=p.dim, **head_cfg) for l in predicted]
+    heads = [build_configured_head(cfg.predictor, dim=lv["dims"][l], cond_dim=p.dim) for l in predicted]
     cross = CrossScalePredictors(lv["dims"]) if m.cross_scale and len(lv["dims"]) > 1 else None
     return JEPA(
         encoder,

@@ -24,11 +24,13 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
+from .config import ConfigError
 from .data import GlobalBatchSampler, SeededDataset, build_datasets, seed_for
 from .distributed import DistInfo, any_rank, barrier, gradient_sync, init_distributed, wrap_model
 from .eval.diagnostics import effective_rank, feature_std
 from .masks import MaskCollator
 from .model import JEPA, StepOutput, build_model
+from .preflight import check_gradients, preflight_evaluation
 from .run_dir import RunDir
 from .schedules import Schedules
 
@@ -92,6 +94,21 @@ def accumulation(global_batch: int, micro_batch: int | None, world_size: int) ->
     return micro, accum
 
 
+def total_steps(epochs: float, steps_per_epoch: int) -> int:
+    """Optimizer steps of a run of ``epochs`` (fractional epochs allowed: 1.5 → one and a half epochs, rounded).
+
+    Raises:
+        ConfigError: ``trainer.epochs`` gives no step.
+    """
+    steps = int(round(float(epochs) * steps_per_epoch))
+    if steps < 1:
+        raise ConfigError(
+            f"trainer.epochs={epochs} gives {steps} optimizer steps at {steps_per_epoch} steps per epoch; "
+            f"it must give at least one"
+        )
+    return steps
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -99,9 +116,15 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class Trainer:
-    """Owns the model, optimizer, data order and schedules of one run; :meth:`fit` trains."""
+    """Owns the model, optimizer, data order and schedules of one run; :meth:`fit` trains.
+
+    Before step 1 the constructor runs one forward / backward of the real step
+    (:func:`~prob_jepa.preflight.check_gradients`): a configuration whose losses leave a
+    trainable parameter without gradient fails there, naming it.
+    """
 
     optimizer_load_options = StateDictOptions(full_state_dict=True)
+    allow_unused_parameters = False  # a task that leaves modules out of some steps by design sets True
 
     def __init__(self, cfg: DictConfig, info: DistInfo, run: RunDir, train_set: Dataset):
         self.cfg, self.info, self.run = cfg, info, run
@@ -122,19 +145,23 @@ class Trainer:
             generator=torch.Generator().manual_seed(cfg.seed),  # never draws from the training RNG
         )
         self.steps_per_epoch = self.sampler.steps_per_epoch
-        self.total_steps = tc.epochs * self.steps_per_epoch
+        self.total_steps = total_steps(tc.epochs, self.steps_per_epoch)
         self.schedules = Schedules.from_config(cfg.optim, self.total_steps, self.steps_per_epoch)
         self.step = 0
         self.last_targets: torch.Tensor | None = None
+        bf16 = tc.precision == "bf16" or (tc.precision == "auto" and info.device.type == "cuda")
+        self.autocast = lambda: torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=bf16)
 
+        self.net: nn.Module = self.model  # the preflight step runs the bare model, before DDP / FSDP hooks
+        check_gradients(
+            self.model, lambda: self.forward_micro(next(iter(self.loader)), 0).loss, self.allow_unused_parameters
+        )
         self.wrapped = self.wrap(tc.strategy)  # DDP / FSDP (or the model itself)
         # after wrapping: FSDP replaces the parameters with sharded ones
         self.optimizer = torch.optim.AdamW(param_groups(self.model), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
         # Automatic dynamic shapes: only what varies (the number of context / target tokens) becomes symbolic.
         # dynamic=True also makes the batch symbolic, which F.affine_grid (JIN's zoom) cannot take.
         self.net = torch.compile(self.wrapped) if tc.compile else self.wrapped
-        bf16 = tc.precision == "bf16" or (tc.precision == "auto" and info.device.type == "cuda")
-        self.autocast = lambda: torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=bf16)
 
     # ---------------------------------------------------------- what a task overrides
     def build_model(self) -> JEPA:
@@ -147,7 +174,7 @@ class Trainer:
         self.collator = MaskCollator(grid=self.model.context_encoder.unit_grid, seed=self.cfg.seed, **self.cfg.mask)
 
     def wrap(self, strategy: str) -> nn.Module:
-        return wrap_model(self.model, self.info, strategy)
+        return wrap_model(self.model, self.info, strategy, find_unused_parameters=self.allow_unused_parameters)
 
     def forward_micro(self, batch, m: int) -> StepOutput:
         """Loss of micro-batch ``m`` of the current step: masks, then the model under autocast."""
@@ -328,7 +355,9 @@ def pretrain(
     if "hypermodal" in cfg:  # several modalities: its own trainer hooks and evaluation
         from .hypermodal.evaluate import evaluate_hypermodal as evaluate
         from .hypermodal.train import HypermodalTrainer as trainer_class
-    trainer = trainer_class(cfg, info, run, train_set)
+    trainer = trainer_class(cfg, info, run, train_set)  # builds the model and checks its gradients
+    if cfg.eval.enabled:
+        preflight_evaluation(evaluate, trainer.build_model, cfg, probe_set, val_set, info)
     trainer.resume()
     status = trainer.fit()
 

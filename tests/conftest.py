@@ -66,3 +66,29 @@ SMALL_EVAL = ["eval.head_images=32", "eval.head_rows=256", "eval.sample_rows=64"
 def tiny_overrides() -> list[str]:
     """A CPU-second-sized run: a 2-block ViT on 32 px shapes."""
     return list(TINY)
+
+
+MODEL_PRESETS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+
+
+def shrunk_model(name: str) -> list[str]:
+    """Overrides building model preset ``name`` at CPU size.
+
+    Kept from the preset: levels, heads per level, every switch (spatial bias, adaptive, zoom,
+    cross-scale, mask-unit attention), drop-path, dropout, SIGReg and ``predictor.levels``. Shrunk:
+    8 channels per head (16 at least), one block per level, a 1-block predictor, and images of
+    4×4 mask units (3×3 and patch 2 from three levels on: a unit then holds 8×8 level-0 tokens).
+    """
+    preset = OmegaConf.load(CONF / "model" / f"{name}.yaml")
+    heads = list(preset.num_heads)
+    levels = len(heads)
+    patch = 2 if levels >= 3 else 4
+    size = patch * 2 ** (levels - 1) * (4 if levels <= 2 else 3)
+    dims = [max(16, 8 * h) for h in heads]
+    return [
+        f"model={name}", f"data.image_size={size}", f"data.marker.size={size // 4}", f"model.patch_size={patch}",
+        f"model.dims=[{','.join(map(str, dims))}]", f"model.depths=[{','.join(['1'] * levels)}]",
+        "model.predictor.dim=24", "model.predictor.depth=1", "model.predictor.num_heads=2",
+        "data.train_size=64", "data.val_size=32", "mask.min_keep=2", "trainer.batch_size=8",
+        "trainer.log_every=1", "trainer.progress=false", "eval.batch_size=64",
+    ]

@@ -37,7 +37,7 @@ def test_missing_dataset_says_where_and_how(tmp_path):
 @pytest.mark.slow
 def test_five_head_sweep_then_compare(tiny_overrides, tmp_path):
     sweep = tmp_path / "sweep"
-    proc = run("experiments/run.py", "-m", "experiment=compare_heads", *tiny_overrides, *SMALL_EVAL,
+    proc = run("experiments/run.py", "-m", "-cn", "config", "experiment=compare_heads", *tiny_overrides, *SMALL_EVAL,
                f"hydra.sweep.dir={sweep}", timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == [  # folders name only what the sweep varies

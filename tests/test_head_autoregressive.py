@@ -30,9 +30,10 @@ def test_coordinate_parameters_depend_on_earlier_coordinates_only():
             assert changed[j + 1 :].all(), f"coordinates after {j} ignore y_{j}"
 
 
+@pytest.mark.parametrize("components", [1, 4])  # pyro's MADE returns [N, D], not [N, 1, D], for K = 1
 @pytest.mark.parametrize("distribution", ["gaussian", "logistic"])
-def test_sequential_samples_agree_with_log_prob(distribution):
-    head = make(dim=2, distribution=distribution)
+def test_sequential_samples_agree_with_log_prob(distribution, components):
+    head = make(dim=2, distribution=distribution, num_components=components)
     cond = torch.randn(1, 5)
     mass, mean, cov = quadrature_moments(head, cond)
     assert abs(mass.item() - 1) < 1e-2

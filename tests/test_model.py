@@ -1,8 +1,10 @@
 """The JEPA model: target encoder, predictor trunk structure, cross-scale loss, EMA."""
 from __future__ import annotations
 
+import pytest
 import torch
 
+from conftest import MODEL_PRESETS, shrunk_model
 from jin.cross_scale import CrossScalePredictors, children
 from prob_jepa.masks import MaskCollator
 from prob_jepa.model import build_model, level_config
@@ -15,6 +17,22 @@ def test_target_encoder_equals_context_encoder_right_after_construction(compose,
     assert ctx.keys() == tgt.keys()
     assert all(torch.equal(ctx[k], tgt[k]) for k in ctx)
     assert not any(p.requires_grad for p in model.target_encoder.parameters())
+
+
+@pytest.mark.parametrize("stochastic", [[], ["model.dropout=0.1", "model.drop_path_rate=0.3"]], ids=["preset", "dropout"])
+@pytest.mark.parametrize("preset", MODEL_PRESETS)
+def test_target_encoder_is_never_stochastic(preset, stochastic, compose):
+    """Regression targets are a function of the EMA weights and the image: not of drop-path or dropout,
+    which the target encoder inherits from the context encoder (every full-scale preset has them)."""
+    cfg = compose(*shrunk_model(preset), *stochastic)
+    torch.manual_seed(0)
+    model = build_model(cfg).train()  # what Trainer.fit sets
+    images = torch.rand(2, 3, cfg.data.image_size, cfg.data.image_size)
+    for a, b in zip(model.target_features(images), model.target_features(images)):
+        assert torch.equal(a, b)
+    if stochastic:  # the same passes through the context encoder do vary: the check above can fail
+        ctx = [model.context_encoder(images)[-1].features for _ in range(2)]
+        assert not torch.equal(*ctx)
 
 
 def test_ema_update_moves_target_by_one_minus_momentum(compose, tiny_overrides):
@@ -114,3 +132,18 @@ def test_levels_ablation_keeps_total_depth_and_top_width(compose):
     cfg = compose("model.dims=[16,32,64]", "model.depths=[1,2,3]", "model.num_heads=[1,2,4]", "model.levels=1")
     lv = level_config(cfg.model)
     assert lv["dims"] == [64] and lv["depths"] == [6] and lv["num_heads"] == [4] and lv["level_weights"] == [1.0]
+
+
+@pytest.mark.parametrize("levels, global_from", [(2, 1), (1, 0)])
+def test_levels_ablation_keeps_global_attention_where_the_full_model_has_it(compose, levels, global_from):
+    """jin_tiny's level 0 attends within 2×2 units; at levels=1 a unit is one token, so the kept level must
+    attend globally (as level 1 does in the full model), not within itself."""
+    cfg = compose(*shrunk_model("jin_tiny"), f"model.levels={levels}", "model.adaptive=false")  # every token computed
+    encoder = build_model(cfg).context_encoder
+    assert encoder.global_from == global_from
+    images = torch.rand(1, 3, cfg.data.image_size, cfg.data.image_size)
+    moved = images.clone()
+    moved[..., :4, :4] += 1.0  # one patch changes: every last-level token of a globally attending level feels it
+    with torch.no_grad():
+        change = (encoder(moved)[-1].features - encoder(images)[-1].features).abs().flatten(1, 2).amax(-1)
+    assert (change > 0).all()

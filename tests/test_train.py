@@ -9,6 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import SMALL_EVAL
+
+from prob_jepa.config import ConfigError
+from prob_jepa.model import build_model
 from prob_jepa.run_dir import RunDir
 from prob_jepa.train import NonFiniteLossError, pretrain
 
@@ -59,23 +63,19 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(compose, tiny_o
     assert torch.load(ckpt, weights_only=True)["step"] == 3
 
 
-class SignalAt(ListDataset):
-    """Delivers SIGTERM to this process when item ``at`` is loaded (a preemption)."""
+def test_sigterm_saves_a_checkpoint_and_stops_cleanly(compose, tiny_overrides, tmp_path, monkeypatch):
+    import prob_jepa.train as train
 
-    def __init__(self, n: int, at: int):
-        super().__init__(n)
-        self.loaded, self.at = 0, at
+    step = train.Trainer.train_step
 
-    def __getitem__(self, i):
-        self.loaded += 1
-        if self.loaded == self.at:
+    def preempted_during_step_3(self, micro_batches):  # a preemption arrives while step 3 computes
+        if self.step == 2:
             os.kill(os.getpid(), signal.SIGTERM)
-        return super().__getitem__(i)
+        return step(self, micro_batches)
 
-
-def test_sigterm_saves_a_checkpoint_and_stops_cleanly(compose, tiny_overrides, tmp_path):
+    monkeypatch.setattr(train.Trainer, "train_step", preempted_during_step_3)
     cfg = compose(*tiny_overrides, "trainer.checkpoint_every=100")
-    result = pretrain(cfg, SignalAt(64, at=16 * 2 + 3), run_dir=tmp_path)  # during step 3
+    result = pretrain(cfg, ListDataset(64), run_dir=tmp_path)
     assert result.status == "interrupted" and result.step == 3 and result.metrics == {}
     assert torch.load(RunDir(tmp_path).checkpoint, weights_only=True)["step"] == 3
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
@@ -118,3 +118,63 @@ def test_damaged_checkpoint_says_what_to_do(compose, tiny_overrides, tmp_path):
     run.checkpoint.write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match="damaged"):
         pretrain(compose(*tiny_overrides, "eval.enabled=false"), run_dir=tmp_path)
+
+
+def test_fractional_epochs_train_that_many_steps(compose, tiny_overrides, tmp_path):
+    cfg = compose(*tiny_overrides, "eval.enabled=false", "trainer.epochs=1.5")  # 8 steps per epoch
+    result = pretrain(cfg, run_dir=tmp_path / "run")
+    assert result.status == "completed" and result.step == 12
+
+
+def test_epochs_giving_no_step_fail_before_training(compose, tiny_overrides, tmp_path):
+    with pytest.raises(ConfigError, match="trainer.epochs=0.01"):
+        pretrain(compose(*tiny_overrides, "eval.enabled=false", "trainer.epochs=0.01"), run_dir=tmp_path / "run")
+    assert not RunDir(tmp_path / "run").metrics.exists()
+
+
+def test_head_options_that_evaluation_would_reject_fail_when_the_model_is_built(compose, tiny_overrides, tmp_path):
+    """50 DDIM steps cannot sample a 20-step schedule: that used to surface after training, in evaluation."""
+    cfg = compose(*tiny_overrides, "predictor=diffusion", "predictor.timesteps=20")
+    with pytest.raises(ConfigError, match="sampling_steps=50 must be between 1 and timesteps=20"):
+        pretrain(cfg, run_dir=tmp_path / "run")
+    assert not RunDir(tmp_path / "run").metrics.exists()
+
+
+def test_an_evaluation_that_would_fail_stops_the_run_before_step_1(compose, tiny_overrides, tmp_path, monkeypatch):
+    """Any evaluation fault (here a planted one in the figures) is met by the preflight, not after training."""
+    from prob_jepa.eval import plots
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("planted figure fault")
+
+    monkeypatch.setattr(plots, "all_figures", broken)
+    with pytest.raises(ConfigError, match="planted figure fault"):
+        pretrain(compose(*tiny_overrides), run_dir=tmp_path / "run")
+    assert not RunDir(tmp_path / "run").metrics.exists() and not RunDir(tmp_path / "run").checkpoint.exists()
+
+
+def test_a_parameter_no_loss_reads_fails_before_step_1(compose, tiny_overrides, tmp_path, monkeypatch):
+    """DDP would stop at step 2 waiting for its gradient; the preflight step names it instead."""
+    import prob_jepa.train as train
+
+    def with_orphan(cfg):
+        model = build_model(cfg)
+        model.orphan = torch.nn.Linear(2, 2)
+        return model
+
+    monkeypatch.setattr(train, "build_model", with_orphan)
+    with pytest.raises(ConfigError, match=r"orphan\.weight, orphan\.bias"):
+        pretrain(compose(*tiny_overrides, "eval.enabled=false"), run_dir=tmp_path / "run")
+
+
+def test_preflight_leaves_training_unchanged(compose, tiny_overrides, tmp_path, monkeypatch):
+    """The preflight step and evaluation touch no weight, buffer or random stream that training reads."""
+    import prob_jepa.train as train
+
+    cfg = compose(*tiny_overrides, *SMALL_EVAL, "trainer.max_steps=3")
+    with_preflight = pretrain(cfg, run_dir=tmp_path / "a")
+    monkeypatch.setattr(train, "check_gradients", lambda *args: None)
+    monkeypatch.setattr(train, "preflight_evaluation", lambda *args: None)
+    without = pretrain(cfg, run_dir=tmp_path / "b")
+    assert losses(RunDir(with_preflight.run_dir)) == losses(RunDir(without.run_dir))
+    assert with_preflight.metrics["representation"] == without.metrics["representation"]

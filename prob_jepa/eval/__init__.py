@@ -52,7 +52,7 @@ def representation_metrics(
     for name, m in (("pretrained", model), ("random_init", reference)):
         tx, ty = extract_features(m.features, train_set, e.batch_size, device, f"{name} train features")
         vx, vy = extract_features(m.features, val_set, e.batch_size, device, f"{name} val features")
-        probe = linear_probe(tx, ty, vx, vy)
+        probe = linear_probe(tx, ty, vx, vy, max_iter=e.probe_max_iter)
         out[name] = {
             "linear_probe": probe.accuracy,
             "probe_weight_decay": probe.weight_decay,

@@ -79,6 +79,7 @@ def linear_probe(
     test_x: torch.Tensor,
     test_y: torch.Tensor,
     weight_decays: Sequence[float] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1),
+    max_iter: int = 1000,
 ) -> ProbeResult:
     """Linear-probe top-1 accuracy on standardized features.
 
@@ -91,6 +92,7 @@ def linear_probe(
     Args:
         train_x, test_x: ``[N, D]`` features; train_y, test_y: ``[N]`` labels.
         weight_decays: the L2 penalties tried (``weight_decay · N_fit = 1 / C`` in scikit-learn's terms).
+        max_iter: L-BFGS iterations per fit at most (:func:`fit_logistic`).
     """
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     mu, sd = train_x.mean(0), train_x.std(0) + 1e-6
@@ -98,11 +100,11 @@ def linear_probe(
     perm = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))
     hold, fit = perm[: len(perm) // 5], perm[len(perm) // 5 :]
     scores = {
-        wd: _accuracy(fit_logistic(train_x[fit], train_y[fit], num_classes, wd), train_x[hold], train_y[hold])
+        wd: _accuracy(fit_logistic(train_x[fit], train_y[fit], num_classes, wd, max_iter), train_x[hold], train_y[hold])
         for wd in weight_decays
     }
     best = max(scores, key=scores.get)
-    w = fit_logistic(train_x, train_y, num_classes, best)
+    w = fit_logistic(train_x, train_y, num_classes, best, max_iter)
     return ProbeResult(_accuracy(w, test_x, test_y), best, test_x @ w[:-1] + w[-1])
 
 

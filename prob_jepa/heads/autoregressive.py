@@ -108,7 +108,8 @@ class AutoregressiveHead(Head):
 
     def _params(self, y: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``y [M, D]``, ``context [M, C']`` → parameters of every coordinate, each ``[M, K, D]``."""
-        return self._split(torch.cat(self.made(y, context), dim=1) + self._direct(context))
+        out = [o.view(len(y), -1, self.dim) for o in self.made(y, context)]  # pyro drops the K axis when K = 1
+        return self._split(torch.cat(out, dim=1) + self._direct(context))
 
     def _coordinate_params(
         self, y: torch.Tensor, context: torch.Tensor, direct: torch.Tensor, i: int

@@ -110,6 +110,11 @@ class DiffusionHead(Head):
         super().__init__(dim, cond_dim)
         if beta_schedule not in BETA_SCHEDULES:
             raise ValueError(f"beta_schedule {beta_schedule!r}; valid: {', '.join(BETA_SCHEDULES)}")
+        if not 1 <= sampling_steps <= timesteps:
+            raise ValueError(
+                f"sampling_steps={sampling_steps} must be between 1 and timesteps={timesteps}: "
+                f"DDIM's steps are a subset of the training schedule's"
+            )
         if mean_samples < 2 or mean_samples % 2:
             raise ValueError(f"mean_samples must be even and positive (antithetic pairs), got {mean_samples}")
         self.timesteps, self.sampling_steps, self.time_scale = timesteps, sampling_steps, time_scale

@@ -6,7 +6,6 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
 from . import register_head

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 from typing import Callable
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from jin.encoders import AudioEncoder, ImageEncoder, ModalityEncoder, PointEncoder, TextEncoder, VideoEncoder
 from jin.hypermodal import HypermodalEncoder
 
-from ..heads import build_head
+from ..config import ConfigError
+from ..model import build_configured_head, check_experts
 from .model import HypermodalJEPA, LossWeights
 from .predictor import HypermodalPredictor
 
@@ -60,6 +61,12 @@ def loss_weights(cfg: DictConfig) -> LossWeights:
 def build_hypermodal(cfg: DictConfig) -> HypermodalJEPA:
     """Encoders of ``cfg.hypermodal.modalities``, the shared blocks, predictor and ``cfg.predictor`` head."""
     h = cfg.hypermodal
+    check_experts("hypermodal.predictor", h.predictor)
+    if h.m3.enabled and not h.predictor.moe_experts:
+        raise ConfigError(
+            "hypermodal.m3.enabled=true routes each task through its own gate of a mixture of experts: "
+            "set hypermodal.predictor.moe_experts > 0"
+        )
     encoder = HypermodalEncoder(
         {m: build_modality_encoder(m, cfg) for m in h.modalities},
         h.dim, h.depth, h.num_heads, h.mlp_ratio, h.drop_path_rate,
@@ -69,6 +76,5 @@ def build_hypermodal(cfg: DictConfig) -> HypermodalJEPA:
         h.dim, p.dim, p.depth, p.num_heads, p.mlp_ratio, p.moe_experts, p.moe_top_k,
         num_gates=h.m3.gates if h.m3.enabled else 1,
     )
-    head_cfg = OmegaConf.to_container(cfg.predictor, resolve=True)
-    head = build_head(head_cfg.pop("name"), dim=h.dim, cond_dim=p.dim, **head_cfg)
+    head = build_configured_head(cfg.predictor, dim=h.dim, cond_dim=p.dim)
     return HypermodalJEPA(encoder, predictor, head, h.embed_dim, loss_weights(cfg), m3=h.m3.enabled)

@@ -59,7 +59,7 @@ def retrieval(embeds: Mapping[str, torch.Tensor]) -> dict[str, dict[str, float]]
 
 
 def zero_shot_transfer(train: Mapping[str, torch.Tensor], train_y: torch.Tensor, val: Mapping[str, torch.Tensor],
-                       val_y: torch.Tensor) -> dict[str, dict[str, float]]:
+                       val_y: torch.Tensor, max_iter: int = 1000) -> dict[str, dict[str, float]]:
     """A linear class probe fit on modality ``a``'s embeddings, scored on every modality ``b``'s: ``{a: {b: acc}}``.
 
     The diagonal is the ordinary probe; off the diagonal the probe never saw modality ``b``.
@@ -67,14 +67,15 @@ def zero_shot_transfer(train: Mapping[str, torch.Tensor], train_y: torch.Tensor,
     names, n = list(val), len(val_y)
     out = {}
     for a in names:
-        probe = linear_probe(train[a], train_y, torch.cat([val[b] for b in names]), val_y.repeat(len(names)))
+        probe = linear_probe(train[a], train_y, torch.cat([val[b] for b in names]), val_y.repeat(len(names)),
+                             max_iter=max_iter)
         correct = (probe.logits.argmax(1) == val_y.repeat(len(names))).float()
         out[a] = {b: correct[i * n:(i + 1) * n].mean().item() for i, b in enumerate(names)}
     return out
 
 
 def dropout_robustness(train: Mapping[str, torch.Tensor], train_y: torch.Tensor, val: Mapping[str, torch.Tensor],
-                       val_y: torch.Tensor) -> dict[str, float]:
+                       val_y: torch.Tensor, max_iter: int = 1000) -> dict[str, float]:
     """Probe accuracy of the fused embedding (mean over modalities) when only ``k`` modalities are present.
 
     The probe is fit on all modalities fused; ``{k: accuracy}`` averages over every subset of size ``k``.
@@ -85,7 +86,7 @@ def dropout_robustness(train: Mapping[str, torch.Tensor], train_y: torch.Tensor,
 
     subsets = [s for k in range(len(names), 0, -1) for s in itertools.combinations(names, k)]
     probe = linear_probe(fuse(train, names), train_y, torch.cat([fuse(val, s) for s in subsets]),
-                         val_y.repeat(len(subsets)))
+                         val_y.repeat(len(subsets)), max_iter=max_iter)
     correct = (probe.logits.argmax(1) == val_y.repeat(len(subsets))).float().view(len(subsets), -1).mean(1)
     return {
         str(k): correct[[i for i, s in enumerate(subsets) if len(s) == k]].mean().item()
@@ -148,7 +149,7 @@ def evaluate_hypermodal(
     train_z, train_f, train_y = embed_dataset(model, train_set, e.batch_size, device)
     val_z, val_f, val_y = embed_dataset(model, val_set, e.batch_size, device)
     table = retrieval(val_z)
-    probes = {m: linear_probe(train_f[m], train_y, val_f[m], val_y).accuracy for m in val_f}
+    probes = {m: linear_probe(train_f[m], train_y, val_f[m], val_y, max_iter=e.probe_max_iter).accuracy for m in val_f}
     metrics: dict[str, Any] = {
         "representation": {
             "mean_R@1": sum(r["R@1"] for r in table.values()) / len(table),
@@ -158,8 +159,8 @@ def evaluate_hypermodal(
         },
         "retrieval": table,
         "retrieval_gallery": len(val_y),
-        "zero_shot": zero_shot_transfer(train_z, train_y, val_z, val_y),
-        "modality_dropout": dropout_robustness(train_z, train_y, val_z, val_y),
+        "zero_shot": zero_shot_transfer(train_z, train_y, val_z, val_y, e.probe_max_iter),
+        "modality_dropout": dropout_robustness(train_z, train_y, val_z, val_y, e.probe_max_iter),
         "energy": alignment_energies(val_z),
     }
     records = run.read_metrics()

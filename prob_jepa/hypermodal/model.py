@@ -12,6 +12,7 @@ from torch import nn
 from jin.encoders import ModalityEncoder, gather_tokens
 from jin.hypermodal import HypermodalEncoder
 
+from ..ema import ContextTargetPair
 from ..heads import Head
 from ..model import StepOutput
 from .masks import ModalityMask
@@ -39,7 +40,7 @@ def standardize(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return (x - x.mean(0)) / (x.var(0, unbiased=False) + eps).sqrt()
 
 
-class HypermodalJEPA(nn.Module):
+class HypermodalJEPA(ContextTargetPair):
     """JEPA over several modalities in one embedding space (JIN's hypermodal space, Jin's joint space).
 
     Loss of a step with tasks ``τ`` (:func:`~prob_jepa.hypermodal.objectives.plan_tasks`)::
@@ -64,8 +65,7 @@ class HypermodalJEPA(nn.Module):
     def __init__(self, encoder: HypermodalEncoder, predictor: HypermodalPredictor, head: Head, embed_dim: int,
                  weights: LossWeights = LossWeights(), m3: bool = False):
         super().__init__()
-        self.context_encoder = encoder
-        self.target_encoder = copy.deepcopy(encoder).requires_grad_(False)
+        self.init_target(encoder)
         self.predictor, self.head, self.weights = predictor, head, weights
         # Pooled features of one modality share a large common part (positions, modality embedding) that
         # would drown the per-scene differences the alignment needs: standardize them per modality first.
@@ -84,7 +84,7 @@ class HypermodalJEPA(nn.Module):
         Every existing modality's outputs are unchanged, bit for bit. Give the returned
         parameters to the optimizer (``optimizer.add_param_group({"params": ...})``).
         """
-        target_copy = copy.deepcopy(encoder).requires_grad_(False)
+        target_copy = copy.deepcopy(encoder).requires_grad_(False).eval()
         new = self.context_encoder.add_modality(name, encoder)
         self.target_encoder.add_modality(name, target_copy)
         self.target_encoder.modality_embed.rows[name].data.copy_(self.context_encoder.modality_embed(name).data)
@@ -181,10 +181,3 @@ class HypermodalJEPA(nn.Module):
             loss = loss + w.balance * balance
         terms["loss"] = loss.detach()
         return StepOutput(loss, terms, targets[names[0]])
-
-    @torch.no_grad()
-    def update_target(self, momentum: float) -> None:
-        """EMA of every context-encoder parameter into the target encoder."""
-        tgt = [p.data for p in self.target_encoder.parameters()]
-        src = [p.data for p in self.context_encoder.parameters()]
-        torch._foreach_lerp_(tgt, src, 1.0 - momentum)

@@ -8,7 +8,6 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions
 from jin.layers import Stage
 
 from ..data import seed_for
-from ..distributed import wrap_model
 from ..model import StepOutput
 from ..train import Trainer
 from .build import build_hypermodal
@@ -30,6 +29,7 @@ class HypermodalTrainer(Trainer):
     model: HypermodalJEPA
     # A parameter that has had no gradient yet (a modality left out of every step so far) has no AdamW state.
     optimizer_load_options = StateDictOptions(full_state_dict=True, strict=False)
+    allow_unused_parameters = True  # modality dropout leaves some encoders out of a step
 
     def build_model(self) -> HypermodalJEPA:
         return build_hypermodal(self.cfg)
@@ -48,8 +48,7 @@ class HypermodalTrainer(Trainer):
     def wrap(self, strategy: str) -> nn.Module:
         if self.info.distributed and strategy != "ddp":
             raise ValueError(f"the hypermodal model trains with trainer.strategy=ddp, not {strategy!r}")
-        # modality dropout leaves some encoders out of a step: DDP must not wait for their gradients
-        return wrap_model(self.model, self.info, strategy, find_unused_parameters=True)
+        return super().wrap(strategy)
 
     def forward_micro(self, batch, m: int) -> StepOutput:
         inputs, _ = batch
