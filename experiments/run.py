@@ -13,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.core.override_parser.overrides_parser import OverridesParser  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from prob_jepa.config import ConfigKeyError, check_argv  # noqa: E402
+from prob_jepa.config import ConfigError, ConfigKeyError, check_argv  # noqa: E402
 from prob_jepa.train import pretrain  # noqa: E402
 
 
@@ -35,7 +35,10 @@ OmegaConf.register_new_resolver("sweep_job_name", sweep_job_name)
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    result = pretrain(cfg, run_dir=HydraConfig.get().runtime.output_dir)
+    try:
+        result = pretrain(cfg, run_dir=HydraConfig.get().runtime.output_dir)
+    except ConfigError as e:  # raised before step 1: the message is the whole story, not the traceback
+        sys.exit(f"error: {e}")
     print(f"run directory: {result.run_dir}  (status: {result.status}, step {result.step})")
     if result.metrics:
         print(json.dumps(result.metrics.get("representation", {}), indent=2))

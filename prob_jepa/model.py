@@ -191,6 +191,12 @@ def level_config(model_cfg: DictConfig) -> dict:
     if not 1 <= k <= L:
         raise ConfigError(f"model.predictor.levels={k} must be null (every level) or between 1 and model.levels={L}")
     drop = len(dims) - L
+    for i in range(drop, len(dims)):
+        check_heads(f"model.dims[{i}]", dims[i], f"model.num_heads[{i}]", heads[i])
+    check_heads("model.predictor.dim", model_cfg.predictor.dim, "model.predictor.num_heads", model_cfg.predictor.num_heads)
+    for key, width in ((f"model.dims[{drop}]", dims[drop]), ("model.predictor.dim", model_cfg.predictor.dim)):
+        if width % 4:
+            raise ConfigError(f"{key}={width} must be divisible by 4: the 2-D sin-cos position embedding")
     depths = [sum(depths[: drop + 1])] + depths[drop + 1 :]
     return {
         "dims": dims[drop:],
@@ -221,6 +227,16 @@ def build_encoder(cfg: DictConfig) -> HierarchicalEncoder:
         zoom_factors=list(m.zoom_factors) if m.zoom else [],
         zoom_tokens=m.zoom_tokens,
     )
+
+
+def check_heads(width_key: str, width: int, heads_key: str, heads: int) -> None:
+    """Attention splits a width evenly over its heads.
+
+    Raises:
+        ConfigError: ``width`` is not a multiple of ``heads``, naming both keys.
+    """
+    if heads < 1 or width % heads:
+        raise ConfigError(f"{width_key}={width} must be divisible by {heads_key}={heads} (attention heads)")
 
 
 def check_experts(key: str, predictor: DictConfig) -> None:

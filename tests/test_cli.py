@@ -27,6 +27,14 @@ def test_unknown_config_key_lists_valid_keys():
     assert "trainer.batchsize" in proc.stderr and "batch_size" in proc.stderr and "max_steps" in proc.stderr
 
 
+def test_impossible_combination_fails_before_step_1_without_a_traceback(tmp_path):
+    """50 DDIM steps cannot sample a 20-step schedule: it used to train to the end and fail in evaluation."""
+    proc = run("experiments/run.py", "predictor=diffusion", "predictor.timesteps=20", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode != 0
+    assert "error: " in proc.stderr and "sampling_steps=50" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "checkpoints" / "last.pt").exists()
+
+
 def test_missing_dataset_says_where_and_how(tmp_path):
     proc = run("experiments/run.py", "data=tiny_imagenet_100", f"data.root={tmp_path / 'nowhere'}",
                f"hydra.run.dir={tmp_path / 'run'}")

@@ -33,6 +33,7 @@ IMAGE_KNOBS = {
     "model.predictor.levels": ["null", 1, 2, 5],
     "model.predictor.moe_experts": [0, 0, 4],
     "model.predictor.moe_top_k": [1, 2, 6],
+    "model.predictor.num_heads": [2, 2, 2, 5],  # 5 does not divide the predictor width 24
 }
 EVAL_KNOBS = {
     "eval.num_samples": [2, 8],
@@ -52,6 +53,7 @@ HYPERMODAL_KNOBS = {
     "hypermodal.objectives.joint": [0.0, 1.0],
     "hypermodal.m3.enabled": ["false", "false", "true"],
     "hypermodal.predictor.moe_experts": [0, 4],
+    "hypermodal.dim": [24, 24, 20],  # 20: not a multiple of 6 (sin-cos of three coordinates)
 }
 SMALL_EVAL = ["eval.probe_train_size=32", "eval.probe_val_size=16", "eval.head_images=4", "eval.head_rows=32",
               "eval.sample_rows=16", "eval.retrieval_queries=8", "eval.ambiguity_pairs=2", "eval.probe_max_iter=20"]

@@ -9,7 +9,7 @@ from jin.encoders import AudioEncoder, ImageEncoder, ModalityEncoder, PointEncod
 from jin.hypermodal import HypermodalEncoder
 
 from ..config import ConfigError
-from ..model import build_configured_head, check_experts
+from ..model import build_configured_head, check_experts, check_heads
 from .model import HypermodalJEPA, LossWeights
 from .predictor import HypermodalPredictor
 
@@ -61,6 +61,10 @@ def loss_weights(cfg: DictConfig) -> LossWeights:
 def build_hypermodal(cfg: DictConfig) -> HypermodalJEPA:
     """Encoders of ``cfg.hypermodal.modalities``, the shared blocks, predictor and ``cfg.predictor`` head."""
     h = cfg.hypermodal
+    check_heads("hypermodal.dim", h.dim, "hypermodal.num_heads", h.num_heads)
+    check_heads("hypermodal.predictor.dim", h.predictor.dim, "hypermodal.predictor.num_heads", h.predictor.num_heads)
+    if h.dim % 6:
+        raise ConfigError(f"hypermodal.dim={h.dim} must be divisible by 6: sin-cos of three token coordinates")
     check_experts("hypermodal.predictor", h.predictor)
     if h.m3.enabled and not h.predictor.moe_experts:
         raise ConfigError(
