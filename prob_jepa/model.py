@@ -209,24 +209,29 @@ def level_config(model_cfg: DictConfig) -> dict:
     }
 
 
-def build_encoder(cfg: DictConfig) -> HierarchicalEncoder:
+def encoder_kwargs(cfg: DictConfig) -> dict:
+    """The :class:`~jin.HierarchicalEncoder` arguments of ``cfg`` (plain values: saved with an exported encoder)."""
     m, lv = cfg.model, level_config(cfg.model)
-    return HierarchicalEncoder(
-        img_size=cfg.data.image_size,
-        patch_size=m.patch_size,
+    return dict(
+        img_size=int(cfg.data.image_size),
+        patch_size=int(m.patch_size),
         dims=lv["dims"],
         depths=lv["depths"],
         num_heads=lv["num_heads"],
-        mlp_ratio=m.mlp_ratio,
-        drop_path_rate=m.drop_path_rate,
-        dropout=m.dropout,
-        spatial_bias=m.spatial_bias,
-        bias_hidden=m.bias_hidden,
-        adaptive=m.adaptive,
+        mlp_ratio=float(m.mlp_ratio),
+        drop_path_rate=float(m.drop_path_rate),
+        dropout=float(m.dropout),
+        spatial_bias=bool(m.spatial_bias),
+        bias_hidden=int(m.bias_hidden),
+        adaptive=bool(m.adaptive),
         global_from=lv["global_from"],
-        zoom_factors=list(m.zoom_factors) if m.zoom else [],
-        zoom_tokens=m.zoom_tokens,
+        zoom_factors=[float(f) for f in m.zoom_factors] if m.zoom else [],
+        zoom_tokens=int(m.zoom_tokens),
     )
+
+
+def build_encoder(cfg: DictConfig) -> HierarchicalEncoder:
+    return HierarchicalEncoder(**encoder_kwargs(cfg))
 
 
 def check_heads(width_key: str, width: int, heads_key: str, heads: int) -> None:

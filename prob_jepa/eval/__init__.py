@@ -5,7 +5,7 @@ import time
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset, Subset
 
 from ..masks import MaskCollator
@@ -106,6 +106,7 @@ def evaluate(
         metrics["train"] = {"final_loss": records[-1]["loss"], "steps": records[-1]["step"]}
     metrics["cost"].update(metrics["head"]["timings"])
     metrics["timings"] = {"eval_s": time.perf_counter() - tic}
+    metrics["eval_config"] = OmegaConf.to_container(e, resolve=True)  # what this evaluation ran with
 
     run.write_eval(metrics)
     run.write_plot_data(plot_data)

@@ -6,7 +6,7 @@ import time
 from typing import Any, Mapping, Sequence
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -169,6 +169,7 @@ def evaluate_hypermodal(
         metrics["train"] = {"final_loss": records[-1]["loss"], "steps": records[-1]["step"]}
         plots.training_curves({run.path.name: records}, run.plots / "training_curves.png")
     metrics["timings"] = {"eval_s": time.perf_counter() - tic}
+    metrics["eval_config"] = OmegaConf.to_container(e, resolve=True)  # what this evaluation ran with
     run.write_eval(metrics)
     retrieval_figure(table, model.modalities, run.plots / "retrieval.png", 1 / len(val_y))
     transfer_figure(metrics["zero_shot"], metrics["modality_dropout"], metrics["energy"], run.plots / "transfer.png")

@@ -1,0 +1,103 @@
+"""A finished run, reused: load_run, experiments/evaluate.py, experiments/export.py + jin.load_encoder."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, SMALL_EVAL
+from prob_jepa.run_dir import RunDir
+from prob_jepa.run_io import load_run
+from prob_jepa.train import Trainer, pretrain
+
+sys.path.insert(0, str(ROOT / "experiments"))
+import evaluate as evaluate_script  # noqa: E402
+import export as export_script  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny trained run and the model object as training left it."""
+    from conftest import TINY, CONF
+    from prob_jepa.config import compose_config
+
+    kept = {}
+    full_model = Trainer.full_model
+
+    def keep(self):
+        kept["model"] = full_model(self)
+        return kept["model"]
+
+    Trainer.full_model = keep
+    try:
+        path = tmp_path_factory.mktemp("run")
+        result = pretrain(compose_config(CONF, [*TINY, *SMALL_EVAL, "trainer.max_steps=3"]), run_dir=path)
+    finally:
+        Trainer.full_model = full_model
+    return result, kept["model"]
+
+
+def images(n: int = 4) -> torch.Tensor:
+    return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def test_load_run_gives_the_model_at_the_end_of_training(trained):
+    result, model = trained
+    loaded, cfg = load_run(result.run_dir, device="cpu")
+    assert cfg == RunDir(result.run_dir).load_config() and not loaded.training
+    torch.testing.assert_close(loaded.features(images()), model.features(images()), rtol=0, atol=0)
+    with torch.no_grad():
+        cond = loaded.predict(images(2), *_masks(loaded))[1][-1]
+        assert loaded.heads[-1].sample(cond.flatten(0, 2), 3).shape[:2] == (3, cond.shape[:3].numel())
+
+
+def _masks(model):
+    from prob_jepa.masks import MaskCollator
+
+    masks = MaskCollator(grid=model.context_encoder.unit_grid, seed=0, num_targets=2, target_scale=[0.15, 0.2],
+                         target_aspect=[0.75, 1.5], context_scale=[0.85, 1.0], context_aspect=[1.0, 1.0],
+                         min_keep=2)(2, 0)
+    return masks.context, masks.targets
+
+
+def test_load_run_of_a_folder_that_is_not_a_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a trained run directory"):
+        load_run(tmp_path)
+
+
+def test_evaluate_rewrites_eval_json_with_new_settings_and_the_same_model(trained):
+    result, _ = trained
+    run = RunDir(result.run_dir)
+    before = run.read_eval()
+    assert before["eval_config"]["num_samples"] == 16
+    after = evaluate_script.main([str(run.path), "eval.num_samples=4"])
+    written = json.loads(run.eval.read_text())
+    assert written["eval_config"]["num_samples"] == 4 == after["eval_config"]["num_samples"]
+    assert written["representation"] == before["representation"]  # the same weights, the same probe
+    assert run.load_config().eval.num_samples == 16  # config.yaml still says what was trained
+
+
+def test_evaluate_rejects_an_unknown_key_with_the_valid_ones(trained):
+    with pytest.raises(SystemExit, match="num_samples"):
+        evaluate_script.main([str(trained[0].run_dir), "eval.num_sample=4"])
+
+
+def test_exported_encoder_loads_without_hydra_and_gives_the_same_features(trained, tmp_path):
+    result, model = trained
+    out = tmp_path / "encoder.pt"
+    export_script.main([str(result.run_dir), "--out", str(out)])
+    expected = model.features(images())
+    torch.save(images(), tmp_path / "images.pt")
+    code = (  # a process in which Hydra and the training code cannot be imported
+        "import sys, torch; sys.modules['hydra'] = sys.modules['omegaconf'] = sys.modules['prob_jepa'] = None\n"
+        "import jin\n"
+        f"enc = jin.load_encoder({str(out)!r})\n"
+        f"x = torch.load({str(tmp_path / 'images.pt')!r})\n"
+        f"torch.save(enc(x)[-1].features.mean(dim=(1, 2)), {str(tmp_path / 'features.pt')!r})\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    torch.testing.assert_close(torch.load(tmp_path / "features.pt"), expected, rtol=0, atol=0)
