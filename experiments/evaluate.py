@@ -2,20 +2,26 @@
 
 Overrides change existing keys of the run's saved config for this evaluation only (``eval.num_samples=128``,
 ``eval.probe_train_size=1000``, ``data.val_size=2000``, ``data.scene.noise=0.1`` for another image set);
-``eval.json`` and ``plots/`` of the run are rewritten, ``config.yaml`` (what was trained) is not.
+``eval.json`` and ``plots/`` of the run are rewritten, ``config.yaml`` (what was trained) is not. Evaluation keys
+added to ``experiments/conf/config.yaml`` after the run trained take their current defaults.
 """
 from __future__ import annotations
 
 import json
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from prob_jepa.config import ConfigError  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from prob_jepa.config import ConfigError, compose_config  # noqa: E402
 from prob_jepa.data import build_datasets  # noqa: E402
 from prob_jepa.run_dir import RunDir  # noqa: E402
 from prob_jepa.run_io import load_run, override  # noqa: E402
+
+CONF = Path(__file__).resolve().parent / "conf"
 
 
 def main(argv: list[str]) -> dict:
@@ -25,6 +31,7 @@ def main(argv: list[str]) -> dict:
     run = RunDir(argv[0])
     try:
         model, cfg = load_run(run.path)
+        cfg.eval = OmegaConf.merge(compose_config(CONF).eval, cfg.eval)  # evaluation keys added since it trained
         cfg = override(cfg, argv[1:])
     except (FileNotFoundError, ConfigError) as e:
         sys.exit(f"error: {e}")

@@ -59,7 +59,7 @@ TINY = [
     "eval.batch_size=64",
 ]
 SMALL_EVAL = ["eval.head_images=32", "eval.head_rows=256", "eval.sample_rows=64", "eval.num_samples=16",
-              "eval.retrieval_queries=64", "eval.ambiguity_pairs=16", "trainer.max_steps=4"]
+              "eval.retrieval_queries=64", "eval.ambiguity_pairs=16", "eval.map_images=2", "trainer.max_steps=4"]
 
 
 @pytest.fixture

@@ -56,7 +56,8 @@ HYPERMODAL_KNOBS = {
     "hypermodal.dim": [24, 24, 20],  # 20: not a multiple of 6 (sin-cos of three coordinates)
 }
 SMALL_EVAL = ["eval.probe_train_size=32", "eval.probe_val_size=16", "eval.head_images=4", "eval.head_rows=32",
-              "eval.sample_rows=16", "eval.retrieval_queries=8", "eval.ambiguity_pairs=2", "eval.probe_max_iter=20"]
+              "eval.sample_rows=16", "eval.retrieval_queries=8", "eval.ambiguity_pairs=2", "eval.probe_max_iter=20",
+              "eval.map_images=1"]
 
 
 def pick(rng: random.Random, knobs: dict[str, list]) -> list[str]:

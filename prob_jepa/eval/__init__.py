@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset, Subset
 
 from ..masks import MaskCollator
+from ..heads import Head
 from ..model import JEPA, build_model
 from ..run_dir import RunDir
 from . import plots
@@ -17,6 +18,7 @@ from .cost import step_flops, training_cost
 from .heads import EVAL_DRAWS, collect_rows, head_metrics, on_head
 from .representation import extract_features, knn_accuracy, linear_probe
 from .uncertainty import energy_calibration, image_energies
+from .uncertainty_maps import region_means, unit_uncertainty
 
 
 def split(dataset: Dataset, fraction: float = 0.2, seed: int = 0) -> tuple[Subset, Subset]:
@@ -63,6 +65,26 @@ def representation_metrics(
     return out, logits, labels
 
 
+def uncertainty_map_metrics(
+    model: JEPA, head: Head, cfg: DictConfig, val_set: Dataset, device: torch.device
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Per-unit uncertainty of the first ``eval.map_images`` validation images (:func:`unit_uncertainty`):
+    map means, inside vs outside the ambiguity marker on ``shapes``; and the maps with their images for the figure."""
+    images = torch.stack([val_set[i][0] for i in range(min(cfg.eval.map_images, len(val_set)))]).to(device)
+    torch.manual_seed(cfg.seed + EVAL_DRAWS)  # the samples behind spread and modes
+    maps = unit_uncertainty(model, head, images, cfg.eval.num_samples)
+    out: dict[str, Any] = {"images": len(images), **{k: getattr(maps, k).mean().item() for k in ("nll", "spread", "modes")}}
+    if "marker" in cfg.data:
+        G = model.context_encoder.unit_grid
+        px, m = cfg.data.image_size // G, cfg.data.marker
+        region = torch.zeros(G, G, dtype=torch.bool)
+        region[m.y // px : -(-(m.y + m.size) // px), m.x // px : -(-(m.x + m.size) // px)] = True
+        out["marker"] = region_means(maps, region)
+    plot = {"images": images.permute(0, 2, 3, 1).clamp(0, 1).cpu().numpy().round(3).tolist(),
+            **{k: getattr(maps, k).numpy().round(4).tolist() for k in ("nll", "spread", "modes")}}
+    return out, plot
+
+
 def evaluate(
     model: JEPA, cfg: DictConfig, train_set: Dataset, val_set: Dataset | None, run: RunDir, device: torch.device
 ) -> dict[str, Any]:
@@ -97,6 +119,8 @@ def evaluate(
         metrics["multimodality"], plot_data["ambiguity"] = ambiguity_metrics(
             model, head, cfg.data, e.ambiguity_pairs, e.num_samples, device, seed=cfg.data.seed + EVAL_DRAWS
         )
+
+    metrics["uncertainty_maps"], plot_data["uncertainty_maps"] = uncertainty_map_metrics(model, head, cfg, val_set, device)
 
     images = torch.stack([val_set[i][0] for i in range(min(cfg.trainer.batch_size, len(val_set)))]).to(device)
     metrics["cost"] = {"flops_per_step": step_flops(model, images, collator(len(images), EVAL_DRAWS).to(device))}

@@ -20,7 +20,8 @@ Runs = Mapping[str, Mapping[str, Any]]
 
 def save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -164,6 +165,35 @@ def tradeoffs(table: Sequence[Mapping[str, Any]], path: Path) -> Path:
     return save(fig, path)
 
 
+MAP_PANELS = (("nll", "NLL of the true target", "nats / dim", "magma"),
+              ("spread", "sample spread", "std per dim", "viridis"),
+              ("modes", "modes among samples", "modes", "cividis"))
+
+
+def uncertainty_maps(runs: Runs, path: Path, images_per_run: int = 3) -> Path:
+    """Per mask unit, predicted from all the others: NLL, sample spread and modes over the image.
+
+    One row per (run, image), the image beside its maps; each map column shares one colour scale
+    across rows, so heads are compared on the same scale.
+    """
+    rows = [(n, i) for n, d in runs.items() for i in range(min(images_per_run, len(d["uncertainty_maps"]["nll"])))]
+    fig, axes = plt.subplots(len(rows), 1 + len(MAP_PANELS), figsize=(3.1 * (1 + len(MAP_PANELS)), 2.9 * len(rows)),
+                             squeeze=False, layout="constrained")
+    for c, (key, title, unit, cmap) in enumerate(MAP_PANELS, start=1):
+        values = np.concatenate([np.asarray(runs[n]["uncertainty_maps"][key][i]).ravel() for n, i in rows])
+        vmin, vmax = float(values.min()), float(values.max()) + 1e-9
+        for r, (name, i) in enumerate(rows):
+            data = runs[name]["uncertainty_maps"]
+            ax = axes[r, c]
+            im = ax.imshow(np.asarray(data[key][i]), cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+            ax.set(xticks=[], yticks=[], title=title if r == 0 else "")
+        fig.colorbar(im, ax=list(axes[:, c]), shrink=0.5, aspect=25, pad=0.02, label=unit)
+    for r, (name, i) in enumerate(rows):
+        axes[r, 0].imshow(np.asarray(runs[name]["uncertainty_maps"]["images"][i]))
+        axes[r, 0].set(xticks=[], yticks=[], ylabel=f"{name} · image {i}", title="image" if r == 0 else "")
+    return save(fig, path)
+
+
 def all_figures(runs: Runs, records: Mapping[str, Sequence], table: Sequence, folder: Path) -> list[Path]:
     """Every figure for ``runs`` (``{name: plot_data}``) into ``folder``."""
     paths = [
@@ -183,6 +213,9 @@ def all_figures(runs: Runs, records: Mapping[str, Sequence], table: Sequence, fo
         with_axis = {n: d for n, d in ambiguous.items() if "axis_histogram" in d["ambiguity"]}
         if with_axis:
             paths.append(ambiguity_axis(with_axis, folder / "ambiguity_axis.png"))
+    with_maps = {n: d for n, d in runs.items() if d.get("uncertainty_maps")}
+    if with_maps:
+        paths.append(uncertainty_maps(with_maps, folder / "uncertainty_maps.png"))
     if len(table) > 1:
         paths.append(tradeoffs(table, folder / "tradeoffs.png"))
     return paths
