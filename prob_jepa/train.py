@@ -94,6 +94,14 @@ def accumulation(global_batch: int, micro_batch: int | None, world_size: int) ->
     return micro, accum
 
 
+def check_trainer(tc: DictConfig) -> None:
+    """Raise :class:`ConfigError` for logging / checkpoint intervals that the loop cannot use."""
+    for key in ("log_every", "checkpoint_every"):
+        value = tc.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"trainer.{key}={value} must be a positive number of steps")
+
+
 def total_steps(epochs: float, steps_per_epoch: int) -> int:
     """Optimizer steps of a run of ``epochs`` (fractional epochs allowed: 1.5 → one and a half epochs, rounded).
 
@@ -129,6 +137,7 @@ class Trainer:
     def __init__(self, cfg: DictConfig, info: DistInfo, run: RunDir, train_set: Dataset):
         self.cfg, self.info, self.run = cfg, info, run
         tc = cfg.trainer
+        check_trainer(tc)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = self.build_model().to(info.device)
         if tc.grad_checkpointing:
@@ -152,6 +161,7 @@ class Trainer:
         bf16 = tc.precision == "bf16" or (tc.precision == "auto" and info.device.type == "cuda")
         self.autocast = lambda: torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=bf16)
 
+        self.check_masks()
         self.net: nn.Module = self.model  # the preflight step runs the bare model, before DDP / FSDP hooks
         check_gradients(
             self.model, lambda: self.forward_micro(next(iter(self.loader)), 0).loss, self.allow_unused_parameters
@@ -172,6 +182,20 @@ class Trainer:
 
     def setup_masks(self) -> None:
         self.collator = MaskCollator(grid=self.model.context_encoder.unit_grid, seed=self.cfg.seed, **self.cfg.mask)
+
+    def check_masks(self, max_draws: int = 2000) -> None:
+        """Draw the masks of the run's steps before step 1 (all of them up to ``max_draws`` draws, else that many
+        spread evenly over the run): a mask configuration that some draw cannot satisfy fails now.
+
+        Raises:
+            ConfigError: naming the ``mask.*`` keys and the step whose draw fails.
+        """
+        draws = self.total_steps * self.accum
+        for draw in sorted({int(i) for i in torch.linspace(0, draws - 1, min(draws, max_draws)).tolist()}):
+            try:
+                self.collator(self.micro * self.info.world_size, draw)
+            except ValueError as e:
+                raise ConfigError(f"the masks of step {draw // self.accum + 1} cannot be drawn (mask.*): {e}") from e
 
     def wrap(self, strategy: str) -> nn.Module:
         return wrap_model(self.model, self.info, strategy, find_unused_parameters=self.allow_unused_parameters)
@@ -202,11 +226,17 @@ class Trainer:
             save_checkpoint(self.run.checkpoint, state)
         barrier(self.info)
 
-    def full_model(self) -> nn.Module:
-        """The trained model, whole, for evaluation on one process (gathered from FSDP shards when sharded)."""
+    def full_model(self) -> nn.Module | None:
+        """The trained model, whole, for evaluation on rank 0 (gathered from FSDP shards when sharded).
+
+        Collective under FSDP (every rank calls it); ranks other than 0 get ``None`` — with
+        ``cpu_offload`` only rank 0 receives the full state.
+        """
         if self.cfg.trainer.strategy != "fsdp" or not self.info.distributed:
             return self.model
         state = get_model_state_dict(self.model, options=FULL_STATE)
+        if not self.info.is_main:
+            return None
         model = self.build_model()
         model.load_state_dict(state)
         return model.to(self.info.device)
@@ -215,11 +245,6 @@ class Trainer:
         """Continue from ``checkpoints/last.pt`` when it exists (``trainer.resume=true``)."""
         if not self.run.checkpoint.exists():
             return
-        if not self.cfg.trainer.resume:
-            raise FileExistsError(
-                f"{self.run.checkpoint} exists and trainer.resume=false: nothing is overwritten. "
-                f"Pass trainer.resume=true to continue it, or choose another run directory."
-            )
         state = load_checkpoint(self.run.checkpoint)
         load = StateDictOptions(full_state_dict=True)
         try:
@@ -325,6 +350,46 @@ class Trainer:
         return status
 
 
+RUN_CONTROL = ("trainer.max_steps", "trainer.progress", "trainer.log_every", "trainer.checkpoint_every",
+               "trainer.resume", "trainer.num_workers", "trainer.device", "eval.")  # may change when a run resumes
+
+
+def check_resumable(run: RunDir, cfg: DictConfig) -> None:
+    """A run directory holding a checkpoint continues only with ``trainer.resume=true`` and the config it was trained
+    with (up to :data:`RUN_CONTROL` keys), so ``config.yaml`` stays exactly what was trained.
+
+    Raises:
+        FileExistsError: a checkpoint exists and ``trainer.resume=false``.
+        ConfigError: the config differs from the saved one in keys that change training; the message lists them.
+    """
+    if not run.checkpoint.exists():
+        return
+    if not cfg.trainer.resume:
+        raise FileExistsError(
+            f"{run.checkpoint} exists and trainer.resume=false: nothing is overwritten. "
+            f"Pass trainer.resume=true to continue it, or choose another run directory."
+        )
+    if not run.config.exists():
+        return
+    saved = flat_keys(OmegaConf.to_container(run.load_config(), resolve=True))
+    now = flat_keys(OmegaConf.to_container(cfg, resolve=True))
+    changed = sorted(k for k in saved.keys() | now.keys()
+                     if saved.get(k) != now.get(k) and not k.startswith(RUN_CONTROL))
+    if changed:
+        shown = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:10])
+        raise ConfigError(
+            f"{run.path} was trained with another configuration ({len(changed)} key(s) differ: {shown}). "
+            f"Resume it with the config in {run.config}, or choose another run directory (hydra.run.dir=)."
+        )
+
+
+def flat_keys(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}``; lists and scalars are values."""
+    if isinstance(tree, dict) and tree:
+        return {k: v for key, child in tree.items() for k, v in flat_keys(child, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
 def pretrain(
     cfg: DictConfig, train_set: Dataset | None = None, val_set: Dataset | None = None, run_dir: str | Path | None = None
 ) -> TrainResult:
@@ -346,6 +411,7 @@ def pretrain(
     if train_set is None:
         train_set, default_val, probe_set = build_datasets(cfg.data, ("train", "val", "train_eval"))
         val_set = default_val if val_set is None else val_set
+    check_resumable(run, cfg)  # before config.yaml is written: a refused resume leaves the run as it was
     if info.is_main:
         run.create()
         run.save_config(cfg)

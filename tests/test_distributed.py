@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, shrunk_model
+from conftest import ROOT, SMALL_EVAL, shrunk_model
 from prob_jepa.run_dir import RunDir
 from prob_jepa.train import pretrain
 
@@ -33,6 +33,18 @@ def test_two_ranks_match_one_process_and_only_rank0_writes(strategy, compose, ti
     written = {p.name for p in (tmp_path / "ranks").iterdir()}
     assert written == {"config.yaml", "metrics.jsonl", "checkpoints", "plots", ".hydra", "run.log"}, written
     assert [p.name for p in (tmp_path / "ranks" / "checkpoints").iterdir()] == ["last.pt"]
+
+
+@pytest.mark.slow
+def test_fsdp_run_evaluates_on_rank_0(tiny_overrides, tmp_path):
+    """Only rank 0 receives the full state under cpu_offload; the other ranks must not try to load it."""
+    overrides = [*tiny_overrides, *SMALL_EVAL, "trainer.max_steps=2", "trainer.strategy=fsdp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "experiments/run.py", *overrides, f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "representation" in RunDir(tmp_path).read_eval()
 
 
 @pytest.mark.slow

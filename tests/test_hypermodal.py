@@ -6,6 +6,8 @@ import json
 import pytest
 import torch
 
+from conftest import CONF
+from prob_jepa.config import compose_config
 from prob_jepa.data.multimodal import MultimodalSpec, PairedShapes
 from prob_jepa.hypermodal import (
     build_hypermodal, build_modality_encoder, coordinate_block_masks, energy_alignment, m3_tasks, modality_dropout,
@@ -223,3 +225,17 @@ def test_hypermodal_presets_train(compose, tmp_path, preset):
     else:  # single-modality steps first, then cross-modal, then full
         assert "jepa/cross" not in records[0] and "energy" not in records[0]
         assert "jepa/cross" in records[-1] and "jepa/joint" in records[-1]
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["hypermodal.curriculum=[[single,0.5],[crosss,1.0]]"], "unknown phase 'crosss'"),
+    (["hypermodal.curriculum=[[full,0.5],[single,1.0]]", "hypermodal.objectives.within=0"], "'single' has no loss"),
+    (["trainer.batch_size=4", "trainer.micro_batch_size=1"], "batch norm needs at least 2"),
+])
+def test_hypermodal_settings_that_fail_late_fail_before_step_1(overrides, named, tmp_path):
+    """A curriculum phase is reached after some steps; it is checked before the first."""
+    from prob_jepa.config import ConfigError
+
+    with pytest.raises(ConfigError, match=named):
+        pretrain(compose_config(CONF, [*SMALL, "eval.enabled=false", *overrides]), run_dir=tmp_path)
+    assert not (tmp_path / "metrics.jsonl").exists()

@@ -178,3 +178,31 @@ def test_preflight_leaves_training_unchanged(compose, tiny_overrides, tmp_path, 
     without = pretrain(cfg, run_dir=tmp_path / "b")
     assert losses(RunDir(with_preflight.run_dir)) == losses(RunDir(without.run_dir))
     assert with_preflight.metrics["representation"] == without.metrics["representation"]
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["trainer.log_every=0"], "trainer.log_every=0"),
+    (["trainer.checkpoint_every=null"], "trainer.checkpoint_every=None"),
+    (["mask.target_scale=[0.1,0.8]", "mask.min_keep=8", "trainer.max_steps=10"], "mask.*"),  # a later draw fails
+    (["data.marker.x=30"], "data.marker"),  # 8 px marker at x=30 in a 32 px image
+])
+def test_settings_found_by_a_new_user_fail_before_step_1(overrides, named, compose, tiny_overrides, tmp_path):
+    """Each of these used to train at least one step, then crash or (the marker) score nonsense."""
+    with pytest.raises(ConfigError) as error:
+        pretrain(compose(*tiny_overrides, "eval.enabled=false", *overrides), run_dir=tmp_path / "run")
+    assert named in str(error.value)
+    assert not RunDir(tmp_path / "run").metrics.exists()
+
+
+def test_a_refused_resume_leaves_the_run_directory_as_it_was(compose, tiny_overrides, tmp_path):
+    run = RunDir(tmp_path / "run")
+    pretrain(compose(*tiny_overrides, "eval.enabled=false", "trainer.max_steps=2"), run_dir=run.path)
+    saved = run.config.read_text()
+    with pytest.raises(ConfigError, match="optim.lr: 0.002 -> 0.5"):
+        pretrain(compose(*tiny_overrides, "eval.enabled=false", "trainer.max_steps=4", "optim.lr=0.5"), run_dir=run.path)
+    with pytest.raises(FileExistsError, match="nothing is overwritten"):
+        pretrain(compose(*tiny_overrides, "eval.enabled=false", "trainer.resume=false", "predictor=mdn"),
+                 run_dir=run.path)
+    assert run.config.read_text() == saved
+    resumed = pretrain(compose(*tiny_overrides, "eval.enabled=false", "trainer.max_steps=4"), run_dir=run.path)
+    assert resumed.step == 4  # a run-control key (trainer.max_steps) may change

@@ -21,6 +21,8 @@ from typing import Sequence
 import torch
 from torch.utils.data import Dataset
 
+from ..config import ConfigError
+
 CLASSES = ("circle", "square", "triangle", "diamond", "cross", "ring", "star", "bar")
 MEAN, STD = 0.5, 0.25  # images are normalized as (x - MEAN) / STD
 
@@ -248,6 +250,12 @@ def ambiguity_pairs(n: int, image_size: int, seed: int, marker: Marker, scene: S
 def build_shapes(cfg, splits: Sequence[str] = ("train", "val")) -> tuple[ShapesDataset, ...]:
     """Datasets of ``data=shapes``: disjoint seeds per split; ``train_eval`` is ``train`` (there is no augmentation)."""
     marker, scene = Marker.from_config(cfg.marker), Scene.from_config(cfg.scene)
+    m = cfg.marker
+    if not (0 <= m.x and 0 <= m.y and m.x + m.size <= cfg.image_size and m.y + m.size <= cfg.image_size):
+        raise ConfigError(
+            f"data.marker (x={m.x}, y={m.y}, size={m.size}) must lie inside the {cfg.image_size}-px image "
+            f"(data.image_size): x + size and y + size at most {cfg.image_size}"
+        )
     made: dict[str, ShapesDataset] = {}
     for s in splits:
         key = "train" if s == "train_eval" else s

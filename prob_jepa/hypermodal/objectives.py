@@ -6,6 +6,8 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..config import ConfigError
+
 PHASES = ("single", "cross", "full")
 
 
@@ -75,6 +77,28 @@ def m3_tasks(present: Sequence[str], step: int, num_gates: int = 2) -> tuple[lis
     pairs = [(a, b) for i, a in enumerate(present) for j, b in enumerate(present) if i != j]
     chosen = [(a, b) for a, b in pairs if (present.index(a) > present.index(b)) == bool(g % 2)]
     return [Task((a,), b, "m3") for a, b in chosen], g
+
+
+PHASE_KINDS = {"single": ("within",), "cross": ("within", "cross"), "full": ("within", "cross", "joint")}
+
+
+def check_curriculum(curriculum: Sequence[Sequence] | None, objectives) -> None:
+    """Every phase of ``hypermodal.curriculum`` known, its fractions increasing in (0, 1], each phase with a loss.
+
+    Raises:
+        ConfigError: naming the phase and the ``hypermodal.*`` keys (before step 1: a phase is reached late).
+    """
+    last = 0.0
+    for phase, until in curriculum or []:
+        if phase not in PHASES:
+            raise ConfigError(f"hypermodal.curriculum: unknown phase {phase!r}; valid: {', '.join(PHASES)}")
+        if not last < float(until) <= 1.0:
+            raise ConfigError(f"hypermodal.curriculum: the fractions must increase within (0, 1]; {phase} ends at {until}")
+        last = float(until)
+        aligned = phase != "single" and (objectives.energy > 0 or objectives.infonce > 0)
+        if not aligned and not any(objectives[k] > 0 for k in PHASE_KINDS[phase]):
+            keys = ", ".join(f"hypermodal.objectives.{k}" for k in PHASE_KINDS[phase])
+            raise ConfigError(f"hypermodal.curriculum phase {phase!r} has no loss: {keys} are all 0")
 
 
 def phase_at(step: int, total: int, curriculum: Sequence[Sequence] | None) -> str:

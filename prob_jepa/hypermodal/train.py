@@ -9,11 +9,12 @@ from jin.layers import Stage
 
 from ..data import seed_for
 from ..model import StepOutput
-from ..train import Trainer
+from ..config import ConfigError
+from ..train import Trainer, accumulation
 from .build import build_hypermodal
 from .masks import coordinate_block_masks
 from .model import HypermodalJEPA
-from .objectives import m3_tasks, modality_dropout, phase_at, plan_tasks
+from .objectives import check_curriculum, m3_tasks, modality_dropout, phase_at, plan_tasks
 
 
 class HypermodalTrainer(Trainer):
@@ -44,6 +45,14 @@ class HypermodalTrainer(Trainer):
         missing = [m for m in h.modalities if m not in h.mask]
         if missing:
             raise ValueError(f"hypermodal.mask has no entry for {missing}; it has {', '.join(h.mask)}")
+        if not h.m3.enabled:
+            check_curriculum(h.curriculum, h.objectives)
+        micro, _ = accumulation(self.cfg.trainer.batch_size, self.cfg.trainer.micro_batch_size, self.info.world_size)
+        if micro < 2:
+            raise ConfigError(
+                f"a hypermodal micro-batch of {micro} image(s) per rank (trainer.batch_size / trainer.micro_batch_size "
+                f"/ world size): the alignment's batch norm needs at least 2"
+            )
 
     def wrap(self, strategy: str) -> nn.Module:
         if self.info.distributed and strategy != "ddp":
