@@ -54,6 +54,10 @@ class HypermodalTrainer(Trainer):
                 f"/ world size): the alignment's batch norm needs at least 2"
             )
 
+    def check_masks(self) -> None:
+        """Nothing to draw ahead: each step's blocks come from the tokens' coordinates (``coordinate_block_masks``),
+        with sizes fixed by ``hypermodal.mask`` and no redraw that could give up."""
+
     def wrap(self, strategy: str) -> nn.Module:
         if self.info.distributed and strategy != "ddp":
             raise ValueError(f"the hypermodal model trains with trainer.strategy=ddp, not {strategy!r}")
