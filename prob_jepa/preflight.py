@@ -24,6 +24,12 @@ from .run_dir import RunDir
 
 Evaluate = Callable[[nn.Module, DictConfig, Dataset, "Dataset | None", RunDir, torch.device], Any]
 
+
+def forked_rng(device: torch.device):
+    """The global CPU (and this CUDA device's) RNG state, restored on exit."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
 def preflight_config(cfg: DictConfig) -> DictConfig:
     """``cfg`` with the evaluation's sizes cut to ``eval.preflight`` (each never above the run's own value);
     the FLOP count of the evaluation then runs on at most ``eval.preflight.probe_val_size`` images."""
@@ -51,7 +57,7 @@ def preflight_evaluation(
     failure: Exception | None = None
     if info.is_main:
         device = info.device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with forked_rng(device):
             try:
                 with tempfile.TemporaryDirectory(prefix="preflight_") as tmp:
                     run = RunDir(tmp)
@@ -89,8 +95,7 @@ def check_gradients(model: nn.Module, step: Callable[[], torch.Tensor], allow_un
         ConfigError: a trainable parameter receives no gradient; the message names it.
     """
     buffers = {name: b.clone() for name, b in model.named_buffers()}
-    device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with forked_rng(next(model.parameters()).device):
         try:
             step().backward()
             unused = [] if allow_unused else params_without_gradient(model)

@@ -161,7 +161,7 @@ class Trainer:
         bf16 = tc.precision == "bf16" or (tc.precision == "auto" and info.device.type == "cuda")
         self.autocast = lambda: torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=bf16)
 
-        self.check_masks()
+        self.check_steps()
         self.net: nn.Module = self.model  # the preflight step runs the bare model, before DDP / FSDP hooks
         check_gradients(
             self.model, lambda: self.forward_micro(next(iter(self.loader)), 0).loss, self.allow_unused_parameters
@@ -183,9 +183,10 @@ class Trainer:
     def setup_masks(self) -> None:
         self.collator = MaskCollator(grid=self.model.context_encoder.unit_grid, seed=self.cfg.seed, **self.cfg.mask)
 
-    def check_masks(self, max_draws: int = 2000) -> None:
-        """Draw the masks of the run's steps before step 1 (all of them up to ``max_draws`` draws, else that many
-        spread evenly over the run): a mask configuration that some draw cannot satisfy fails now.
+    def check_steps(self, max_draws: int = 2000) -> None:
+        """Every step of the run can be computed: its masks are drawn before step 1 (all of them up to
+        ``max_draws`` draws, else that many spread evenly over the run), so a mask configuration that some
+        draw cannot satisfy fails now.
 
         Raises:
             ConfigError: naming the ``mask.*`` keys and the step whose draw fails.

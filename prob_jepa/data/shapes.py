@@ -45,6 +45,13 @@ class Marker:
             raise ValueError(f"marker needs two colours and two weights summing to 1, got {colors}, {weights}")
         return cls(int(cfg["size"]), int(cfg["x"]), int(cfg["y"]), colors, weights)
 
+    def units(self, unit_px: int, image_size: int) -> list[int]:
+        """Row-major indices of the mask units (``unit_px`` pixels each, ``image_size / unit_px`` per row) it covers."""
+        per_row = image_size // unit_px
+        rows = range(self.y // unit_px, math.ceil((self.y + self.size) / unit_px))
+        cols = range(self.x // unit_px, math.ceil((self.x + self.size) / unit_px))
+        return [r * per_row + c for r in rows for c in cols]
+
 
 @dataclass(frozen=True)
 class Scene:
@@ -234,10 +241,7 @@ class AmbiguityPairs:
 
     def marker_units(self, unit_px: int) -> list[int]:
         """Row-major indices of the mask units (``unit_px`` pixels each) covered by the marker."""
-        m, per_row = self.marker, self.images.shape[-1] // unit_px
-        rows = range(m.y // unit_px, math.ceil((m.y + m.size) / unit_px))
-        cols = range(m.x // unit_px, math.ceil((m.x + m.size) / unit_px))
-        return [r * per_row + c for r in rows for c in cols]
+        return self.marker.units(unit_px, self.images.shape[-1])
 
 
 def ambiguity_pairs(n: int, image_size: int, seed: int, marker: Marker, scene: Scene) -> AmbiguityPairs:

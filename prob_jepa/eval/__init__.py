@@ -8,6 +8,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset, Subset
 
+from ..data.shapes import Marker
 from ..masks import MaskCollator
 from ..heads import Head
 from ..model import JEPA, build_model
@@ -30,6 +31,11 @@ def split(dataset: Dataset, fraction: float = 0.2, seed: int = 0) -> tuple[Subse
 
 def first(dataset: Dataset, n: int | None) -> Dataset:
     return dataset if n is None or n >= len(dataset) else Subset(dataset, range(n))
+
+
+def first_images(dataset: Dataset, n: int, device: torch.device) -> torch.Tensor:
+    """The first ``n`` images of ``dataset`` (fewer if it is shorter), stacked ``[n, C, H, W]`` on ``device``."""
+    return torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))]).to(device)
 
 
 def evaluation_sets(train_set: Dataset, val_set: Dataset | None, eval_cfg: DictConfig) -> tuple[Dataset, Dataset]:
@@ -70,16 +76,15 @@ def uncertainty_map_metrics(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Per-unit uncertainty of the first ``eval.map_images`` validation images (:func:`unit_uncertainty`):
     map means, inside vs outside the ambiguity marker on ``shapes``; and the maps with their images for the figure."""
-    images = torch.stack([val_set[i][0] for i in range(min(cfg.eval.map_images, len(val_set)))]).to(device)
+    images = first_images(val_set, cfg.eval.map_images, device)
     torch.manual_seed(cfg.seed + EVAL_DRAWS)  # the samples behind spread and modes
     maps = unit_uncertainty(model, head, images, cfg.eval.num_samples)
     out: dict[str, Any] = {"images": len(images), **{k: getattr(maps, k).mean().item() for k in ("nll", "spread", "modes")}}
     if "marker" in cfg.data:
-        G = model.context_encoder.unit_grid
-        px, m = cfg.data.image_size // G, cfg.data.marker
-        region = torch.zeros(G, G, dtype=torch.bool)
-        region[m.y // px : -(-(m.y + m.size) // px), m.x // px : -(-(m.x + m.size) // px)] = True
-        out["marker"] = region_means(maps, region)
+        G, size = model.context_encoder.unit_grid, cfg.data.image_size
+        region = torch.zeros(G * G, dtype=torch.bool)
+        region[Marker.from_config(cfg.data.marker).units(size // G, size)] = True
+        out["marker"] = region_means(maps, region.view(G, G))
     plot = {"images": images.permute(0, 2, 3, 1).clamp(0, 1).cpu().numpy().round(3).tolist(),
             **{k: getattr(maps, k).numpy().round(4).tolist() for k in ("nll", "spread", "modes")}}
     return out, plot
@@ -122,7 +127,7 @@ def evaluate(
 
     metrics["uncertainty_maps"], plot_data["uncertainty_maps"] = uncertainty_map_metrics(model, head, cfg, val_set, device)
 
-    images = torch.stack([val_set[i][0] for i in range(min(cfg.trainer.batch_size, len(val_set)))]).to(device)
+    images = first_images(val_set, cfg.trainer.batch_size, device)
     metrics["cost"] = {"flops_per_step": step_flops(model, images, collator(len(images), EVAL_DRAWS).to(device))}
     records = run.read_metrics()
     if records:

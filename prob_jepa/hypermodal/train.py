@@ -10,7 +10,7 @@ from jin.layers import Stage
 from ..data import seed_for
 from ..model import StepOutput
 from ..config import ConfigError
-from ..train import Trainer, accumulation
+from ..train import Trainer
 from .build import build_hypermodal
 from .masks import coordinate_block_masks
 from .model import HypermodalJEPA
@@ -45,18 +45,23 @@ class HypermodalTrainer(Trainer):
         missing = [m for m in h.modalities if m not in h.mask]
         if missing:
             raise ValueError(f"hypermodal.mask has no entry for {missing}; it has {', '.join(h.mask)}")
+
+    def check_steps(self) -> None:
+        """Every step of the run can be computed: each curriculum phase has a loss, and the micro-batch feeds the
+        alignment's batch norm. (Masks need no draw ahead: each step's blocks come from the tokens' coordinates,
+        with sizes fixed by ``hypermodal.mask`` and no redraw that could give up.)
+
+        Raises:
+            ConfigError: naming the ``hypermodal.*`` / ``trainer.*`` keys.
+        """
+        h = self.cfg.hypermodal
         if not h.m3.enabled:
             check_curriculum(h.curriculum, h.objectives)
-        micro, _ = accumulation(self.cfg.trainer.batch_size, self.cfg.trainer.micro_batch_size, self.info.world_size)
-        if micro < 2:
+        if self.micro < 2:
             raise ConfigError(
-                f"a hypermodal micro-batch of {micro} image(s) per rank (trainer.batch_size / trainer.micro_batch_size "
-                f"/ world size): the alignment's batch norm needs at least 2"
+                f"a hypermodal micro-batch of {self.micro} image(s) per rank (trainer.batch_size / "
+                f"trainer.micro_batch_size / world size): the alignment's batch norm needs at least 2"
             )
-
-    def check_masks(self) -> None:
-        """Nothing to draw ahead: each step's blocks come from the tokens' coordinates (``coordinate_block_masks``),
-        with sizes fixed by ``hypermodal.mask`` and no redraw that could give up."""
 
     def wrap(self, strategy: str) -> nn.Module:
         if self.info.distributed and strategy != "ddp":
