@@ -139,3 +139,18 @@ class MaskCollator:
     def _context(self, t_top, t_left, th, tw, c_top, c_left, ch, cw) -> torch.Tensor:
         targets = self.block_mask(t_top, t_left, th, tw).any(dim=1)
         return self.block_mask(c_top, c_left, ch, cw) & ~targets
+
+
+def hide(hidden: torch.Tensor, num_units: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One target block per row and every other unit as context (the evaluations' fixed masks).
+
+    Args:
+        hidden: ``[B, K]`` int64 indices of the mask units to hide, distinct within a row.
+        num_units: mask units per image.
+    Returns:
+        context ``[B, num_units − K]`` (ascending) and targets ``[B, 1, K]``, on ``hidden``'s device.
+    """
+    B, K = hidden.shape
+    visible = torch.ones(B, num_units, dtype=torch.bool, device=hidden.device).scatter_(1, hidden, False)
+    context = torch.arange(num_units, device=hidden.device).expand(B, num_units)[visible].view(B, num_units - K)
+    return context, hidden[:, None]

@@ -60,7 +60,7 @@ def test_five_head_sweep_then_compare(tiny_overrides, tmp_path):
         "deterministic", "mdn", "autoregressive", "flow", "diffusion"}
     assert "| run | head |" in proc.stdout
     for png in ("probe.png", "reliability.png", "pit.png", "energy.png", "ambiguity_pca.png", "ambiguity_axis.png",
-                "uncertainty_maps.png",
+                "uncertainty_maps.png", "what_could_be_here.png",
                 "tradeoffs.png", "training_curves.png"):
         assert Image.open(out / png).size[0] > 200, png
     assert (out / "comparison.csv").read_text().count("\n") == 6

@@ -228,3 +228,25 @@ def test_train_eval_split_is_the_train_images_without_augmentation(name, data_cf
     assert len(train) == len(probe) and [probe[i][1] for i in range(len(probe))] == [train[i][1] for i in range(len(train))]
     seeded = SeededDataset(probe)
     torch.testing.assert_close(seeded[(0, 1)][0], seeded[(0, 2)][0])  # no randomness: seed-independent
+
+
+def test_a_run_on_tiny_imagenet_evaluates_end_to_end(tiny_root, tmp_path):
+    """Data without a marker: the evaluation skips the ambiguity pairs and shows what could be behind the centre."""
+    from PIL import Image as PILImage
+
+    from prob_jepa.train import pretrain
+
+    cfg = compose_config(CONF, [
+        "data=tiny_imagenet_100", f"data.root={tiny_root}", "data.num_classes=5", "data.image_size=32",
+        "model=vit_tiny", "model.patch_size=4", "model.dims=[32]", "model.depths=[1]", "model.num_heads=[2]",
+        "model.predictor.dim=24", "model.predictor.depth=1", "model.predictor.num_heads=2", "mask.min_keep=2",
+        "trainer.batch_size=5", "trainer.max_steps=2", "trainer.progress=false", "eval.knn_k=3",
+        "eval.head_images=4", "eval.head_rows=64", "eval.sample_rows=16", "eval.num_samples=8", "eval.map_images=2",
+        "eval.retrieval_queries=8",
+    ])
+    result = pretrain(cfg, run_dir=tmp_path)
+    assert result.status == "stopped" and "multimodality" not in result.metrics  # stopped at trainer.max_steps
+    panel = result.metrics["what_could_be_here"]
+    assert panel["bank_tokens"] == 15 * 64 and 1 <= panel["distinct_patches"] <= 8
+    for png in ("uncertainty_maps.png", "what_could_be_here.png"):
+        assert PILImage.open(tmp_path / "plots" / png).size[0] > 100

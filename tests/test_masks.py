@@ -78,3 +78,11 @@ def test_slicing_selects_rows():
     m = collator()(8, draw=0)
     part = m[2:5]
     assert torch.equal(part.context, m.context[2:5]) and torch.equal(part.targets, m.targets[2:5])
+
+
+def test_hide_makes_one_target_block_and_the_rest_context():
+    from prob_jepa.masks import hide
+
+    context, targets = hide(torch.tensor([[5, 1], [0, 3]]), 6)
+    assert context.tolist() == [[0, 2, 3, 4], [1, 2, 4, 5]]
+    assert targets.tolist() == [[[5, 1]], [[0, 3]]]

@@ -10,7 +10,7 @@ import torch
 
 from conftest import ROOT, SMALL_EVAL
 from prob_jepa.run_dir import RunDir
-from prob_jepa.run_io import load_run
+from prob_jepa import load_run
 from prob_jepa.train import Trainer, pretrain
 
 sys.path.insert(0, str(ROOT / "experiments"))
@@ -101,3 +101,14 @@ def test_exported_encoder_loads_without_hydra_and_gives_the_same_features(traine
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     torch.testing.assert_close(torch.load(tmp_path / "features.pt"), expected, rtol=0, atol=0)
+
+
+def test_readme_python_example_runs_on_a_trained_run(trained):
+    """The README's 'Reuse a trained run' snippet, verbatim, on the tiny run with 2 random images."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Reuse a trained run"):]
+    code = section[section.index("```python\n") + len("```python\n"):]
+    code = code[: code.index("```")].replace('"runs/mine"', repr(str(trained[0].run_dir)))
+    scope = {"images": images(2)}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["features"].shape == (2, 32) and scope["samples"].shape[0] == 16

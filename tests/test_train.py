@@ -96,7 +96,7 @@ def test_run_directory_holds_everything_a_user_needs(compose, tiny_overrides, tm
     assert metrics == json.loads(json.dumps(result.metrics))
     for enc in ("pretrained", "random_init"):
         assert 0 <= metrics["representation"][enc]["linear_probe"] <= 1
-    for png in ("training_curves.png", "probe.png", "uncertainty_maps.png"):
+    for png in ("training_curves.png", "probe.png", "uncertainty_maps.png", "what_could_be_here.png"):
         assert Image.open(run.plots / png).size[0] > 100
 
 

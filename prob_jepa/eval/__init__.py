@@ -8,6 +8,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset, Subset
 
+from ..data import display_images
 from ..data.shapes import Marker
 from ..masks import MaskCollator
 from ..heads import Head
@@ -20,6 +21,7 @@ from .heads import EVAL_DRAWS, collect_rows, head_metrics, on_head
 from .representation import extract_features, knn_accuracy, linear_probe
 from .uncertainty import energy_calibration, image_energies
 from .uncertainty_maps import region_means, unit_uncertainty
+from .what_could_be_here import centre_retrieval, marker_retrieval, token_bank
 
 
 def split(dataset: Dataset, fraction: float = 0.2, seed: int = 0) -> tuple[Subset, Subset]:
@@ -74,20 +76,38 @@ def representation_metrics(
 def uncertainty_map_metrics(
     model: JEPA, head: Head, cfg: DictConfig, val_set: Dataset, device: torch.device
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Per-unit uncertainty of the first ``eval.map_images`` validation images (:func:`unit_uncertainty`):
-    map means, inside vs outside the ambiguity marker on ``shapes``; and the maps with their images for the figure."""
+    """Per-unit uncertainty of the first ``eval.map_images`` validation images, blocks of ``eval.map_block``² units
+    hidden in turn (:func:`unit_uncertainty`): map means, inside vs outside the ambiguity marker on ``shapes``;
+    and the maps with their images for the figure."""
     images = first_images(val_set, cfg.eval.map_images, device)
     torch.manual_seed(cfg.seed + EVAL_DRAWS)  # the samples behind spread and modes
-    maps = unit_uncertainty(model, head, images, cfg.eval.num_samples)
-    out: dict[str, Any] = {"images": len(images), **{k: getattr(maps, k).mean().item() for k in ("nll", "spread", "modes")}}
+    maps = unit_uncertainty(model, head, images, cfg.eval.num_samples, cfg.eval.map_block)
+    out: dict[str, Any] = {"images": len(images), "block": cfg.eval.map_block,
+                           **{k: getattr(maps, k).mean().item() for k in ("nll", "spread", "modes")}}
     if "marker" in cfg.data:
         G, size = model.context_encoder.unit_grid, cfg.data.image_size
         region = torch.zeros(G * G, dtype=torch.bool)
         region[Marker.from_config(cfg.data.marker).units(size // G, size)] = True
         out["marker"] = region_means(maps, region.view(G, G))
-    plot = {"images": images.permute(0, 2, 3, 1).clamp(0, 1).cpu().numpy().round(3).tolist(),
+    plot = {"block": cfg.eval.map_block, "images": display_images(images, cfg.data.name).numpy().round(3).tolist(),
             **{k: getattr(maps, k).numpy().round(4).tolist() for k in ("nll", "spread", "modes")}}
     return out, plot
+
+
+def retrieval_panel(
+    model: JEPA, head: Head, cfg: DictConfig, train_set: Dataset, val_set: Dataset, device: torch.device
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """"What could be here": head samples retrieved from a bank of the first ``eval.bank_images`` training
+    images' target tokens — behind the marker of the ambiguity pairs on ``shapes`` (:func:`marker_retrieval`),
+    else behind the centre of the first ``eval.map_images`` validation images (:func:`centre_retrieval`)."""
+    e = cfg.eval
+    bank = token_bank(model, first_images(train_set, e.bank_images, torch.device("cpu")), e.batch_size, device)
+    torch.manual_seed(cfg.seed + EVAL_DRAWS)  # the head samples
+    if "marker" in cfg.data:
+        return marker_retrieval(model, head, cfg.data, bank, e.ambiguity_pairs, e.num_samples, device,
+                                seed=cfg.data.seed + EVAL_DRAWS)
+    images = first_images(val_set, e.map_images, device)
+    return centre_retrieval(model, head, images, bank, e.num_samples, cfg.data.name)
 
 
 def evaluate(
@@ -126,6 +146,9 @@ def evaluate(
         )
 
     metrics["uncertainty_maps"], plot_data["uncertainty_maps"] = uncertainty_map_metrics(model, head, cfg, val_set, device)
+    metrics["what_could_be_here"], plot_data["what_could_be_here"] = retrieval_panel(
+        model, head, cfg, train_set, val_set, device
+    )
 
     images = first_images(val_set, cfg.trainer.batch_size, device)
     metrics["cost"] = {"flops_per_step": step_flops(model, images, collator(len(images), EVAL_DRAWS).to(device))}

@@ -6,10 +6,18 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from ..data.shapes import Marker, Scene, ambiguity_pairs
+from ..data.shapes import AmbiguityPairs, Marker, Scene, ambiguity_pairs
 from ..heads import Head
+from ..masks import hide
 from ..model import JEPA
 from .multimodality import axis_coordinates, axis_histogram, axis_position, mode_coverage, on_mode_share, sharpness
+
+
+def marker_masks(pairs: AmbiguityPairs, unit_grid: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Context ``[n, U − K]``: every mask unit outside the marker; targets ``[n, 1, K]``: the marker's ``K`` units."""
+    n, size = pairs.images.shape[1], pairs.images.shape[-1]
+    hidden = torch.tensor(pairs.marker_units(size // unit_grid), device=device)
+    return hide(hidden.expand(n, -1), unit_grid**2)
 
 
 @torch.no_grad()
@@ -29,11 +37,7 @@ def ambiguity_metrics(
     """
     marker = Marker.from_config(data.marker)
     pairs = ambiguity_pairs(num_pairs, data.image_size, seed, marker, Scene.from_config(data.scene))
-    enc = model.context_encoder
-    hidden = torch.tensor(pairs.marker_units(data.image_size // enc.unit_grid))
-    visible = torch.tensor([u for u in range(enc.num_units) if u not in set(hidden.tolist())])
-    context = visible.expand(num_pairs, -1).to(device)
-    targets = hidden.view(1, 1, -1).expand(num_pairs, -1, -1).to(device)
+    context, targets = marker_masks(pairs, model.context_encoder.unit_grid, device)
     images = pairs.images.to(device)
 
     _, cond = model.predict(images[0], context, targets)

@@ -165,32 +165,111 @@ def tradeoffs(table: Sequence[Mapping[str, Any]], path: Path) -> Path:
     return save(fig, path)
 
 
-MAP_PANELS = (("nll", "NLL of the true target", "nats / dim", "magma"),
-              ("spread", "sample spread", "std per dim", "viridis"),
-              ("modes", "modes among samples", "modes", "cividis"))
+def relative(m: np.ndarray) -> np.ndarray:
+    return m / max(float(m.mean()), 1e-12)
 
 
-def uncertainty_maps(runs: Runs, path: Path, images_per_run: int = 3) -> Path:
-    """Per mask unit, predicted from all the others: NLL, sample spread and modes over the image.
+MAP_PANELS = (  # key, title, colour-bar label, colour map, what is drawn, the least colour range shown
+    # (the spread relative to its image's mean: heads' spreads differ by orders of magnitude before calibration,
+    # eval.json keeps the absolute values; at least 0.5–1.5, so that sampling noise around one global σ stays flat)
+    ("nll", "NLL of the true target", "nats / dim", "magma", np.asarray, None),
+    ("spread", "sample spread ÷ its image mean", "× the image's mean spread", "viridis", relative, (0.5, 1.5)),
+    ("modes", "modes among samples", "modes", "cividis", np.asarray, (1.0, 2.0)),
+)
 
-    One row per (run, image), the image beside its maps; each map column shares one colour scale
-    across rows, so heads are compared on the same scale.
+
+def uncertainty_maps(runs: Runs, path: Path) -> Path:
+    """Per mask unit, predicted with its block hidden: NLL, relative sample spread and modes over the image.
+
+    One row per (run, image) — three images for one run, two each for several — the image beside its maps;
+    each map column shares one colour scale across rows, so heads are compared on the same scale.
     """
+    images_per_run = 3 if len(runs) == 1 else 2
     rows = [(n, i) for n, d in runs.items() for i in range(min(images_per_run, len(d["uncertainty_maps"]["nll"])))]
     fig, axes = plt.subplots(len(rows), 1 + len(MAP_PANELS), figsize=(3.1 * (1 + len(MAP_PANELS)), 2.9 * len(rows)),
                              squeeze=False, layout="constrained")
-    for c, (key, title, unit, cmap) in enumerate(MAP_PANELS, start=1):
-        values = np.concatenate([np.asarray(runs[n]["uncertainty_maps"][key][i]).ravel() for n, i in rows])
+    for c, (key, title, unit, cmap, draw, least) in enumerate(MAP_PANELS, start=1):
+        shown = {(n, i): draw(np.asarray(runs[n]["uncertainty_maps"][key][i], dtype=float)) for n, i in rows}
+        values = np.concatenate([m.ravel() for m in shown.values()])
         vmin, vmax = float(values.min()), float(values.max()) + 1e-9
+        if least is not None:
+            vmin, vmax = min(vmin, least[0]), max(vmax, least[1])
         for r, (name, i) in enumerate(rows):
-            data = runs[name]["uncertainty_maps"]
             ax = axes[r, c]
-            im = ax.imshow(np.asarray(data[key][i]), cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+            im = ax.imshow(shown[name, i], cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
             ax.set(xticks=[], yticks=[], title=title if r == 0 else "")
         fig.colorbar(im, ax=list(axes[:, c]), shrink=0.5, aspect=25, pad=0.02, label=unit)
     for r, (name, i) in enumerate(rows):
         axes[r, 0].imshow(np.asarray(runs[name]["uncertainty_maps"]["images"][i]))
         axes[r, 0].set(xticks=[], yticks=[], ylabel=f"{name} · image {i}", title="image" if r == 0 else "")
+    blocks = sorted({d["uncertainty_maps"].get("block", 1) for d in runs.values()})
+    sides = " or ".join(f"{b}×{b}" for b in blocks)
+    fig.suptitle(f"each block of {sides} mask units hidden in turn and predicted from all the others", fontsize=10)
+    return save(fig, path)
+
+
+CLASS_COLOURS = {"colour_0": "tab:red", "colour_1": "tab:blue", "elsewhere": "tab:grey"}
+
+
+def what_could_be_here(runs: Runs, path: Path) -> Path:
+    """Head samples made visible: the training patch nearest to each sample of one masked token.
+
+    One row per (run, shown image): the image with its masked units grey and the queried token outlined, the
+    token's true pixels (on the ambiguity pairs: the marker in each colour, with its probability), the patch
+    retrieved by the point prediction, then by the first samples — captioned with the patch's class when known.
+    With classes, a last column compares the share of every class among all samples' patches with the truth.
+    """
+    rows = [(n, r) for n, d in runs.items() for r in d["what_could_be_here"]["rows"]]
+    truths = max(len(r["truths"]) for _, r in rows)
+    patches = max(len(r["patches"]) for _, r in rows)
+    with_shares = any("samples" in d["what_could_be_here"] for d in runs.values())
+    cols = 1 + truths + patches + with_shares
+    widths = [1.6] + [1.0] * (truths + patches) + [2.8] * with_shares
+    fig, axes = plt.subplots(len(rows), cols, figsize=(0.95 * sum(widths) + 0.6, 1.75 * len(rows) + 0.4),
+                             squeeze=False, gridspec_kw={"width_ratios": widths}, layout="constrained")
+    for i, (name, row) in enumerate(rows):
+        ax = axes[i, 0]
+        ax.imshow(np.asarray(row["image"]), interpolation="nearest")
+        x0, y0, x1, y1 = row["query_box"]
+        ax.add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, ec="yellow", lw=1.5))
+        ax.set(xticks=[], yticks=[])
+        ax.set_ylabel(name, fontsize=8)
+        if i == 0:
+            ax.set_title("masked image", fontsize=8)
+        classes = row.get("classes", [None] * len(row["patches"]))
+        cells = [(1 + k, px, label, None) for k, (px, label) in enumerate(zip(row["truths"], row["truth_labels"]))]
+        cells += [(1 + truths + k, px, f"sample {k}" if k else "point pred.", cls)
+                  for k, (px, cls) in enumerate(zip(row["patches"], classes))]
+        for ax in axes[i, 1 : 1 + truths + patches]:
+            ax.set_visible(False)
+        for c, pixels, title, cls in cells:
+            ax = axes[i, c]
+            ax.set_visible(True)
+            ax.imshow(np.asarray(pixels), interpolation="nearest", vmin=0, vmax=1)
+            ax.set(xticks=[], yticks=[])
+            if i == 0:
+                ax.set_title(title.replace(" (", "\n("), fontsize=7)
+            if cls is not None:
+                ax.set_xlabel(cls.replace("_", " "), fontsize=7, color=CLASS_COLOURS[cls])
+    if with_shares:
+        runs_with = [n for n in runs if "samples" in runs[n]["what_could_be_here"]]
+        gs = axes[0, -1].get_gridspec()
+        for ax in axes[:, -1]:
+            ax.remove()
+        ax = fig.add_subplot(gs[:, -1])
+        weights = runs[runs_with[0]]["what_could_be_here"]["weights"]
+        names = ["truth", *runs_with]
+        shares = [dict(zip(CLASS_COLOURS, [*weights, 0.0]))] + [runs[n]["what_could_be_here"]["samples"] for n in runs_with]
+        left = np.zeros(len(names))
+        for label, colour in CLASS_COLOURS.items():
+            values = np.array([s[label] for s in shares])
+            ax.barh(names, values, left=left, color=colour, label=label.replace("_", " "))
+            left += values
+        ax.invert_yaxis()
+        ax.set(xlim=(0, 1), xlabel="share of sample patches")
+        ax.set_title("what the samples retrieve", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6, loc="lower right")
     return save(fig, path)
 
 
@@ -216,6 +295,9 @@ def all_figures(runs: Runs, records: Mapping[str, Sequence], table: Sequence, fo
     with_maps = {n: d for n, d in runs.items() if d.get("uncertainty_maps")}
     if with_maps:
         paths.append(uncertainty_maps(with_maps, folder / "uncertainty_maps.png"))
+    with_panels = {n: d for n, d in runs.items() if d.get("what_could_be_here")}
+    if with_panels:
+        paths.append(what_could_be_here(with_panels, folder / "what_could_be_here.png"))
     if len(table) > 1:
         paths.append(tradeoffs(table, folder / "tradeoffs.png"))
     return paths

@@ -25,6 +25,12 @@ COLUMNS = {  # column: (path in eval.json, format)
     "axis_position_mean": (("multimodality", "mean", "axis_position"), ".3f"),
     "sharpness_samples": (("multimodality", "samples", "sharpness"), ".3f"),
     "sharpness_mean": (("multimodality", "mean", "sharpness"), ".3f"),
+    "map_nll_marker": (("uncertainty_maps", "marker", "nll", "inside"), ".3f"),  # nats/dim, each block from the rest
+    "map_nll_mirrored": (("uncertainty_maps", "marker", "nll", "mirrored"), ".3f"),  # the marker's mirror images
+    "map_spread_marker": (("uncertainty_maps", "marker", "spread", "inside"), ".3f"),
+    "map_spread_mirrored": (("uncertainty_maps", "marker", "spread", "mirrored"), ".3f"),
+    "here_colour_0": (("what_could_be_here", "samples", "colour_0"), ".3f"),  # share of sample patches
+    "here_colour_1": (("what_could_be_here", "samples", "colour_1"), ".3f"),
     "retrieval_acc": (("head", "energy_retrieval", "after", "accuracy"), ".3f"),
     "energy_probe_r": (("uncertainty", "energy_correct_pearson_r"), ".3f"),
     "ece_raw": (("uncertainty", "raw", "ece"), ".3f"),

@@ -1,4 +1,4 @@
-"""Where in an image a head is uncertain: every mask unit in turn predicted from all the others."""
+"""Where in an image a head is uncertain: every block of mask units in turn predicted from all the others."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from ..heads import Head
+from ..masks import hide
 from ..model import JEPA
 
 
@@ -45,43 +46,72 @@ def count_modes(samples: torch.Tensor, bins: int = 64, min_height: float = 0.1) 
     return peak.sum(1).clamp_min(1).float()
 
 
+def covering_blocks(unit_grid: int, block: int) -> list[list[int]]:
+    """Square blocks of ``block × block`` mask units that tile a ``unit_grid × unit_grid`` grid (row-major unit
+    indices; blocks on the last row and column are cut to the grid).
+
+    Raises:
+        ValueError: unless ``1 <= block < unit_grid`` (a block must leave context).
+    """
+    if not 1 <= block < unit_grid:
+        raise ValueError(f"eval.map_block={block} must be at least 1 and below the {unit_grid} mask units per side")
+    starts = range(0, unit_grid, block)
+    return [
+        [r * unit_grid + c for r in range(r0, min(r0 + block, unit_grid)) for c in range(c0, min(c0 + block, unit_grid))]
+        for r0 in starts for c0 in starts
+    ]
+
+
 @torch.no_grad()
-def unit_uncertainty(model: JEPA, head: Head, images: torch.Tensor, num_samples: int) -> UnitMaps:
-    """Each of the ``U`` mask units in turn is the one target block, the other ``U − 1`` the context.
+def unit_uncertainty(model: JEPA, head: Head, images: torch.Tensor, num_samples: int, block: int = 1) -> UnitMaps:
+    """Each block of :func:`covering_blocks` in turn is the one target block, every other mask unit the context;
+    every unit's values come from the prediction in which its block was hidden.
 
     Args:
         model: a JEPA; ``head`` predicts its coarsest predicted level (``model.heads[-1]``).
         images: ``[B, 3, H, W]`` on the model's device.
         num_samples: head samples per target token for the spread and the modes.
+        block: mask units per side of a hidden block (1: every unit alone, predicted from all the others).
     Returns:
         :class:`UnitMaps` (CPU, fp32).
+    Raises:
+        ValueError: for a ``block`` that leaves no context.
     """
     enc = model.context_encoder
     U, G = enc.num_units, enc.unit_grid
     device = images.device
-    units = torch.arange(U, device=device)
-    context = units.expand(U, U)[~torch.eye(U, dtype=torch.bool, device=device)].view(U, U - 1)
-    targets = units.view(U, 1, 1)
-    nll, spread, modes = [], [], []
-    for image in images:
-        batch = image.expand(U, -1, -1, -1)
-        _, cond = model.predict(batch, context, targets)
-        target = model.gather_targets([t.expand(U, -1, -1, -1) for t in model.target_features(image[None])], targets)
-        c, y = cond[-1].flatten(0, 2).float(), target[-1].flatten(0, 2).float()  # [U·T, C], [U·T, D]
-        tokens = len(c) // U
-        nll.append((-head.log_prob(y, c) / head.dim).view(U, tokens).mean(1))
-        samples = head.sample(c, num_samples).float()  # [S, U·T, D]
-        spread.append(samples.std(0).mean(-1).view(U, tokens).mean(1))
-        modes.append(count_modes(samples).view(U, tokens).mean(1))
-    as_maps = lambda rows: torch.stack(rows).view(len(images), G, G).cpu()  # noqa: E731
-    return UnitMaps(as_maps(nll), as_maps(spread), as_maps(modes))
+    by_size: dict[int, list[list[int]]] = {}
+    for units in covering_blocks(G, block):
+        by_size.setdefault(len(units), []).append(units)
+    maps = {name: torch.zeros(len(images), U) for name in ("nll", "spread", "modes")}
+    for blocks in by_size.values():
+        hidden = torch.tensor(blocks, device=device)  # [n, K]
+        n, K = hidden.shape
+        context, targets = hide(hidden, U)
+        for i, image in enumerate(images):
+            _, cond = model.predict(image.expand(n, -1, -1, -1), context, targets)
+            target = model.gather_targets([t.expand(n, -1, -1, -1) for t in model.target_features(image[None])], targets)
+            c, y = cond[-1].flatten(0, 2).float(), target[-1].flatten(0, 2).float()  # [n·K·T, C], [n·K·T, D]
+            per_unit = lambda v: v.view(n * K, -1).mean(1).cpu()  # noqa: E731  tokens → units, block order
+            samples = head.sample(c, num_samples).float()  # [S, n·K·T, D]
+            where = hidden.flatten().cpu()
+            maps["nll"][i, where] = per_unit(-head.log_prob(y, c) / head.dim)
+            maps["spread"][i, where] = per_unit(samples.std(0).mean(-1))
+            maps["modes"][i, where] = per_unit(count_modes(samples))
+    return UnitMaps(*(maps[k].view(len(images), G, G) for k in ("nll", "spread", "modes")))
+
+
+def mirrored(region: torch.Tensor) -> torch.Tensor:
+    """The mirror images of a boolean unit mask ``[G, G]`` across the vertical, horizontal and both axes, minus
+    ``region`` itself: units in the same kind of place (a corner for a corner) but elsewhere in the image."""
+    return (region.flip(0) | region.flip(1) | region.flip(0, 1)) & ~region
 
 
 def region_means(maps: UnitMaps, region: torch.Tensor) -> dict[str, dict[str, float]]:
-    """Mean of each map inside and outside ``region`` (a boolean ``[G, G]`` unit mask), over images."""
-    out = {}
-    for name in ("nll", "spread", "modes"):
-        m = getattr(maps, name)
-        out[name] = {"inside": m[:, region].mean().item(), "outside": m[:, ~region].mean().item()}
-    return out
-
+    """Mean of each map over images, inside ``region`` (a boolean ``[G, G]`` unit mask), over its
+    :func:`mirrored` units (``mirrored``, when there are any) and over all units outside it (``outside``)."""
+    regions = {"inside": region, "mirrored": mirrored(region), "outside": ~region}
+    return {
+        name: {k: getattr(maps, name)[:, r].mean().item() for k, r in regions.items() if r.any()}
+        for name in ("nll", "spread", "modes")
+    }
