@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 
 .PHONY: run test bench heads-benchmark clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml prob_jepa/__init__.py  # the editable install records which packages exist
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'

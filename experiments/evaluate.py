@@ -41,7 +41,10 @@ def main(argv: list[str]) -> dict:
         from prob_jepa.eval import evaluate
     probe_set, val_set = build_datasets(cfg.data, ("train_eval", "val"))
     device = next(model.parameters()).device
-    return evaluate(model, cfg, probe_set, val_set, run, device)
+    try:
+        return evaluate(model, cfg, probe_set, val_set, run, device)  # checks its eval.* keys before any work
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

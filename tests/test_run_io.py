@@ -85,6 +85,16 @@ def test_evaluate_rejects_an_unknown_key_with_the_valid_ones(trained):
         evaluate_script.main([str(trained[0].run_dir), "eval.num_sample=4"])
 
 
+def test_evaluate_refuses_impossible_eval_values_before_any_work(trained):
+    run = RunDir(trained[0].run_dir)
+    before = run.eval.read_text()
+    with pytest.raises(SystemExit, match="eval.bank_images=0 must be at least 1; eval.map_block=8 must be between 1 and 7"):
+        evaluate_script.main([str(run.path), "eval.map_block=8", "eval.bank_images=0"])
+    with pytest.raises(SystemExit, match="eval.num_samples=1 must be at least 2"):
+        evaluate_script.main([str(run.path), "eval.num_samples=1"])
+    assert run.eval.read_text() == before
+
+
 def test_exported_encoder_loads_without_hydra_and_gives_the_same_features(trained, tmp_path):
     result, model = trained
     out = tmp_path / "encoder.pt"

@@ -29,10 +29,10 @@ def build_datasets(cfg, splits: Sequence[str] = ("train", "val")) -> tuple[Datas
         raise ValueError(f"unknown dataset {cfg.name!r}; valid: {', '.join(sorted(BUILDERS))}")
     return BUILDERS[cfg.name](cfg, splits)
 
-# How each dataset normalizes its images (per channel or one number): what display_images undoes.
+# How each dataset normalizes its images, (mean, std) per RGB channel: what display_images undoes.
 NORMALIZATION: dict[str, tuple] = {
-    "shapes": (MEAN, STD),
-    "paired_shapes": (MEAN, STD),
+    "shapes": ((MEAN,) * 3, (STD,) * 3),
+    "paired_shapes": ((MEAN,) * 3, (STD,) * 3),
     "tiny_imagenet_100": (IMAGENET_MEAN, IMAGENET_STD),
     "imagenet_1k": (IMAGENET_MEAN, IMAGENET_STD),
 }

@@ -8,6 +8,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset, Subset
 
+from ..config import ConfigError
 from ..data import display_images
 from ..data.shapes import Marker
 from ..masks import MaskCollator
@@ -110,6 +111,25 @@ def retrieval_panel(
     return centre_retrieval(model, head, images, bank, e.num_samples, cfg.data.name)
 
 
+def check_evaluation(cfg: DictConfig, unit_grid: int) -> None:
+    """Refuse evaluation settings that cannot run, before any of the evaluation does.
+
+    Raises:
+        ConfigError: naming every ``eval.*`` key out of range and its valid range.
+    """
+    e, problems = cfg.eval, []
+    for key in ("map_images", "bank_images", "head_images", "ambiguity_pairs"):
+        if e[key] < 1:
+            problems.append(f"eval.{key}={e[key]} must be at least 1")
+    if e.num_samples < 2:
+        problems.append(f"eval.num_samples={e.num_samples} must be at least 2 (spreads and the sample temperature)")
+    if not 1 <= e.map_block < unit_grid:
+        problems.append(f"eval.map_block={e.map_block} must be between 1 and {unit_grid - 1} "
+                        f"(the model has {unit_grid} mask units per side; a block must leave context)")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
 def evaluate(
     model: JEPA, cfg: DictConfig, train_set: Dataset, val_set: Dataset | None, run: RunDir, device: torch.device
 ) -> dict[str, Any]:
@@ -117,8 +137,12 @@ def evaluate(
 
     ``train_set`` should yield un-augmented images (the ``train_eval`` split).
     """
+    check_evaluation(cfg, model.context_encoder.unit_grid)
     model.eval()
     e = cfg.eval
+    if val_set is None:
+        train_set, val_set = split(train_set)
+    bank_set = train_set  # the training images, before the probes' cut
     train_set, val_set = evaluation_sets(train_set, val_set, e)
     tic = time.perf_counter()
     metrics: dict[str, Any] = {}
@@ -147,7 +171,7 @@ def evaluate(
 
     metrics["uncertainty_maps"], plot_data["uncertainty_maps"] = uncertainty_map_metrics(model, head, cfg, val_set, device)
     metrics["what_could_be_here"], plot_data["what_could_be_here"] = retrieval_panel(
-        model, head, cfg, train_set, val_set, device
+        model, head, cfg, bank_set, val_set, device
     )
 
     images = first_images(val_set, cfg.trainer.batch_size, device)

@@ -39,7 +39,7 @@ def count_modes(samples: torch.Tensor, bins: int = 64, min_height: float = 0.1) 
     std = z.std(1, keepdim=True).clamp_min(1e-8)
     bandwidth = 1.06 * std * S ** (-1 / 5)
     lo, hi = z.min(1, keepdim=True).values - bandwidth, z.max(1, keepdim=True).values + bandwidth
-    grid = lo + (hi - lo) * torch.linspace(0, 1, bins)  # [N, bins]
+    grid = lo + (hi - lo) * torch.linspace(0, 1, bins, device=z.device)  # [N, bins]
     density = torch.exp(-0.5 * ((grid[..., None] - z[:, None]) / bandwidth[..., None]) ** 2).sum(-1)  # [N, bins]
     inner = density[:, 1:-1]
     peak = (inner > density[:, :-2]) & (inner >= density[:, 2:]) & (inner >= min_height * density.amax(1, keepdim=True))

@@ -173,8 +173,13 @@ def marker_retrieval(
 def centre_retrieval(
     model: JEPA, head: Head, images: torch.Tensor, bank: TokenBank, num_samples: int, data_name: str
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """What the head puts behind the central 2 × 2 mask units of ``images [B, 3, H, W]`` (data without a marker),
-    predicted from all the other units; the plot rows also show each masked token's true patch."""
+    """What the head puts behind the 2 × 2 mask units at the centre of ``images [B, 3, H, W]`` (data without a
+    marker; on an odd grid the block starts one unit above and left of the middle), predicted from all the other
+    units; the plot rows also show each masked token's true patch.
+
+    Raises:
+        ValueError: for a grid of at most 2 × 2 units (no context is left).
+    """
     G = model.context_encoder.unit_grid
     lo = max(G // 2 - 1, 0)
     hidden = [r * G + c for r in range(lo, min(lo + 2, G)) for c in range(lo, min(lo + 2, G))]
