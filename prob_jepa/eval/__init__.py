@@ -41,11 +41,15 @@ def first_images(dataset: Dataset, n: int, device: torch.device) -> torch.Tensor
     return torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))]).to(device)
 
 
+def with_validation(train_set: Dataset, val_set: Dataset | None) -> tuple[Dataset, Dataset]:
+    """(train, validation): ``val_set``, or a held-out fifth of ``train_set`` when there is none."""
+    return split(train_set) if val_set is None else (train_set, val_set)
+
+
 def evaluation_sets(train_set: Dataset, val_set: Dataset | None, eval_cfg: DictConfig) -> tuple[Dataset, Dataset]:
-    """The probes' (train, validation) sets: ``val_set``, or a held-out fifth of ``train_set`` when there is none,
-    each cut to ``eval.probe_train_size`` / ``eval.probe_val_size``."""
-    if val_set is None:
-        train_set, val_set = split(train_set)
+    """The probes' (train, validation) sets: :func:`with_validation`, each cut to ``eval.probe_train_size`` /
+    ``eval.probe_val_size``."""
+    train_set, val_set = with_validation(train_set, val_set)
     return first(train_set, eval_cfg.probe_train_size), first(val_set, eval_cfg.probe_val_size)
 
 
@@ -140,10 +144,8 @@ def evaluate(
     check_evaluation(cfg, model.context_encoder.unit_grid)
     model.eval()
     e = cfg.eval
-    if val_set is None:
-        train_set, val_set = split(train_set)
-    bank_set = train_set  # the training images, before the probes' cut
-    train_set, val_set = evaluation_sets(train_set, val_set, e)
+    bank_set, val_set = with_validation(train_set, val_set)  # the bank: the training images before the probes' cut
+    train_set, val_set = evaluation_sets(bank_set, val_set, e)
     tic = time.perf_counter()
     metrics: dict[str, Any] = {}
     metrics["representation"], logits, labels = representation_metrics(model, cfg, train_set, val_set, device)

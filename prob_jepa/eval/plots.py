@@ -13,6 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from .what_could_be_here import CLASSES  # noqa: E402
+
 sns.set_theme(style="whitegrid", context="notebook")
 
 Runs = Mapping[str, Mapping[str, Any]]
@@ -208,7 +210,7 @@ def uncertainty_maps(runs: Runs, path: Path) -> Path:
     return save(fig, path)
 
 
-CLASS_COLOURS = {"colour_0": "tab:red", "colour_1": "tab:blue", "elsewhere": "tab:grey"}
+CLASS_COLOURS = dict(zip(CLASSES, ("tab:red", "tab:blue", "tab:grey")))  # marker colour 0, colour 1, elsewhere
 
 
 def what_could_be_here(runs: Runs, path: Path) -> Path:

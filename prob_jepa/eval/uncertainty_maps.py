@@ -83,18 +83,18 @@ def unit_uncertainty(model: JEPA, head: Head, images: torch.Tensor, num_samples:
     by_size: dict[int, list[list[int]]] = {}
     for units in covering_blocks(G, block):
         by_size.setdefault(len(units), []).append(units)
+    groups = [hide(torch.tensor(blocks, device=device), U) for blocks in by_size.values()]  # blocks of one size
     maps = {name: torch.zeros(len(images), U) for name in ("nll", "spread", "modes")}
-    for blocks in by_size.values():
-        hidden = torch.tensor(blocks, device=device)  # [n, K]
-        n, K = hidden.shape
-        context, targets = hide(hidden, U)
-        for i, image in enumerate(images):
+    for i, image in enumerate(images):
+        target_all = model.target_features(image[None])
+        for context, targets in groups:
+            n = len(targets)
             _, cond = model.predict(image.expand(n, -1, -1, -1), context, targets)
-            target = model.gather_targets([t.expand(n, -1, -1, -1) for t in model.target_features(image[None])], targets)
+            target = model.gather_targets([t.expand(n, -1, -1, -1) for t in target_all], targets)
             c, y = cond[-1].flatten(0, 2).float(), target[-1].flatten(0, 2).float()  # [n·K·T, C], [n·K·T, D]
-            per_unit = lambda v: v.view(n * K, -1).mean(1).cpu()  # noqa: E731  tokens → units, block order
+            where = targets.flatten().cpu()  # the hidden units, in the order of the rows' blocks
+            per_unit = lambda v: v.view(len(where), -1).mean(1).cpu()  # noqa: E731  tokens → units
             samples = head.sample(c, num_samples).float()  # [S, n·K·T, D]
-            where = hidden.flatten().cpu()
             maps["nll"][i, where] = per_unit(-head.log_prob(y, c) / head.dim)
             maps["spread"][i, where] = per_unit(samples.std(0).mean(-1))
             maps["modes"][i, where] = per_unit(count_modes(samples))

@@ -84,13 +84,12 @@ class Retrieval:
 
     samples: ``[S, Q]`` the nearest bank token of each of ``S`` head samples.
     mean: ``[Q]`` the nearest bank token of the head's point prediction.
-    query_box: ``[Q, 4]`` the pixel box of each masked token in its image; query_image: ``[Q]`` that image.
+    query_box: ``[Q, 4]`` the pixel box of each masked token in its image (image-major order).
     """
 
     samples: torch.Tensor
     mean: torch.Tensor
     query_box: torch.Tensor
-    query_image: torch.Tensor
 
     def distinct(self) -> float:
         """Distinct patches among the ``S`` samples' retrievals, mean over queries (1 = always the same patch)."""
@@ -113,7 +112,6 @@ def retrieve(
         samples=nearest(bank.features, samples.flatten(0, 1)).view(S, Q),
         mean=nearest(bank.features, head.mean(c).float()),
         query_box=token_boxes(coords.flatten(0, 2), images.shape[-1]).cpu(),
-        query_image=torch.arange(len(images)).repeat_interleave(coords.shape[2]),
     )
 
 
@@ -201,7 +199,7 @@ def panel_rows(
     ``images [V, B, 3, H, W]`` versions (``truths``, labelled ``truth_labels``), the patches retrieved by the
     point prediction and by ``patches`` samples (``patches``, the point prediction's first), and, given the
     bank's ``classes``, each patch's class name. Pixels are displayable ``[h, w, 3]`` lists in [0, 1]."""
-    tokens = int((found.query_image == 0).sum())
+    tokens = len(found.query_box) // images.shape[1]  # masked tokens per image
     rows = []
     for i in range(min(shown, images.shape[1])):
         q = i * tokens
