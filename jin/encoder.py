@@ -61,6 +61,8 @@ class HierarchicalEncoder(nn.Module):
         bias_hidden: width of the bias MLP.
         adaptive: use :class:`AdaptiveStage` (JIN eq. 4) at every level (at a
             mask-unit-attention level, α and the top-k are per unit).
+        capacity: per level, the fraction of tokens an adaptive level's blocks see
+            (its static top-k); default 1 at every level.
         global_from: first level with global attention (0: all levels global).
         zoom_factors: zoom factors < 1 of the foveal views (:class:`AdaptiveZoom`);
             empty for none.
@@ -85,6 +87,7 @@ class HierarchicalEncoder(nn.Module):
         spatial_bias: bool = False,
         bias_hidden: int = 16,
         adaptive: bool = False,
+        capacity: Sequence[float] | None = None,
         global_from: int = 0,
         zoom_factors: Sequence[float] = (),
         zoom_tokens: int = 2,
@@ -112,12 +115,14 @@ class HierarchicalEncoder(nn.Module):
             self.register_buffer(f"coords_{level}", unit_layout(grid_coords(side), side // self.unit_grid), persistent=False)
 
         rates = [drop_path_rate * i / max(1, sum(depths) - 1) for i in range(sum(depths))]
-        stage_cls = AdaptiveStage if adaptive else Stage
+        capacity = [1.0] * self.levels if capacity is None else list(capacity)
+        if len(capacity) != self.levels:
+            raise ValueError(f"capacity {capacity} must give one fraction per level ({self.levels})")
         self.stages = nn.ModuleList()
         for level, (dim, depth, heads) in enumerate(zip(dims, depths, num_heads)):
             bias = SpatialBias(heads, bias_hidden, self.grid) if spatial_bias else None
-            start = sum(depths[:level])
-            self.stages.append(stage_cls(dim, depth, heads, mlp_ratio, rates[start : start + depth], bias, dropout))
+            args = (dim, depth, heads, mlp_ratio, rates[sum(depths[:level]) : sum(depths[: level + 1])], bias, dropout)
+            self.stages.append(AdaptiveStage(*args, capacity=capacity[level]) if adaptive else Stage(*args))
         self.merges = nn.ModuleList(UnitMerge(a, b) for a, b in zip(dims[:-1], dims[1:]))
         self.norms = nn.ModuleList(nn.LayerNorm(d) for d in dims)
         self.zoom = (
@@ -170,7 +175,8 @@ class HierarchicalEncoder(nn.Module):
             elif extra is None:
                 seq, alpha = stage(x.reshape(B, U * T, D), coords.reshape(B, U * T, 3))
             else:
-                seq, alpha = stage(*extra.join(x.reshape(B, U * T, D), coords.reshape(B, U * T, 3)))
+                seq, seq_coords, valid = extra.join(x.reshape(B, U * T, D), coords.reshape(B, U * T, 3))
+                seq, alpha = stage(seq, seq_coords, valid=valid)
                 seq, extra = extra.split(seq)
             x = seq.reshape(B, U, T, D)
             levels.append(Level(self.norms[level](x), coords, alpha))

@@ -16,26 +16,26 @@ from .layers.coords import grid_coords, sincos_embed
 class ZoomTokens:
     """Extra tokens that join every level's attention.
 
-    x: ``[B, Z, D]``, coords: ``[B, Z, 3]``, key_mask: ``[B, 1, 1, Z]`` additive
-    (``-inf`` where the token's centre lies in a hidden mask unit, so a context
-    encoder never sees the targets through a zoom view).
+    x: ``[B, Z, D]``, coords: ``[B, Z, 3]``, visible: ``[B, Z]`` bool (false where
+    the token's centre lies in a hidden mask unit: no token attends to it, so a
+    context encoder never sees the targets through a zoom view).
     """
 
     x: torch.Tensor
     coords: torch.Tensor
-    key_mask: torch.Tensor
+    visible: torch.Tensor
 
     def join(self, seq: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Append to ``seq [B, N, D]`` / ``pos [B, N, 3]``; returns (tokens, coords, attn_mask ``[B, 1, 1, N+Z]``)."""
-        base = self.key_mask.new_zeros(seq.shape[0], 1, 1, seq.shape[1])
-        return torch.cat([seq, self.x], 1), torch.cat([pos, self.coords], 1), torch.cat([base, self.key_mask], -1)
+        """Append to ``seq [B, N, D]`` / ``pos [B, N, 3]``; returns (tokens, coords, valid keys ``[B, N+Z]``)."""
+        grid_tokens = self.visible.new_ones(seq.shape[0], seq.shape[1])
+        return torch.cat([seq, self.x], 1), torch.cat([pos, self.coords], 1), torch.cat([grid_tokens, self.visible], 1)
 
     def split(self, seq: torch.Tensor) -> tuple[torch.Tensor, "ZoomTokens"]:
         n = seq.shape[1] - self.x.shape[1]
-        return seq[:, :n], ZoomTokens(seq[:, n:], self.coords, self.key_mask)
+        return seq[:, :n], ZoomTokens(seq[:, n:], self.coords, self.visible)
 
     def project(self, linear: nn.Module) -> "ZoomTokens":
-        return ZoomTokens(linear(self.x), self.coords, self.key_mask)
+        return ZoomTokens(linear(self.x), self.coords, self.visible)
 
 
 class AdaptiveZoom(nn.Module):
@@ -114,7 +114,7 @@ class AdaptiveZoom(nn.Module):
             tokens.append(t)
             coords.append(torch.cat([xy, scale], -1))
         x, xyz = torch.cat(tokens, 1), torch.cat(coords, 1)
-        return ZoomTokens(x, xyz, self.key_mask(xyz, units, self.unit_grid))
+        return ZoomTokens(x, xyz, self.visible(xyz, units, self.unit_grid))
 
     def pixel_visibility(self, units: torch.Tensor, size: int) -> torch.Tensor:
         """``[B, 1, size, size]``: 1 on pixels of visible units, 0 elsewhere."""
@@ -124,14 +124,13 @@ class AdaptiveZoom(nn.Module):
         return F.interpolate(visible, size=(size, size), mode="nearest")
 
     @staticmethod
-    def key_mask(coords: torch.Tensor, units: torch.Tensor | None, unit_grid: int) -> torch.Tensor:
-        """``[B, 1, 1, Z]``: 0 for tokens whose centre lies in a visible unit, ``-inf`` otherwise."""
+    def visible(coords: torch.Tensor, units: torch.Tensor | None, unit_grid: int) -> torch.Tensor:
+        """``[B, Z]`` bool: true for tokens whose centre lies in a visible unit (every token when ``units`` is None)."""
         B, Z, _ = coords.shape
-        mask = coords.new_zeros(B, 1, 1, Z)
         if units is None:
-            return mask
+            return torch.ones(B, Z, dtype=torch.bool, device=coords.device)
         cell = (coords[..., :2] * unit_grid).long().clamp(0, unit_grid - 1)
         unit_of = cell[..., 1] * unit_grid + cell[..., 0]  # [B, Z]
         visible = torch.zeros(B, unit_grid**2, dtype=torch.bool, device=coords.device)
         visible.scatter_(1, units, True)
-        return mask.masked_fill(~visible.gather(1, unit_of)[:, None, None, :], float("-inf"))
+        return visible.gather(1, unit_of)

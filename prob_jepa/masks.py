@@ -29,12 +29,20 @@ class Masks:
 class MaskCollator:
     """Multi-block masking of I-JEPA: one large context block, M target blocks, no overlap.
 
-    Block *sizes* are drawn once per batch (so indices stack without padding),
-    block *positions* per image, uniformly over every valid top-left corner —
+    Token counts are **static per run** (one compiled graph serves every step):
+    every target block has the same area, ``K_t`` = the integer area nearest
+    ``G² · mean(target_scale)`` that an ``h × w`` block with ``h / w`` in
+    ``target_aspect`` can have, and every image keeps the same number of
+    context units, ``K_c`` = the :attr:`context_quantile` quantile of the visible
+    units over a fixed calibration draw (at least ``min_keep``). Per batch the
+    block *shape* is the area-``K_t`` shape nearest a drawn aspect ratio (log
+    scale), so both orientations occur in proportion to ``target_aspect``; block
+    *positions* are drawn per image, uniformly over every valid top-left corner —
     blocks reach the last row and column. The context is its block minus all
-    target blocks; every image keeps the same number of context units, a
-    uniformly random subset of its visible ones (never biased towards the top
-    rows). Images whose context would fall below ``min_keep`` are redrawn.
+    target blocks; an image keeps a uniformly random subset of ``K_c`` of its
+    visible units (never biased towards the top rows). Images with fewer than
+    ``K_c`` visible units are redrawn (I-JEPA instead truncates to each batch's
+    smallest context, so the count changes with every batch).
 
     Randomness comes only from ``draw``: ``collator(batch_size, draw)`` is a pure
     function, so a batch can be replayed and a resumed run continues exactly.
@@ -42,10 +50,14 @@ class MaskCollator:
     Args:
         grid: mask units per side.
         num_targets: target blocks per image (I-JEPA: 4).
-        target_scale, target_aspect: area fraction and aspect-ratio ranges of a target block.
+        target_scale, target_aspect: area fraction and aspect-ratio (h / w) ranges of a target block.
         context_scale, context_aspect: the same for the context block.
         min_keep: minimum number of context units.
         seed: base seed.
+
+    Raises:
+        ValueError: no block of ``target_aspect`` fits the grid, or (on a draw) some image cannot
+            keep ``K_c`` context units after :attr:`max_redraws` redraws.
 
     References:
         Assran et al., "Self-Supervised Learning from Images with a Joint-Embedding
@@ -53,6 +65,8 @@ class MaskCollator:
     """
 
     max_redraws = 100
+    context_quantile = 0.1  # ≈ I-JEPA's typical batch minimum at batch 64, so ~10 % of images are redrawn
+    calibration_images = 4096
 
     def __init__(
         self,
@@ -71,6 +85,32 @@ class MaskCollator:
         self.context_scale, self.context_aspect = tuple(context_scale), tuple(context_aspect)
         self.min_keep = min_keep
         self.seed = seed
+        self.target_shapes = block_shapes(grid, self.target_scale, self.target_aspect)
+        self.num_context = self.calibrate_context()
+
+    @property
+    def num_target_units(self) -> int:
+        """Units per target block, ``K_t`` (the same in every draw)."""
+        h, w = self.target_shapes[0]
+        return h * w
+
+    def calibrate_context(self) -> int:
+        """``K_c``: the :attr:`context_quantile` quantile of visible units per image over a fixed draw of
+        :attr:`calibration_images` images in batches of 64 (independent of ``seed``), at least ``min_keep``."""
+        g = torch.Generator().manual_seed(0)
+        visible = []
+        for _ in range(self.calibration_images // 64):
+            (th, tw), (ch, cw) = self.target_shape(g), self.block_size(g, self.context_scale, self.context_aspect)
+            t_top, t_left = self.block_corners(g, (64, self.num_targets), th, tw)
+            c_top, c_left = self.block_corners(g, (64,), ch, cw)
+            visible.append(self._context(t_top, t_left, th, tw, c_top, c_left, ch, cw).flatten(1).sum(1))
+        return max(self.min_keep, int(torch.cat(visible).float().quantile(self.context_quantile)))
+
+    def target_shape(self, g: torch.Generator) -> tuple[int, int]:
+        """The area-``K_t`` block shape whose aspect ratio is nearest (in log) one drawn uniformly from ``target_aspect``."""
+        lo, hi = self.target_aspect
+        ratio = lo + torch.rand(1, generator=g).item() * (hi - lo)
+        return min(self.target_shapes, key=lambda hw: abs(math.log(hw[0] / hw[1] / ratio)))
 
     def generator(self, draw: int) -> torch.Generator:
         state = np.random.SeedSequence([self.seed, draw]).generate_state(2, dtype=np.uint32)
@@ -106,7 +146,7 @@ class MaskCollator:
 
     def __call__(self, batch_size: int, draw: int) -> Masks:
         g = self.generator(draw)
-        th, tw = self.block_size(g, self.target_scale, self.target_aspect)
+        th, tw = self.target_shape(g)
         ch, cw = self.block_size(g, self.context_scale, self.context_aspect)
         M = self.num_targets
 
@@ -114,7 +154,7 @@ class MaskCollator:
         c_top, c_left = self.block_corners(g, (batch_size,), ch, cw)
         visible = self._context(t_top, t_left, th, tw, c_top, c_left, ch, cw)
         for _ in range(self.max_redraws):
-            bad = visible.flatten(1).sum(1) < self.min_keep
+            bad = visible.flatten(1).sum(1) < self.num_context
             if not bad.any():
                 break
             n = int(bad.sum())
@@ -124,21 +164,38 @@ class MaskCollator:
         else:
             raise ValueError(
                 f"MaskCollator: after {self.max_redraws} redraws some context still has fewer than "
-                f"min_keep={self.min_keep} of {self.grid}² units (target blocks {th}×{tw} ×{M}, context block "
-                f"{ch}×{cw}); lower num_targets, target_scale or min_keep, or use a finer unit grid"
+                f"{self.num_context} of {self.grid}² units (min_keep={self.min_keep}; target blocks {th}×{tw} ×{M}, "
+                f"context block {ch}×{cw}); lower num_targets, target_scale or min_keep, or use a finer unit grid"
             )
 
+        # a uniformly random subset of K_c visible units per image
         visible = visible.flatten(1)
-        keep = int(visible.sum(1).min())
-        # a uniformly random subset of `keep` visible units per image
         score = torch.rand(visible.shape, generator=g).masked_fill(~visible, -1.0)
-        context = score.topk(keep, dim=1).indices.sort(dim=1).values
+        context = score.topk(self.num_context, dim=1).indices.sort(dim=1).values
         targets = self.block_indices(t_top, t_left, th, tw)
         return Masks(context, targets)
 
     def _context(self, t_top, t_left, th, tw, c_top, c_left, ch, cw) -> torch.Tensor:
         targets = self.block_mask(t_top, t_left, th, tw).any(dim=1)
         return self.block_mask(c_top, c_left, ch, cw) & ~targets
+
+
+def block_shapes(grid: int, scale: tuple[float, float], aspect: tuple[float, float]) -> list[tuple[int, int]]:
+    """Every ``(h, w)`` of the one area nearest ``grid² · mean(scale)`` that has a shape with ``h / w`` in ``aspect``.
+
+    Raises:
+        ValueError: no block of that aspect range fits a ``grid × grid`` grid.
+    """
+    by_area: dict[int, list[tuple[int, int]]] = {}
+    for h in range(1, grid + 1):
+        for w in range(1, grid + 1):
+            if aspect[0] - 1e-9 <= h / w <= aspect[1] + 1e-9:
+                by_area.setdefault(h * w, []).append((h, w))
+    if not by_area:
+        raise ValueError(f"no block with aspect ratio h/w in {list(aspect)} fits a {grid}×{grid} grid of mask units")
+    wanted = grid**2 * (scale[0] + scale[1]) / 2
+    area = min(by_area, key=lambda a: (abs(a - wanted), a))
+    return by_area[area]
 
 
 def hide(hidden: torch.Tensor, num_units: int) -> tuple[torch.Tensor, torch.Tensor]:

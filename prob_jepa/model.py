@@ -197,6 +197,10 @@ def level_config(model_cfg: DictConfig) -> dict:
     for key, width in ((f"model.dims[{drop}]", dims[drop]), ("model.predictor.dim", model_cfg.predictor.dim)):
         if width % 4:
             raise ConfigError(f"{key}={width} must be divisible by 4: the 2-D sin-cos position embedding")
+    capacity = list(model_cfg.capacity)[:L]
+    if len(capacity) < L or not all(0.0 < float(c) <= 1.0 for c in capacity):
+        raise ConfigError(f"model.capacity={list(model_cfg.capacity)} must give a fraction in (0, 1] for each of the "
+                          f"model.levels={L} levels")
     depths = [sum(depths[: drop + 1])] + depths[drop + 1 :]
     return {
         "dims": dims[drop:],
@@ -204,6 +208,7 @@ def level_config(model_cfg: DictConfig) -> dict:
         "num_heads": heads[drop:],
         "level_weights": list(model_cfg.level_weights)[:L],
         "alpha_targets": list(model_cfg.alpha_targets)[:L],
+        "capacity": capacity,
         "predict_levels": list(range(max(0, L - k), L)),
         "global_from": max(0, int(model_cfg.global_from) - drop),
     }
@@ -224,6 +229,7 @@ def encoder_kwargs(cfg: DictConfig) -> dict:
         spatial_bias=bool(m.spatial_bias),
         bias_hidden=int(m.bias_hidden),
         adaptive=bool(m.adaptive),
+        capacity=[float(c) for c in lv["capacity"]],
         global_from=lv["global_from"],
         zoom_factors=[float(f) for f in m.zoom_factors] if m.zoom else [],
         zoom_tokens=int(m.zoom_tokens),

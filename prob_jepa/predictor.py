@@ -75,11 +75,11 @@ class PredictorTrunk(nn.Module):
         return sincos_embed(coords[..., :2], self.dim, self.grid / 2) + self.level_embed[level]
 
     @staticmethod
-    def block_mask(num_context: int, block_sizes: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """Additive ``[1, 1, N, N]`` mask: context ↔ context; block m → context + block m."""
-        group = torch.cat([torch.full((num_context,), -1), block_sizes]).to(device)
-        allowed = (group[None, :] == -1) | (group[:, None] == group[None, :])
-        return torch.zeros(allowed.shape, device=device).masked_fill(~allowed, float("-inf"))[None, None]
+    def task_groups(num_context: int, num_blocks: int, block_size: int) -> torch.Tensor:
+        """``[1, N]`` attention groups: -1 for the context (seen by every token), ``m`` for block ``m``'s mask tokens,
+        so context ↔ context and block m → context + block m (see :class:`~jin.layers.AttentionSpec`)."""
+        blocks = torch.arange(num_blocks).repeat_interleave(block_size)
+        return torch.cat([torch.full((num_context,), -1), blocks])[None]
 
     def forward(
         self, context: Sequence[tuple[torch.Tensor, torch.Tensor]], targets: Sequence[torch.Tensor]
@@ -105,7 +105,6 @@ class PredictorTrunk(nn.Module):
         x = torch.cat([torch.cat(ctx, 1), queries.flatten(1, 2).to(ctx[0].dtype)], 1)
         coords = torch.cat([ctx_coords, q_coords.flatten(1, 2)], 1)
         num_ctx = ctx_coords.shape[1]
-        mask = self.block_mask(num_ctx, torch.arange(M).repeat_interleave(sum(sizes)), x.device)
-        x, _ = self.stage(x, coords, mask)
+        x, _ = self.stage(x, coords, self.task_groups(num_ctx, M, sum(sizes)).to(x.device))
         out = self.norm(x[:, num_ctx:]).view(B, M, sum(sizes), self.dim)
         return list(out.split(sizes, dim=2))

@@ -95,11 +95,16 @@ def accumulation(global_batch: int, micro_batch: int | None, world_size: int) ->
 
 
 def check_trainer(tc: DictConfig) -> None:
-    """Raise :class:`ConfigError` for logging / checkpoint intervals that the loop cannot use."""
+    """Raise :class:`ConfigError` for logging / checkpoint intervals that the loop cannot use, or a
+    ``trainer.compile_backend`` that ``torch.compile`` does not have."""
     for key in ("log_every", "checkpoint_every"):
         value = tc.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"trainer.{key}={value} must be a positive number of steps")
+    if tc.compile:
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if tc.compile_backend not in backends:
+            raise ConfigError(f"trainer.compile_backend={tc.compile_backend!r}; valid: {', '.join(backends)}")
 
 
 def total_steps(epochs: float, steps_per_epoch: int) -> int:
@@ -157,6 +162,8 @@ class Trainer:
         self.total_steps = total_steps(tc.epochs, self.steps_per_epoch)
         self.schedules = Schedules.from_config(cfg.optim, self.total_steps, self.steps_per_epoch)
         self.step = 0
+        self.nonfinite_step = torch.zeros((), dtype=torch.long, device=info.device)  # first bad step; 0: none
+        self.nonfinite_terms: dict[str, torch.Tensor] = {}  # the loss terms of that step
         self.last_targets: torch.Tensor | None = None
         bf16 = tc.precision == "bf16" or (tc.precision == "auto" and info.device.type == "cuda")
         self.autocast = lambda: torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -169,9 +176,8 @@ class Trainer:
         self.wrapped = self.wrap(tc.strategy)  # DDP / FSDP (or the model itself)
         # after wrapping: FSDP replaces the parameters with sharded ones
         self.optimizer = torch.optim.AdamW(param_groups(self.model), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
-        # Automatic dynamic shapes: only what varies (the number of context / target tokens) becomes symbolic.
-        # dynamic=True also makes the batch symbolic, which F.affine_grid (JIN's zoom) cannot take.
-        self.net = torch.compile(self.wrapped) if tc.compile else self.wrapped
+        # Token counts are static per run (MaskCollator), so one graph serves every step.
+        self.net = torch.compile(self.wrapped, backend=tc.compile_backend) if tc.compile else self.wrapped
 
     # ---------------------------------------------------------- what a task overrides
     def build_model(self) -> JEPA:
@@ -285,12 +291,7 @@ class Trainer:
             # Step 1. masks, forward target and context, loss
             with gradient_sync(self.wrapped, self.info, enabled=m == self.accum - 1):
                 out = self.forward_micro(batch, m)
-                if any_rank(not torch.isfinite(out.loss).item(), self.info):
-                    raise NonFiniteLossError(
-                        f"loss became non-finite at step {self.step + 1} (terms: "
-                        f"{ {k: float(v) for k, v in out.terms.items()} }); the last good checkpoint "
-                        f"{self.run.checkpoint} is kept. Lower optim.lr or raise trainer.clip_grad."
-                    )
+                self.watch_loss(out)
                 (out.loss / self.accum).backward()
             for k, v in out.terms.items():
                 terms[k] = terms[k] + v / self.accum
@@ -303,6 +304,29 @@ class Trainer:
         self.last_targets = out.targets
         terms.update(lr=torch.tensor(lr), weight_decay=torch.tensor(wd), ema=torch.tensor(momentum))
         return terms
+
+    def watch_loss(self, out: StepOutput) -> None:
+        """Remember, on the device, the first step whose loss is not finite and its loss terms (no host sync:
+        :meth:`check_finite` reads them at logging and checkpoint steps)."""
+        first = ~torch.isfinite(out.loss.detach()) & (self.nonfinite_step == 0)
+        self.nonfinite_step = torch.where(first, self.step + 1, self.nonfinite_step)
+        for name, value in out.terms.items():  # terms may come and go (a curriculum): kept by name
+            value = value.detach().float()
+            previous = self.nonfinite_terms.get(name, torch.full_like(value, float("nan")))
+            self.nonfinite_terms[name] = torch.where(first, value, previous)
+
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteLossError` if some step since the start had a non-finite loss on any rank
+        (one host sync; called before anything is logged or saved, so the last good checkpoint stays)."""
+        step = self.nonfinite_step.clone()
+        if self.info.distributed:
+            torch.distributed.all_reduce(step, op=torch.distributed.ReduceOp.MAX)
+        if int(step):
+            terms = {name: float(value) for name, value in self.nonfinite_terms.items()}
+            raise NonFiniteLossError(
+                f"loss became non-finite at step {int(step)} (terms: {terms}); the last good checkpoint "
+                f"{self.run.checkpoint} is kept. Lower optim.lr or raise trainer.clip_grad."
+            )
 
     def record(self, terms: dict[str, torch.Tensor], images_per_s: float) -> dict[str, Any]:
         """A ``metrics.jsonl`` line: loss terms averaged over ranks, throughput, memory, collapse diagnostics."""
@@ -335,18 +359,25 @@ class Trainer:
                 self.step += 1
                 seen += tc.batch_size
                 bar.update(1)
-                if self.step % tc.log_every == 0 or self.step == stop_at:
+                log = self.step % tc.log_every == 0 or self.step == stop_at
+                save = self.step % tc.checkpoint_every == 0
+                # ranks agree on a stop at logging / checkpoint steps only: the collective is a host sync
+                interrupted = any_rank(stop.requested, self.info) if log or save or not self.info.distributed else False
+                if log or save or interrupted:  # before anything is logged or saved
+                    self.check_finite()
+                if log:
                     rec = self.record(terms, seen / (time.perf_counter() - tic))
                     if self.info.is_main:
                         self.run.log(rec)
                         bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
                     tic, seen = time.perf_counter(), 0
-                if any_rank(stop.requested, self.info):
+                if interrupted:
                     status = "interrupted"
                     break
-                if self.step % tc.checkpoint_every == 0:
+                if save:
                     self.save()
         bar.close()
+        self.check_finite()
         self.save()
         return status
 

@@ -63,8 +63,8 @@ def test_hypermodal_model_trains_under_torchrun(tmp_path):
 
 
 # JIN Table 3's ablations (our switches for each row) and every predictor.levels choice of the 2-level preset.
-# Equality with one process needs a loss that is a sum over images: adaptive computation (one k per batch,
-# from the batch-mean α) and SIGReg (a statistic of the rank's batch) are not, so the rows compared switch
+# Equality with one process needs a loss that is a sum over images: adaptive computation (its budget term
+# squares the batch-mean α) and SIGReg (a statistic of the rank's batch) are not, so the rows compared switch
 # them off, and the preset with both ("default") is held to training through without a stall.
 ABLATIONS = {
     "full": [],

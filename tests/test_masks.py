@@ -86,3 +86,28 @@ def test_hide_makes_one_target_block_and_the_rest_context():
     context, targets = hide(torch.tensor([[5, 1], [0, 3]]), 6)
     assert context.tolist() == [[0, 2, 3, 4], [1, 2, 4, 5]]
     assert targets.tolist() == [[[5, 1]], [[0, 3]]]
+
+
+def test_token_counts_are_static_per_run():
+    """One compiled graph per run (issue 17): every draw has the same context and target counts."""
+    c = collator()
+    shapes = {(tuple(m.context.shape[1:]), tuple(m.targets.shape[1:])) for m in (c(16, d) for d in range(200))}
+    assert shapes == {((c.num_context,), (4, c.num_target_units))}
+    assert c.num_target_units == 12  # 8² · mean(0.15, 0.2) = 11.2 → 12, the nearest area with a 3×4 or 4×3 block
+    assert collator(seed=5).num_context == c.num_context  # the counts depend on the geometry, not the seed
+
+
+def test_both_block_orientations_occur_in_proportion_to_the_aspect_range():
+    c = collator()
+    tall = [bool((c(1, d).targets[0, 0] // 8).unique().numel() == 4) for d in range(600)]
+    # aspect U[0.75, 1.5]: h/w = 4/3 is nearest above 1, so 2/3 of the draws are 4×3
+    assert abs(sum(tall) / len(tall) - 2 / 3) < 0.06
+
+
+def test_block_shapes_pick_the_nearest_area_that_the_aspect_range_allows():
+    from prob_jepa.masks import block_shapes
+
+    assert block_shapes(8, (0.15, 0.2), (0.75, 1.5)) == [(3, 4), (4, 3)]
+    assert block_shapes(4, (0.25, 0.25), (1.0, 1.0)) == [(2, 2)]
+    with pytest.raises(ValueError, match="aspect"):
+        block_shapes(2, (0.5, 0.5), (3.0, 4.0))

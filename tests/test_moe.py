@@ -4,8 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import jin.layers.moe as moe_module
 from jin.layers import MoEMLP
+from jin.layers.moe import _grouped_mm_runs
 
 
 def reference(moe: MoEMLP, x: torch.Tensor, gate: int = 0) -> torch.Tensor:
@@ -96,3 +100,139 @@ def test_a_moe_trunk_trains_inside_the_jepa(compose, tiny_overrides):
     assert isinstance(moe, MoEMLP) and moe.gates[0].weight.grad.abs().sum() > 0 and moe.w1.grad.abs().sum() > 0
     dense = build_model(compose(*tiny_overrides))
     assert dense.predictor.balance_loss() is None
+
+
+def starved_layer() -> MoEMLP:
+    """Six experts with non-zero biases; the gate bias starves experts 0, 3 and 5 (first, middle and last group)."""
+    torch.manual_seed(0)
+    moe = MoEMLP(dim=16, hidden=32, num_experts=6, top_k=2)
+    with torch.no_grad():
+        moe.b1.normal_()
+        moe.b2.normal_()
+        moe.gates[0].bias.copy_(torch.tensor([-30.0, 0.0, 0.0, -30.0, 0.0, -30.0]))
+    return moe
+
+
+def output_and_grads(f, moe: MoEMLP, x: torch.Tensor, autocast: bool = False) -> list[torch.Tensor]:
+    """``f(x)`` and the gradients of ``x`` and of every parameter of ``moe`` for a fixed upstream gradient."""
+    x = x.detach().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = f(x)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    return [out.detach(), *torch.autograd.grad(out, [x, *moe.parameters()], upstream)]
+
+
+def test_matches_the_per_token_reference_in_values_and_gradients_with_idle_experts():
+    moe = starved_layer()
+    x = torch.randn(74, 16)
+    _, expert, _ = moe.route(x)
+    assert not torch.isin(expert, torch.tensor([0, 3, 5])).any()
+    ours = output_and_grads(moe, moe, x)
+    theirs = output_and_grads(lambda x: reference(moe, x), moe, x)
+    names = ["out", "x", *dict(moe.named_parameters())]
+    for name, a, b in zip(names, ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    grads = dict(zip(names, ours))
+    for name in ("w1", "b1", "w2", "b2"):  # an expert that got no token gets no gradient
+        assert grads[name][[0, 3, 5]].abs().max() == 0 and grads[name].abs().max() > 0, name
+    torch.testing.assert_close(moe.load, torch.bincount(expert.flatten(), minlength=6) / expert.numel())
+
+
+def test_compiles_to_one_graph_that_matches_eager():
+    """In bf16 (autocast, as in training) forward and backward trace without a break; a new routing reuses it."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    moe = starved_layer()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(moe, fullgraph=True, backend=counter)
+    for seed in (0, 1):
+        x = torch.randn(2, 37, 16, generator=torch.Generator().manual_seed(seed))
+        eager = output_and_grads(moe, moe, x, autocast=True)
+        for a, b in zip(output_and_grads(compiled, moe, x, autocast=True), eager):
+            torch.testing.assert_close(a, b)
+    assert counter.frame_count == 1
+    torch._dynamo.reset()
+
+
+def test_forward_and_backward_read_no_value_back_and_no_shape_depends_on_one():
+    """On fake tensors (shapes, no values) a host sync or a data-dependent shape raises; in bf16, as in training."""
+    moe = MoEMLP(dim=16, hidden=32, num_experts=6, top_k=2).to(torch.bfloat16)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.randn(2, 37, 16, dtype=torch.bfloat16, requires_grad=True)
+        out = moe(x)
+        grads = torch.autograd.grad(out.float().square().sum(), [x, *moe.parameters()])
+    assert out.shape == x.shape and [g.shape for g in grads] == [x.shape, *(p.shape for p in moe.parameters())]
+
+
+def test_the_padded_fallback_matches_grouped_dispatch(monkeypatch):
+    moe = starved_layer()
+    x = torch.randn(74, 16)
+    grouped = output_and_grads(moe, moe, x)
+    monkeypatch.setattr(moe_module, "_grouped_mm_runs", lambda x, hidden: False)
+    padded = output_and_grads(moe, moe, x)
+    for a, b in zip(grouped, padded):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dim, hidden, dtype", [(6, 32, torch.float32), (16, 10, torch.float32),
+                                                (16, 32, torch.float64)])
+def test_widths_and_dtypes_grouped_mm_cannot_take_fall_back_correctly(dim, hidden, dtype):
+    """grouped_mm needs rows of a multiple of 16 bytes and has no fp64 kernel."""
+    assert _grouped_mm_runs(torch.zeros(1, 16), 32)
+    assert not _grouped_mm_runs(torch.zeros(1, dim, dtype=dtype), hidden)
+    torch.manual_seed(0)
+    moe = MoEMLP(dim=dim, hidden=hidden, num_experts=4, top_k=2).to(dtype)
+    x = torch.randn(50, dim, dtype=dtype)
+    torch.testing.assert_close(moe(x), reference(moe, x))
+
+
+class RecordGroupedMM(TorchDispatchMode):
+    """Records the dtypes of the operands of every ``grouped_mm``."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._grouped_mm.default:
+            self.dtypes += [args[0].dtype, args[1].dtype]
+        return func(*args, **(kwargs or {}))
+
+
+def test_under_autocast_the_experts_run_in_bf16_and_the_output_keeps_the_input_dtype():
+    moe = starved_layer()
+    x = torch.randn(74, 16)
+    with RecordGroupedMM() as record:
+        out, *grads = output_and_grads(moe, moe, x, autocast=True)
+    expected, *expected_grads = output_and_grads(lambda x: reference(moe, x), moe, x, autocast=True)
+    assert record.dtypes and set(record.dtypes) == {torch.bfloat16}  # forward and backward
+    assert out.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    for a, b in zip([out, *grads], [expected, *expected_grads]):
+        assert (a - b).norm() < 0.02 * b.norm()
+
+
+def test_active_gate_routes_a_plain_call():
+    torch.manual_seed(0)
+    moe = MoEMLP(dim=8, hidden=16, num_experts=4, top_k=1, num_gates=2)
+    x = torch.randn(64, 8)
+    moe.active_gate = 1
+    torch.testing.assert_close(moe(x), moe(x, gate=1))
+    assert not torch.allclose(moe(x), moe(x, gate=0))
+
+
+def test_checkpoints_keep_their_parameter_names_and_shapes():
+    moe = MoEMLP(dim=8, hidden=16, num_experts=4, top_k=2, num_gates=2)
+    assert {k: tuple(v.shape) for k, v in moe.state_dict().items()} == {
+        "gates.0.weight": (4, 8), "gates.0.bias": (4,), "gates.1.weight": (4, 8), "gates.1.bias": (4,),
+        "w1": (4, 8, 16), "b1": (4, 1, 16), "w2": (4, 16, 8), "b2": (4, 1, 8)}
+
+
+def test_moe_vs_dense_times_a_mixture_with_as_many_active_parameters_as_the_dense_mlp():
+    from prob_jepa.eval.cost import moe_vs_dense
+
+    r = moe_vs_dense(dim=16, hidden=64, num_experts=4, top_k=2, tokens=32, steps=2, warmup=1)
+    assert r["moe_ms"] > 0 and r["dense_ms"] > 0
+    assert r["moe_vs_dense_throughput"] == pytest.approx(r["dense_ms"] / r["moe_ms"])
+    assert r["moe_active_params"] - r["dense_params"] == (2 - 1) * 16 + 4 * (16 + 1)  # k-1 extra b2, the router
+    assert 1 / 4 <= r["moe_load_max"] <= 1

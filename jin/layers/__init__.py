@@ -1,7 +1,11 @@
-"""Reusable layers: coordinates, spatial bias, stages, mixture of experts."""
+"""Reusable layers: coordinates, spatial bias, attention, stages, mixture of experts."""
+from .attention import AttentionSpec, FlexMask, SpatialAttention, dense_mask, flex_mask, prepare_mask
 from .coords import grid_coords, sincos_embed, unit_layout
 from .moe import MoEMLP
 from .spatial_bias import SpatialBias
 from .stage import AdaptiveStage, Stage, budget_loss
 
-__all__ = ["AdaptiveStage", "MoEMLP", "SpatialBias", "Stage", "budget_loss", "grid_coords", "sincos_embed", "unit_layout"]
+__all__ = [
+    "AdaptiveStage", "AttentionSpec", "FlexMask", "SpatialAttention", "dense_mask", "flex_mask", "prepare_mask",
+    "MoEMLP", "SpatialBias", "Stage", "budget_loss", "grid_coords", "sincos_embed", "unit_layout",
+]

@@ -1,4 +1,4 @@
-"""Mixture-of-experts MLP: top-k routing, batched dispatch, load balancing, optional multiple gates."""
+"""Mixture-of-experts MLP: top-k routing, padding-free grouped dispatch, load balancing, optional multiple gates."""
 from __future__ import annotations
 
 import math
@@ -8,14 +8,57 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the experts run in: autocast's where it is on (``grouped_mm`` has no autocast rule), else ``x``'s."""
+    device = x.device.type
+    if device == "meta":  # building on the meta device (bench.py --report): no autocast there
+        return x.dtype
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def _grouped_mm_runs(x: torch.Tensor, hidden: int) -> bool:
+    """Whether ``F.grouped_mm`` can run the experts on ``x [T·k, D]`` with no host sync.
+
+    It needs rows of ``D`` and ``hidden`` elements to be multiples of 16 bytes, and
+    then runs on CPU in fp32, bf16 or fp16 (under ``torch.compile`` only bf16: its
+    compile-time kernel rejects the others there) and on CUDA in bf16 with compute
+    capability ≥ 8.0, as its docs say; elsewhere torch's own fallback copies the
+    offsets to the host on every call (torch's source takes its sync-free kernel
+    only on 9.x and 10.x; on 8.x the result is the same, with that copy).
+    """
+    dtype = _compute_dtype(x)
+    if (x.shape[-1] * dtype.itemsize) % 16 or (hidden * dtype.itemsize) % 16:
+        return False
+    if x.device.type == "cpu":
+        eager_only = (torch.float32, torch.float16)
+        return dtype == torch.bfloat16 or (dtype in eager_only and not torch.compiler.is_compiling())
+    return (x.device.type == "cuda" and dtype == torch.bfloat16
+            and torch.cuda.get_device_properties(x.device).major >= 8)
+
+
 class MoEMLP(nn.Module):
     """``num_experts`` two-layer GELU MLPs; each token goes to its ``top_k`` experts (Shazeer et al. 2017).
 
-    Dispatch is one sort and two batched matmuls: the ``T·k`` (token, expert)
-    assignments are sorted by expert and scattered into a zero-padded
-    ``[E, C, D]`` buffer (``C`` = the busiest expert's load, so no token is
-    dropped), every expert runs at once with ``torch.baddbmm``, and the results are
-    summed back per token with the renormalized top-k gate weights.
+    Dispatch is padding-free: one stable sort orders the ``T·k`` (token, expert)
+    assignments by expert, so expert ``e`` owns the contiguous rows
+    ``offs[e-1]:offs[e]`` of the gathered inputs ``[T·k, D]`` (``offs`` = int32
+    cumulative loads, an expert may own none), and each layer is one
+    ``F.grouped_mm`` over the experts' true loads plus the row's own expert bias.
+    The results are summed back per token, in fp32, with the renormalized top-k
+    gate weights. No token is dropped, nothing waits on the host, and every shape
+    depends only on ``T``, ``k`` and ``D`` (under ``torch.compile``, in bf16, the
+    layer is one graph).
+
+    Where ``grouped_mm`` cannot run without a host sync (see :func:`_grouped_mm_runs`:
+    CUDA outside bf16, i.e. fp32 without autocast or fp16; compute capability
+    < 8.0; rows not a multiple of 16 bytes; fp64; CPU fp32/fp16 under
+    ``torch.compile``), the sorted rows are scattered into a zero-padded
+    ``[E, C, D]`` buffer (``C`` = the busiest expert's load, read on the host) and
+    every expert runs at once with ``torch.baddbmm``. A padding-free path without
+    ``grouped_mm`` would need the loads on the host too, or ``E/k`` times the FLOPs.
+
+    Under autocast the experts run in autocast's dtype (bf16 on CUDA) and the
+    per-token sum is in fp32, on either path.
 
     ``num_gates > 1`` gives M3-JEPA's multi-gate variant: the experts are
     shared, and each task routes with its own gate (``forward(x, gate=g)``, or set
@@ -29,6 +72,7 @@ class MoEMLP(nn.Module):
     References:
         Shazeer et al., Outrageously Large Neural Networks (arXiv:1701.06538).
         Fedus et al., Switch Transformers (arXiv:2101.03961).
+        Gale et al., MegaBlocks: Efficient Sparse Training with Mixture-of-Experts (arXiv:2211.15841).
         Lei et al., M3-JEPA: Multimodal Alignment via Multi-gate MoE based on the JEPA (arXiv:2409.05929).
     """
 
@@ -62,24 +106,39 @@ class MoEMLP(nn.Module):
         T, E, k = x.shape[0], self.num_experts, self.top_k
         probs, expert, weight = self.route(x, self.active_gate if gate is None else gate)
 
-        # Step 1. sort the T·k assignments by expert; each gets a slot in its expert's buffer row
+        # Step 1. sort the T·k assignments by expert; expert e owns rows offs[e-1]:offs[e]
         flat = expert.flatten()
         order = flat.argsort(stable=True)
         sorted_expert = flat[order]
-        counts = torch.bincount(flat, minlength=E)
-        slot = torch.arange(T * k, device=x.device) - (counts.cumsum(0) - counts)[sorted_expert]
+        offs = torch.searchsorted(sorted_expert, torch.arange(1, E + 1, device=x.device)).to(torch.int32)
         token = order // k
-        buffer = x.new_zeros(E, int(counts.max()), shape[-1])
-        buffer[sorted_expert, slot] = x[token]
 
-        # Step 2. every expert at once
-        h = F.gelu(torch.baddbmm(self.b1, buffer, self.w1))  # autocast runs baddbmm in bf16 on CUDA
-        y = torch.baddbmm(self.b2, h, self.w2)
+        # Step 2. every expert on its own rows
+        experts = self._grouped_experts if _grouped_mm_runs(x, self.w1.shape[-1]) else self._padded_experts
+        y = experts(x.to(_compute_dtype(x)).index_select(0, token), sorted_expert, offs)
 
-        # Step 3. weighted sum back per token
-        contrib = y[sorted_expert, slot].float() * weight.flatten()[order, None]
+        # Step 3. weighted sum back per token, in fp32
+        contrib = y.float() * weight.flatten()[order, None]
         out = x.new_zeros(x.shape, dtype=torch.float32).index_add_(0, token, contrib)
 
+        counts = offs.diff(prepend=offs.new_zeros(1))
         self.load = counts.float() / (T * k)
         self.aux_loss = E * (self.load * probs.mean(0)).sum()
         return out.to(x.dtype).reshape(shape)
+
+    def _grouped_experts(self, xs: torch.Tensor, sorted_expert: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """Rows ``xs [T·k, D]`` sorted by expert → each through its own expert ``[T·k, D]``, by ``grouped_mm``."""
+        w1, b1, w2, b2 = (p.to(xs.dtype) for p in (self.w1, self.b1, self.w2, self.b2))
+        # each row's expert bias, gathered as one_hot @ b: its backward is a matmul, not a scatter-add
+        one_hot = (sorted_expert[:, None] == torch.arange(self.num_experts, device=xs.device)).to(xs.dtype)
+        h = F.gelu(F.grouped_mm(xs, w1, offs=offs).addmm_(one_hot, b1[:, 0]))
+        return F.grouped_mm(h, w2, offs=offs).addmm_(one_hot, b2[:, 0])
+
+    def _padded_experts(self, xs: torch.Tensor, sorted_expert: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """Same contract as :meth:`_grouped_experts`, through a zero-padded ``[E, C, D]`` buffer (one host sync)."""
+        counts = offs.diff(prepend=offs.new_zeros(1))
+        slot = torch.arange(len(xs), device=xs.device) - (offs - counts)[sorted_expert]
+        buffer = xs.new_zeros(self.num_experts, int(counts.max()), xs.shape[-1])
+        buffer[sorted_expert, slot] = xs
+        h = F.gelu(torch.baddbmm(self.b1, buffer, self.w1))  # autocast runs baddbmm in bf16 on CUDA
+        return torch.baddbmm(self.b2, h, self.w2)[sorted_expert, slot]

@@ -40,12 +40,7 @@ class SpatialBias(nn.Module):
     def index(self, coords: torch.Tensor) -> torch.Tensor:
         """``[B, N, 3]`` coords → ``[B, N, N]`` row of every pair's offset in the table."""
         delta = coords[:, :, None, :] - coords[:, None, :, :]
-        n_pos, n_scale = 4 * self.grid + 1, 4 * self.max_scale + 1
-        q = torch.round(delta * torch.tensor([2.0 * self.grid, 2.0 * self.grid, 2.0], device=delta.device)).long()
-        qx = q[..., 0].clamp(-2 * self.grid, 2 * self.grid) + 2 * self.grid
-        qy = q[..., 1].clamp(-2 * self.grid, 2 * self.grid) + 2 * self.grid
-        qs = q[..., 2].clamp(-2 * self.max_scale, 2 * self.max_scale) + 2 * self.max_scale
-        return (qx * n_pos + qy) * n_scale + qs
+        return offset_row(delta[..., 0], delta[..., 1], delta[..., 2], self.grid, self.max_scale)
 
     def forward(self, coords: torch.Tensor) -> torch.Tensor:
         """coords: ``[B, N, 3]`` (x, y, scale) → bias ``[B, heads, N, N]``.
@@ -55,6 +50,35 @@ class SpatialBias(nn.Module):
         """
         shared = coords.shape[0] > 1 and coords.stride(0) == 0
         idx = self.index(coords[:1] if shared else coords)
-        table = self.mlp(self.offsets).T  # [heads, rows]
-        bias = table[:, idx].transpose(0, 1)  # [B, heads, N, N]
+        bias = self.table()[:, idx].transpose(0, 1)  # [B, heads, N, N]
         return bias.expand(coords.shape[0], -1, -1, -1) if shared else bias
+
+    def table(self) -> torch.Tensor:
+        """The bias of every quantized offset, ``[heads, rows]``; a pair's row is :func:`offset_row` of its offset.
+
+        ``forward`` gathers exactly this table with :meth:`index`; the fused
+        attention of :mod:`jin.layers.attention` reads it per token pair instead.
+        """
+        return self.mlp(self.offsets).T
+
+
+def offset_row(dx: torch.Tensor, dy: torch.Tensor, ds: torch.Tensor, grid: int, max_scale: int) -> torch.Tensor:
+    """Row of :meth:`SpatialBias.table` for the coordinate offset ``(dx, dy, ds)`` = query − key.
+
+    The arithmetic of :meth:`SpatialBias.index`, one component at a time, so the
+    same float32 operations give the same row whether the offsets are a dense
+    ``[B, N, N]`` tensor or one token pair inside a FlexAttention ``score_mod``.
+
+    Args:
+        dx, dy: position offsets in image units (``[0, 1]`` spans the image), any equal shapes.
+        ds: scale offset in octaves.
+        grid: tokens per side of the finest grid (Δpos is quantized to half of its tokens).
+        max_scale: largest |Δscale| (octaves) represented; Δscale is quantized to half octaves.
+    Returns:
+        int64 rows, the shape of ``dx``.
+    """
+    n_pos, n_scale = 4 * grid + 1, 4 * max_scale + 1
+    qx = torch.round(dx * (2.0 * grid)).long().clamp(-2 * grid, 2 * grid) + 2 * grid
+    qy = torch.round(dy * (2.0 * grid)).long().clamp(-2 * grid, 2 * grid) + 2 * grid
+    qs = torch.round(ds * 2.0).long().clamp(-2 * max_scale, 2 * max_scale) + 2 * max_scale
+    return (qx * n_pos + qy) * n_scale + qs

@@ -9,21 +9,17 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .attention import AttentionSpec, FlexMask, SpatialAttention, attention_dtype, prepare_mask
 from .spatial_bias import SpatialBias
-
-
-def autocast_dtype_like(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Cast an additive mask to the dtype attention will run in (SDPA needs q's dtype)."""
-    if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
-        return mask.to(torch.get_autocast_dtype(x.device.type))
-    return mask.to(x.dtype)
 
 
 class Stage(nn.Module):
     """``depth`` timm ViT blocks sharing one optional spatial bias (JIN eq. 7-8).
 
-    Attention runs through ``scaled_dot_product_attention``; the spatial bias
-    and any structural mask are summed into its float ``attn_mask``.
+    Each forward describes its attention once as an :class:`AttentionSpec`
+    (spatial bias, task groups, hidden keys) and prepares one mask for every
+    block: the dense additive mask of ``scaled_dot_product_attention`` (CPU, the
+    reference) or FlexAttention's fused ``score_mod`` + block mask (CUDA).
 
     Args:
         dim, depth, num_heads, mlp_ratio: block shape.
@@ -44,7 +40,7 @@ class Stage(nn.Module):
     ):
         super().__init__()
         self.blocks = nn.ModuleList(
-            Block(dim, num_heads, mlp_ratio, qkv_bias=True, proj_drop=dropout, drop_path=dp)
+            Block(dim, num_heads, mlp_ratio, qkv_bias=True, proj_drop=dropout, drop_path=dp, attn_layer=SpatialAttention)
             for dp in drop_path[:depth]
         )
         self.spatial_bias = spatial_bias
@@ -53,16 +49,11 @@ class Stage(nn.Module):
     def init_router(self) -> None:
         """Initialize routing parameters after the generic init (plain stages have none)."""
 
-    def attention_mask(self, coords: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor | None:
-        """Sum of spatial bias ``[B, heads, N, N]`` and structural mask (broadcastable)."""
-        if self.spatial_bias is None:
-            return attn_mask
-        bias = self.spatial_bias(coords)
-        return bias if attn_mask is None else bias + attn_mask
-
-    def run_blocks(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        if mask is not None:
-            mask = autocast_dtype_like(mask, x)
+    def run_blocks(self, x: torch.Tensor, mask: torch.Tensor | FlexMask | None) -> torch.Tensor:
+        """Every block on ``x [B, N, D]`` with one prepared mask (a dense additive tensor is cast to the dtype
+        attention runs in)."""
+        if isinstance(mask, torch.Tensor):
+            mask = mask.to(attention_dtype(x))
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, mask, use_reentrant=False)
@@ -71,27 +62,43 @@ class Stage(nn.Module):
         return x
 
     def forward(
-        self, x: torch.Tensor, coords: torch.Tensor, attn_mask: torch.Tensor | None = None
+        self, x: torch.Tensor, coords: torch.Tensor, group: torch.Tensor | None = None, valid: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: ``[B, N, D]``, coords: ``[B, N, 3]`` → (``[B, N, D]``, α ``[B]`` = 1: every token computed)."""
-        x = self.run_blocks(x, self.attention_mask(coords, attn_mask))
-        return x, x.new_ones(x.shape[0])
+        """x: ``[B, N, D]``, coords: ``[B, N, 3]``, group: ``[B or 1, N]`` task blocks (-1: shared context),
+        valid: ``[B, N]`` keys that exist (see :class:`AttentionSpec`) → (``[B, N, D]``, α ``[B]`` = 1)."""
+        spec = AttentionSpec.build(self.spatial_bias, coords, group, valid)
+        return self.run_blocks(x, prepare_mask(spec, x)), x.new_ones(x.shape[0])
 
 
 class AdaptiveStage(Stage):
-    """Adaptive computation (JIN eq. 4): only the most important tokens are computed.
+    """Adaptive computation (JIN eq. 4), per image, with a static capacity (Mixture-of-Depths routing).
 
-    ``α = σ(MLP(mean token))`` per image decides the fraction of the level that
-    is computed; a learned linear score ranks tokens and the top
-    ``k = ceil(mean_batch(α) · N)`` go through the blocks while the rest pass
-    through unchanged (one k per batch keeps shapes static). The score receives
-    task gradients through a straight-through gate (value 1, gradient of σ(score));
-    α is trained by the budget term of eq. 10 (see :func:`budget_loss`).
-    The FLOPs saved are real: the blocks see ``k`` tokens, not ``N``.
+    ``α_i = σ(MLP(mean token of image i)))`` decides the fraction of the level that
+    image ``i`` computes. A learned linear score ranks the tokens; the blocks see
+    a fixed ``k = ⌈capacity · N⌉`` top-scored tokens of every image (static shape:
+    one compiled graph), of which image ``i`` computes its first
+    ``n_i = clamp(⌈α_i · N⌉, 1, k)``: the others are hidden from attention and
+    pass through unchanged, like every token outside the top ``k``. An image's
+    output therefore depends on that image alone, never on its batch-mates.
+    The score receives task gradients through a straight-through gate (value 1,
+    gradient of σ(score)); α is trained by the budget term of eq. 10 (see
+    :func:`budget_loss`). The FLOPs saved are real and set by the capacity: the
+    blocks see ``k`` tokens, not ``N``.
+
+    Args:
+        dim, *args: as :class:`Stage`.
+        capacity: fraction of the tokens the blocks see, in (0, 1].
+        router_hidden: width of the α MLP.
+
+    References:
+        JIN eq. 4, 10; Raposo et al., "Mixture-of-Depths" (arXiv:2404.02258), static capacity top-k routing.
     """
 
-    def __init__(self, dim: int, *args, router_hidden: int = 64, **kwargs):
+    def __init__(self, dim: int, *args, capacity: float = 1.0, router_hidden: int = 64, **kwargs):
         super().__init__(dim, *args, **kwargs)
+        if not 0.0 < capacity <= 1.0:
+            raise ValueError(f"capacity={capacity} must be in (0, 1]")
+        self.capacity = capacity
         self.alpha = nn.Sequential(nn.Linear(dim, router_hidden), nn.GELU(), nn.Linear(router_hidden, 1))
         self.score = nn.Linear(dim, 1)
 
@@ -99,24 +106,28 @@ class AdaptiveStage(Stage):
         nn.init.constant_(self.alpha[-1].bias, 2.0)  # start near full computation (σ(2) ≈ 0.88)
 
     def forward(
-        self, x: torch.Tensor, coords: torch.Tensor, attn_mask: torch.Tensor | None = None
+        self, x: torch.Tensor, coords: torch.Tensor, group: torch.Tensor | None = None, valid: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`Stage.forward` → (``[B, N, D]``, α ``[B]``). Keys that do not exist (``valid`` false) rank last."""
         B, N, D = x.shape
+        k = max(1, math.ceil(self.capacity * N))
         alpha = torch.sigmoid(self.alpha(x.mean(dim=1))).squeeze(-1)  # [B]
-        k = max(1, min(N, math.ceil(alpha.detach().float().mean().item() * N)))
+        computed = torch.ceil(alpha.detach().float() * N).clamp(1, k)  # n_i, on the device
         score = self.score(x).squeeze(-1)  # [B, N]
-        idx = score.topk(k, dim=1).indices  # [B, k]
+        rank = score if valid is None else score.masked_fill(~valid, float("-inf"))
+        idx = rank.topk(k, dim=1).indices  # [B, k], best first
+        keep = torch.arange(k, device=x.device) < computed[:, None]  # [B, k]: the image's own n_i
+        if valid is not None:
+            keep = keep & valid.gather(1, idx)
         gate = torch.sigmoid(score.gather(1, idx))
-        gate = (1.0 + gate - gate.detach()).unsqueeze(-1)  # straight-through: value 1
+        gate = torch.where(keep, 1.0 + gate - gate.detach(), 0.0).unsqueeze(-1)  # straight-through: value 1
         sel = idx.unsqueeze(-1)
         x_sel = x.gather(1, sel.expand(-1, -1, D))
         c_sel = coords.gather(1, sel.expand(-1, -1, coords.shape[-1]))
-        if attn_mask is not None:
-            m = attn_mask.expand(B, -1, N, N)
-            m = m.gather(2, idx[:, None, :, None].expand(-1, m.shape[1], -1, N))
-            attn_mask = m.gather(3, idx[:, None, None, :].expand(-1, m.shape[1], k, -1))
-        out = self.run_blocks(x_sel, self.attention_mask(c_sel, attn_mask))
-        x = x.scatter(1, sel.expand(-1, -1, D), x_sel + gate * (out - x_sel))
+        g_sel = None if group is None else group.expand(B, -1).gather(1, idx)
+        spec = AttentionSpec.build(self.spatial_bias, c_sel, g_sel, keep)
+        out = self.run_blocks(x_sel, prepare_mask(spec, x_sel))
+        x = x.scatter(1, sel.expand(-1, -1, D), x_sel + gate.to(x.dtype) * (out - x_sel))
         return x, alpha
 
 

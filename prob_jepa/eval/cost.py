@@ -116,3 +116,51 @@ def level_report(model: JEPA, image_size: int, count_flops: bool = True) -> list
     rows.append({"part": "cross-scale", "tokens": "", "dim": "", "depth": "", "params": params(model.cross_scale),
                  "gflops": None})
     return rows
+
+
+def moe_vs_dense(dim: int, hidden: int, num_experts: int, top_k: int, tokens: int, steps: int = 10,
+                 warmup: int = 3) -> dict[str, Any]:
+    """Forward + backward time of a top-k mixture of experts against the dense MLP with as many active parameters.
+
+    The mixture is ``MoEMLP(dim, hidden // top_k, num_experts, top_k)``: each token
+    runs ``top_k`` experts of width ``hidden // top_k``, as many matmul FLOPs as the
+    dense ``timm.layers.Mlp(dim, hidden)`` (two layers, GELU), plus routing. Both
+    run on the same ``x [tokens, dim]`` fp32 CPU input (requiring grad, as inside a
+    network) at the current ``torch.get_num_threads()``; weights are seeded, the
+    global RNG is left as it was.
+
+    Returns:
+        ``moe_ms``, ``dense_ms``: median milliseconds of one forward + backward over
+        ``steps`` calls after ``warmup``; ``moe_vs_dense_throughput``: ``dense_ms /
+        moe_ms`` (tokens/s of the mixture relative to dense, > 1 when faster);
+        ``moe_active_params`` and ``dense_params``: parameters a token uses (router
+        included); ``moe_load_max``: the busiest expert's share of the ``tokens ·
+        top_k`` assignments (``1 / num_experts`` when balanced).
+    """
+    from timm.layers import Mlp
+
+    from jin.layers import MoEMLP
+
+    device = torch.device("cpu")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        moe = MoEMLP(dim, hidden // top_k, num_experts, top_k)
+        dense = Mlp(dim, hidden)
+        x = torch.randn(tokens, dim, requires_grad=True)
+
+    def step(layer: torch.nn.Module) -> None:
+        layer(x).sum().backward()
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+
+    moe_s = statistics.median(time_steps(lambda: step(moe), steps, warmup, device))
+    dense_s = statistics.median(time_steps(lambda: step(dense), steps, warmup, device))
+    expert = moe.w1[0].numel() + moe.b1[0].numel() + moe.w2[0].numel() + moe.b2[0].numel()
+    return {
+        "moe_ms": 1e3 * moe_s,
+        "dense_ms": 1e3 * dense_s,
+        "moe_vs_dense_throughput": dense_s / moe_s,
+        "moe_active_params": top_k * expert + sum(p.numel() for p in moe.gates.parameters()),
+        "dense_params": sum(p.numel() for p in dense.parameters()),
+        "moe_load_max": moe.load.max().item(),
+    }
