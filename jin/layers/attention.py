@@ -29,6 +29,7 @@ import torch
 from timm.layers.attention import Attention
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from .precision import compute_dtype
 from .spatial_bias import SpatialBias, offset_row
 
 # The documented way to get the fused kernels; compiled lazily, on first call.
@@ -160,14 +161,6 @@ def flex_mask(spec: AttentionSpec) -> FlexMask:
     return FlexMask(score_mod, block_mask)
 
 
-def attention_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype attention on ``x`` runs in: autocast's where it is on, else ``x``'s."""
-    device = x.device.type
-    if device == "meta":  # building on the meta device (bench.py --report): no autocast there
-        return x.dtype
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-
-
 def prepare_mask(spec: AttentionSpec, x: torch.Tensor) -> FlexMask | torch.Tensor | None:
     """The mask every block of a stage gets: a :class:`FlexMask` on CUDA, else the :func:`dense_mask`.
 
@@ -175,7 +168,7 @@ def prepare_mask(spec: AttentionSpec, x: torch.Tensor) -> FlexMask | torch.Tenso
     """
     if x.device.type == "cuda":
         return flex_mask(spec)
-    return dense_mask(spec, attention_dtype(x))
+    return dense_mask(spec, compute_dtype(x))
 
 
 class SpatialAttention(Attention):
@@ -207,7 +200,7 @@ class SpatialAttention(Attention):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        dtype = attention_dtype(x)  # flex has no autocast rule; SDPA would cast q, k, v alike
+        dtype = compute_dtype(x)  # flex has no autocast rule; SDPA would cast q, k, v alike
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         attend = _flex_attention_compiled if x.device.type == "cuda" else flex_attention
         x = attend(q, k, v, score_mod=attn_mask.score_mod, block_mask=attn_mask.block_mask, scale=self.scale)

@@ -7,13 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the experts run in: autocast's where it is on (``grouped_mm`` has no autocast rule), else ``x``'s."""
-    device = x.device.type
-    if device == "meta":  # building on the meta device (bench.py --report): no autocast there
-        return x.dtype
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+from .precision import compute_dtype
 
 
 def _grouped_mm_runs(x: torch.Tensor, hidden: int) -> bool:
@@ -26,7 +20,7 @@ def _grouped_mm_runs(x: torch.Tensor, hidden: int) -> bool:
     offsets to the host on every call (torch's source takes its sync-free kernel
     only on 9.x and 10.x; on 8.x the result is the same, with that copy).
     """
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     if (x.shape[-1] * dtype.itemsize) % 16 or (hidden * dtype.itemsize) % 16:
         return False
     if x.device.type == "cpu":
@@ -115,7 +109,7 @@ class MoEMLP(nn.Module):
 
         # Step 2. every expert on its own rows
         experts = self._grouped_experts if _grouped_mm_runs(x, self.w1.shape[-1]) else self._padded_experts
-        y = experts(x.to(_compute_dtype(x)).index_select(0, token), sorted_expert, offs)
+        y = experts(x.to(compute_dtype(x)).index_select(0, token), sorted_expert, offs)
 
         # Step 3. weighted sum back per token, in fp32
         contrib = y.float() * weight.flatten()[order, None]

@@ -9,7 +9,8 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import AttentionSpec, FlexMask, SpatialAttention, attention_dtype, prepare_mask
+from .attention import AttentionSpec, FlexMask, SpatialAttention, prepare_mask
+from .precision import compute_dtype
 from .spatial_bias import SpatialBias
 
 
@@ -53,7 +54,7 @@ class Stage(nn.Module):
         """Every block on ``x [B, N, D]`` with one prepared mask (a dense additive tensor is cast to the dtype
         attention runs in)."""
         if isinstance(mask, torch.Tensor):
-            mask = mask.to(attention_dtype(x))
+            mask = mask.to(compute_dtype(x))
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, mask, use_reentrant=False)
