@@ -20,7 +20,13 @@ from .regularizers import SIGReg
 
 
 class StepOutput(NamedTuple):
-    """loss: scalar objective; terms: its parts (detached); targets: level-0 target features ``[B, U, T, D]``."""
+    """loss: scalar objective; terms: its parts by name, still in the autograd graph (the trainer logs them
+    detached); targets: level-0 target features ``[B, U, T, D]``.
+
+    Not detached here on purpose: under inductor (torch 2.14) a detached term that the loss equals after
+    simplification (one level, weight 1: ``0 + 1.0 · term``) shares the loss's output buffer, and the compiled
+    function then returns the loss without a gradient (``model=vit_tiny trainer.compile=true`` failed at backward).
+    """
 
     loss: torch.Tensor
     terms: dict[str, torch.Tensor]
@@ -140,28 +146,28 @@ class JEPA(ContextTargetPair):
         loss = images.new_zeros((), dtype=torch.float32)
         for l, c, y, head, weight in zip(self.predict_levels, cond, ys, self.heads, self.level_weights):
             term = head(c.flatten(0, 2), y.flatten(0, 2))
-            terms[f"jepa/level{l}"] = term.detach()
+            terms[f"jepa/level{l}"] = term
             loss = loss + weight * term
-        terms["jepa"] = loss.detach()
+        terms["jepa"] = loss
         if self.cross_scale is not None:
             cross = self.cross_scale([lv.features for lv in ctx])
-            terms["cross_scale"] = cross.detach()
+            terms["cross_scale"] = cross
             loss = loss + self.cross_scale_weight * cross
         if self.alpha_targets is not None:
             budget = budget_loss([lv.alpha for lv in ctx], self.alpha_targets)
-            terms["budget"] = budget.detach()
+            terms["budget"] = budget
             for l, lv in enumerate(ctx):
-                terms[f"alpha/level{l}"] = lv.alpha.detach().float().mean()
+                terms[f"alpha/level{l}"] = lv.alpha.float().mean()
             loss = loss + self.budget_weight * budget
         if self.sigreg is not None:
             sigreg = self.sigreg(ctx[-1].features.flatten(0, 2))
-            terms["sigreg"] = sigreg.detach()
+            terms["sigreg"] = sigreg
             loss = loss + self.sigreg_weight * sigreg
         balance = self.predictor.balance_loss()
         if balance is not None:
-            terms["moe_balance"] = balance.detach()
+            terms["moe_balance"] = balance
             loss = loss + self.balance_weight * balance
-        terms["loss"] = loss.detach()
+        terms["loss"] = loss
         return StepOutput(loss, terms, target_all[0])
 
     @torch.no_grad()

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 
 import pytest
 
@@ -45,3 +47,10 @@ def test_bench_sizes_the_moe_comparison_by_the_trunk():
     dim, hidden, tokens = load_bench().trunk_tokens([])  # the default run: jin_tiny predicts level 1 only
     assert (dim, hidden) == (96, 384)
     assert tokens == 64 * (19 + 4 * 12)  # K_c context units + 4 target blocks of K_t units, one token each
+
+
+def test_bench_ijepa_names_the_checkout_it_expects(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_ijepa.py"), "--ijepa", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2
+    assert f"--ijepa {tmp_path}: no src/train.py (expected a facebookresearch/ijepa checkout)" in done.stderr

@@ -41,3 +41,16 @@ def test_the_default_training_step_compiles_to_one_graph_equal_to_eager(compose,
 def test_an_unknown_compile_backend_fails_before_step_1(compose, tmp_path):
     with pytest.raises(ConfigError, match="trainer.compile_backend='inductr'.*inductor"):
         pretrain(compose(*RUN, "trainer.compile=true", "trainer.compile_backend=inductr"), run_dir=tmp_path)
+
+
+@pytest.mark.slow
+def test_a_one_level_model_trains_under_inductor(compose, tmp_path):
+    """``model=vit_tiny`` compiled by inductor: with one level of weight 1 the loss simplifies to the level's term,
+    and a detached copy of that term among the outputs once cost the loss its gradient (failed at backward)."""
+    torch._dynamo.reset()
+    small = ["model=vit_tiny", "model.depths=[2]", "model.predictor.depth=1", "trainer.batch_size=4",
+             "data.train_size=8", "data.val_size=8", "trainer.epochs=1", "trainer.progress=false",
+             "eval.enabled=false", "trainer.compile=true", "trainer.compile_backend=inductor"]
+    trainer = pretrain(compose(*small), run_dir=tmp_path)
+    assert trainer.step == 2
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in RunDir(tmp_path).read_metrics())

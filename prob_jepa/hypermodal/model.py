@@ -161,10 +161,10 @@ class HypermodalJEPA(ContextTargetPair):
                     contrastive.append(info_nce(pred, true, w.temperature))
         for kind, values in by_kind.items():
             term = torch.stack(values).mean()
-            terms[f"jepa/{kind}"] = term.detach()
+            terms[f"jepa/{kind}"] = term
             if kind == "m3":
                 nce = torch.stack(contrastive).mean()
-                terms["m3/contrastive"] = nce.detach()
+                terms["m3/contrastive"] = nce
                 loss = loss + (1 - w.m3_alpha) * nce + w.m3_alpha * term
             else:
                 loss = loss + getattr(w, kind) * term
@@ -173,11 +173,11 @@ class HypermodalJEPA(ContextTargetPair):
             pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
             energy = torch.stack([energy_alignment(z[a], z[b], w.energy_margin) for a, b in pairs]).mean()
             nce = torch.stack([info_nce(z[a], z[b], w.temperature) for a, b in pairs]).mean()
-            terms.update(energy=energy.detach(), infonce=nce.detach())
+            terms.update(energy=energy, infonce=nce)
             loss = loss + w.energy * energy + w.infonce * nce
         balance = self.predictor.balance_loss() if tasks else None
         if balance is not None:
-            terms["moe_balance"] = balance.detach()
+            terms["moe_balance"] = balance
             loss = loss + w.balance * balance
-        terms["loss"] = loss.detach()
+        terms["loss"] = loss
         return StepOutput(loss, terms, targets[names[0]])
