@@ -51,22 +51,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import yaml
-from torch.utils.data import TensorDataset, default_collate
 
+from bench import CONF, build_trainer
 from prob_jepa.config import compose_config
-from prob_jepa.distributed import DistInfo
 from prob_jepa.eval.summary import markdown_table
-from prob_jepa.run_dir import RunDir
-from prob_jepa.train import Trainer
 
-CONF = Path(__file__).resolve().parent / "conf"
 CHECK_STEPS = 20
-
-
-def synthetic_data(n: int, size: int) -> TensorDataset:
-    """``experiments/bench.py``'s batch: ``n`` random images ``[3, size, size]`` (seed 0) with label 0."""
-    images = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(0))
-    return TensorDataset(images, torch.zeros(n, dtype=torch.long))
 
 
 def our_config(batch: int, steps: int, compiled: bool = False):
@@ -164,17 +154,14 @@ class Bench:
 
     def __init__(self, checkout: Path, batch: int, total_steps: int, tmp: str, compiled: bool):
         cfg = our_config(batch, total_steps)
-        self.data = synthetic_data(batch, cfg.data.image_size)
-        self.samples = [self.data[i] for i in range(batch)]
-        cpu = DistInfo(0, 1, 0, torch.device("cpu"))
-        self.trainers = {"ours": Trainer(cfg, cpu, RunDir(f"{tmp}/eager"), self.data)}
+        trainer, self.batches = build_trainer(cfg, f"{tmp}/eager")
+        self.trainers = {"ours": trainer}
         if compiled:
             compiled_cfg = our_config(batch, total_steps, compiled=True)
-            self.trainers["ours_compiled"] = Trainer(compiled_cfg, cpu, RunDir(f"{tmp}/compiled"), self.data)
-        micro = self.trainers["ours"].micro
-        accum = self.trainers["ours"].accum
-        self.batches = [default_collate(self.samples[i * micro:(i + 1) * micro]) for i in range(accum)]
-        self.official_step = OfficialStep(checkout, cfg, self.trainers["ours"].steps_per_epoch, cfg.trainer.epochs)
+            self.trainers["ours_compiled"] = build_trainer(compiled_cfg, f"{tmp}/compiled")[0]
+        images, labels = (torch.cat(parts) for parts in zip(*self.batches))
+        self.samples = list(zip(images, labels))  # their collator takes a list of (image, label)
+        self.official_step = OfficialStep(checkout, cfg, trainer.steps_per_epoch, cfg.trainer.epochs)
 
     def official(self, steps: int, warmup: int) -> tuple[list[float], list[float], list[float], list[float]]:
         """Wall seconds of ``steps`` official steps after ``warmup``, their CPU seconds (all threads), their
