@@ -30,7 +30,7 @@ from timm.layers.attention import Attention
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from .precision import compute_dtype
-from .spatial_bias import SpatialBias, offset_row
+from .spatial_bias import SpatialBias, gather_bias, offset_row
 
 # The documented way to get the fused kernels; compiled lazily, on first call.
 _flex_attention_compiled = torch.compile(flex_attention)
@@ -102,17 +102,9 @@ def dense_mask(spec: AttentionSpec, dtype: torch.dtype) -> torch.Tensor | None:
 
     Returns ``[B, heads, N, N]`` (``[B or 1, 1, N, N]`` without bias; ``None``
     when the spec has neither bias nor structure) in ``dtype``, the dtype
-    attention runs in. The bias values are bit-identical to ``SpatialBias.forward``.
+    attention runs in. The bias is :func:`gather_bias`, as ``SpatialBias.forward``.
     """
-    mask = None
-    if spec.coords is not None:
-        c = spec.coords
-        shared = c.shape[0] > 1 and c.stride(0) == 0
-        c = c[:1] if shared else c
-        d = c[:, :, None, :] - c[:, None, :, :]  # [B, N, N, 3], query − key
-        row = offset_row(d[..., 0], d[..., 1], d[..., 2], spec.grid, spec.max_scale)
-        mask = spec.table[:, row].transpose(0, 1)  # [B, heads, N, N]
-        mask = mask.expand(spec.coords.shape[0], -1, -1, -1) if shared else mask
+    mask = None if spec.coords is None else gather_bias(spec.table, spec.coords, spec.grid, spec.max_scale)
     ok = allowed(spec)
     if ok is not None:
         mask = torch.where(ok, 0.0 if mask is None else mask, float("-inf"))

@@ -39,19 +39,11 @@ class SpatialBias(nn.Module):
 
     def index(self, coords: torch.Tensor) -> torch.Tensor:
         """``[B, N, 3]`` coords → ``[B, N, N]`` row of every pair's offset in the table."""
-        delta = coords[:, :, None, :] - coords[:, None, :, :]
-        return offset_row(delta[..., 0], delta[..., 1], delta[..., 2], self.grid, self.max_scale)
+        return pair_rows(coords, self.grid, self.max_scale)
 
     def forward(self, coords: torch.Tensor) -> torch.Tensor:
-        """coords: ``[B, N, 3]`` (x, y, scale) → bias ``[B, heads, N, N]``.
-
-        A batch whose coordinates are one expanded tensor (every image the
-        same, e.g. the target view) is computed once and broadcast.
-        """
-        shared = coords.shape[0] > 1 and coords.stride(0) == 0
-        idx = self.index(coords[:1] if shared else coords)
-        bias = self.table()[:, idx].transpose(0, 1)  # [B, heads, N, N]
-        return bias.expand(coords.shape[0], -1, -1, -1) if shared else bias
+        """coords: ``[B, N, 3]`` (x, y, scale) → bias ``[B, heads, N, N]`` (:func:`gather_bias` of :meth:`table`)."""
+        return gather_bias(self.table(), coords, self.grid, self.max_scale)
 
     def table(self) -> torch.Tensor:
         """The bias of every quantized offset, ``[heads, rows]``; a pair's row is :func:`offset_row` of its offset.
@@ -82,3 +74,20 @@ def offset_row(dx: torch.Tensor, dy: torch.Tensor, ds: torch.Tensor, grid: int, 
     qy = torch.round(dy * (2.0 * grid)).long().clamp(-2 * grid, 2 * grid) + 2 * grid
     qs = torch.round(ds * 2.0).long().clamp(-2 * max_scale, 2 * max_scale) + 2 * max_scale
     return (qx * n_pos + qy) * n_scale + qs
+
+
+def pair_rows(coords: torch.Tensor, grid: int, max_scale: int) -> torch.Tensor:
+    """``[B, N, 3]`` coords → ``[B, N, N]`` table row (:func:`offset_row`) of every query − key offset."""
+    d = coords[:, :, None, :] - coords[:, None, :, :]
+    return offset_row(d[..., 0], d[..., 1], d[..., 2], grid, max_scale)
+
+
+def gather_bias(table: torch.Tensor, coords: torch.Tensor, grid: int, max_scale: int) -> torch.Tensor:
+    """The bias of every token pair, ``[B, heads, N, N]``, gathered from ``table`` ``[heads, rows]``.
+
+    A batch whose coordinates are one expanded tensor (every image the same,
+    e.g. the target view) is gathered once and broadcast.
+    """
+    shared = coords.shape[0] > 1 and coords.stride(0) == 0
+    bias = table[:, pair_rows(coords[:1] if shared else coords, grid, max_scale)].transpose(0, 1)
+    return bias.expand(coords.shape[0], -1, -1, -1) if shared else bias
