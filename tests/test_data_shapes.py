@@ -11,8 +11,9 @@ from prob_jepa.data.shapes import AREA_SCALE, CLASSES, EQUAL_AREA, EXTENT, Marke
 from prob_jepa.data.shapes import Scene, ambiguity_pairs, render
 
 MARKER = Marker(size=8, x=0, y=0, colors=((1.0, 0.1, 0.1), (0.1, 0.3, 1.0)), weights=(0.7, 0.3))
-SCENE = Scene(radius=(0.3, 0.38), distractors=0, noise=0.03, gradient=0.0, texture=(0.0, 0.3), texture_block=2)
-PLAIN = Scene(radius=(0.3, 0.38), distractors=0, noise=0.0, gradient=0.0, texture=(0.0, 0.0), texture_block=2)
+COLOURS = dict(hue=(0.0, 1.0), value=(0.55, 1.0), background=(0.15, 0.5))
+SCENE = Scene(radius=(0.3, 0.38), distractors=0, noise=0.03, gradient=0.0, texture=(0.0, 0.3), texture_block=2, **COLOURS)
+PLAIN = Scene(radius=(0.3, 0.38), distractors=0, noise=0.0, gradient=0.0, texture=(0.0, 0.0), texture_block=2, **COLOURS)
 
 
 def test_rendering_is_seeded_and_labelled():
@@ -89,7 +90,22 @@ def test_scene_options_control_the_clutter():
 def test_scene_rejects_a_shape_that_cannot_fit():
     with pytest.raises(ValueError, match="data.scene.radius"):
         Scene.from_config({"radius": [0.3, 0.45], "distractors": 0, "noise": 0.0, "gradient": 0.0,
-                           "texture": [0.0, 0.0], "texture_block": 2})
+                           "texture": [0.0, 0.0], "texture_block": 2, **COLOURS})
+
+
+def test_colour_ranges_bound_the_shape_and_background_colours():
+    narrow = replace(PLAIN, hue=(2 / 3, 2 / 3), value=(0.8, 0.8), background=(0.25, 0.35))
+    images, labels, _ = render(32, 32, seed=7, marker=MARKER, scene=narrow)
+    pixels = images[:, :, 8:, 8:].flatten(2).float() / 255  # outside the marker
+    corner = pixels[:, :, -1]  # the bottom-right pixel: background (every shape keeps a margin)
+    assert ((corner >= 0.25 - 1 / 255) & (corner <= 0.35 + 1 / 255)).all()
+    blue = torch.tensor([0.0, 0.0, 0.8])[:, None]  # hue 2/3 at brightness 0.8
+    assert ((pixels - blue).abs().amax(1) <= 1 / 255).any(1).all()  # every image shows its shape in that colour
+    assert not ((images.float() / 255 - render(32, 32, seed=7, marker=MARKER, scene=PLAIN)[0].float() / 255)
+                .abs().amax() < 1e-3)  # the ranges change the drawing
+    with pytest.raises(ValueError, match="data.scene.hue"):
+        Scene.from_config({"radius": [0.3, 0.38], "distractors": 0, "noise": 0.0, "gradient": 0.0,
+                           "texture": [0.0, 0.0], "texture_block": 2, **COLOURS, "hue": [0.5, 1.2]})
 
 
 def test_texture_is_blocky_per_image_noise_and_the_marker_stays_solid():

@@ -59,6 +59,8 @@ class Scene:
 
     radius: range of the labelled shape's radius, a fraction of the image side.
     distractors: small random blobs. noise: pixel-noise std. gradient: background ramp strength.
+    hue, value: ranges of the labelled shape's hue (a fraction of the colour wheel) and brightness.
+    background: range of each background colour channel ([0, 1] intensity units).
     texture: range of each image's texture std — shape and background are covered with independent
         blocky colour noise (``texture_block`` pixels per block) whose std is drawn per image from this
         range ([0, 1] intensity units). Texture is detail that no context can predict: a JEPA learns to
@@ -72,6 +74,9 @@ class Scene:
     gradient: float
     texture: tuple[float, float]
     texture_block: int
+    hue: tuple[float, float]
+    value: tuple[float, float]
+    background: tuple[float, float]
 
     @classmethod
     def from_config(cls, cfg) -> "Scene":
@@ -85,9 +90,15 @@ class Scene:
             raise ValueError(f"data.scene.texture must be a range 0 <= lo <= hi, got {[t_lo, t_hi]}")
         if int(cfg["texture_block"]) < 1:
             raise ValueError(f"data.scene.texture_block must be a positive number of pixels, got {cfg['texture_block']}")
+        ranges = {}
+        for key in ("hue", "value", "background"):
+            r_lo, r_hi = (float(r) for r in cfg[key])
+            if not 0 <= r_lo <= r_hi <= 1:
+                raise ValueError(f"data.scene.{key} must be a range 0 <= lo <= hi <= 1, got {[r_lo, r_hi]}")
+            ranges[key] = (r_lo, r_hi)
         return cls(
             (lo, hi), int(cfg["distractors"]), float(cfg["noise"]), float(cfg["gradient"]), (t_lo, t_hi),
-            int(cfg["texture_block"]),
+            int(cfg["texture_block"]), **ranges,
         )
 
 
@@ -123,13 +134,19 @@ AREA_SCALE = torch.sqrt(EQUAL_AREA / _unit_areas())
 EXTENT = 1.3  # the largest |u|, |v| of any class after area scaling (diamond: 1.29)
 
 
-def _random_colors(g: torch.Generator, n: int) -> torch.Tensor:
-    """Saturated random colours ``[n, 3]`` in [0, 1]."""
-    hue = torch.rand(n, generator=g)[:, None]
+def _uniform(g: torch.Generator, shape: tuple[int, ...], bounds: tuple[float, float]) -> torch.Tensor:
+    lo, hi = bounds
+    return lo + (hi - lo) * torch.rand(shape, generator=g)
+
+
+def _random_colors(
+    g: torch.Generator, n: int, hue: tuple[float, float] = (0.0, 1.0), value: tuple[float, float] = (0.55, 1.0)
+) -> torch.Tensor:
+    """Saturated random colours ``[n, 3]`` in [0, 1], hue and brightness uniform in their ranges."""
+    h = _uniform(g, (n, 1), hue)
     k = torch.tensor([5.0, 3.0, 1.0])
-    rgb = 1 - torch.clamp(torch.minimum((k + hue * 6) % 6, 4 - (k + hue * 6) % 6), 0, 1)
-    value = 0.55 + 0.45 * torch.rand(n, 1, generator=g)
-    return rgb * value
+    rgb = 1 - torch.clamp(torch.minimum((k + h * 6) % 6, 4 - (k + h * 6) % 6), 0, 1)
+    return rgb * _uniform(g, (n, 1), value)
 
 
 def blocky_noise(g: torch.Generator, n: int, size: int, block: int) -> torch.Tensor:
@@ -162,8 +179,8 @@ def render(
     cx = margin + (1 - 2 * margin) * torch.rand(n, generator=g)
     cy = margin + (1 - 2 * margin) * torch.rand(n, generator=g)
     theta = (torch.rand(n, generator=g) - 0.5) * math.radians(40)
-    fg = _random_colors(g, n)
-    bg = 0.15 + 0.35 * torch.rand(n, 3, generator=g)
+    fg = _random_colors(g, n, scene.hue, scene.value)
+    bg = _uniform(g, (n, 3), scene.background)
     grad_dir = torch.rand(n, generator=g) * 2 * math.pi
     k = scene.distractors
     blob_xy = torch.rand(n, k, 2, generator=g)
