@@ -3,6 +3,7 @@
     python experiments/bench_ijepa.py --ijepa /tmp/ijepa [--rounds 3 --steps 12 --warmup 3 --batch 64 --threads 2]
     python experiments/bench_ijepa.py --ijepa /tmp/ijepa --compile   # ours also with trainer.compile=true
     python experiments/bench_ijepa.py --ijepa /tmp/ijepa --check   # both steps train: loss over 20 steps, no timing
+    python experiments/bench_ijepa.py --ijepa /tmp/ijepa mask.context_quantile=0.0154   # overrides for ours
 
 ``--ijepa`` is a checkout of facebookresearch/ijepa; its modules are imported from there at run time, never copied.
 
@@ -47,6 +48,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -59,11 +61,12 @@ from prob_jepa.eval.summary import markdown_table
 CHECK_STEPS = 20
 
 
-def our_config(batch: int, steps: int, compiled: bool = False):
-    """The ``model=vit_tiny`` config on the CPU; the schedules span ``steps`` (1 step per epoch on one batch)."""
+def our_config(batch: int, steps: int, compiled: bool = False, overrides: Sequence[str] = ()):
+    """The ``model=vit_tiny`` config on the CPU (+ ``overrides``); the schedules span ``steps`` (1 step per epoch
+    on one batch)."""
     return compose_config(CONF, ["model=vit_tiny", f"trainer.batch_size={batch}", "trainer.device=cpu",
                                  "eval.enabled=false", f"trainer.compile={str(compiled).lower()}",
-                                 f"trainer.epochs={steps}"])
+                                 f"trainer.epochs={steps}", *overrides])
 
 
 class OfficialStep:
@@ -150,14 +153,15 @@ class OfficialStep:
 
 class Bench:
     """Both sides on the same synthetic batch; :meth:`official` and :meth:`ours` run one block of steps each
-    (``compiled``: also a compiled trainer of ours)."""
+    (``compiled``: also a compiled trainer of ours; ``overrides``: config overrides for ours)."""
 
-    def __init__(self, checkout: Path, batch: int, total_steps: int, tmp: str, compiled: bool):
-        cfg = our_config(batch, total_steps)
+    def __init__(self, checkout: Path, batch: int, total_steps: int, tmp: str, compiled: bool,
+                 overrides: Sequence[str] = ()):
+        cfg = our_config(batch, total_steps, overrides=overrides)
         trainer, self.batches = build_trainer(cfg, f"{tmp}/eager")
         self.trainers = {"ours": trainer}
         if compiled:
-            compiled_cfg = our_config(batch, total_steps, compiled=True)
+            compiled_cfg = our_config(batch, total_steps, compiled=True, overrides=overrides)
             self.trainers["ours_compiled"] = build_trainer(compiled_cfg, f"{tmp}/compiled")[0]
         images, labels = (torch.cat(parts) for parts in zip(*self.batches))
         self.samples = list(zip(images, labels))  # their collator takes a list of (image, label)
@@ -224,6 +228,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time ours with trainer.compile=true")
     parser.add_argument("--check", action="store_true", help=f"print both losses over {CHECK_STEPS} steps, no timing")
     parser.add_argument("--out", type=Path, default=Path("bench_ijepa.json"))
+    parser.add_argument("overrides", nargs="*", help="config overrides for our side (the official collator reads "
+                        "mask.* from the same config), e.g. mask.context_quantile=0.0154")
     args = parser.parse_args()
     if not (args.ijepa / "src" / "train.py").exists():
         parser.error(f"--ijepa {args.ijepa}: no src/train.py (expected a facebookresearch/ijepa checkout)")
@@ -232,7 +238,7 @@ def main() -> None:
 
     total = CHECK_STEPS if args.check else args.rounds * (args.warmup + args.steps)
     with tempfile.TemporaryDirectory() as tmp:
-        bench = Bench(args.ijepa.resolve(), args.batch, total, tmp, args.compile)
+        bench = Bench(args.ijepa.resolve(), args.batch, total, tmp, args.compile, args.overrides)
         if args.check:
             losses = {"official": bench.official(0, CHECK_STEPS)[-1]}
             losses.update({side: bench.ours(0, CHECK_STEPS, side)[-1] for side in bench.trainers})

@@ -33,7 +33,7 @@ class MaskCollator:
     every target block has the same area, ``K_t`` = the integer area nearest
     ``G² · mean(target_scale)`` that an ``h × w`` block with ``h / w`` in
     ``target_aspect`` can have, and every image keeps the same number of
-    context units, ``K_c`` = the :attr:`context_quantile` quantile of the visible
+    context units, ``K_c`` = the ``context_quantile`` quantile of the visible
     units over a fixed calibration draw (at least ``min_keep``). Per batch the
     block *shape* is the area-``K_t`` shape nearest a drawn aspect ratio (log
     scale), so both orientations occur in proportion to ``target_aspect``; block
@@ -53,10 +53,14 @@ class MaskCollator:
         target_scale, target_aspect: area fraction and aspect-ratio (h / w) ranges of a target block.
         context_scale, context_aspect: the same for the context block.
         min_keep: minimum number of context units.
+        context_quantile: the quantile of visible units per image that sets ``K_c``, in (0, 1]. The
+            default run keeps 0.1 (about 10 % of images redrawn); I-JEPA's truncation to each batch's
+            smallest context is about the 1 / (B + 1) quantile (0.016 at a batch of 64: fewer context
+            units, a harder task and a cheaper step).
         seed: base seed.
 
     Raises:
-        ValueError: no block of ``target_aspect`` fits the grid, or (on a draw) some image cannot
+        ValueError: ``context_quantile`` outside (0, 1], no block of ``target_aspect`` fits the grid, or (on a draw) some image cannot
             keep ``K_c`` context units after :attr:`max_redraws` redraws.
 
     References:
@@ -65,9 +69,6 @@ class MaskCollator:
     """
 
     max_redraws = 100
-    # ~10 % of images redrawn. More context than I-JEPA keeps: its batch-of-64 minimum is ~ the 1/65 quantile
-    # (14 units here; 12.2 on average over 150 batches of the official collator)
-    context_quantile = 0.1
     calibration_images = 4096
 
     def __init__(
@@ -79,13 +80,17 @@ class MaskCollator:
         context_scale: tuple[float, float] = (0.85, 1.0),
         context_aspect: tuple[float, float] = (1.0, 1.0),
         min_keep: int = 4,
+        context_quantile: float = 0.1,
         seed: int = 0,
     ):
+        if not 0 < context_quantile <= 1:
+            raise ValueError(f"mask.context_quantile={context_quantile} must lie in (0, 1]")
         self.grid = grid
         self.num_targets = num_targets
         self.target_scale, self.target_aspect = tuple(target_scale), tuple(target_aspect)
         self.context_scale, self.context_aspect = tuple(context_scale), tuple(context_aspect)
         self.min_keep = min_keep
+        self.context_quantile = context_quantile
         self.seed = seed
         self.target_shapes = block_shapes(grid, self.target_scale, self.target_aspect)
         self.num_context = self.calibrate_context()
@@ -97,7 +102,7 @@ class MaskCollator:
         return h * w
 
     def calibrate_context(self) -> int:
-        """``K_c``: the :attr:`context_quantile` quantile of visible units per image over a fixed draw of
+        """``K_c``: the ``context_quantile`` quantile of visible units per image over a fixed draw of
         :attr:`calibration_images` images in batches of 64 (independent of ``seed``), at least ``min_keep``."""
         g = torch.Generator().manual_seed(0)
         visible = []

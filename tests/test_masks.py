@@ -111,3 +111,15 @@ def test_block_shapes_pick_the_nearest_area_that_the_aspect_range_allows():
     assert block_shapes(4, (0.25, 0.25), (1.0, 1.0)) == [(2, 2)]
     with pytest.raises(ValueError, match="aspect"):
         block_shapes(2, (0.5, 0.5), (3.0, 4.0))
+
+
+def test_context_quantile_sets_the_static_context_count():
+    default, ijepa_like = collator(), collator(context_quantile=1 / 65)
+    assert (default.num_context, ijepa_like.num_context) == (19, 14)  # 8×8 grid, the default mask config
+    masks = ijepa_like(64, 3)
+    assert masks.context.shape == (64, 14)
+    visible = torch.ones(64, 64, dtype=torch.bool)
+    visible.scatter_(1, masks.targets.flatten(1), False)
+    assert visible.gather(1, masks.context).all()  # still disjoint from every target block
+    with pytest.raises(ValueError, match="mask.context_quantile"):
+        collator(context_quantile=0.0)
