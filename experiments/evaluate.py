@@ -2,8 +2,8 @@
 
 Overrides change existing keys of the run's saved config for this evaluation only (``eval.num_samples=128``,
 ``eval.probe_train_size=1000``, ``data.val_size=2000``, ``data.scene.noise=0.1`` for another image set);
-``eval.json`` and ``plots/`` of the run are rewritten, ``config.yaml`` (what was trained) is not. Evaluation keys
-added to ``experiments/conf/config.yaml`` after the run trained take their current defaults.
+``eval.json`` and ``plots/`` of the run are rewritten, ``config.yaml`` (what was trained) is not. ``eval.*`` and
+``data.*`` keys added to ``experiments/conf`` after the run trained take their current defaults.
 """
 from __future__ import annotations
 
@@ -24,6 +24,16 @@ from prob_jepa.run_io import load_run, override  # noqa: E402
 CONF = Path(__file__).resolve().parent / "conf"
 
 
+def with_current_defaults(cfg):
+    """The run's config with the ``eval.*`` and ``data.*`` keys added to ``experiments/conf`` since it trained, at
+    their current defaults (the run's own values win; a new key's default reproduces what came before it)."""
+    current = compose_config(CONF, [f"data={cfg.data.name}"] if (CONF / "data" / f"{cfg.data.name}.yaml").exists() else [])
+    cfg.eval = OmegaConf.merge(current.eval, cfg.eval)
+    if current.data.name == cfg.data.name:
+        cfg.data = OmegaConf.merge(current.data, cfg.data)
+    return cfg
+
+
 def main(argv: list[str]) -> dict:
     """Evaluate ``argv[0]`` with the overrides ``argv[1:]``; returns the metrics written to ``eval.json``."""
     if not argv or argv[0] in ("-h", "--help"):
@@ -31,8 +41,7 @@ def main(argv: list[str]) -> dict:
     run = RunDir(argv[0])
     try:
         model, cfg = load_run(run.path)
-        cfg.eval = OmegaConf.merge(compose_config(CONF).eval, cfg.eval)  # evaluation keys added since it trained
-        cfg = override(cfg, argv[1:])
+        cfg = override(with_current_defaults(cfg), argv[1:])
     except (FileNotFoundError, ConfigError) as e:
         sys.exit(f"error: {e}")
     if "hypermodal" in cfg:

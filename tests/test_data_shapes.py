@@ -17,9 +17,9 @@ PLAIN = Scene(radius=(0.3, 0.38), distractors=0, noise=0.0, gradient=0.0, textur
 
 
 def test_rendering_is_seeded_and_labelled():
-    a, la, _ = render(64, 32, seed=3, marker=MARKER, scene=SCENE)
-    b, lb, _ = render(64, 32, seed=3, marker=MARKER, scene=SCENE)
-    c, _, _ = render(64, 32, seed=4, marker=MARKER, scene=SCENE)
+    a, la, *_ = render(64, 32, seed=3, marker=MARKER, scene=SCENE)
+    b, lb, *_ = render(64, 32, seed=3, marker=MARKER, scene=SCENE)
+    c = render(64, 32, seed=4, marker=MARKER, scene=SCENE).images
     assert a.dtype == torch.uint8 and a.shape == (64, 3, 32, 32)
     assert torch.equal(a, b) and torch.equal(la, lb) and not torch.equal(a, c)
     assert la.min() >= 0 and la.max() < len(CLASSES)
@@ -79,11 +79,11 @@ def test_seeded_dataset_does_not_touch_the_training_rng():
 
 
 def test_scene_options_control_the_clutter():
-    images, _, _ = render(16, 32, seed=2, marker=MARKER, scene=PLAIN)
+    images = render(16, 32, seed=2, marker=MARKER, scene=PLAIN).images
     colours = [torch.unique(im.flatten(1), dim=1).shape[1] for im in images]
     assert max(colours) <= 3  # background, shape, marker — nothing else
     cluttered = replace(PLAIN, distractors=2, gradient=0.25)
-    images, _, _ = render(16, 32, seed=2, marker=MARKER, scene=cluttered)
+    images = render(16, 32, seed=2, marker=MARKER, scene=cluttered).images
     assert min(torch.unique(im.flatten(1), dim=1).shape[1] for im in images) > 3
 
 
@@ -95,13 +95,13 @@ def test_scene_rejects_a_shape_that_cannot_fit():
 
 def test_colour_ranges_bound_the_shape_and_background_colours():
     narrow = replace(PLAIN, hue=(2 / 3, 2 / 3), value=(0.8, 0.8), background=(0.25, 0.35))
-    images, labels, _ = render(32, 32, seed=7, marker=MARKER, scene=narrow)
+    images = render(32, 32, seed=7, marker=MARKER, scene=narrow).images
     pixels = images[:, :, 8:, 8:].flatten(2).float() / 255  # outside the marker
     corner = pixels[:, :, -1]  # the bottom-right pixel: background (every shape keeps a margin)
     assert ((corner >= 0.25 - 1 / 255) & (corner <= 0.35 + 1 / 255)).all()
     blue = torch.tensor([0.0, 0.0, 0.8])[:, None]  # hue 2/3 at brightness 0.8
     assert ((pixels - blue).abs().amax(1) <= 1 / 255).any(1).all()  # every image shows its shape in that colour
-    assert not ((images.float() / 255 - render(32, 32, seed=7, marker=MARKER, scene=PLAIN)[0].float() / 255)
+    assert not ((images.float() / 255 - render(32, 32, seed=7, marker=MARKER, scene=PLAIN).images.float() / 255)
                 .abs().amax() < 1e-3)  # the ranges change the drawing
     with pytest.raises(ValueError, match="data.scene.hue"):
         Scene.from_config({"radius": [0.3, 0.38], "distractors": 0, "noise": 0.0, "gradient": 0.0,
@@ -111,9 +111,9 @@ def test_colour_ranges_bound_the_shape_and_background_colours():
 def test_texture_is_blocky_per_image_noise_and_the_marker_stays_solid():
     block = 4
     textured = replace(PLAIN, texture=(0.1, 0.2), texture_block=block)
-    images, _, _ = render(32, 32, seed=6, marker=MARKER, scene=textured)
+    images = render(32, 32, seed=6, marker=MARKER, scene=textured).images
     untextured = replace(PLAIN, texture_block=block)
-    plain, _, _ = render(32, 32, seed=6, marker=MARKER, scene=untextured)  # the same draws, texture scaled by 0
+    plain = render(32, 32, seed=6, marker=MARKER, scene=untextured).images  # the same draws, texture scaled by 0
     diff = images.float() / 255 - plain.float() / 255  # the texture (where nothing was clipped)
     assert torch.equal(images[:, :, :8, :8], plain[:, :, :8, :8])  # the marker carries no texture
 
@@ -130,3 +130,23 @@ def test_texture_is_blocky_per_image_noise_and_the_marker_stays_solid():
 def test_default_scene_matches_the_config(compose):
     cfg = compose().data
     assert Scene.from_config(cfg.scene) == SCENE
+
+
+def test_the_rendering_reports_each_scene_s_factors():
+    f = render(64, 32, seed=8, marker=MARKER, scene=replace(PLAIN, texture=(0.1, 0.2))).factors
+    ds = ShapesDataset(64, 32, seed=0, marker=MARKER, scene=PLAIN, chunk=24)  # factors follow the chunks
+    assert all(len(v) == 64 for v in ds.factors.values()) and ds.factors.keys() == f.keys()
+    assert torch.allclose(ds.factors["cx"][24:48], render(24, 32, 1, MARKER, PLAIN).factors["cx"])
+    assert ((0.1 <= f["texture"]) & (f["texture"] <= 0.2)).all()
+    plain = render(64, 32, seed=8, marker=MARKER, scene=PLAIN)
+    corner = plain.images[:, :, -1, -1].float() / 255  # background there (every shape keeps a margin)
+    assert torch.allclose(corner, plain.factors["background"], atol=0.5 / 255)
+    grid = (torch.arange(32) + 0.5) / 32
+    circles = (plain.labels == 0).nonzero().flatten()
+    for i in circles:  # the centre of a circle is the centroid of its pixels in the shape's colour
+        background = (plain.factors["background"][i] * 255).round()[:, None, None]
+        inside = (plain.images[i].float() - background).abs().amax(0) > 1
+        inside[:8, :8] = False  # the marker
+        ys, xs = inside.nonzero(as_tuple=True)
+        assert abs(grid[xs].mean() - plain.factors["cx"][i]) < 0.03 and abs(grid[ys].mean() - plain.factors["cy"][i]) < 0.03
+    assert len(circles) > 3

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prob_jepa.eval.representation import fit_logistic, knn_accuracy, linear_probe
+from prob_jepa.eval.representation import factor_r2, fit_logistic, knn_accuracy, linear_probe, variance_share
 
 sklearn = pytest.importorskip("sklearn.linear_model")
 
@@ -56,3 +56,20 @@ def test_knn_votes_with_the_nearest_neighbours():
     test = torch.tensor([[1.0, 0.05], [0.05, 1.0]])
     assert knn_accuracy(train, labels, test, torch.tensor([0, 1]), k=2) == 1.0
     assert knn_accuracy(train, labels, test, torch.tensor([1, 0]), k=2) == 0.0
+
+
+def test_factor_r2_reads_a_planted_factor_and_not_an_independent_one():
+    g = torch.Generator().manual_seed(0)
+    factor, other = torch.rand(3000, generator=g), torch.rand(3000, generator=g)
+    x = torch.randn(3000, 16, generator=g)
+    x[:, 3] += 4 * factor  # one feature carries the factor (+ unit noise: R² = Var(4f) / Var(4f + n) = 4/7)
+    r2 = factor_r2(x[:2000], {"f": factor[:2000], "o": other[:2000]}, x[2000:], {"f": factor[2000:], "o": other[2000:]})
+    assert abs(r2["f"] - 4 / 7) < 0.05 and abs(r2["o"]) < 0.02
+
+
+def test_variance_share_of_a_planted_spectrum():
+    g = torch.Generator().manual_seed(1)
+    q, _ = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))
+    x = torch.randn(20000, 8, generator=g, dtype=torch.float64) * torch.tensor([3.0, 2, 1, 1, 1, 1, 1, 1]).double() @ q.T
+    assert abs(variance_share(x, 2) - 13 / 19) < 0.01  # (9 + 4) / (9 + 4 + 6)
+    assert variance_share(x, 8) == pytest.approx(1.0)

@@ -16,6 +16,7 @@ from prob_jepa.train import Trainer, pretrain
 sys.path.insert(0, str(ROOT / "experiments"))
 import evaluate as evaluate_script  # noqa: E402
 import export as export_script  # noqa: E402
+import feature_factors as feature_factors_script  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +79,27 @@ def test_evaluate_rewrites_eval_json_with_new_settings_and_the_same_model(traine
     assert written["eval_config"]["num_samples"] == 4 == after["eval_config"]["num_samples"]
     assert written["representation"] == before["representation"]  # the same weights, the same probe
     assert run.load_config().eval.num_samples == 16  # config.yaml still says what was trained
+
+
+def test_a_run_saved_before_a_data_key_existed_still_evaluates(trained, tmp_path):
+    """``data.scene.hue`` / ``value`` / ``background`` came after runs had been saved: their defaults (today's
+    images) fill them in, for ``evaluate.py`` and ``feature_factors.py`` alike."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    old = tmp_path / "old_run"
+    shutil.copytree(trained[0].run_dir, old)
+    cfg = OmegaConf.load(old / "config.yaml")
+    for key in ("hue", "value", "background"):
+        del cfg.data.scene[key]
+    OmegaConf.save(cfg, old / "config.yaml")
+    assert "hue" not in RunDir(old).load_config().data.scene
+    assert evaluate_script.main([str(old)])["representation"] == RunDir(trained[0].run_dir).read_eval()["representation"]
+    factors = feature_factors_script.main([str(old)])
+    assert set(factors["pretrained"]["r2"]) == {"radius", "cx", "cy", "theta", "hue_sin", "hue_cos", "value",
+                                                 "background_r", "background_g", "background_b", "texture"}
+    assert 0 < factors["random_init"]["top5_variance_share"] <= 1
 
 
 def test_evaluate_rejects_an_unknown_key_with_the_valid_ones(trained):

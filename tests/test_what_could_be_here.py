@@ -43,7 +43,7 @@ def world(compose_module):
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     marker = Marker.from_config(cfg.data.marker)
-    images, _, choice = render(24, 32, seed=3, marker=marker, scene=Scene.from_config(cfg.data.scene))
+    images, _, choice, _ = render(24, 32, seed=3, marker=marker, scene=Scene.from_config(cfg.data.scene))
     bank = token_bank(model, normalize(images), batch_size=10, device=torch.device("cpu"))
     return cfg, model, marker, bank, choice
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -141,12 +141,26 @@ def _uniform(g: torch.Generator, shape: tuple[int, ...], bounds: tuple[float, fl
 
 def _random_colors(
     g: torch.Generator, n: int, hue: tuple[float, float] = (0.0, 1.0), value: tuple[float, float] = (0.55, 1.0)
-) -> torch.Tensor:
-    """Saturated random colours ``[n, 3]`` in [0, 1], hue and brightness uniform in their ranges."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Saturated random colours ``[n, 3]`` in [0, 1], hue and brightness uniform in their ranges; also returns
+    the hue and the brightness, ``[n]`` each."""
     h = _uniform(g, (n, 1), hue)
     k = torch.tensor([5.0, 3.0, 1.0])
     rgb = 1 - torch.clamp(torch.minimum((k + h * 6) % 6, 4 - (k + h * 6) % 6), 0, 1)
-    return rgb * _uniform(g, (n, 1), value)
+    v = _uniform(g, (n, 1), value)
+    return rgb * v, h[:, 0], v[:, 0]
+
+
+class Rendering(NamedTuple):
+    """What :func:`render` draws: images ``[n, 3, H, W]`` uint8, labels ``[n]``, marker colour index ``[n]``,
+    and the nuisance factors of every scene (``[n]`` each unless noted): ``radius`` (fraction of the image side),
+    ``cx``, ``cy`` (centre, fractions), ``theta`` (tilt, radians), ``hue`` (fraction of the colour wheel),
+    ``value`` (the shape's brightness), ``background`` (``[n, 3]`` RGB) and ``texture`` (the texture std)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    marker_choice: torch.Tensor
+    factors: dict[str, torch.Tensor]
 
 
 def blocky_noise(g: torch.Generator, n: int, size: int, block: int) -> torch.Tensor:
@@ -158,15 +172,13 @@ def blocky_noise(g: torch.Generator, n: int, size: int, block: int) -> torch.Ten
 
 def render(
     n: int, image_size: int, seed: int, marker: Marker, scene: Scene, marker_choice: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Render ``n`` scenes.
+) -> Rendering:
+    """Render ``n`` scenes (see :class:`Rendering` for what comes back).
 
     Args:
         marker_choice: force every marker to colour 0 or 1 (ambiguity pairs);
             ``None`` draws it with ``marker.weights``. The scene itself does not
             depend on this argument.
-    Returns:
-        images ``[n, 3, H, W]`` uint8, labels ``[n]``, marker colour index ``[n]``.
     """
     g = torch.Generator().manual_seed(seed)
     H = image_size
@@ -179,13 +191,13 @@ def render(
     cx = margin + (1 - 2 * margin) * torch.rand(n, generator=g)
     cy = margin + (1 - 2 * margin) * torch.rand(n, generator=g)
     theta = (torch.rand(n, generator=g) - 0.5) * math.radians(40)
-    fg = _random_colors(g, n, scene.hue, scene.value)
+    fg, hue, value = _random_colors(g, n, scene.hue, scene.value)
     bg = _uniform(g, (n, 3), scene.background)
     grad_dir = torch.rand(n, generator=g) * 2 * math.pi
     k = scene.distractors
     blob_xy = torch.rand(n, k, 2, generator=g)
     blob_r = 0.04 + 0.04 * torch.rand(n, k, generator=g)
-    blob_col = _random_colors(g, k * n).view(n, k, 3)
+    blob_col = _random_colors(g, k * n)[0].view(n, k, 3)
     noise = scene.noise * torch.randn(n, 3, H, H, generator=g)
     t_lo, t_hi = scene.texture
     amplitude = (t_lo + (t_hi - t_lo) * torch.rand(n, generator=g))[:, None, None, None]
@@ -212,7 +224,9 @@ def render(
     colors = torch.tensor(marker.colors)[choice]  # [n, 3]
     ys, xs = slice(marker.y, marker.y + marker.size), slice(marker.x, marker.x + marker.size)
     img[:, :, ys, xs] = colors[:, :, None, None]
-    return (img.clamp(0, 1) * 255).round().to(torch.uint8), labels, choice
+    factors = {"radius": radius, "cx": cx, "cy": cy, "theta": theta, "hue": hue, "value": value, "background": bg,
+               "texture": amplitude.flatten()}
+    return Rendering((img.clamp(0, 1) * 255).round().to(torch.uint8), labels, choice, factors)
 
 
 class ShapesDataset(Dataset):
@@ -227,9 +241,10 @@ class ShapesDataset(Dataset):
             render(min(chunk, num_images - s), image_size, seed * 100_003 + s // chunk, marker, scene=scene)
             for s in range(0, num_images, chunk)
         ]
-        self.images = torch.cat([p[0] for p in parts])
-        self.labels = torch.cat([p[1] for p in parts])
-        self.marker_choice = torch.cat([p[2] for p in parts])
+        self.images = torch.cat([p.images for p in parts])
+        self.labels = torch.cat([p.labels for p in parts])
+        self.marker_choice = torch.cat([p.marker_choice for p in parts])
+        self.factors = {k: torch.cat([p.factors[k] for p in parts]) for k in parts[0].factors}  # Rendering.factors
         self.marker = marker
 
     def __len__(self) -> int:
@@ -263,8 +278,8 @@ class AmbiguityPairs:
 
 def ambiguity_pairs(n: int, image_size: int, seed: int, marker: Marker, scene: Scene) -> AmbiguityPairs:
     """``n`` scenes rendered twice, identical except for the marker colour."""
-    a = render(n, image_size, seed, marker, marker_choice=0, scene=scene)[0]
-    b = render(n, image_size, seed, marker, marker_choice=1, scene=scene)[0]
+    a = render(n, image_size, seed, marker, marker_choice=0, scene=scene).images
+    b = render(n, image_size, seed, marker, marker_choice=1, scene=scene).images
     return AmbiguityPairs(normalize(torch.stack([a, b])), marker.weights, marker)
 
 

@@ -128,3 +128,40 @@ def knn_accuracy(
         votes = torch.zeros(len(top), num_classes).scatter_add_(1, train_y[idx], (top / temperature).exp())
         correct += (votes.argmax(1) == test_y[start : start + chunk]).sum().item()
     return correct / len(test_x)
+
+
+def factor_r2(
+    train_x: torch.Tensor,
+    train_factors: dict[str, torch.Tensor],
+    test_x: torch.Tensor,
+    test_factors: dict[str, torch.Tensor],
+    ridge: float = 1.0,
+) -> dict[str, float]:
+    """How linearly each known factor of variation can be read from frozen features: held-out R² per factor.
+
+    A ridge regression (penalty ``ridge`` on standardized features, bias unpenalized) is fit on the training
+    features for every factor and scored on the test features: ``R² = 1 − MSE / Var(test factor)`` (1: read
+    exactly; ≤ 0: not at all). Factors are scalars per image; a circular one (a hue) should come as its sine and
+    cosine.
+
+    Args:
+        train_x, test_x: ``[N, D]`` features; train_factors, test_factors: name → ``[N]`` values.
+    """
+    mu, sd = train_x.mean(0), train_x.std(0) + 1e-6
+    a, b = ((x.double() - mu) / sd for x in (train_x, test_x))
+    a, b = (torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1) for x in (a, b))
+    penalty = ridge * torch.eye(a.shape[1], dtype=a.dtype)
+    penalty[-1, -1] = 0
+    gram = a.T @ a + penalty
+    out = {}
+    for name, y in train_factors.items():
+        w = torch.linalg.solve(gram, a.T @ y.double())
+        target = test_factors[name].double()
+        out[name] = 1 - ((b @ w - target) ** 2).mean().item() / target.var(unbiased=False).item()
+    return out
+
+
+def variance_share(x: torch.Tensor, k: int) -> float:
+    """Fraction of the total variance of ``x`` ``[N, D]`` along its ``k`` largest principal components."""
+    s = torch.linalg.svdvals(x.double() - x.double().mean(0)) ** 2
+    return (s[:k].sum() / s.sum()).item()

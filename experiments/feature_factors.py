@@ -1,0 +1,86 @@
+"""What a run's frozen features encode: the scene factors of the ``shapes`` world, read linearly.
+
+    python experiments/feature_factors.py RUN_DIR [--out factors.json]
+
+For the pretrained target encoder and the same encoder at its random initialization (the probe's features:
+average-pooled last-level tokens), prints the held-out R² of a ridge read-out of every scene factor (class
+excluded: that is the probe's job) — shape radius, centre, tilt, hue (as sine and cosine), brightness, background
+colour, texture strength — the share of the features' variance along their five largest principal components, and
+the k-NN accuracy of the class. Factors that the features read with R² near 1 and that fill the top components
+decide which images are nearest neighbours (README, "What the default run shows").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from prob_jepa.data import build_datasets  # noqa: E402
+from prob_jepa.data.shapes import ShapesDataset  # noqa: E402
+from prob_jepa.eval.representation import extract_features, factor_r2, knn_accuracy, variance_share  # noqa: E402
+from prob_jepa.eval.summary import markdown_table  # noqa: E402
+from prob_jepa.model import build_model  # noqa: E402
+from prob_jepa.run_io import load_run  # noqa: E402
+
+from evaluate import with_current_defaults  # noqa: E402  (experiments/, the script's folder)
+
+TOP_COMPONENTS = 5
+
+
+def scalar_factors(ds: ShapesDataset) -> dict[str, torch.Tensor]:
+    """The dataset's scene factors as scalars per image: hue as sine and cosine, background per channel."""
+    f = ds.factors
+    angle = 2 * math.pi * f["hue"]
+    out = {k: f[k] for k in ("radius", "cx", "cy", "theta")}
+    out.update({"hue_sin": torch.sin(angle), "hue_cos": torch.cos(angle), "value": f["value"]})
+    out.update({f"background_{c}": f["background"][:, i] for i, c in enumerate("rgb")})
+    out["texture"] = f["texture"]
+    return out
+
+
+def main(argv: list[str]) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path, help="a trained run directory of data=shapes")
+    parser.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON here")
+    args = parser.parse_args(argv)
+    try:
+        model, cfg = load_run(args.run)
+    except FileNotFoundError as e:
+        sys.exit(f"error: {e}")
+    cfg = with_current_defaults(cfg)
+    if cfg.data.name != "shapes":
+        sys.exit(f"error: {args.run} trained on data={cfg.data.name}; scene factors exist for data=shapes only")
+    device = next(model.parameters()).device
+    train_set, val_set = build_datasets(cfg.data, ("train_eval", "val"))
+    torch.manual_seed(cfg.seed)
+    reference = build_model(cfg).to(device).eval()  # the weights training started from (as the evaluation's)
+    train_f, val_f = scalar_factors(train_set), scalar_factors(val_set)
+    result = {}
+    for name, m in (("pretrained", model), ("random_init", reference)):
+        tx, ty = extract_features(m.features, train_set, cfg.eval.batch_size, device, f"{name} train features")
+        vx, vy = extract_features(m.features, val_set, cfg.eval.batch_size, device, f"{name} val features")
+        result[name] = {
+            "r2": factor_r2(tx, train_f, vx, val_f),
+            f"top{TOP_COMPONENTS}_variance_share": variance_share(tx, TOP_COMPONENTS),
+            "knn": knn_accuracy(tx, ty, vx, vy, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature),
+        }
+    rows = [{"factor": k, **{name: result[name]["r2"][k] for name in result}} for k in train_f]
+    rows += [{"factor": key, **{name: result[name][key] for name in result}}
+             for key in (f"top{TOP_COMPONENTS}_variance_share", "knn")]
+    print(f"{args.run}: held-out R² of a ridge read-out per scene factor; then the variance share of the top "
+          f"{TOP_COMPONENTS} principal components and the class k-NN accuracy")
+    print(markdown_table(rows, {"pretrained": ".3f", "random_init": ".3f"}))
+    if args.out is not None:
+        args.out.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
