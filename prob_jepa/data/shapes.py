@@ -139,8 +139,11 @@ def _uniform(g: torch.Generator, shape: tuple[int, ...], bounds: tuple[float, fl
     return lo + (hi - lo) * torch.rand(shape, generator=g)
 
 
+DISTRACTOR_COLOURS = ((0.0, 1.0), (0.55, 1.0))  # hue and brightness ranges of the distractor blobs
+
+
 def _random_colors(
-    g: torch.Generator, n: int, hue: tuple[float, float] = (0.0, 1.0), value: tuple[float, float] = (0.55, 1.0)
+    g: torch.Generator, n: int, hue: tuple[float, float], value: tuple[float, float]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Saturated random colours ``[n, 3]`` in [0, 1], hue and brightness uniform in their ranges; also returns
     the hue and the brightness, ``[n]`` each."""
@@ -197,7 +200,7 @@ def render(
     k = scene.distractors
     blob_xy = torch.rand(n, k, 2, generator=g)
     blob_r = 0.04 + 0.04 * torch.rand(n, k, generator=g)
-    blob_col = _random_colors(g, k * n)[0].view(n, k, 3)
+    blob_col = _random_colors(g, k * n, *DISTRACTOR_COLOURS)[0].view(n, k, 3)
     noise = scene.noise * torch.randn(n, 3, H, H, generator=g)
     t_lo, t_hi = scene.texture
     amplitude = (t_lo + (t_hi - t_lo) * torch.rand(n, generator=g))[:, None, None, None]
