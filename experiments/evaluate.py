@@ -27,9 +27,10 @@ CONF = Path(__file__).resolve().parent / "conf"
 def with_current_defaults(cfg):
     """The run's config with the ``eval.*`` and ``data.*`` keys added to ``experiments/conf`` since it trained, at
     their current defaults (the run's own values win; a new key's default reproduces what came before it)."""
-    current = compose_config(CONF, [f"data={cfg.data.name}"] if (CONF / "data" / f"{cfg.data.name}.yaml").exists() else [])
+    known_data = (CONF / "data" / f"{cfg.data.name}.yaml").exists()
+    current = compose_config(CONF, [f"data={cfg.data.name}"] if known_data else [])
     cfg.eval = OmegaConf.merge(current.eval, cfg.eval)
-    if current.data.name == cfg.data.name:
+    if known_data:
         cfg.data = OmegaConf.merge(current.data, cfg.data)
     return cfg
 

@@ -24,9 +24,10 @@ import torch  # noqa: E402
 
 from prob_jepa.data import build_datasets  # noqa: E402
 from prob_jepa.data.shapes import ShapesDataset  # noqa: E402
-from prob_jepa.eval.representation import extract_features, factor_r2, knn_accuracy, variance_share  # noqa: E402
+from prob_jepa.eval import random_init_model  # noqa: E402
+from prob_jepa.eval.diagnostics import variance_share  # noqa: E402
+from prob_jepa.eval.representation import extract_features, factor_r2, knn_accuracy  # noqa: E402
 from prob_jepa.eval.summary import markdown_table  # noqa: E402
-from prob_jepa.model import build_model  # noqa: E402
 from prob_jepa.run_io import load_run  # noqa: E402
 
 from evaluate import with_current_defaults  # noqa: E402  (experiments/, the script's folder)
@@ -59,8 +60,7 @@ def main(argv: list[str]) -> dict:
         sys.exit(f"error: {args.run} trained on data={cfg.data.name}; scene factors exist for data=shapes only")
     device = next(model.parameters()).device
     train_set, val_set = build_datasets(cfg.data, ("train_eval", "val"))
-    torch.manual_seed(cfg.seed)
-    reference = build_model(cfg).to(device).eval()  # the weights training started from (as the evaluation's)
+    reference = random_init_model(cfg, device)
     train_f, val_f = scalar_factors(train_set), scalar_factors(val_set)
     result = {}
     for name, m in (("pretrained", model), ("random_init", reference)):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prob_jepa.eval.representation import factor_r2, fit_logistic, knn_accuracy, linear_probe, variance_share
+from prob_jepa.eval.diagnostics import variance_share
+from prob_jepa.eval.representation import factor_r2, fit_logistic, knn_accuracy, linear_probe
 
 sklearn = pytest.importorskip("sklearn.linear_model")
 

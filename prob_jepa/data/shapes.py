@@ -189,7 +189,7 @@ def render(
     yy, xx = torch.meshgrid(coord, coord, indexing="ij")
 
     labels = torch.randint(len(CLASSES), (n,), generator=g)
-    radius = scene.radius[0] + (scene.radius[1] - scene.radius[0]) * torch.rand(n, generator=g)
+    radius = _uniform(g, (n,), scene.radius)
     margin = EXTENT * radius
     cx = margin + (1 - 2 * margin) * torch.rand(n, generator=g)
     cy = margin + (1 - 2 * margin) * torch.rand(n, generator=g)
@@ -202,8 +202,7 @@ def render(
     blob_r = 0.04 + 0.04 * torch.rand(n, k, generator=g)
     blob_col = _random_colors(g, k * n, *DISTRACTOR_COLOURS)[0].view(n, k, 3)
     noise = scene.noise * torch.randn(n, 3, H, H, generator=g)
-    t_lo, t_hi = scene.texture
-    amplitude = (t_lo + (t_hi - t_lo) * torch.rand(n, generator=g))[:, None, None, None]
+    amplitude = _uniform(g, (n,), scene.texture)[:, None, None, None]
     bg_texture = amplitude * blocky_noise(g, n, H, scene.texture_block)
     fg_texture = amplitude * blocky_noise(g, n, H, scene.texture_block)
     draws = torch.rand(n, generator=g)

@@ -53,6 +53,13 @@ def evaluation_sets(train_set: Dataset, val_set: Dataset | None, eval_cfg: DictC
     return first(train_set, eval_cfg.probe_train_size), first(val_set, eval_cfg.probe_val_size)
 
 
+def random_init_model(cfg: DictConfig, device: torch.device) -> JEPA:
+    """The model at the weights its training started from (``build_model`` after ``torch.manual_seed(cfg.seed)``,
+    as :class:`~prob_jepa.train.Trainer` builds it), in eval mode: the random-initialization reference."""
+    torch.manual_seed(cfg.seed)
+    return build_model(cfg).to(device).eval()
+
+
 def representation_metrics(
     model: JEPA, cfg: DictConfig, train_set: Dataset, val_set: Dataset, device: torch.device
 ) -> tuple[dict[str, dict[str, float]], torch.Tensor, torch.Tensor]:
@@ -61,8 +68,7 @@ def representation_metrics(
     Returns the metrics and the pretrained probe's validation logits and labels.
     """
     e = cfg.eval
-    torch.manual_seed(cfg.seed)
-    reference = build_model(cfg).to(device).eval()  # the weights training started from
+    reference = random_init_model(cfg, device)
     out, logits, labels = {}, None, None
     for name, m in (("pretrained", model), ("random_init", reference)):
         tx, ty = extract_features(m.features, train_set, e.batch_size, device, f"{name} train features")

@@ -17,3 +17,10 @@ def effective_rank(x: torch.Tensor) -> float:
     s = torch.linalg.svdvals(x - x.mean(dim=0))
     p = s / s.sum().clamp_min(1e-12)
     return torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()).item()
+
+
+@torch.no_grad()
+def variance_share(x: torch.Tensor, k: int) -> float:
+    """Fraction of the total variance of ``x`` ``[N, D]`` along its ``k`` largest principal components."""
+    s = torch.linalg.svdvals(x.double() - x.double().mean(0)) ** 2
+    return (s[:k].sum() / s.sum()).item()

@@ -159,9 +159,3 @@ def factor_r2(
         target = test_factors[name].double()
         out[name] = 1 - ((b @ w - target) ** 2).mean().item() / target.var(unbiased=False).item()
     return out
-
-
-def variance_share(x: torch.Tensor, k: int) -> float:
-    """Fraction of the total variance of ``x`` ``[N, D]`` along its ``k`` largest principal components."""
-    s = torch.linalg.svdvals(x.double() - x.double().mean(0)) ** 2
-    return (s[:k].sum() / s.sum()).item()
