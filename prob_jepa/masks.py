@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .config import ConfigError
+
 
 @dataclass
 class Masks:
@@ -60,7 +62,8 @@ class MaskCollator:
         seed: base seed.
 
     Raises:
-        ValueError: ``context_quantile`` outside (0, 1], no block of ``target_aspect`` fits the grid, or (on a draw) some image cannot
+        ValueError: ``context_quantile`` outside (0, 1] (a :class:`~prob_jepa.config.ConfigError`), no block of
+            ``target_aspect`` fits the grid, or (on a draw) some image cannot
             keep ``K_c`` context units after :attr:`max_redraws` redraws.
 
     References:
@@ -84,7 +87,7 @@ class MaskCollator:
         seed: int = 0,
     ):
         if not 0 < context_quantile <= 1:
-            raise ValueError(f"mask.context_quantile={context_quantile} must lie in (0, 1]")
+            raise ConfigError(f"mask.context_quantile={context_quantile} must lie in (0, 1]")
         self.grid = grid
         self.num_targets = num_targets
         self.target_scale, self.target_aspect = tuple(target_scale), tuple(target_aspect)

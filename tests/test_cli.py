@@ -35,6 +35,17 @@ def test_impossible_combination_fails_before_step_1_without_a_traceback(tmp_path
     assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "checkpoints" / "last.pt").exists()
 
 
+@pytest.mark.parametrize("override, message", [
+    ("data.scene.hue=[0.5,1.5]", "data.scene.hue must be a range 0 <= lo <= hi <= 1"),
+    ("mask.context_quantile=0", "mask.context_quantile=0 must lie in (0, 1]"),
+])
+def test_an_out_of_range_value_fails_before_step_1_without_a_traceback(override, message, tmp_path):
+    proc = run("experiments/run.py", override, f"hydra.run.dir={tmp_path}")
+    assert proc.returncode != 0
+    assert f"error: {message}" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
 def test_missing_dataset_says_where_and_how(tmp_path):
     proc = run("experiments/run.py", "data=tiny_imagenet_100", f"data.root={tmp_path / 'nowhere'}",
                f"hydra.run.dir={tmp_path / 'run'}")

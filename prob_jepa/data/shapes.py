@@ -42,7 +42,7 @@ class Marker:
         colors = tuple(tuple(float(v) for v in c) for c in cfg["colors"])
         weights = tuple(float(w) for w in cfg["weights"])
         if len(colors) != 2 or len(weights) != 2 or abs(sum(weights) - 1) > 1e-6:
-            raise ValueError(f"marker needs two colours and two weights summing to 1, got {colors}, {weights}")
+            raise ConfigError(f"data.marker needs two colours and two weights summing to 1, got {colors}, {weights}")
         return cls(int(cfg["size"]), int(cfg["x"]), int(cfg["y"]), colors, weights)
 
     def units(self, unit_px: int, image_size: int) -> list[int]:
@@ -84,17 +84,17 @@ class Scene:
         lo, hi = (float(r) for r in cfg["radius"])
         if not 0 < lo <= hi or hi * EXTENT > 0.5:
             bound = f"{0.5 / EXTENT:.3f}"
-            raise ValueError(f"data.scene.radius must satisfy 0 < lo <= hi <= {bound} (the shape fits), got {[lo, hi]}")
+            raise ConfigError(f"data.scene.radius must satisfy 0 < lo <= hi <= {bound} (the shape fits), got {[lo, hi]}")
         t_lo, t_hi = (float(t) for t in cfg["texture"])
         if not 0 <= t_lo <= t_hi:
-            raise ValueError(f"data.scene.texture must be a range 0 <= lo <= hi, got {[t_lo, t_hi]}")
+            raise ConfigError(f"data.scene.texture must be a range 0 <= lo <= hi, got {[t_lo, t_hi]}")
         if int(cfg["texture_block"]) < 1:
-            raise ValueError(f"data.scene.texture_block must be a positive number of pixels, got {cfg['texture_block']}")
+            raise ConfigError(f"data.scene.texture_block must be a positive number of pixels, got {cfg['texture_block']}")
         ranges = {}
         for key in ("hue", "value", "background"):
             r_lo, r_hi = (float(r) for r in cfg[key])
             if not 0 <= r_lo <= r_hi <= 1:
-                raise ValueError(f"data.scene.{key} must be a range 0 <= lo <= hi <= 1, got {[r_lo, r_hi]}")
+                raise ConfigError(f"data.scene.{key} must be a range 0 <= lo <= hi <= 1, got {[r_lo, r_hi]}")
             ranges[key] = (r_lo, r_hi)
         return cls(
             (lo, hi), int(cfg["distractors"]), float(cfg["noise"]), float(cfg["gradient"]), (t_lo, t_hi),
