@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from prob_jepa.data import GlobalBatchSampler, SeededDataset, build_datasets
-from prob_jepa.data.shapes import AREA_SCALE, CLASSES, EQUAL_AREA, EXTENT, Marker, ShapesDataset, _shape_masks
-from prob_jepa.data.shapes import Scene, ambiguity_pairs, render
+from prob_jepa.config import ConfigError
+from prob_jepa.data.shapes import AREA_SCALE, ARRANGEMENTS, CLASSES, EQUAL_AREA, EXTENT, PARTS, Marker, ShapesDataset
+from prob_jepa.data.shapes import Scene, _part_masks, _shape_masks, ambiguity_pairs, render
 
 MARKER = Marker(size=8, x=0, y=0, colors=((1.0, 0.1, 0.1), (0.1, 0.3, 1.0)), weights=(0.7, 0.3))
 COLOURS = dict(hue=(0.0, 1.0), value=(0.55, 1.0), background=(0.15, 0.5))
@@ -90,7 +91,7 @@ def test_scene_options_control_the_clutter():
 def test_scene_rejects_a_shape_that_cannot_fit():
     with pytest.raises(ValueError, match="data.scene.radius"):
         Scene.from_config({"radius": [0.3, 0.45], "distractors": 0, "noise": 0.0, "gradient": 0.0,
-                           "texture": [0.0, 0.0], "texture_block": 2, **COLOURS})
+                           "texture": [0.0, 0.0], "texture_block": 2, **COLOURS, "layout": "single"})
 
 
 def test_colour_ranges_bound_the_shape_and_background_colours():
@@ -105,7 +106,7 @@ def test_colour_ranges_bound_the_shape_and_background_colours():
                 .abs().amax() < 1e-3)  # the ranges change the drawing
     with pytest.raises(ValueError, match="data.scene.hue"):
         Scene.from_config({"radius": [0.3, 0.38], "distractors": 0, "noise": 0.0, "gradient": 0.0,
-                           "texture": [0.0, 0.0], "texture_block": 2, **COLOURS, "hue": [0.5, 1.2]})
+                           "texture": [0.0, 0.0], "texture_block": 2, **COLOURS, "hue": [0.5, 1.2], "layout": "single"})
 
 
 def test_texture_is_blocky_per_image_noise_and_the_marker_stays_solid():
@@ -150,3 +151,39 @@ def test_the_rendering_reports_each_scene_s_factors():
         ys, xs = inside.nonzero(as_tuple=True)
         assert abs(grid[xs].mean() - plain.factors["cx"][i]) < 0.03 and abs(grid[ys].mean() - plain.factors["cy"][i]) < 0.03
     assert len(circles) > 3
+
+
+def test_parts_classes_are_the_same_four_parts_in_different_cells():
+    rows = ARRANGEMENTS.tolist()
+    assert len(rows) == 8 and len(set(map(tuple, rows))) == 8 and all(sorted(r) == [0, 1, 2, 3] for r in rows)
+    for cell in range(4):  # every part sits in every cell in exactly two classes
+        assert torch.bincount(ARRANGEMENTS[:, cell], minlength=4).tolist() == [2, 2, 2, 2]
+    c = torch.linspace(-1.5, 1.5, 601)  # object coordinates, units of the scene radius
+    v, u = torch.meshgrid(c, c, indexing="ij")
+    quadrants = [(u < 0) & (v < 0), (u >= 0) & (v < 0), (u < 0) & (v >= 0), (u >= 0) & (v >= 0)]
+    circle_radius = 0.5 * AREA_SCALE[CLASSES.index("circle")]
+    for label in range(8):
+        inside = _part_masks(u[None], v[None], torch.tensor([label]))[0].any(0)
+        assert (inside & (torch.maximum(u.abs(), v.abs()) > EXTENT + 0.01)).sum() == 0  # fits the extent
+        for cell, quadrant in enumerate(quadrants):  # each cell holds one part of a quarter of the area
+            assert abs((inside & quadrant).float().mean().item() * 9 - EQUAL_AREA / 4) < 0.01
+            if PARTS[ARRANGEMENTS[label, cell]] == "circle":  # a disk centred on its cell
+                cu, cv = (EXTENT / 2 * (1 if cell % 2 else -1), EXTENT / 2 * (1 if cell >= 2 else -1))
+                disk = (u - cu) ** 2 + (v - cv) ** 2 <= circle_radius**2
+                assert (disk != (inside & quadrant)).float().mean() < 0.002
+
+
+def test_the_parts_layout_draws_the_same_scenes_with_other_classes():
+    single = render(64, 32, seed=9, marker=MARKER, scene=PLAIN)
+    parts = render(64, 32, seed=9, marker=MARKER, scene=replace(PLAIN, layout="parts"))
+    assert torch.equal(single.labels, parts.labels) and torch.equal(single.marker_choice, parts.marker_choice)
+    assert all(torch.equal(single.factors[k], parts.factors[k]) for k in single.factors)
+    assert not torch.equal(single.images, parts.images)
+    foreground = [(im.float() - (f * 255).round()[:, None, None]).abs().amax(0).gt(1)[8:, 8:].sum()
+                  for im, f in zip(parts.images, parts.factors["background"])]
+    assert min(foreground) > 0
+    ds = ShapesDataset(8, 32, seed=0, marker=MARKER, scene=replace(PLAIN, layout="parts"))
+    assert len(ds.classes) == 8 and ds.classes[0] == "cir/squ/tri/cro"
+    with pytest.raises(ConfigError, match="data.scene.layout must be one of single, parts"):
+        Scene.from_config({"radius": [0.3, 0.38], "distractors": 0, "noise": 0.0, "gradient": 0.0,
+                           "texture": [0.0, 0.0], "texture_block": 2, **COLOURS, "layout": "grid"})

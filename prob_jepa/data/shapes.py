@@ -61,6 +61,10 @@ class Scene:
     distractors: small random blobs. noise: pixel-noise std. gradient: background ramp strength.
     hue, value: ranges of the labelled shape's hue (a fraction of the colour wheel) and brightness.
     background: range of each background colour channel ([0, 1] intensity units).
+    layout: what the class is (:data:`LAYOUTS`). ``single``: one labelled shape of :data:`CLASSES`.
+        ``parts``: four part shapes of :data:`PARTS`, one in each cell of a 2 × 2 grid; the class is their
+        arrangement (:data:`ARRANGEMENTS`), so every class shows the same parts with the same areas and only
+        where each part sits relative to the others tells the classes apart.
     texture: range of each image's texture std — shape and background are covered with independent
         blocky colour noise (``texture_block`` pixels per block) whose std is drawn per image from this
         range ([0, 1] intensity units). Texture is detail that no context can predict: a JEPA learns to
@@ -77,6 +81,7 @@ class Scene:
     hue: tuple[float, float]
     value: tuple[float, float]
     background: tuple[float, float]
+    layout: str = "single"
 
     @classmethod
     def from_config(cls, cfg) -> "Scene":
@@ -96,9 +101,11 @@ class Scene:
             if not 0 <= r_lo <= r_hi <= 1:
                 raise ConfigError(f"data.scene.{key} must be a range 0 <= lo <= hi <= 1, got {[r_lo, r_hi]}")
             ranges[key] = (r_lo, r_hi)
+        if cfg["layout"] not in LAYOUTS:
+            raise ConfigError(f"data.scene.layout must be one of {', '.join(LAYOUTS)}, got {cfg['layout']!r}")
         return cls(
             (lo, hi), int(cfg["distractors"]), float(cfg["noise"]), float(cfg["gradient"]), (t_lo, t_hi),
-            int(cfg["texture_block"]), **ranges,
+            int(cfg["texture_block"]), **ranges, layout=str(cfg["layout"]),
         )
 
 
@@ -132,6 +139,39 @@ def _unit_areas(resolution: int = 601) -> torch.Tensor:
 EQUAL_AREA = 2.0
 AREA_SCALE = torch.sqrt(EQUAL_AREA / _unit_areas())
 EXTENT = 1.3  # the largest |u|, |v| of any class after area scaling (diamond: 1.29)
+
+LAYOUTS = ("single", "parts")
+PARTS = ("circle", "square", "triangle", "cross")  # the four part shapes of the parts layout
+
+
+def _arrangements() -> torch.Tensor:
+    """The 8 classes of the parts layout: ``[8, 4]``, the index into :data:`PARTS` drawn in each cell (cells
+    row-major: top left, top right, bottom left, bottom right). Class 0 puts part k in cell k; the others are
+    its images under the 8 symmetries of the square (rotations by 90° and reflections), so every part sits in
+    every cell in exactly two classes and any two classes differ in at least two cells."""
+    cells = [(-1, -1), (1, -1), (-1, 1), (1, 1)]  # (x, y) of each cell's centre, y down
+    symmetries = [lambda x, y: (x, y), lambda x, y: (-y, x), lambda x, y: (-x, -y), lambda x, y: (y, -x)]
+    symmetries += [lambda x, y, f=f: f(-x, y) for f in symmetries]
+    return torch.tensor([[cells.index(g(*c)) for c in cells] for g in symmetries]).argsort(1)
+
+
+ARRANGEMENTS = _arrangements()
+ARRANGEMENT_NAMES = tuple("/".join(PARTS[p][:3] for p in row) for row in ARRANGEMENTS.tolist())
+PART_INDEX = torch.tensor([CLASSES.index(p) for p in PARTS])
+
+
+def _part_masks(u: torch.Tensor, v: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Inside-masks ``[n, 4, H, W]`` of the parts layout's four cells in object coordinates (``u``, ``v``
+    ``[n, H, W]`` in units of the scene radius; object extent :data:`EXTENT`): cell k holds part
+    ``ARRANGEMENTS[label, k]`` at half the radius (equal areas)."""
+    n = len(labels)
+    half = EXTENT / 2
+    cells = []
+    for cell, (cu, cv) in enumerate([(-half, -half), (half, -half), (-half, half), (half, half)]):
+        shape = PART_INDEX[ARRANGEMENTS[labels, cell]]  # [n] indices into CLASSES
+        scale = (0.5 * AREA_SCALE[shape])[:, None, None]
+        cells.append(_shape_masks((u - cu) / scale, (v - cv) / scale)[shape, torch.arange(n)])
+    return torch.stack(cells, 1)
 
 
 def _uniform(g: torch.Generator, shape: tuple[int, ...], bounds: tuple[float, float]) -> torch.Tensor:
@@ -217,11 +257,13 @@ def render(
 
     dx, dy = xx - cx[:, None, None], yy - cy[:, None, None]
     cos, sin = torch.cos(theta)[:, None, None], torch.sin(theta)[:, None, None]
-    scale = (radius * AREA_SCALE[labels])[:, None, None]
-    u = (dx * cos + dy * sin) / scale
-    v = (-dx * sin + dy * cos) / scale
-    inside = _shape_masks(u, v)[labels, torch.arange(n)][:, None]
-    img = torch.where(inside, fg[:, :, None, None] + fg_texture, img)
+    if scene.layout == "single":
+        scale = (radius * AREA_SCALE[labels])[:, None, None]
+        inside = _shape_masks((dx * cos + dy * sin) / scale, (-dx * sin + dy * cos) / scale)[labels, torch.arange(n)]
+    else:
+        scale = radius[:, None, None]
+        inside = _part_masks((dx * cos + dy * sin) / scale, (-dx * sin + dy * cos) / scale, labels).any(1)
+    img = torch.where(inside[:, None], fg[:, :, None, None] + fg_texture, img)
 
     colors = torch.tensor(marker.colors)[choice]  # [n, 3]
     ys, xs = slice(marker.y, marker.y + marker.size), slice(marker.x, marker.x + marker.size)
@@ -234,11 +276,10 @@ def render(
 class ShapesDataset(Dataset):
     """``num_images`` seeded scenes; yields ``(image [3, H, W] normalized float, label)``."""
 
-    classes = CLASSES
-
     def __init__(
         self, num_images: int, image_size: int, seed: int, marker: Marker, scene: Scene, chunk: int = 1024
     ):
+        self.classes = CLASSES if scene.layout == "single" else ARRANGEMENT_NAMES
         parts = [
             render(min(chunk, num_images - s), image_size, seed * 100_003 + s // chunk, marker, scene=scene)
             for s in range(0, num_images, chunk)
