@@ -24,14 +24,22 @@ from prob_jepa.run_io import load_run, override  # noqa: E402
 CONF = Path(__file__).resolve().parent / "conf"
 
 
+# Data keys added after runs had been saved, at the values that reproduce those runs' images (the defaults of
+# the day each key came; some defaults changed since): a run without the key gets this value, not today's default.
+LEGACY_DATA = {
+    "shapes": {"scene": {"hue": [0.0, 1.0], "value": [0.55, 1.0], "background": [0.15, 0.5], "layout": "single"}},
+}
+
+
 def with_current_defaults(cfg):
-    """The run's config with the ``eval.*`` and ``data.*`` keys added to ``experiments/conf`` since it trained, at
-    their current defaults (the run's own values win; a new key's default reproduces what came before it)."""
+    """The run's config with the ``eval.*`` and ``data.*`` keys added to ``experiments/conf`` since it trained
+    (the run's own values win): ``eval.*`` at their current defaults, ``data.*`` at the values that reproduce
+    what the run trained on (:data:`LEGACY_DATA`, else the current default)."""
     known_data = (CONF / "data" / f"{cfg.data.name}.yaml").exists()
     current = compose_config(CONF, [f"data={cfg.data.name}"] if known_data else [])
     cfg.eval = OmegaConf.merge(current.eval, cfg.eval)
     if known_data:
-        cfg.data = OmegaConf.merge(current.data, cfg.data)
+        cfg.data = OmegaConf.merge(current.data, LEGACY_DATA.get(cfg.data.name, {}), cfg.data)
     return cfg
 
 

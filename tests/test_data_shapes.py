@@ -130,7 +130,9 @@ def test_texture_is_blocky_per_image_noise_and_the_marker_stays_solid():
 
 def test_default_scene_matches_the_config(compose):
     cfg = compose().data
-    assert Scene.from_config(cfg.scene) == SCENE
+    default = Scene(radius=(0.3, 0.38), distractors=0, noise=0.03, gradient=0.0, texture=(0.3, 0.45), texture_block=8,
+                    hue=(0.55, 0.75), value=(0.8, 1.0), background=(0.2, 0.35))
+    assert Scene.from_config(cfg.scene) == default
 
 
 def test_the_rendering_reports_each_scene_s_factors():

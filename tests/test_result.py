@@ -1,9 +1,10 @@
 """The default recipe's answer holds: a short run of it beats its own random initialization.
 
 The margin is the pretrained target encoder's linear probe minus the same encoder's at the weights training
-started from, on the default `shapes` world. The margin of ``SHORT_RUN`` measured
-+17.0, +19.6 and +20.0 points at seeds 0, 1 and 2 (``python tests/test_result.py 0 1 2``, 2026-11-30); the
-threshold sits well below the smallest, so it fails only when the recipe stops paying off.
+started from, on the default `shapes` world. The margin of ``SHORT_RUN`` measured +11.4, +10.2 and +9.0 points
+at seeds 0, 1 and 2 (``python tests/test_result.py 0 1 2``, 2026-12-01, the world of narrow colours and
+mask-unit texture; the previous world's margins were +17.0 / +19.6 / +20.0, but its k-NN sat below the random
+encoder's); the threshold sits well below the smallest, so it fails only when the recipe stops paying off.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from prob_jepa.train import pretrain
 
 SHORT_RUN = ["trainer.epochs=3", "trainer.progress=false", "eval.enabled=false"]
 PROBE_TRAIN, PROBE_VAL = 1500, 500
-MIN_MARGIN = 0.10
+MIN_MARGIN = 0.04
 
 
 def short_run_margin(compose, seed: int, run_dir: Path) -> dict[str, float]:

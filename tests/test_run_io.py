@@ -82,8 +82,9 @@ def test_evaluate_rewrites_eval_json_with_new_settings_and_the_same_model(traine
 
 
 def test_a_run_saved_before_a_data_key_existed_still_evaluates(trained, tmp_path):
-    """``data.scene.hue`` / ``value`` / ``background`` came after runs had been saved: their defaults (today's
-    images) fill them in, for ``evaluate.py`` and ``feature_factors.py`` alike."""
+    """``data.scene.hue`` / ``value`` / ``background`` / ``layout`` came after runs had been saved, and the colour
+    defaults changed since: a run without them gets the values that drew its images (``LEGACY_DATA``), not
+    today's defaults, for ``evaluate.py`` and ``feature_factors.py`` alike."""
     import shutil
 
     from omegaconf import OmegaConf
@@ -91,11 +92,16 @@ def test_a_run_saved_before_a_data_key_existed_still_evaluates(trained, tmp_path
     old = tmp_path / "old_run"
     shutil.copytree(trained[0].run_dir, old)
     cfg = OmegaConf.load(old / "config.yaml")
-    for key in ("hue", "value", "background"):
+    for key in ("hue", "value", "background", "layout"):
         del cfg.data.scene[key]
     OmegaConf.save(cfg, old / "config.yaml")
     assert "hue" not in RunDir(old).load_config().data.scene
-    assert evaluate_script.main([str(old)])["representation"] == RunDir(trained[0].run_dir).read_eval()["representation"]
+    filled = evaluate_script.with_current_defaults(RunDir(old).load_config()).data.scene
+    assert (filled.hue, filled.value, filled.background, filled.layout) == ([0.0, 1.0], [0.55, 1.0], [0.15, 0.5], "single")
+    legacy = OmegaConf.load(trained[0].run_dir / "config.yaml")
+    legacy.data.scene.update(hue=[0.0, 1.0], value=[0.55, 1.0], background=[0.15, 0.5])
+    assert OmegaConf.to_container(filled) == OmegaConf.to_container(legacy.data.scene)  # nothing else changed
+    assert set(evaluate_script.main([str(old)])["representation"]) == {"pretrained", "random_init"}
     factors = feature_factors_script.main([str(old)])
     assert set(factors["pretrained"]["r2"]) == {"radius", "cx", "cy", "theta", "hue_sin", "hue_cos", "value",
                                                  "background_r", "background_g", "background_b", "texture"}
