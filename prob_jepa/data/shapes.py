@@ -142,6 +142,7 @@ EXTENT = 1.3  # the largest |u|, |v| of any class after area scaling (diamond: 1
 
 LAYOUTS = ("single", "parts")
 PARTS = ("circle", "square", "triangle", "cross")  # the four part shapes of the parts layout
+CELLS = ((-1, -1), (1, -1), (-1, 1), (1, 1))  # the parts layout's cells, row-major: (x, y) of each centre, y down
 
 
 def _arrangements() -> torch.Tensor:
@@ -149,10 +150,9 @@ def _arrangements() -> torch.Tensor:
     row-major: top left, top right, bottom left, bottom right). Class 0 puts part k in cell k; the others are
     its images under the 8 symmetries of the square (rotations by 90° and reflections), so every part sits in
     every cell in exactly two classes and any two classes differ in at least two cells."""
-    cells = [(-1, -1), (1, -1), (-1, 1), (1, 1)]  # (x, y) of each cell's centre, y down
     symmetries = [lambda x, y: (x, y), lambda x, y: (-y, x), lambda x, y: (-x, -y), lambda x, y: (y, -x)]
     symmetries += [lambda x, y, f=f: f(-x, y) for f in symmetries]
-    return torch.tensor([[cells.index(g(*c)) for c in cells] for g in symmetries]).argsort(1)
+    return torch.tensor([[CELLS.index(g(*c)) for c in CELLS] for g in symmetries]).argsort(1)
 
 
 ARRANGEMENTS = _arrangements()
@@ -165,11 +165,11 @@ def _part_masks(u: torch.Tensor, v: torch.Tensor, labels: torch.Tensor) -> torch
     ``[n, H, W]`` in units of the scene radius; object extent :data:`EXTENT`): cell k holds part
     ``ARRANGEMENTS[label, k]`` at half the radius (equal areas)."""
     n = len(labels)
-    half = EXTENT / 2
     cells = []
-    for cell, (cu, cv) in enumerate([(-half, -half), (half, -half), (-half, half), (half, half)]):
+    for cell, (x, y) in enumerate(CELLS):
         shape = PART_INDEX[ARRANGEMENTS[labels, cell]]  # [n] indices into CLASSES
         scale = (0.5 * AREA_SCALE[shape])[:, None, None]
+        cu, cv = x * EXTENT / 2, y * EXTENT / 2
         cells.append(_shape_masks((u - cu) / scale, (v - cv) / scale)[shape, torch.arange(n)])
     return torch.stack(cells, 1)
 
@@ -257,12 +257,12 @@ def render(
 
     dx, dy = xx - cx[:, None, None], yy - cy[:, None, None]
     cos, sin = torch.cos(theta)[:, None, None], torch.sin(theta)[:, None, None]
+    u, v = dx * cos + dy * sin, -dx * sin + dy * cos  # the object's frame, fractions of the image side
     if scene.layout == "single":
         scale = (radius * AREA_SCALE[labels])[:, None, None]
-        inside = _shape_masks((dx * cos + dy * sin) / scale, (-dx * sin + dy * cos) / scale)[labels, torch.arange(n)]
+        inside = _shape_masks(u / scale, v / scale)[labels, torch.arange(n)]
     else:
-        scale = radius[:, None, None]
-        inside = _part_masks((dx * cos + dy * sin) / scale, (-dx * sin + dy * cos) / scale, labels).any(1)
+        inside = _part_masks(u / radius[:, None, None], v / radius[:, None, None], labels).any(1)
     img = torch.where(inside[:, None], fg[:, :, None, None] + fg_texture, img)
 
     colors = torch.tensor(marker.colors)[choice]  # [n, 3]
