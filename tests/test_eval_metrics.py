@@ -20,6 +20,7 @@ from prob_jepa.eval.calibration import (
     reliability_curve,
     top1_confidence,
 )
+from prob_jepa.eval.heads import Rows, energy_retrieval
 from prob_jepa.eval.metrics import crps, energy_score, nll_per_dim, pearson_r
 from prob_jepa.eval.multimodality import (
     axis_coordinates, axis_histogram, axis_position, mode_coverage, on_mode_share, sharpness,
@@ -283,3 +284,41 @@ def test_axis_coordinates_agree_with_on_mode_share_and_their_histogram_keeps_eve
     assert len(hist["edges"]) == 31 and sum(hist["counts"]) == x.numel()
     assert hist["counts"][0] == int((x <= -0.9).sum()) and hist["counts"][-1] == int((x >= 1.9).sum())
     assert axis_histogram(torch.tensor([0.0, 1.0]), bins=3)["counts"] == [0, 1, 1]
+
+
+# energy retrieval (JIN eq. 11) on planted energies
+class PlantedEnergy(torch.nn.Module):
+    """A head whose energy of a target is its first coordinate (``constant``: 0 for every target)."""
+
+    def __init__(self, constant: bool = False):
+        super().__init__()
+        self.constant = constant
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # only tells on_head the device
+
+    def energy(self, target: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.anchor.expand(len(target)) if self.constant else target[:, 0] + self.anchor
+
+
+def boltzmann_rows(temperature: float, queries: int = 6000, pool: int = 6000) -> tuple[Rows, Rows]:
+    """Distractor energies ~ N(0, 1); true energies from the same density tilted by ``exp(−E / T)``, i.e.
+    N(−1/T, 1): given the K energies of a query, the truth is candidate k with probability softmax(−E / T)_k."""
+    g = torch.Generator().manual_seed(0)
+    q = Rows(torch.zeros(queries, 1), torch.randn(queries, 1, generator=g) - 1 / temperature, torch.arange(queries))
+    p = Rows(torch.zeros(pool, 1), torch.randn(pool, 1, generator=g), queries + torch.arange(pool))
+    return q, p
+
+
+def test_energy_retrieval_recovers_a_planted_temperature_and_is_calibrated_after_it():
+    queries, pool = boltzmann_rows(temperature=2.0)
+    out, energies = energy_retrieval(PlantedEnergy(), queries, pool, candidates=8)
+    assert out["temperature"] == pytest.approx(2.0, rel=0.1)
+    assert out["after"]["ece"] < 0.03 < out["before"]["ece"]  # T = 1 is over-confident by a factor of two
+    assert out["after"]["nll"] < out["before"]["nll"]
+    assert len(energies["true"]) == 6000 and len(energies["other"]) == 6000 * 7
+
+
+def test_energy_retrieval_of_an_energy_blind_to_the_target_is_chance():
+    queries, pool = boltzmann_rows(temperature=2.0)
+    out, _ = energy_retrieval(PlantedEnergy(constant=True), queries, pool, candidates=8)
+    assert out["before"]["accuracy"] == pytest.approx(1 / 8, abs=0.03), "ties must not count as retrieved"
+    assert out["before"]["nll"] == pytest.approx(math.log(8), abs=1e-6)

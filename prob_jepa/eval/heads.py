@@ -143,9 +143,12 @@ def energy_retrieval(head: Head, queries: Rows, pool: Rows, candidates: int) -> 
     """JIN eq. 11 on targets: which of ``K`` candidate embeddings belongs to the context?
 
     Each query's candidates are its true target and ``K − 1`` targets of other
-    images; ``p(k | x) ∝ exp(−E_k / T)`` with ``E = head.energy``. ``T`` is fit
-    on half the queries and the other half is scored: top-1 accuracy, NLL of the
-    true candidate and ECE of the top-1 confidence, at ``T = 1`` and at the fit ``T``.
+    images, the truth at a seeded random position (so tied energies, which the
+    top-1 pick breaks by position, score chance and not a hit); ``p(k | x) ∝
+    exp(−E_k / T)`` with ``E = head.energy``. ``T`` is fit on half the queries and
+    the other half is scored: top-1 accuracy, NLL (nats) of the true candidate and
+    ECE of the top-1 confidence, at ``T = 1`` and at the fit ``T``. Also returns the
+    energies of the true ``[Q]`` and the other ``[Q·(K − 1)]`` candidates (for the figure).
     """
     Q, K = len(queries), candidates
     g = torch.Generator().manual_seed(4)
@@ -153,21 +156,25 @@ def energy_retrieval(head: Head, queries: Rows, pool: Rows, candidates: int) -> 
     clash = pool.image[others] == queries.image[:, None]
     others[clash] = (others[clash] + len(pool) // 2) % len(pool)  # another image's token, almost always
     cands = torch.cat([queries.target[:, None], pool.target[others]], 1)  # [Q, K, D]; index 0 is the truth
-    energies = on_head(head, "energy", cands.flatten(0, 1), queries.cond.repeat_interleave(K, 0)).view(Q, K)
+    order = torch.rand(Q, K, generator=g).argsort(1)  # candidate slot j holds cands[:, order[:, j]]
+    truth = order.argsort(1)[:, 0]  # [Q] the slot of the truth
+    energies = on_head(head, "energy", cands.gather(1, order[..., None].expand_as(cands)).flatten(0, 1),
+                       queries.cond.repeat_interleave(K, 0)).view(Q, K)
+    is_truth = torch.zeros(Q, K, dtype=torch.bool).scatter_(1, truth[:, None], True)
     half = Q // 2
-    truth = torch.zeros(Q, dtype=torch.long)
     T = fit_energy_temperature(energies[:half], truth[:half])
 
     def scores(temperature: float) -> dict[str, float]:
         p = energy_probabilities(energies[half:], temperature)
         conf, pick = p.max(1)
+        hit = pick == truth[half:]
         return {
-            "accuracy": (pick == 0).float().mean().item(),
-            "nll": -torch.log(p[:, 0].clamp_min(1e-12)).mean().item(),
-            "ece": expected_calibration_error(conf, pick == 0),
+            "accuracy": hit.float().mean().item(),
+            "nll": -torch.log(p.gather(1, truth[half:, None]).squeeze(1).clamp_min(1e-12)).mean().item(),
+            "ece": expected_calibration_error(conf, hit),
         }
 
     return (
         {"candidates": K, "queries": Q - half, "temperature": T, "before": scores(1.0), "after": scores(T)},
-        {"true": energies[:, 0].tolist(), "other": energies[:, 1:].flatten().tolist()},
+        {"true": energies[is_truth].tolist(), "other": energies[~is_truth].tolist()},
     )
