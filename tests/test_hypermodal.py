@@ -172,7 +172,7 @@ def test_energy_alignment_separates_matched_from_random_pairs_after_training(com
     for _ in range(100):
         rows = torch.randperm(128, generator=g)[:32]
         inp = {m: v[rows] for m, v in x.items()}
-        z = {m: model.proj(model.context_encoder(m, inp[m]).features.mean(1)) for m in inp}
+        z = {m: model.align(m, model.context_encoder.pooled(m, inp[m])) for m in inp}  # as the step: norm, proj
         loss = energy_alignment(z["image"], z["audio"]) + energy_alignment(z["image"], z["text"])
         opt.zero_grad()
         loss.backward()
