@@ -19,22 +19,19 @@ def _sorted_columns(samples: torch.Tensor) -> torch.Tensor:
     return samples.float().flatten(1).T.sort(dim=1).values.contiguous()
 
 
-def _quantiles(sorted_cols: torch.Tensor, q: float) -> torch.Tensor:
-    """Linearly interpolated ``q``-quantile of each row of ``sorted_cols [M, S]`` (``torch.quantile``'s default)."""
-    pos = q * (sorted_cols.shape[1] - 1)
-    lo, frac = math.floor(pos), pos - math.floor(pos)
-    hi = min(lo + 1, sorted_cols.shape[1] - 1)
-    return sorted_cols[:, lo] + frac * (sorted_cols[:, hi] - sorted_cols[:, lo])
-
-
 @torch.no_grad()
 def interval_coverage(
     samples: torch.Tensor, target: torch.Tensor, levels: Sequence[float] = (0.5, 0.8, 0.95)
 ) -> dict[float, float]:
-    """Fraction of target coordinates inside the marginal central interval of each level.
+    """Expected fraction of target coordinates inside the marginal central interval of each level.
 
-    The interval at level ``l`` runs from the ``(1 − l)/2`` to the ``(1 + l)/2``
-    sample quantile of each coordinate; a calibrated head covers ``l``.
+    Read from the rank of each target among its ``S`` samples, as the PIT of
+    :func:`pit_values`: the target lies in the central ``l``-interval when its
+    PIT ``u = (r + V) / (S + 1)`` is within ``l / 2`` of ½, and this averages over
+    ``V ~ U(0, 1)`` and the tied ranks exactly (the overlap of ``u``'s range with
+    the interval), so it is deterministic and a calibrated head covers ``l`` for
+    any ``S``. (The interval between two sample quantiles does not: it covers
+    ``l·(S − 1)/(S + 1)`` in expectation, 0.892 at 95 % with 32 samples.)
     Above ``l`` = over-dispersed, below = over-confident.
 
     Args:
@@ -47,10 +44,13 @@ def interval_coverage(
     """
     check_samples(samples, target)
     cols, y = _sorted_columns(samples), target.float().flatten()
+    below, at_most = _rank_bounds(cols, y)
+    slots = cols.shape[1] + 1
+    lo, hi = below.double() / slots, (at_most + 1).double() / slots  # u is uniform on [lo, hi]
     out = {}
     for level in levels:
-        lower, upper = _quantiles(cols, (1 - level) / 2), _quantiles(cols, (1 + level) / 2)
-        out[level] = ((y >= lower) & (y <= upper)).float().mean().item()
+        inside = (hi.clamp(max=(1 + level) / 2) - lo.clamp(min=(1 - level) / 2)).clamp(min=0)
+        out[level] = (inside / (hi - lo)).mean().item()
     return out
 
 
