@@ -62,7 +62,7 @@ def probe_bars(runs: Runs, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(runs) + 3), 3.4))
     sns.barplot(x=[r[0] for r in rows], y=[r[2] for r in rows], hue=[r[1] for r in rows], ax=ax)
     ax.set(ylim=(0, 1), ylabel="top-1 accuracy", title="frozen features")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, never over them
     ax.tick_params(axis="x", labelrotation=20)
     return save(fig, path)
 
