@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prob_jepa.eval.diagnostics import variance_share
+from prob_jepa.eval.diagnostics import effective_rank, feature_std, variance_share
 from prob_jepa.eval.representation import factor_r2, fit_logistic, knn_accuracy, linear_probe
 
 sklearn = pytest.importorskip("sklearn.linear_model")
@@ -74,3 +74,22 @@ def test_variance_share_of_a_planted_spectrum():
     x = torch.randn(20000, 8, generator=g, dtype=torch.float64) * torch.tensor([3.0, 2, 1, 1, 1, 1, 1, 1]).double() @ q.T
     assert abs(variance_share(x, 2) - 13 / 19) < 0.01  # (9 + 4) / (9 + 4 + 6)
     assert variance_share(x, 8) == pytest.approx(1.0)
+
+
+def test_effective_rank_of_matrices_of_known_rank():
+    g = torch.Generator().manual_seed(2)
+    q, _ = torch.linalg.qr(torch.randn(32, 32, generator=g, dtype=torch.float64))
+    for rank in (1, 4, 16):  # ±each of `rank` orthogonal directions equally often: RankMe = rank exactly
+        basis = torch.eye(rank, 32, dtype=torch.float64)
+        x = torch.cat([basis, -basis]).repeat(2000 // rank, 1) @ q.T
+        assert effective_rank(x) == pytest.approx(rank, rel=1e-3), rank  # fp32 SVD: zeros come back ~1e-7
+    x = torch.randn(4000, 32, generator=g) @ q.T.float()
+    assert 29 < effective_rank(x) <= 32  # isotropic noise: nearly full rank
+    assert effective_rank(x + 5.0) == pytest.approx(effective_rank(x), rel=1e-4)  # centred: a shift changes nothing
+
+
+def test_feature_std_is_the_mean_per_channel_std_and_zero_when_collapsed():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(20000, 4, generator=g) * torch.tensor([1.0, 2.0, 3.0, 6.0])
+    assert feature_std(x) == pytest.approx(3.0, rel=0.02)
+    assert feature_std(torch.ones(100, 4) * torch.randn(1, 4, generator=g)) == 0.0  # every row the same point
