@@ -157,10 +157,10 @@ def energy_retrieval(head: Head, queries: Rows, pool: Rows, candidates: int) -> 
     others[clash] = (others[clash] + len(pool) // 2) % len(pool)  # another image's token, almost always
     cands = torch.cat([queries.target[:, None], pool.target[others]], 1)  # [Q, K, D]; index 0 is the truth
     order = torch.rand(Q, K, generator=g).argsort(1)  # candidate slot j holds cands[:, order[:, j]]
-    truth = order.argsort(1)[:, 0]  # [Q] the slot of the truth
+    is_truth = order == 0  # [Q, K]
+    truth = is_truth.int().argmax(1)  # [Q] the slot of the truth
     energies = on_head(head, "energy", cands.gather(1, order[..., None].expand_as(cands)).flatten(0, 1),
                        queries.cond.repeat_interleave(K, 0)).view(Q, K)
-    is_truth = torch.zeros(Q, K, dtype=torch.bool).scatter_(1, truth[:, None], True)
     half = Q // 2
     T = fit_energy_temperature(energies[:half], truth[:half])
 
