@@ -36,8 +36,14 @@ def head_options(name: str, overrides: dict) -> dict:
     return options
 
 
+def head_names(cfg) -> list[str]:
+    """``cfg.heads``, or (null) every head config in ``experiments/conf/predictor``: a new head is benchmarked
+    by existing, with this file's defaults where ``per_head`` has no entry for it."""
+    return list(cfg.heads or sorted(p.stem for p in (CONF / "predictor").glob("*.yaml")))
+
+
 def run_one(cfg, head_name: str, task_name: str, dim: int) -> dict:
-    settings = OmegaConf.to_container(cfg.per_head[head_name], resolve=True)
+    settings = dict(OmegaConf.to_container(cfg.per_head, resolve=True).get(head_name) or {})
     steps, lr = settings.pop("steps", cfg.steps), settings.pop("lr", cfg.lr)
     task = TASKS[task_name](dim=dim, cond_dim=cfg.cond_dim, seed=cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -75,7 +81,7 @@ def main() -> None:
     cfg = OmegaConf.merge(OmegaConf.load(CONF / "heads_benchmark.yaml"), OmegaConf.from_dotlist(sys.argv[1:]))
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     rows = []
-    for head_name in cfg.heads:
+    for head_name in head_names(cfg):
         for task_name in cfg.tasks:
             for dim in cfg.dims:
                 rows.append(run_one(cfg, head_name, task_name, dim))

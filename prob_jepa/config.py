@@ -111,7 +111,7 @@ def _sweep_jobs(
     sweeper = loader.load_configuration(config_name, selections, RunMode.MULTIRUN).hydra.sweeper
     if sweeper._target_ != BASIC_SWEEPER:
         return []
-    parse = OverridesParser.create().parse_overrides
+    parse = OverridesParser.create(config_loader=loader).parse_overrides  # the loader lists a glob(*)'s configs
     params = [f"{k}={v}" for k, v in (sweeper.params or {}).items()]
     task = parse(params + [o.input_line for o in overrides if not o.is_hydra_override()])  # as Hydra passes them
     swept = {o.get_key_element() for o in task if o.is_sweep_override()}

@@ -59,9 +59,10 @@ def test_five_head_sweep_then_compare(tiny_overrides, tmp_path):
     proc = run("experiments/run.py", "-m", "-cn", "config", "experiment=compare_heads", *tiny_overrides, *SMALL_EVAL,
                f"hydra.sweep.dir={sweep}", timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    heads = sorted(p.stem for p in (ROOT / "experiments" / "conf" / "predictor").glob("*.yaml"))
+    assert len(heads) == 5  # every head config is swept (glob), in Hydra's alphabetical order
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == [  # folders name only what the sweep varies
-        "0_predictor=deterministic", "1_predictor=mdn", "2_predictor=autoregressive", "3_predictor=flow",
-        "4_predictor=diffusion"]
+        f"{i}_predictor={head}" for i, head in enumerate(heads)]
     out = tmp_path / "comparison"
     proc = run("experiments/compare.py", str(sweep), "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]

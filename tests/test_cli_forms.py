@@ -109,9 +109,9 @@ FORMS = [
     Form(("-m", "predictor=flow,mdn", "predictor.num_bins=8"),
          Unknown("predictor.num_bins", ("num_components",), "predictor=mdn"),
          (("predictor=mdn", "predictor.num_bins=8"),)),
-    Form(("-m", "experiment=compare_heads", "predictor.num_bins=8"),
-         Unknown("predictor.num_bins", ("point_loss",), "predictor=deterministic"),
-         (("experiment=compare_heads", "predictor=deterministic", "predictor.num_bins=8"),)),
+    Form(("-m", "experiment=compare_heads", "predictor.num_bins=8"),  # glob(*): the heads in alphabetical order
+         Unknown("predictor.num_bins", ("num_components", "context_dim"), "predictor=autoregressive"),
+         (("experiment=compare_heads", "predictor=autoregressive", "predictor.num_bins=8"),)),
     # every job has the key, but Hydra first composes the config with predictor at its default
     Form(("-m", "predictor=mdn,autoregressive", "predictor.num_components=8"),
          Unknown("predictor.num_components", ("point_loss",), "before sweeping"),
