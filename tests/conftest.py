@@ -1,8 +1,10 @@
 """Shared test fixtures: config composition and the list of heads from their config files."""
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
+from types import ModuleType
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Sleep rather than spin while waiting for OpenMP work: spinning threads slow small ops ~100x when the
@@ -16,6 +18,14 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "experiments" / "conf"
+
+
+def load_experiment(name: str) -> ModuleType:
+    """The script ``experiments/<name>.py`` imported as a module (its ``main`` not run)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def head_configs() -> dict[str, dict]:

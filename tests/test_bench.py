@@ -1,21 +1,13 @@
 """experiments/bench.py measures the real training step of the image JEPA and of the hypermodal JEPA."""
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT, TINY, shrunk_model
+from conftest import ROOT, TINY, load_experiment, shrunk_model
 from test_hypermodal import SMALL
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench", ROOT / "experiments" / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
@@ -23,7 +15,7 @@ def load_bench():
     "overrides", [TINY, SMALL + ["hypermodal.predictor.moe_experts=4"]], ids=["image", "hypermodal"]
 )
 def test_bench_measures_a_training_step(overrides):
-    row = load_bench().measure(list(overrides), steps=2, warmup=1, compiled=False)
+    row = load_experiment("bench").measure(list(overrides), steps=2, warmup=1, compiled=False)
     assert row["step_ms"] > 0 and row["images_per_s"] > 0 and row["gflops_per_step"] > 0
     assert row["peak_memory_mb"] > 0 and 0 < row["mfu"] < 1
     assert row["model"] == ("hypermodal" if "experiment=hypermodal_shapes" in overrides else "vit_tiny")
@@ -31,20 +23,20 @@ def test_bench_measures_a_training_step(overrides):
 
 @pytest.mark.slow
 def test_bench_compiles_the_step_and_counts_graphs_and_breaks():
-    row = load_bench().measure(TINY + ["trainer.compile_backend=aot_eager"], steps=2, warmup=1, compiled=True)
+    row = load_experiment("bench").measure(TINY + ["trainer.compile_backend=aot_eager"], steps=2, warmup=1, compiled=True)
     assert row["compiled"] and row["graphs"] == 1 and row["graph_breaks"] == 0
     assert row["first_step_s"] > 0 and row["step_ms"] > 0
 
 
 def test_bench_measures_the_flops_adaptive_computation_saves():
-    bench = load_bench()
+    bench = load_experiment("bench")
     saved = bench.adaptive_flops(shrunk_model("jin_tiny") + ["model.capacity=[0.5,0.5]", "trainer.batch_size=4"])
     assert saved["gflops_adaptive"] < saved["gflops_full"] and 0.02 < saved["flops_saved"] < 0.6
     assert bench.adaptive_flops(shrunk_model("jin_tiny") + ["model.adaptive=false"]) is None
 
 
 def test_bench_sizes_the_moe_comparison_by_the_trunk():
-    dim, hidden, tokens = load_bench().trunk_tokens([])  # the default run: jin_tiny predicts level 1 only
+    dim, hidden, tokens = load_experiment("bench").trunk_tokens([])  # the default run: jin_tiny predicts level 1 only
     assert (dim, hidden) == (96, 384)
     assert tokens == 64 * (19 + 4 * 12)  # K_c context units + 4 target blocks of K_t units, one token each
 

@@ -1,16 +1,15 @@
 """The paired multimodal shapes world: every modality of item i shows the same scene."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from conftest import load_experiment
 from prob_jepa.data import build_datasets
 from prob_jepa.data.multimodal import (
     MODALITIES, TOKENIZER_PATH, MultimodalSpec, PairedShapes, load_tokenizer, log_mel, mel_filterbank,
@@ -19,7 +18,6 @@ from prob_jepa.data.multimodal import (
 from prob_jepa.data.multimodal import PAD_ID, VOCAB_SIZE
 from prob_jepa.data.shapes import CLASSES, MEAN, STD
 
-ROOT = Path(__file__).resolve().parents[1]
 SPEC = MultimodalSpec()
 
 
@@ -157,9 +155,7 @@ def test_unknown_modality_lists_valid_names():
 
 
 def test_shipped_tokenizer_is_reproduced_by_its_script(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("train_tokenizer", ROOT / "experiments" / "train_tokenizer.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_experiment("train_tokenizer")
     monkeypatch.setattr(sys, "argv", ["train_tokenizer.py", "--out", str(tmp_path / "bpe.json")])
     script.main()
     assert json.loads((tmp_path / "bpe.json").read_text()) == json.loads(TOKENIZER_PATH.read_text())

@@ -1,30 +1,22 @@
 """experiments/heads_benchmark.py runs every head config it finds, with or without a ``per_head`` entry."""
 from __future__ import annotations
 
-import importlib.util
 import math
 
 from omegaconf import OmegaConf
 
-from conftest import ROOT
-
-
-def load_heads_benchmark():
-    spec = importlib.util.spec_from_file_location("heads_benchmark", ROOT / "experiments" / "heads_benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_experiment
 
 
 def test_the_default_benchmarks_every_head_config():
-    hb = load_heads_benchmark()
+    hb = load_experiment("heads_benchmark")
     cfg = OmegaConf.load(hb.CONF / "heads_benchmark.yaml")
     assert hb.head_names(cfg) == sorted(p.stem for p in (hb.CONF / "predictor").glob("*.yaml"))
     assert hb.head_names(OmegaConf.merge(cfg, {"heads": ["flow"]})) == ["flow"]
 
 
 def test_a_head_without_a_per_head_entry_runs_with_the_defaults():
-    hb = load_heads_benchmark()
+    hb = load_experiment("heads_benchmark")
     cfg = OmegaConf.merge(OmegaConf.load(hb.CONF / "heads_benchmark.yaml"),
                           {"steps": 3, "batch_size": 16, "test_size": 32, "timing_rows": 4, "num_samples": 4})
     del cfg.per_head["mdn"]

@@ -1,11 +1,10 @@
 """experiments/supervised_reference.py trains the encoder on the labels and scores it with the run's own probes."""
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 
-from conftest import CONF, ROOT, TINY
+from conftest import CONF, TINY, load_experiment
 from prob_jepa.config import compose_config
 
 # A world a 2-block ViT learns in 160 steps: one colour pair, no texture, no pixel noise.
@@ -14,18 +13,11 @@ EASY = ["data.train_size=512", "data.val_size=128", "trainer.epochs=10", "traine
         "data.scene.background=[0.3,0.3]"]
 
 
-def load_supervised_reference():
-    spec = importlib.util.spec_from_file_location("supervised_reference", ROOT / "experiments" / "supervised_reference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 def test_the_supervised_encoder_learns_the_classes():
     # measured at seeds 0, 1, 2: k-NN 0.641 / 0.695 / 0.555 against 0.383 / 0.359 / 0.359 at random init,
     # classifier 0.461 / 0.602 / 0.500 (chance 0.125)
-    result = load_supervised_reference().supervised_reference(compose_config(CONF, TINY + EASY), progress=False)
+    result = load_experiment("supervised_reference").supervised_reference(compose_config(CONF, TINY + EASY), progress=False)
     assert result["steps"] == 160
     assert result["supervised_knn"] >= result["random_init_knn"] + 0.1, result
     assert result["classifier"] >= 0.3, result
@@ -33,6 +25,6 @@ def test_the_supervised_encoder_learns_the_classes():
 
 
 def test_a_dataset_without_labelled_images_is_refused():
-    module = load_supervised_reference()
+    module = load_experiment("supervised_reference")
     with pytest.raises(ValueError, match="paired_shapes yields dict items"):
         module.supervised_reference(compose_config(CONF, ["experiment=hypermodal_shapes"]), progress=False)
