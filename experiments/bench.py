@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 from torch.utils.data import default_collate  # noqa: E402
 
-from prob_jepa.config import compose_config  # noqa: E402
+from prob_jepa.config import compose_config, group_options  # noqa: E402
 from prob_jepa.distributed import DistInfo, resolve_device  # noqa: E402
 from prob_jepa.eval.cost import (  # noqa: E402
     level_report, matmul_peak_flops, micro_batch_flops, moe_vs_dense, time_steps,
@@ -46,7 +46,7 @@ from prob_jepa.run_dir import RunDir  # noqa: E402
 from prob_jepa.train import Trainer, peak_memory_mb  # noqa: E402
 
 CONF = Path(__file__).resolve().parent / "conf"
-HEADS = sorted(p.stem for p in (CONF / "predictor").glob("*.yaml"))
+HEADS = group_options(CONF, "predictor")
 
 
 def synthetic_data(cfg) -> torch.utils.data.Dataset:

@@ -22,6 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from prob_jepa.config import group_options  # noqa: E402
 from prob_jepa.eval.summary import markdown_table  # noqa: E402
 from prob_jepa.heads import build_head  # noqa: E402
 from prob_jepa.synthetic import TASKS, BimodalTask, train_head  # noqa: E402
@@ -39,7 +40,7 @@ def head_options(name: str, overrides: dict) -> dict:
 def head_names(cfg) -> list[str]:
     """``cfg.heads``, or (null) every head config in ``experiments/conf/predictor``: a new head is benchmarked
     by existing, with this file's defaults where ``per_head`` has no entry for it."""
-    return list(cfg.heads or sorted(p.stem for p in (CONF / "predictor").glob("*.yaml")))
+    return list(cfg.heads or group_options(CONF, "predictor"))
 
 
 def run_one(cfg, head_name: str, task_name: str, dim: int) -> dict:

@@ -6,8 +6,8 @@ Trains the configuration's context encoder (``model=``, at ``seed``) and a linea
 average-pooled last-level tokens with cross-entropy on the labels — no masks, no predictor, no EMA target — for
 the run's own steps (``trainer.epochs`` × steps per epoch, ``trainer.batch_size``) and schedules (``optim.*``:
 warm-up + cosine lr, cosine weight decay, ``trainer.clip_grad``), then scores the frozen encoder exactly as a run
-scores its target encoder (:func:`prob_jepa.eval.representation_metrics`'s linear probe and k-NN on the same
-images). It prints and writes the probe, the k-NN accuracy, the trained classifier's own validation accuracy and
+scores its target encoder (:func:`prob_jepa.eval.frozen_feature_scores`: the same linear probe and k-NN on the
+same images). It prints and writes the probe, the k-NN accuracy, the trained classifier's own validation accuracy and
 the random-initialization reference: what a self-supervised run's probe can be compared with on this data.
 """
 from __future__ import annotations
@@ -29,8 +29,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from prob_jepa.config import compose_config  # noqa: E402
 from prob_jepa.data import build_datasets  # noqa: E402
-from prob_jepa.eval import evaluation_sets, with_validation  # noqa: E402
-from prob_jepa.eval.representation import extract_features, knn_accuracy, linear_probe  # noqa: E402
+from prob_jepa.eval import evaluation_sets, frozen_feature_scores, random_init_model  # noqa: E402
 from prob_jepa.eval.summary import markdown_table  # noqa: E402
 from prob_jepa.model import build_model  # noqa: E402
 from prob_jepa.schedules import Schedules  # noqa: E402
@@ -92,18 +91,13 @@ def supervised_reference(cfg: DictConfig, progress: bool = True) -> dict[str, fl
     train_set, val_set, probe_set = build_datasets(cfg.data, ("train", "val", "train_eval"))
     if not isinstance(train_set[0][0], torch.Tensor):
         raise ValueError(f"data={cfg.data.name} yields {type(train_set[0][0]).__name__} items, not labelled images")
-    num_classes = int(cfg.data.num_classes)
-    probe_train, probe_val = evaluation_sets(*with_validation(probe_set, val_set), cfg.eval)
-    cpu, e = torch.device("cpu"), cfg.eval
-    torch.manual_seed(cfg.seed)
-    reference = PooledClassifier(build_model(cfg).context_encoder, num_classes).eval()
-    model, steps = train_supervised(cfg, train_set, num_classes, progress)
+    probe_train, probe_val = evaluation_sets(probe_set, val_set, cfg.eval)
+    cpu = torch.device("cpu")
+    model, steps = train_supervised(cfg, train_set, int(cfg.data.num_classes), progress)
     out: dict[str, float] = {"steps": steps}
-    for name, m in (("supervised", model), ("random_init", reference)):
-        tx, ty = extract_features(m.features, probe_train, e.batch_size, cpu, f"{name} train features")
-        vx, vy = extract_features(m.features, probe_val, e.batch_size, cpu, f"{name} val features")
-        out[f"{name}_linear_probe"] = linear_probe(tx, ty, vx, vy, max_iter=e.probe_max_iter).accuracy
-        out[f"{name}_knn"] = knn_accuracy(tx, ty, vx, vy, k=e.knn_k, temperature=e.knn_temperature)
+    for name, encode in (("supervised", model.features), ("random_init", random_init_model(cfg, cpu).features)):
+        scores, _, vx, vy = frozen_feature_scores(encode, probe_train, probe_val, cfg.eval, cpu, name)
+        out.update({f"{name}_{key}": value for key, value in scores.items()})
         if name == "supervised":
             with torch.no_grad():
                 out["classifier"] = (model.classifier(vx).argmax(1) == vy).float().mean().item()
@@ -120,7 +114,7 @@ def main(argv: list[str]) -> dict[str, float]:
         result = supervised_reference(cfg, progress=cfg.trainer.progress)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    print(markdown_table([result], {k: ".3f" for k in result if k != "steps"}))
+    print(markdown_table([result], {k: ".3f" for k in result if k != "steps" and "weight_decay" not in k}))
     if args.out is not None:
         args.out.write_text(json.dumps(result, indent=2))
     return result

@@ -39,6 +39,12 @@ def compose_config(config_dir: str | Path, overrides: Sequence[str] = (), config
         return compose(config_name, overrides=list(overrides))
 
 
+def group_options(config_dir: str | Path, group: str) -> list[str]:
+    """The configs of the config group ``group`` under ``config_dir`` (``predictor``: every head), sorted as
+    Hydra's ``glob(*)`` lists them."""
+    return sorted(p.stem for p in (Path(config_dir) / group).glob("*.yaml"))
+
+
 def check_argv(
     argv: Sequence[str], app_file: str | Path, config_path: str = "conf", config_name: str = "config"
 ) -> None:

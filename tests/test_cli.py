@@ -7,7 +7,7 @@ import sys
 import pytest
 from PIL import Image
 
-from conftest import ROOT, SMALL_EVAL
+from conftest import HEAD_CONFIGS, ROOT, SMALL_EVAL
 
 
 def run(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -59,8 +59,8 @@ def test_five_head_sweep_then_compare(tiny_overrides, tmp_path):
     proc = run("experiments/run.py", "-m", "-cn", "config", "experiment=compare_heads", *tiny_overrides, *SMALL_EVAL,
                f"hydra.sweep.dir={sweep}", timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    heads = sorted(p.stem for p in (ROOT / "experiments" / "conf" / "predictor").glob("*.yaml"))
-    assert len(heads) == 5  # every head config is swept (glob), in Hydra's alphabetical order
+    heads = list(HEAD_CONFIGS)  # every head config is swept (glob), in Hydra's alphabetical order
+    assert len(heads) == 5
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == [  # folders name only what the sweep varies
         f"{i}_predictor={head}" for i, head in enumerate(heads)]
     out = tmp_path / "comparison"

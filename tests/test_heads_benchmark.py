@@ -5,13 +5,13 @@ import math
 
 from omegaconf import OmegaConf
 
-from conftest import load_experiment
+from conftest import HEAD_CONFIGS, load_experiment
 
 
 def test_the_default_benchmarks_every_head_config():
     hb = load_experiment("heads_benchmark")
     cfg = OmegaConf.load(hb.CONF / "heads_benchmark.yaml")
-    assert hb.head_names(cfg) == sorted(p.stem for p in (hb.CONF / "predictor").glob("*.yaml"))
+    assert hb.head_names(cfg) == list(HEAD_CONFIGS)
     assert hb.head_names(OmegaConf.merge(cfg, {"heads": ["flow"]})) == ["flow"]
 
 

@@ -1,7 +1,6 @@
 """experiments/supervised_reference.py trains the encoder on the labels and scores it with the run's own probes."""
 from __future__ import annotations
 
-
 import pytest
 
 from conftest import CONF, TINY, load_experiment

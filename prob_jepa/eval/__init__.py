@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -19,7 +19,7 @@ from . import plots
 from .ambiguity import ambiguity_metrics
 from .cost import step_flops, training_cost
 from .heads import EVAL_DRAWS, collect_rows, head_metrics, on_head
-from .representation import extract_features, knn_accuracy, linear_probe
+from .representation import ProbeResult, extract_features, knn_accuracy, linear_probe
 from .uncertainty import energy_calibration, image_energies
 from .uncertainty_maps import region_means, unit_uncertainty
 from .what_could_be_here import centre_retrieval, marker_retrieval, token_bank
@@ -67,21 +67,29 @@ def representation_metrics(
 
     Returns the metrics and the pretrained probe's validation logits and labels.
     """
-    e = cfg.eval
     reference = random_init_model(cfg, device)
     out, logits, labels = {}, None, None
     for name, m in (("pretrained", model), ("random_init", reference)):
-        tx, ty = extract_features(m.features, train_set, e.batch_size, device, f"{name} train features")
-        vx, vy = extract_features(m.features, val_set, e.batch_size, device, f"{name} val features")
-        probe = linear_probe(tx, ty, vx, vy, max_iter=e.probe_max_iter)
-        out[name] = {
-            "linear_probe": probe.accuracy,
-            "probe_weight_decay": probe.weight_decay,
-            "knn": knn_accuracy(tx, ty, vx, vy, k=e.knn_k, temperature=e.knn_temperature),
-        }
+        out[name], probe, _, vy = frozen_feature_scores(m.features, train_set, val_set, cfg.eval, device, name)
         if logits is None:
             logits, labels = probe.logits, vy
     return out, logits, labels
+
+
+def frozen_feature_scores(
+    encode: Callable[[torch.Tensor], torch.Tensor], train_set: Dataset, val_set: Dataset, eval_cfg: DictConfig,
+    device: torch.device, name: str = "",
+) -> tuple[dict[str, float], ProbeResult, torch.Tensor, torch.Tensor]:
+    """Linear probe (``eval.probe_max_iter``) and k-NN (``eval.knn_k``, ``eval.knn_temperature``) of the frozen
+    features ``encode(images) → [B, D]``: the scores (``linear_probe``, ``probe_weight_decay``, ``knn``), the probe,
+    and the validation features ``[N, D]`` and labels ``[N]``."""
+    e = eval_cfg
+    tx, ty = extract_features(encode, train_set, e.batch_size, device, f"{name} train features")
+    vx, vy = extract_features(encode, val_set, e.batch_size, device, f"{name} val features")
+    probe = linear_probe(tx, ty, vx, vy, max_iter=e.probe_max_iter)
+    scores = {"linear_probe": probe.accuracy, "probe_weight_decay": probe.weight_decay,
+              "knn": knn_accuracy(tx, ty, vx, vy, k=e.knn_k, temperature=e.knn_temperature)}
+    return scores, probe, vx, vy
 
 
 def uncertainty_map_metrics(
