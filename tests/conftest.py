@@ -14,6 +14,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
+
+from prob_jepa.config import group_options  # noqa: E402
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,8 +34,8 @@ def load_experiment(name: str) -> ModuleType:
 def head_configs() -> dict[str, dict]:
     """Every ``experiments/conf/predictor/*.yaml`` as ``{name: options}`` — a new head is tested once its config exists."""
     out = {}
-    for path in sorted((CONF / "predictor").glob("*.yaml")):
-        cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    for stem in group_options(CONF, "predictor"):
+        cfg = OmegaConf.to_container(OmegaConf.load(CONF / "predictor" / f"{stem}.yaml"), resolve=True)
         out[cfg.pop("name")] = cfg
     return out
 
@@ -78,7 +81,7 @@ def tiny_overrides() -> list[str]:
     return list(TINY)
 
 
-MODEL_PRESETS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+MODEL_PRESETS = group_options(CONF, "model")
 
 
 def shrunk_model(name: str) -> list[str]:

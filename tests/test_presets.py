@@ -4,15 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import CONF
+from conftest import MODEL_PRESETS
 from prob_jepa.eval.cost import level_report
 from prob_jepa.model import build_model
 from prob_jepa.train import accumulation
 
-MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
-
-
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", MODEL_PRESETS)
 def test_every_model_preset_builds_on_meta_and_reports_parameters_and_flops(name, compose):
     cfg = compose(f"model={name}")
     cfg.data.image_size = cfg.model.image_size
