@@ -8,6 +8,10 @@ excluded: that is the probe's job) — shape radius, centre, tilt, hue (as sine 
 colour, texture strength — the share of the features' variance along their five largest principal components, and
 the k-NN accuracy of the class. Factors that the features read with R² near 1 and that fill the top components
 decide which images are nearest neighbours (README, "What the default run shows").
+
+Then, from the run's evaluation (``plots/plot_data.json``), the Pearson r of every scene factor with an image's
+mean predictor energy and with the probe being right on it: a factor that moves both is what could make energy
+predict the probe's errors (README, "The head comparison").
 """
 from __future__ import annotations
 
@@ -26,8 +30,10 @@ from prob_jepa.data import build_datasets  # noqa: E402
 from prob_jepa.data.shapes import ShapesDataset  # noqa: E402
 from prob_jepa.eval import random_init_model  # noqa: E402
 from prob_jepa.eval.diagnostics import variance_share  # noqa: E402
+from prob_jepa.eval.metrics import pearson_r  # noqa: E402
 from prob_jepa.eval.representation import extract_features, factor_r2, knn_accuracy  # noqa: E402
 from prob_jepa.eval.summary import markdown_table  # noqa: E402
+from prob_jepa.run_dir import RunDir  # noqa: E402
 from prob_jepa.run_io import load_run  # noqa: E402
 
 from evaluate import with_current_defaults  # noqa: E402  (experiments/, the script's folder)
@@ -44,6 +50,15 @@ def scalar_factors(ds: ShapesDataset) -> dict[str, torch.Tensor]:
     out.update({f"background_{c}": f["background"][:, i] for i, c in enumerate("rgb")})
     out["texture"] = f["texture"]
     return out
+
+
+def energy_and_error_drivers(factors: dict[str, torch.Tensor], energy: torch.Tensor, correct: torch.Tensor) -> dict:
+    """Pearson r of each factor (``[N]`` per image, of the first ``len(energy)`` images) with the image energy
+    ``[n]`` (nats) and with the probe's correctness ``[n]`` (0 / 1): ``{factor: {"energy": r, "correct": r}}``,
+    plus ``"energy_vs_correct"``, the evaluation's own r (``eval.json``, uncertainty)."""
+    n = len(energy)
+    out = {k: {"energy": pearson_r(f[:n], energy), "correct": pearson_r(f[:n], correct)} for k, f in factors.items()}
+    return {"factors": out, "energy_vs_correct": pearson_r(energy, correct)}
 
 
 def main(argv: list[str]) -> dict:
@@ -77,6 +92,17 @@ def main(argv: list[str]) -> dict:
     print(f"{args.run}: held-out R² of a ridge read-out per scene factor; then the variance share of the top "
           f"{TOP_COMPONENTS} principal components and the class k-NN accuracy")
     print(markdown_table(rows, {"pretrained": ".3f", "random_init": ".3f"}))
+    run = RunDir(args.run)
+    if run.plot_data.exists():
+        per_image = run.read_plot_data()["energy"]
+        energy = torch.tensor(per_image["image"], dtype=torch.float64)
+        correct = torch.tensor(per_image["image_correct"], dtype=torch.float64)
+        drivers = energy_and_error_drivers({k: f.double() for k, f in val_f.items()}, energy, correct)
+        result["energy_and_errors"] = drivers
+        print(f"\nPearson r of each scene factor with the image energy and with the probe being right "
+              f"({len(energy)} validation images; energy vs right: {drivers['energy_vs_correct']:+.3f})")
+        print(markdown_table([{"factor": k, **v} for k, v in drivers["factors"].items()],
+                             {"energy": "+.3f", "correct": "+.3f"}))
     if args.out is not None:
         args.out.write_text(json.dumps(result, indent=2))
     return result

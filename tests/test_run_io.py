@@ -106,6 +106,23 @@ def test_a_run_saved_before_a_data_key_existed_still_evaluates(trained, tmp_path
     assert set(factors["pretrained"]["r2"]) == {"radius", "cx", "cy", "theta", "hue_sin", "hue_cos", "value",
                                                  "background_r", "background_g", "background_b", "texture"}
     assert 0 < factors["random_init"]["top5_variance_share"] <= 1
+    drivers = factors["energy_and_errors"]  # read from the run's own evaluation
+    assert set(drivers["factors"]) == set(factors["pretrained"]["r2"])
+    assert drivers["energy_vs_correct"] == pytest.approx(RunDir(old).read_eval()["uncertainty"]["energy_correct_pearson_r"])
+
+
+def test_energy_and_error_drivers_pair_each_factor_with_the_evaluated_images():
+    """The evaluation's per-image energies are of the first validation images: a factor equal to the energy
+    there (and anything after) has r = 1 with it, a factor equal to correctness r = 1 with that."""
+    g = torch.Generator().manual_seed(0)
+    energy, correct = torch.randn(40, generator=g, dtype=torch.float64), (torch.rand(40, generator=g) < 0.6).double()
+    rest = torch.randn(25, generator=g, dtype=torch.float64)
+    out = feature_factors_script.energy_and_error_drivers(
+        {"energy_like": torch.cat([energy, rest]), "error_like": torch.cat([correct, rest])}, energy, correct
+    )
+    assert out["factors"]["energy_like"]["energy"] == pytest.approx(1.0)
+    assert out["factors"]["error_like"]["correct"] == pytest.approx(1.0)
+    assert out["factors"]["energy_like"]["correct"] == pytest.approx(out["energy_vs_correct"])
 
 
 def test_evaluate_rejects_an_unknown_key_with_the_valid_ones(trained):
