@@ -54,8 +54,10 @@ def synthetic_data(cfg) -> torch.utils.data.Dataset:
     n = cfg.trainer.batch_size
     if "hypermodal" in cfg:
         from prob_jepa.data.multimodal import MultimodalSpec, PairedShapes
+        from prob_jepa.data.shapes import Scene
 
-        return PairedShapes(n, seed=0, spec=MultimodalSpec.from_config(cfg.data), modalities=cfg.data.modalities)
+        d = cfg.data
+        return PairedShapes(n, 0, Scene.from_config(d.scene), MultimodalSpec.from_config(d), d.modalities)
     size = cfg.data.image_size
     images = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(0))
     return torch.utils.data.TensorDataset(images, torch.zeros(n, dtype=torch.long))

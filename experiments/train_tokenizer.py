@@ -3,7 +3,8 @@
     python experiments/train_tokenizer.py                       # rewrites prob_jepa/data/assets/shapes_bpe.json
     python experiments/train_tokenizer.py --out /tmp/bpe.json --vocab-size 1024
 
-The captions are those of :class:`PairedShapes` scenes drawn at ``--seed``; ``<pad>`` is token 0.
+The captions are those of :class:`PairedShapes` scenes drawn at ``--seed`` as ``data=paired_shapes`` draws them
+(its ``data.scene``); ``<pad>`` is token 0.
 """
 from __future__ import annotations
 
@@ -13,7 +14,11 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from prob_jepa.data.multimodal import PAD_TOKEN, TOKENIZER_PATH, captions, draw_factors
+from prob_jepa.config import compose_config
+from prob_jepa.data.multimodal import PAD_TOKEN, TOKENIZER_PATH, captions, draw_paired_scenes
+from prob_jepa.data.shapes import Scene
+
+CONF = Path(__file__).resolve().parent / "conf"
 
 
 def train(texts: list[str], vocab_size: int) -> Tokenizer:
@@ -35,12 +40,11 @@ def main() -> None:
     parser.add_argument("--captions", type=int, default=20_000, help="captions to train on")
     parser.add_argument("--vocab-size", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--radius", type=float, nargs=2, default=(0.3, 0.38), help="the scenes' radius range")
     args = parser.parse_args()
 
     g = torch.Generator().manual_seed(args.seed)
-    radius = tuple(args.radius)
-    texts = captions(draw_factors(args.captions, g, radius), g, radius)
+    scene = Scene.from_config(compose_config(CONF, ["data=paired_shapes"]).data.scene)
+    texts = captions(draw_paired_scenes(args.captions, g, scene), g, scene)
     tokenizer = train(texts, args.vocab_size)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(args.out))

@@ -10,7 +10,7 @@ from torch import nn
 from .layers.init import init_weights
 from .layers.coords import grid_coords, sincos_embed, unit_layout
 from .layers.spatial_bias import SpatialBias
-from .layers.stage import AdaptiveStage, Stage
+from .layers.stage import AdaptiveStage, Stage, drop_path_rates
 from .zoom import AdaptiveZoom
 
 
@@ -114,7 +114,7 @@ class HierarchicalEncoder(nn.Module):
             side = self.grid // 2**level
             self.register_buffer(f"coords_{level}", unit_layout(grid_coords(side), side // self.unit_grid), persistent=False)
 
-        rates = [drop_path_rate * i / max(1, sum(depths) - 1) for i in range(sum(depths))]
+        rates = drop_path_rates(drop_path_rate, sum(depths))
         capacity = [1.0] * self.levels if capacity is None else list(capacity)
         if len(capacity) != self.levels:
             raise ValueError(f"capacity {capacity} must give one fraction per level ({self.levels})")

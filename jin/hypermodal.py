@@ -9,7 +9,8 @@ from torch import nn
 
 from .encoders.base import ModalityEncoder, Tokens
 from .layers.init import init_weights
-from .layers.stage import Stage
+from .layers.spatial_bias import SpatialBias
+from .layers.stage import Stage, drop_path_rates
 
 
 class ModalityTable(nn.Module):
@@ -48,19 +49,25 @@ class HypermodalEncoder(nn.Module):
     ``forward(name, x)`` runs the modality's own encoder (tokens with coordinates,
     its own blocks), adds the modality's learned embedding, then the shared blocks
     and norm, so all modalities land in one ``D``-dimensional space where
-    predictions and alignment energies compare them.
+    predictions and alignment energies compare them. With ``spatial_bias`` the
+    shared blocks add JIN's eq. 7-8 bias over the tokens' coordinates, as the
+    image encoder's blocks do.
 
     Args:
         encoders: ``{name: ModalityEncoder}``, all of width ``dim``.
         dim, depth, num_heads, mlp_ratio, drop_path_rate: the shared blocks.
+        spatial_bias, bias_hidden, bias_grid: the bias (:class:`~jin.layers.SpatialBias`: MLP width, tokens per
+            unit of coordinate that Δpos is measured in).
     """
 
     def __init__(self, encoders: Mapping[str, ModalityEncoder], dim: int, depth: int, num_heads: int,
-                 mlp_ratio: float = 4.0, drop_path_rate: float = 0.0):
+                 mlp_ratio: float = 4.0, drop_path_rate: float = 0.0, spatial_bias: bool = False,
+                 bias_hidden: int = 16, bias_grid: int = 8):
         super().__init__()
         self.dim = dim
-        rates = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]
-        self.stage = Stage(dim, depth, num_heads, mlp_ratio, rates, None)
+        rates = drop_path_rates(drop_path_rate, depth)
+        bias = SpatialBias(num_heads, bias_hidden, bias_grid) if spatial_bias else None
+        self.stage = Stage(dim, depth, num_heads, mlp_ratio, rates, bias)
         self.norm = nn.LayerNorm(dim)
         self.apply(init_weights)
         self.encoders = nn.ModuleDict()

@@ -1,4 +1,4 @@
-"""The JEPA model: context encoder, EMA target encoder, predictor trunk, one head per level."""
+"""The JEPA model: context encoder, EMA target encoder, predictor, one head per level."""
 from __future__ import annotations
 
 from typing import NamedTuple, Sequence
@@ -15,7 +15,7 @@ from jin.layers import budget_loss
 from .config import ConfigError
 from .ema import ContextTargetPair
 from .heads import Head, build_head
-from .predictor import PredictorTrunk
+from .predictor import LevelTokens, Predictor
 from .regularizers import SIGReg
 
 
@@ -38,19 +38,19 @@ class JEPA(ContextTargetPair):
 
     Total loss (JIN eq. 9): ``Σ_l w_l · head_l.loss(cond_l, sg[target_l])
     + λ1 · cross-scale (eq. 2-3) + λ_b · budget (eq. 10)`` (+ the Switch load-balancing
-    loss when the trunk has experts, + SIGReg on the context tokens when set), where targets are
+    loss when the predictor has experts, + SIGReg on the context tokens when set), where targets are
     the layer-normed features of the EMA target encoder at the target units.
 
     Args:
         encoder: the context encoder; the target encoder is its copy.
-        predictor: the trunk producing ``cond`` for every target token.
+        predictor: the :class:`Predictor` (over :class:`LevelTokens`) producing ``cond`` for every target token.
         heads: one head per predicted level (level l models ``D_l``-dimensional targets).
         level_weights: ``w_l`` of the predicted levels.
         predict_levels: the levels the predictor sees and predicts (default: all).
         cross_scale: eq. 2-3 predictors, or ``None``; ``cross_scale_weight`` is λ1.
         alpha_targets: per-level computed-fraction targets (used when the encoder
             is adaptive); ``budget_weight`` is λ_b.
-        balance_weight: weight of the trunk's mixture-of-experts load-balancing loss (if it has experts).
+        balance_weight: weight of the predictor's mixture-of-experts load-balancing loss (if it has experts).
         sigreg: :class:`SIGReg` on the context encoder's last-level tokens (LeJEPA), or ``None``;
             ``sigreg_weight`` is its weight.
     """
@@ -58,7 +58,7 @@ class JEPA(ContextTargetPair):
     def __init__(
         self,
         encoder: HierarchicalEncoder,
-        predictor: PredictorTrunk,
+        predictor: Predictor,
         heads: Sequence[Head],
         level_weights: Sequence[float],
         cross_scale: CrossScalePredictors | None = None,
@@ -284,21 +284,20 @@ def build_configured_head(predictor: DictConfig, dim: int, cond_dim: int) -> Hea
 
 
 def build_model(cfg: DictConfig) -> JEPA:
-    """The JEPA of ``cfg.model`` (backbone, trunk) and ``cfg.predictor`` (head)."""
+    """The JEPA of ``cfg.model`` (backbone, predictor) and ``cfg.predictor`` (head)."""
     m, lv = cfg.model, level_config(cfg.model)
     encoder = build_encoder(cfg)
     p = m.predictor
     check_experts("model.predictor", p)
     predicted = lv["predict_levels"]
-    trunk = PredictorTrunk(
-        context_dims=[lv["dims"][l] for l in predicted],
-        dim=p.dim,
+    predictor = Predictor(
+        LevelTokens([lv["dims"][l] for l in predicted], p.dim, encoder.grid),
         depth=p.depth,
         num_heads=p.num_heads,
         mlp_ratio=p.mlp_ratio,
-        grid=encoder.grid,
         spatial_bias=m.spatial_bias,
         bias_hidden=m.bias_hidden,
+        bias_grid=encoder.grid,
         drop_path_rate=p.drop_path_rate,
         dropout=m.dropout,
         moe_experts=p.moe_experts,
@@ -308,7 +307,7 @@ def build_model(cfg: DictConfig) -> JEPA:
     cross = CrossScalePredictors(lv["dims"]) if m.cross_scale and len(lv["dims"]) > 1 else None
     return JEPA(
         encoder,
-        trunk,
+        predictor,
         heads,
         [lv["level_weights"][l] for l in predicted],
         cross_scale=cross,

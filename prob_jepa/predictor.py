@@ -1,75 +1,66 @@
-"""The predictor trunk: context tokens of every level + mask tokens at target coordinates."""
+"""The JEPA predictor: every prediction task of a step in one pass, kept apart by the attention mask.
+
+One transformer (:class:`Predictor`) serves the image JEPA and the hypermodal JEPA. What differs
+is how its sequence is made, a module of its own (a variant is a module, not a flag):
+
+- :class:`LevelTokens` (image): context tokens of every predicted level and one query per target
+  token of every target block; a block's queries read the context and their own block.
+- :class:`ModalityTokens` (hypermodal): context tokens of every present modality and one query per
+  target token of every task (sources → target modality); a modality's context reads its own
+  context, a task's queries read the context of its sources and their own task.
+
+Either way the context is embedded once, no prediction sees another's answer, the JIN eq. 7-8
+spatial bias runs over every token's coordinates, and the MLPs may be a (multi-gate) mixture of experts.
+"""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from timm.layers import trunc_normal_
 from torch import nn
 
-from jin.layers import MoEMLP, SpatialBias, Stage, sincos_embed
+from jin.encoders import Tokens
+from jin.layers import MoEMLP, SpatialBias, Stage, drop_path_rates, sincos_embed
 from jin.layers.init import init_weights
 
 
-class PredictorTrunk(nn.Module):
-    """I-JEPA's narrow predictor, across levels and for all target blocks in one pass.
+class PredictorSequence(NamedTuple):
+    """What the predictor's blocks run on: ``x [B, N, dim]`` (context first, then queries), ``coords [B, N, 3]``,
+    attention ``group [1, N]`` and ``reads [G, G]`` or ``None`` (see :class:`~jin.layers.AttentionSpec`),
+    ``num_context`` tokens, and the ``sizes`` of the query groups the output splits into."""
 
-    The sequence is every context token of every level (projected to ``dim``)
-    followed by one mask token per target token of every level, each carrying
-    the sin-cos embedding of its (x, y) and a learned level embedding. Attention
-    is block-structured: context tokens attend to context; a target block's mask
-    tokens attend to the context and to that block's mask tokens at every level
-    (JIN: the predictor attends across levels). Target blocks therefore stay
-    independent, as in I-JEPA, while the context is encoded once instead of once
-    per block. The output is the conditioning vector ``cond`` of every target
-    token for the predictor head.
+    x: torch.Tensor
+    coords: torch.Tensor
+    group: torch.Tensor
+    reads: torch.Tensor | None
+    num_context: int
+    sizes: list[int]
+
+
+class LevelTokens(nn.Module):
+    """The image predictor's sequence: context tokens of every level + one mask token per target token.
+
+    Every context token of every level is projected to ``dim``; it and every query (the mask token)
+    carry the sin-cos embedding of their (x, y) and a learned level embedding. Attention groups:
+    -1 for the context (read by every token), ``m`` for block ``m``'s queries at every level (JIN:
+    the predictor attends across levels), so target blocks stay independent, as in I-JEPA.
 
     Args:
-        context_dims: encoder width per level.
-        dim, depth, num_heads, mlp_ratio: trunk shape.
-        grid: tokens per side of the finest grid (position frequencies, bias units).
-        spatial_bias: add the JIN eq. 7-8 bias.
-        bias_hidden: bias MLP width.
-        drop_path_rate, dropout: regularization.
-        moe_experts: > 0 turns every block's MLP into a top-``moe_top_k`` mixture of
-            that many experts (:class:`~jin.layers.moe.MoEMLP`).
+        context_dims: encoder width per level; dim: predictor width.
+        grid: tokens per side of the finest grid (position frequencies).
     """
 
-    def __init__(
-        self,
-        context_dims: Sequence[int],
-        dim: int,
-        depth: int,
-        num_heads: int,
-        mlp_ratio: float,
-        grid: int,
-        spatial_bias: bool = False,
-        bias_hidden: int = 16,
-        drop_path_rate: float = 0.0,
-        dropout: float = 0.0,
-        moe_experts: int = 0,
-        moe_top_k: int = 2,
-    ):
+    def __init__(self, context_dims: Sequence[int], dim: int, grid: int):
         super().__init__()
         self.dim, self.grid = dim, grid
         self.embed = nn.ModuleList(nn.Linear(d, dim) for d in context_dims)
         self.level_embed = nn.Parameter(torch.zeros(len(context_dims), dim))
         self.mask_token = nn.Parameter(torch.zeros(dim))
-        bias = SpatialBias(num_heads, bias_hidden, grid) if spatial_bias else None
-        rates = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]
-        self.stage = Stage(dim, depth, num_heads, mlp_ratio, rates, bias, dropout)
-        if moe_experts:
-            for block in self.stage.blocks:
-                block.mlp = MoEMLP(dim, int(dim * mlp_ratio), moe_experts, moe_top_k)
-        self.norm = nn.LayerNorm(dim)
-        self.apply(init_weights)
+
+    def init_embeddings(self) -> None:
         trunc_normal_(self.level_embed, std=0.02)
         trunc_normal_(self.mask_token, std=0.02)
-
-    def balance_loss(self) -> torch.Tensor | None:
-        """Mean load-balancing loss of the MoE blocks in the last forward; ``None`` for a dense trunk."""
-        losses = [b.mlp.aux_loss for b in self.stage.blocks if isinstance(b.mlp, MoEMLP)]
-        return torch.stack(losses).mean() if losses else None
 
     def position(self, coords: torch.Tensor, level: int) -> torch.Tensor:
         return sincos_embed(coords[..., :2], self.dim, self.grid / 2) + self.level_embed[level]
@@ -81,30 +72,140 @@ class PredictorTrunk(nn.Module):
         blocks = torch.arange(num_blocks).repeat_interleave(block_size)
         return torch.cat([torch.full((num_context,), -1), blocks])[None]
 
-    def forward(
+    def sequence(
         self, context: Sequence[tuple[torch.Tensor, torch.Tensor]], targets: Sequence[torch.Tensor]
-    ) -> list[torch.Tensor]:
-        """Predict conditioning vectors for every target token.
-
-        Args:
-            context: per level ``(features [B, U, T_l, D_l], coords [B, U, T_l, 3])``.
-            targets: per level target coords ``[B, M, N_l, 3]`` (M blocks, N_l tokens per block).
-        Returns:
-            per level ``cond [B, M, N_l, dim]``.
-        """
+    ) -> PredictorSequence:
+        """context: per level ``(features [B, U, T_l, D_l], coords [B, U, T_l, 3])``; targets: per level target
+        coords ``[B, M, N_l, 3]`` (M blocks, N_l tokens per block)."""
         B, M = targets[0].shape[:2]
-        ctx = [
-            self.embed[l](f.flatten(1, 2)) + self.position(c.flatten(1, 2), l)
-            for l, (f, c) in enumerate(context)
-        ]
+        ctx = [self.embed[l](f.flatten(1, 2)) + self.position(c.flatten(1, 2), l) for l, (f, c) in enumerate(context)]
         ctx_coords = torch.cat([c.flatten(1, 2) for _, c in context], 1)
         sizes = [t.shape[2] for t in targets]
         queries = torch.cat([self.mask_token + self.position(t, l) for l, t in enumerate(targets)], 2)  # [B, M, ΣN, dim]
-        q_coords = torch.cat(list(targets), 2)
-
         x = torch.cat([torch.cat(ctx, 1), queries.flatten(1, 2).to(ctx[0].dtype)], 1)
-        coords = torch.cat([ctx_coords, q_coords.flatten(1, 2)], 1)
+        coords = torch.cat([ctx_coords, torch.cat(list(targets), 2).flatten(1, 2)], 1)
         num_ctx = ctx_coords.shape[1]
-        x, _ = self.stage(x, coords, self.task_groups(num_ctx, M, sum(sizes)).to(x.device))
-        out = self.norm(x[:, num_ctx:]).view(B, M, sum(sizes), self.dim)
-        return list(out.split(sizes, dim=2))
+        group = self.task_groups(num_ctx, M, sum(sizes)).to(x.device)
+        return PredictorSequence(x, coords, group, None, num_ctx, sizes)
+
+    def split(self, out: torch.Tensor, seq: PredictorSequence) -> list[torch.Tensor]:
+        """Query outputs ``[B, M·ΣN_l, dim]`` → per level ``cond [B, M, N_l, dim]``."""
+        return list(out.view(out.shape[0], -1, sum(seq.sizes), out.shape[-1]).split(seq.sizes, dim=2))
+
+
+class ModalityTokens(nn.Module):
+    """The hypermodal predictor's sequence: context tokens of every present modality + one query per target token
+    of every task.
+
+    Context tokens are projected from the shared width ``in_dim`` to ``dim``; a query is the mask token plus the
+    projection of its target token's position and modality embedding. Attention groups: modality ``k``'s context
+    reads its own context; task ``t``'s queries read the context of the task's sources and their own task.
+
+    Args:
+        in_dim: the encoder's width ``D``; dim: the predictor's width ``P``.
+    """
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.embed = nn.Linear(in_dim, dim)
+        self.query_embed = nn.Linear(in_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(dim))
+
+    def init_embeddings(self) -> None:
+        trunc_normal_(self.mask_token, std=0.02)
+
+    @staticmethod
+    def reads(sources: torch.Tensor) -> torch.Tensor:
+        """``sources [T, K]`` (which of K modalities each of T tasks reads) → ``[K + T, K + T]`` group table:
+        groups ``0 … K−1`` are the modalities' context, ``K + t`` task ``t``'s queries."""
+        T, K = sources.shape
+        eye = torch.eye(K + T, dtype=torch.bool, device=sources.device)
+        return eye | torch.cat([torch.zeros(K, K + T, dtype=torch.bool, device=sources.device),
+                                torch.cat([sources, torch.zeros(T, T, dtype=torch.bool, device=sources.device)], 1)])
+
+    def sequence(
+        self, context: Sequence[Tokens], queries: Sequence[Tokens], sources: torch.Tensor
+    ) -> PredictorSequence:
+        """context: per present modality ``Tokens([B, N_k, D], coords [B, N_k, 3])``; queries: per task the
+        position + modality embeddings of its target tokens ``[B, Q_t, D]`` and their coords; sources ``[T, K]``."""
+        device = sources.device
+        ctx_sizes = [c.features.shape[1] for c in context]
+        sizes = [q.features.shape[1] for q in queries]
+        x = torch.cat([self.embed(torch.cat([c.features for c in context], 1)),
+                       self.mask_token + self.query_embed(torch.cat([q.features for q in queries], 1))], 1)
+        coords = torch.cat([c.coords for c in context] + [q.coords for q in queries], 1)
+        K = len(context)
+        group = torch.cat([torch.full((n,), i, device=device) for i, n in enumerate(ctx_sizes)]
+                          + [torch.full((n,), K + t, device=device) for t, n in enumerate(sizes)])[None]
+        return PredictorSequence(x, coords, group, self.reads(sources), sum(ctx_sizes), sizes)
+
+    def split(self, out: torch.Tensor, seq: PredictorSequence) -> list[torch.Tensor]:
+        """Query outputs ``[B, ΣQ_t, dim]`` → per task ``cond [B, Q_t, dim]``."""
+        return list(out.split(seq.sizes, dim=1))
+
+
+class Predictor(nn.Module):
+    """The JEPA predictor: ``depth`` blocks over the sequence that ``tokens`` makes, then a norm.
+
+    ``forward(*inputs, gate=0)`` hands ``inputs`` to ``tokens.sequence``, runs the blocks with
+    its attention groups (and the spatial bias over its coordinates) and returns
+    ``tokens.split`` of the normed query outputs: the conditioning vectors ``cond`` of the head.
+
+    Args:
+        tokens: :class:`LevelTokens` or :class:`ModalityTokens` (its ``dim`` is the predictor's width).
+        depth, num_heads, mlp_ratio: block shape.
+        spatial_bias: add the JIN eq. 7-8 bias (``bias_hidden`` MLP width, ``bias_grid`` tokens per side of the
+            finest grid: the unit of Δpos).
+        drop_path_rate, dropout: regularization.
+        moe_experts: > 0 turns every block's MLP into a top-``moe_top_k`` mixture of that many experts
+            (:class:`~jin.layers.moe.MoEMLP`), routed by one of ``num_gates`` gates (M3-JEPA: one per task direction).
+
+    Raises:
+        ValueError: ``num_gates > 1`` without experts.
+    """
+
+    def __init__(
+        self,
+        tokens: LevelTokens | ModalityTokens,
+        depth: int,
+        num_heads: int,
+        mlp_ratio: float,
+        spatial_bias: bool = False,
+        bias_hidden: int = 16,
+        bias_grid: int = 8,
+        drop_path_rate: float = 0.0,
+        dropout: float = 0.0,
+        moe_experts: int = 0,
+        moe_top_k: int = 2,
+        num_gates: int = 1,
+    ):
+        super().__init__()
+        if num_gates > 1 and not moe_experts:
+            raise ValueError(f"num_gates={num_gates} needs a mixture of experts (predictor.moe_experts > 0)")
+        self.tokens = tokens
+        self.dim = dim = tokens.dim
+        bias = SpatialBias(num_heads, bias_hidden, bias_grid) if spatial_bias else None
+        self.stage = Stage(dim, depth, num_heads, mlp_ratio, drop_path_rates(drop_path_rate, depth), bias, dropout)
+        if moe_experts:
+            for block in self.stage.blocks:
+                block.mlp = MoEMLP(dim, int(dim * mlp_ratio), moe_experts, moe_top_k, num_gates)
+        self.norm = nn.LayerNorm(dim)
+        self.apply(init_weights)
+        tokens.init_embeddings()
+
+    def moe_layers(self) -> list[MoEMLP]:
+        return [b.mlp for b in self.stage.blocks if isinstance(b.mlp, MoEMLP)]
+
+    def balance_loss(self) -> torch.Tensor | None:
+        """Mean Switch load-balancing loss of the MoE blocks in the last forward; ``None`` without experts."""
+        losses = [m.aux_loss for m in self.moe_layers()]
+        return torch.stack(losses).mean() if losses else None
+
+    def forward(self, *inputs, gate: int = 0) -> list[torch.Tensor]:
+        """``cond`` of every query group (see ``tokens.split``), routed through MoE gate ``gate``."""
+        for moe in self.moe_layers():
+            moe.active_gate = gate
+        seq = self.tokens.sequence(*inputs)
+        x, _ = self.stage(seq.x, seq.coords, seq.group, reads=seq.reads)
+        return self.tokens.split(self.norm(x[:, seq.num_context:]), seq)

@@ -23,6 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "experiments" / "conf"
 
 
+def paired_scene() -> "Scene":
+    """The scene of ``data=paired_shapes`` as its config file sets it (the hypermodal world's default)."""
+    from prob_jepa.data.shapes import Scene
+
+    return Scene.from_config(OmegaConf.load(CONF / "data" / "paired_shapes.yaml").scene)
+
+
 def load_experiment(name: str) -> ModuleType:
     """The script ``experiments/<name>.py`` imported as a module (its ``main`` not run)."""
     spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")

@@ -9,21 +9,23 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import load_experiment
+from conftest import load_experiment, paired_scene
 from prob_jepa.data import build_datasets
 from prob_jepa.data.multimodal import (
     MODALITIES, TOKENIZER_PATH, MultimodalSpec, PairedShapes, load_tokenizer, log_mel, mel_filterbank,
     relative_position, video_centres,
 )
 from prob_jepa.data.multimodal import PAD_ID, VOCAB_SIZE
-from prob_jepa.data.shapes import CLASSES, MEAN, STD
+from prob_jepa.data.shapes import ARRANGEMENT_NAMES, CLASSES, MEAN, STD, Scene
 
 SPEC = MultimodalSpec()
+SCENE = paired_scene()
+PARTS = Scene(**{**SCENE.__dict__, "layout": "parts"})
 
 
 @pytest.fixture(scope="module")
 def scenes() -> PairedShapes:
-    return PairedShapes(400, seed=0)
+    return PairedShapes(400, 0, SCENE)
 
 
 def foreground_centroids(pixels: torch.Tensor) -> torch.Tensor:
@@ -40,7 +42,7 @@ def stacked(ds: PairedShapes, modality: str) -> torch.Tensor:
 
 
 def test_scenes_are_seeded():
-    a, b, c = PairedShapes(16, seed=3), PairedShapes(16, seed=3), PairedShapes(16, seed=4)
+    a, b, c = PairedShapes(16, 3, SCENE), PairedShapes(16, 3, SCENE), PairedShapes(16, 4, SCENE)
     for m in MODALITIES:
         assert torch.equal(stacked(a, m), stacked(b, m)), m
         assert not torch.equal(stacked(a, m), stacked(c, m)), m
@@ -48,7 +50,7 @@ def test_scenes_are_seeded():
 
 
 def test_each_modality_does_not_depend_on_which_others_are_built(scenes):
-    alone = PairedShapes(400, seed=0, modalities=("points", "image"))
+    alone = PairedShapes(400, 0, SCENE, modalities=("points", "image"))
     assert torch.equal(stacked(alone, "image"), stacked(scenes, "image"))
     assert torch.equal(stacked(alone, "points"), stacked(scenes, "points"))
     assert set(alone[0][0]) == {"points", "image"}
@@ -62,7 +64,7 @@ def test_items_have_the_documented_shapes_and_collate(scenes):
     }
     assert {m: (tuple(x.shape), x.dtype) for m, x in item.items()} == expected
     assert label == int(scenes.factors["label"][7]) and 0 <= label < len(CLASSES)
-    assert set(scenes.factors) == {"label", "cx", "cy", "radius", "theta", "hue", "motion"}
+    assert set(scenes.factors) == {"label", "cx", "cy", "radius", "theta", "color", "hue", "value", "background", "motion"}
     batch, labels = next(iter(DataLoader(scenes, batch_size=5)))
     assert batch["video"].shape == (5, 4, 3, 32, 32) and labels.shape == (5,)
     audio = stacked(scenes, "audio")
@@ -87,15 +89,20 @@ def test_video_starts_at_the_image_and_moves_along_its_direction(scenes):
     assert ((moved[far] * direction[far]).sum(-1) / moved[far].norm(dim=-1)).min() > 0.5
 
 
-def test_points_fill_the_shape_in_the_image(scenes):
+@pytest.mark.parametrize("layout", ["single", "parts"])
+def test_points_fill_the_shape_in_the_image(scenes, layout):
+    """Points and image come from one geometry (shapes.object_mask), whatever the scene's layout."""
+    if layout == "parts":
+        scenes = PairedShapes(200, 0, PARTS, modalities=("image", "points"))
     points, f = stacked(scenes, "points"), scenes.factors
-    assert points.min() >= 0 and points.max() <= 1
+    if layout == "single":  # a tilted corner of the parts layout may pass the image edge, as the image clips it
+        assert points.min() >= 0 and points.max() <= 1
     offset = points[..., :2].mean(1) - torch.stack([f["cx"], f["cy"]], -1)
     assert offset.abs().mean() < 0.015 and offset.abs().max() < 0.07
     assert ((points[..., 2] - 0.5).abs() <= f["radius"][:, None]).all()
     image = stacked(scenes, "image")
     shape = (image * STD + MEAN).amax(1) > 0.6  # [n, S, S]
-    col, row = (points[..., :2] * image.shape[-1]).long().unbind(-1)
+    col, row = (points[..., :2] * image.shape[-1]).long().clamp(0, image.shape[-1] - 1).unbind(-1)
     on_shape = shape[torch.arange(len(points))[:, None], row, col].float().mean(1)
     assert on_shape.mean() > 0.93 and on_shape.min() > 0.8  # the rest fall on pixels cut by the outline
 
@@ -146,12 +153,12 @@ def test_captions_name_the_scene_and_tokens_decode_back(scenes):
 
 def test_a_caption_longer_than_text_length_is_an_error():
     with pytest.raises(ValueError, match="text_length"):
-        PairedShapes(8, seed=0, spec=MultimodalSpec(text_length=4), modalities=("text",))
+        PairedShapes(8, 0, SCENE, MultimodalSpec(text_length=4), modalities=("text",))
 
 
 def test_unknown_modality_lists_valid_names():
     with pytest.raises(ValueError, match="image, audio, text, video, points"):
-        PairedShapes(8, seed=0, modalities=("image", "smell"))
+        PairedShapes(8, 0, SCENE, modalities=("image", "smell"))
 
 
 def test_shipped_tokenizer_is_reproduced_by_its_script(tmp_path, monkeypatch):

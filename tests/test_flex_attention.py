@@ -8,14 +8,15 @@ from torch.nn.attention.flex_attention import create_mask
 
 from jin.layers import AttentionSpec, SpatialAttention, SpatialBias, dense_mask, flex_mask, grid_coords, prepare_mask
 from jin.layers.attention import allowed
+from jin.encoders import Tokens
 from jin.layers.spatial_bias import offset_row
-from prob_jepa.predictor import PredictorTrunk
+from prob_jepa.predictor import LevelTokens, ModalityTokens
 
 # On CPU flex_attention runs its unfused reference, which is the point here.
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 B, HEADS, N, HEAD_DIM, GRID = 2, 3, 40, 16, 8
-STRUCTURES = ["none", "shared_groups", "groups_and_valid", "valid", "groups_without_bias"]
+STRUCTURES = ["none", "shared_groups", "groups_and_valid", "valid", "groups_without_bias", "shared_reads", "reads_and_valid"]
 
 
 def lattice_coords(batch: int = B, n: int = N) -> torch.Tensor:
@@ -24,24 +25,29 @@ def lattice_coords(batch: int = B, n: int = N) -> torch.Tensor:
     return torch.stack([pool[torch.randperm(len(pool))[:n]] for _ in range(batch)])
 
 
-def random_structure(structure: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Random ``(group, valid)``: -1 = context, 0..2 = task blocks; key 0 is shared and valid, so no row is empty."""
+def random_structure(structure: str) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Random ``(group, valid, reads)``: -1 = context, 0..2 = task blocks; key 0 is shared and valid, so no row is
+    empty. With a ``reads`` table: groups 0..3, group 0 read by all, the rest read at random (and by themselves)."""
     group = torch.randint(-1, 3, (B, N))
     group[:, 0] = -1
     valid = torch.rand(B, N) < 0.6
     valid[:, 0] = True
+    reads = (torch.rand(4, 4) < 0.5) | torch.eye(4, dtype=torch.bool)
+    reads[:, 0] = True
     return {
-        "none": (None, None),
-        "shared_groups": (group[:1], None),
-        "groups_and_valid": (group, valid),
-        "valid": (None, valid),
-        "groups_without_bias": (group, None),
+        "none": (None, None, None),
+        "shared_groups": (group[:1], None, None),
+        "groups_and_valid": (group, valid, None),
+        "valid": (None, valid, None),
+        "groups_without_bias": (group, None, None),
+        "shared_reads": (group[:1] + 1, None, reads),
+        "reads_and_valid": (group + 1, valid, reads),
     }[structure]
 
 
 def make_spec(bias: SpatialBias, coords: torch.Tensor, structure: str) -> AttentionSpec:
-    group, valid = random_structure(structure)
-    return AttentionSpec.build(None if structure == "groups_without_bias" else bias, coords, group, valid)
+    group, valid, reads = random_structure(structure)
+    return AttentionSpec.build(None if structure == "groups_without_bias" else bias, coords, group, valid, reads)
 
 
 def materialize(score_mod, batch: int, heads: int, n: int) -> torch.Tensor:
@@ -128,7 +134,7 @@ def test_spec_trains_on_cpu_through_sdpa():
     bias = SpatialBias(HEADS, 16, GRID, max_scale_delta=1)
     block = Block(HEADS * HEAD_DIM, HEADS, qkv_bias=True, attn_layer=SpatialAttention)
     x = torch.randn(B, N, HEADS * HEAD_DIM)
-    coords, (group, valid) = lattice_coords(), random_structure("groups_and_valid")
+    coords, (group, valid, _) = lattice_coords(), random_structure("groups_and_valid")
     spec = AttentionSpec.build(bias, coords, group, valid)
     assert isinstance(prepare_mask(spec, x), torch.Tensor)
     block(x, attn_mask=spec).square().sum().backward()  # flex has no CPU backward: this must be SDPA
@@ -150,7 +156,7 @@ def test_cuda_flex_equals_sdpa_in_values_and_gradients(dtype):
     blocks = [Block(dim, HEADS, qkv_bias=True, attn_layer=SpatialAttention).to(dev) for _ in range(2)]
     x = torch.randn(B, N, dim, device=dev)
     coords = lattice_coords().to(dev)
-    group, valid = (t.to(dev) for t in random_structure("groups_and_valid"))
+    group, valid = (t.to(dev) for t in random_structure("groups_and_valid")[:2])
     results = []
     for path in ("flex", "sdpa"):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
@@ -172,7 +178,7 @@ def test_cuda_flex_equals_sdpa_in_values_and_gradients(dtype):
 
 
 def test_predictor_task_groups_let_a_block_see_the_context_and_itself_only():
-    group = PredictorTrunk.task_groups(3, 2, 2)
+    group = LevelTokens.task_groups(3, 2, 2)
     ok = allowed(AttentionSpec(None, None, 0, 0, group, None))[0, 0]
     expected = torch.tensor([
         [1, 1, 1, 0, 0, 0, 0],
@@ -184,3 +190,21 @@ def test_predictor_task_groups_let_a_block_see_the_context_and_itself_only():
         [1, 1, 1, 0, 0, 1, 1],
     ], dtype=torch.bool)
     assert torch.equal(ok, expected)
+
+
+def test_modality_tasks_read_their_sources_and_themselves_only():
+    """Two modalities (context 2 + 1 tokens), task 0 reads modality 1 (cross-modal), task 1 both (joint)."""
+    context = [Tokens(torch.zeros(1, 2, 6), torch.zeros(1, 2, 3)), Tokens(torch.zeros(1, 1, 6), torch.zeros(1, 1, 3))]
+    queries = [Tokens(torch.zeros(1, 1, 6), torch.zeros(1, 1, 3)), Tokens(torch.zeros(1, 2, 6), torch.zeros(1, 2, 3))]
+    sources = torch.tensor([[False, True], [True, True]])
+    seq = ModalityTokens(6, 4).sequence(context, queries, sources)
+    ok = allowed(AttentionSpec(None, None, 0, 0, seq.group, None, seq.reads))[0, 0]
+    expected = torch.tensor([
+        [1, 1, 0, 0, 0, 0],  # modality 0's context
+        [1, 1, 0, 0, 0, 0],
+        [0, 0, 1, 0, 0, 0],  # modality 1's context
+        [0, 0, 1, 1, 0, 0],  # task 0: modality 1 and itself
+        [1, 1, 1, 0, 1, 1],  # task 1: both modalities and itself
+        [1, 1, 1, 0, 1, 1],
+    ], dtype=torch.bool)
+    assert torch.equal(ok, expected) and seq.num_context == 3 and seq.sizes == [1, 2]

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from conftest import CONF
-from prob_jepa.config import compose_config
+from conftest import CONF, paired_scene
+from prob_jepa.config import ConfigError, compose_config
 from prob_jepa.data.multimodal import MultimodalSpec, PairedShapes
 from prob_jepa.hypermodal import (
     build_hypermodal, build_modality_encoder, coordinate_block_masks, energy_alignment, m3_tasks, modality_dropout,
@@ -41,7 +41,7 @@ SMALL = [
 
 @pytest.fixture(scope="module")
 def scenes() -> PairedShapes:
-    return PairedShapes(64, seed=5, spec=MultimodalSpec(num_points=128))
+    return PairedShapes(64, 5, paired_scene(), MultimodalSpec(num_points=128))
 
 
 def batch(scenes: PairedShapes, n: int, modalities=MODALITIES, start: int = 0) -> dict[str, torch.Tensor]:
@@ -98,13 +98,39 @@ def test_add_modality_at_run_time_leaves_every_existing_output_bit_for_bit(compo
     assert any(not torch.equal(p, s) for p, s in zip(new, snapshot))
 
 
+def test_the_config_holds_only_what_the_hypermodal_model_reads(compose):
+    """config.yaml describes what was trained: no image-model or image-mask keys, and passing them is an error."""
+    cfg = compose("experiment=hypermodal_shapes")
+    assert "model" not in cfg and "mask" not in cfg
+    with pytest.raises(ConfigError, match=r"model\.\* is not read by the hypermodal model.*hypermodal\.image"):
+        build_hypermodal(compose(*SMALL, "model=vit_tiny"))
+    with pytest.raises(ConfigError, match=r"model\.\* and mask\.\* are not read"):
+        build_hypermodal(compose(*SMALL, "model=jin_tiny", "mask=multiblock"))
+
+
+def test_two_identical_steps_give_bit_identical_gradients(compose, scenes):
+    """Resume equality rests on it; the spatial bias's gather once accumulated its gradient in a varying order."""
+    model, cfg = small_model(compose)
+    x = batch(scenes, 8)
+    masks = masks_for(model, x, cfg)
+    tasks = plan_tasks(MODALITIES, "full", step=0)
+    grads = []
+    for _ in range(3):
+        model.zero_grad()
+        model(x, masks, tasks).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert model.predictor.stage.spatial_bias is not None and model.context_encoder.stage.spatial_bias is not None
+    for again in grads[1:]:
+        assert [n for n in grads[0] if not torch.equal(grads[0][n], again[n])] == []
+
+
 def test_tasks_read_only_their_source_modalities(compose, scenes):
     model, cfg = small_model(compose)
     x = batch(scenes, 4)
     masks = masks_for(model, x, cfg)
     tasks = plan_tasks(MODALITIES, "full", step=0)
     other = dict(x, audio=batch(scenes, 4, start=20)["audio"])  # change only the audio
-    ctx = lambda inp: {m: model.context_encoder(m, inp[m], masks[m].context).features for m in MODALITIES}  # noqa: E731
+    ctx = lambda inp: {m: model.context_encoder(m, inp[m], masks[m].context) for m in MODALITIES}  # noqa: E731
     coords = {m: model.target_encoder(m, x[m]).coords for m in MODALITIES}
     a = model.predict(ctx(x), coords, masks, tasks, gate=0)
     b = model.predict(ctx(other), coords, masks, tasks, gate=0)
@@ -119,7 +145,7 @@ def test_each_gate_routes_its_own_task_direction(compose, scenes):
     (t0, g0), (t1, g1) = m3_tasks(["image", "text"], step=0), m3_tasks(["image", "text"], step=1)
     assert (g0, g1) == (0, 1)
     assert [(t.sources, t.target) for t in t0 + t1] == [(("image",), "text"), (("text",), "image")]
-    ctx = {m: model.context_encoder(m, x[m], masks[m].context).features for m in x}
+    ctx = {m: model.context_encoder(m, x[m], masks[m].context) for m in x}
     coords = {m: model.target_encoder(m, x[m]).coords for m in x}
     via0, via1 = (model.predict(ctx, coords, masks, t0, gate=g)[0] for g in (0, 1))
     assert not torch.allclose(via0, via1)
@@ -154,7 +180,7 @@ def test_curriculum_phases_and_modality_dropout():
 
 def test_energy_alignment_separates_matched_from_random_pairs_after_training(compose):
     model, cfg = small_model(compose, "data.modalities=[image,audio,text]")
-    data = PairedShapes(128, seed=3, modalities=["image", "audio", "text"])
+    data = PairedShapes(128, 3, paired_scene(), modalities=["image", "audio", "text"])
     x = {m: torch.stack([data[i][0][m] for i in range(128)]) for m in ("image", "audio", "text")}
 
     def energies():

@@ -1,4 +1,4 @@
-"""The JEPA model: target encoder, predictor trunk structure, cross-scale loss, EMA."""
+"""The JEPA model: target encoder, predictor structure, cross-scale loss, EMA."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +10,7 @@ from prob_jepa.data import build_datasets
 from prob_jepa.distributed import DistInfo
 from prob_jepa.masks import MaskCollator
 from prob_jepa.model import build_model, level_config
-from prob_jepa.predictor import PredictorTrunk
+from prob_jepa.predictor import LevelTokens, Predictor
 from prob_jepa.run_dir import RunDir
 from prob_jepa.train import Trainer
 
@@ -77,9 +77,9 @@ def test_sigreg_term_is_weighted_into_the_loss(compose, tiny_overrides):
     assert build_model(compose(*tiny_overrides, "model.sigreg_weight=0")).sigreg is None
 
 
-def trunk(spatial_bias: bool = False) -> PredictorTrunk:
+def trunk(spatial_bias: bool = False) -> Predictor:
     torch.manual_seed(0)
-    return PredictorTrunk([8, 12], dim=16, depth=2, num_heads=2, mlp_ratio=2.0, grid=8, spatial_bias=spatial_bias).eval()
+    return Predictor(LevelTokens([8, 12], 16, grid=8), depth=2, num_heads=2, mlp_ratio=2.0, spatial_bias=spatial_bias).eval()
 
 
 def inputs(seed: int = 0):

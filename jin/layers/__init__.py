@@ -3,9 +3,9 @@ from .attention import AttentionSpec, FlexMask, SpatialAttention, dense_mask, fl
 from .coords import grid_coords, sincos_embed, unit_layout
 from .moe import MoEMLP
 from .spatial_bias import SpatialBias
-from .stage import AdaptiveStage, Stage, budget_loss
+from .stage import AdaptiveStage, Stage, budget_loss, drop_path_rates
 
 __all__ = [
     "AdaptiveStage", "AttentionSpec", "FlexMask", "SpatialAttention", "dense_mask", "flex_mask", "prepare_mask",
-    "MoEMLP", "SpatialBias", "Stage", "budget_loss", "grid_coords", "sincos_embed", "unit_layout",
+    "MoEMLP", "SpatialBias", "Stage", "budget_loss", "drop_path_rates", "grid_coords", "sincos_embed", "unit_layout",
 ]

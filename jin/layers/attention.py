@@ -42,7 +42,8 @@ class AttentionSpec:
     """One stage's attention for a batch of ``B`` sequences of ``N`` tokens.
 
     Query ``i`` attends key ``j`` iff ``group[j] == -1 or group[i] == group[j]``
-    and ``valid[j]``; the logit gets ``table[h, offset_row(coords_i − coords_j)]``.
+    (or, with a ``reads`` table, iff ``reads[group[i], group[j]]``) and ``valid[j]``;
+    the logit gets ``table[h, offset_row(coords_i − coords_j)]``.
     Every query must keep at least one key (SDPA returns NaN for a row with none,
     FlexAttention zeros).
 
@@ -54,6 +55,8 @@ class AttentionSpec:
         group: ``[B or 1, N]`` int64: -1 = shared context, ``g ≥ 0`` = task block ``g``;
             ``None`` = no structure.
         valid: ``[B, N]`` bool, keys that exist (hidden tokens are ``False``); ``None`` = all.
+        reads: ``[G, G]`` bool, which group (row) reads which (column), for groups ``0 … G−1`` (no -1);
+            ``None`` = the rule above. The hypermodal predictor's tasks read chosen modalities' context.
     """
 
     coords: torch.Tensor | None
@@ -62,6 +65,7 @@ class AttentionSpec:
     max_scale: int
     group: torch.Tensor | None
     valid: torch.Tensor | None
+    reads: torch.Tensor | None = None
 
     @classmethod
     def build(
@@ -70,11 +74,12 @@ class AttentionSpec:
         coords: torch.Tensor,
         group: torch.Tensor | None = None,
         valid: torch.Tensor | None = None,
+        reads: torch.Tensor | None = None,
     ) -> AttentionSpec:
         """The spec of a stage with spatial bias module ``bias`` (or ``None``); evaluates the bias MLP once."""
         if bias is None:
-            return cls(None, None, 0, 0, group, valid)
-        return cls(coords.float(), bias.table(), bias.grid, bias.max_scale, group, valid)
+            return cls(None, None, 0, 0, group, valid, reads)
+        return cls(coords.float(), bias.table(), bias.grid, bias.max_scale, group, valid, reads)
 
 
 @dataclass(frozen=True)
@@ -90,7 +95,10 @@ def allowed(spec: AttentionSpec) -> torch.Tensor | None:
     ok = None
     if spec.group is not None:
         g = spec.group
-        ok = ((g[:, None, :] == -1) | (g[:, :, None] == g[:, None, :]))[:, None]
+        if spec.reads is None:
+            ok = ((g[:, None, :] == -1) | (g[:, :, None] == g[:, None, :]))[:, None]
+        else:
+            ok = spec.reads[g[:, :, None], g[:, None, :]][:, None]
     if spec.valid is not None:
         v = spec.valid[:, None, None, :]
         ok = v if ok is None else ok & v
@@ -123,10 +131,24 @@ def bias_score_mod(coords: torch.Tensor, table: torch.Tensor, grid: int, max_sca
     return score_mod
 
 
-def structure_mask_mod(group: torch.Tensor | None, valid: torch.Tensor | None) -> Callable:
-    """FlexAttention ``mask_mod`` of :func:`allowed`; ``group`` ``[B or 1, N]``, ``valid`` ``[B, N]``, not both None."""
+def structure_mask_mod(
+    group: torch.Tensor | None, valid: torch.Tensor | None, reads: torch.Tensor | None = None
+) -> Callable:
+    """FlexAttention ``mask_mod`` of :func:`allowed`; ``group`` ``[B or 1, N]``, ``valid`` ``[B, N]``, not both None;
+    ``reads`` ``[G, G]`` (with ``group``) or None."""
     if group is None:
         return lambda b, h, q_idx, kv_idx: valid[b, kv_idx]
+    if reads is not None:
+        if valid is None and group.shape[0] == 1:  # flex still calls it with every batch index of q
+            shared = group[0]
+            return lambda b, h, q_idx, kv_idx: reads[shared[q_idx], shared[kv_idx]]
+        group = group if valid is None else group.expand(valid.shape[0], -1)
+
+        def reads_mod(b, h, q_idx, kv_idx):
+            ok = reads[group[b, q_idx], group[b, kv_idx]]
+            return ok if valid is None else ok & valid[b, kv_idx]
+
+        return reads_mod
     if valid is None and group.shape[0] == 1:  # flex still calls it with every batch index of q
         shared = group[0]
         return lambda b, h, q_idx, kv_idx: (shared[kv_idx] == -1) | (shared[q_idx] == shared[kv_idx])
@@ -149,7 +171,7 @@ def flex_mask(spec: AttentionSpec) -> FlexMask:
     ref = spec.valid if spec.valid is not None else spec.group  # its batch: B, or 1 for a shared structure
     (batch, n), device = ref.shape, ref.device
     build = _create_block_mask_compiled if device.type == "cuda" else create_block_mask
-    block_mask = build(structure_mask_mod(spec.group, spec.valid), batch, None, n, n, device=device)
+    block_mask = build(structure_mask_mod(spec.group, spec.valid, spec.reads), batch, None, n, n, device=device)
     return FlexMask(score_mod, block_mask)
 
 

@@ -86,8 +86,12 @@ def gather_bias(table: torch.Tensor, coords: torch.Tensor, grid: int, max_scale:
     """The bias of every token pair, ``[B, heads, N, N]``, gathered from ``table`` ``[heads, rows]``.
 
     A batch whose coordinates are one expanded tensor (every image the same,
-    e.g. the target view) is gathered once and broadcast.
+    e.g. the target view) is gathered once and broadcast. ``index_select``, not
+    ``table[:, rows]``: on CPU the backward of advanced indexing accumulates the
+    many pairs that share a row in a varying order (the hypermodal predictor's
+    bias gradients differed between two identical steps); ``index_add`` does not.
     """
     shared = coords.shape[0] > 1 and coords.stride(0) == 0
-    bias = table[:, pair_rows(coords[:1] if shared else coords, grid, max_scale)].transpose(0, 1)
+    rows = pair_rows(coords[:1] if shared else coords, grid, max_scale)
+    bias = table.index_select(1, rows.flatten()).view(table.shape[0], *rows.shape).transpose(0, 1)
     return bias.expand(coords.shape[0], -1, -1, -1) if shared else bias

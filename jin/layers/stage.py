@@ -14,6 +14,11 @@ from .precision import compute_dtype
 from .spatial_bias import SpatialBias
 
 
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+    """Stochastic-depth rate of each of ``depth`` blocks: linear from 0 to ``rate`` (the timm / I-JEPA schedule)."""
+    return [rate * i / max(1, depth - 1) for i in range(depth)]
+
+
 class Stage(nn.Module):
     """``depth`` timm ViT blocks sharing one optional spatial bias (JIN eq. 7-8).
 
@@ -63,11 +68,13 @@ class Stage(nn.Module):
         return x
 
     def forward(
-        self, x: torch.Tensor, coords: torch.Tensor, group: torch.Tensor | None = None, valid: torch.Tensor | None = None
+        self, x: torch.Tensor, coords: torch.Tensor, group: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None, reads: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: ``[B, N, D]``, coords: ``[B, N, 3]``, group: ``[B or 1, N]`` task blocks (-1: shared context),
-        valid: ``[B, N]`` keys that exist (see :class:`AttentionSpec`) → (``[B, N, D]``, α ``[B]`` = 1)."""
-        spec = AttentionSpec.build(self.spatial_bias, coords, group, valid)
+        valid: ``[B, N]`` keys that exist, reads: ``[G, G]`` which group reads which (see :class:`AttentionSpec`)
+        → (``[B, N, D]``, α ``[B]`` = 1)."""
+        spec = AttentionSpec.build(self.spatial_bias, coords, group, valid, reads)
         return self.run_blocks(x, prepare_mask(spec, x)), x.new_ones(x.shape[0])
 
 
@@ -107,7 +114,8 @@ class AdaptiveStage(Stage):
         nn.init.constant_(self.alpha[-1].bias, 2.0)  # start near full computation (σ(2) ≈ 0.88)
 
     def forward(
-        self, x: torch.Tensor, coords: torch.Tensor, group: torch.Tensor | None = None, valid: torch.Tensor | None = None
+        self, x: torch.Tensor, coords: torch.Tensor, group: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None, reads: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """As :meth:`Stage.forward` → (``[B, N, D]``, α ``[B]``). Keys that do not exist (``valid`` false) rank last."""
         B, N, D = x.shape
@@ -126,7 +134,7 @@ class AdaptiveStage(Stage):
         x_sel = x.gather(1, sel.expand(-1, -1, D))
         c_sel = coords.gather(1, sel.expand(-1, -1, coords.shape[-1]))
         g_sel = None if group is None else group.expand(B, -1).gather(1, idx)
-        spec = AttentionSpec.build(self.spatial_bias, c_sel, g_sel, keep)
+        spec = AttentionSpec.build(self.spatial_bias, c_sel, g_sel, keep, reads)
         out = self.run_blocks(x_sel, prepare_mask(spec, x_sel))
         x = x.scatter(1, sel.expand(-1, -1, D), x_sel + gate.to(x.dtype) * (out - x_sel))
         return x, alpha

@@ -1,7 +1,8 @@
 """The paired multimodal ``shapes`` world: one seeded scene, five modalities, no download.
 
-Each scene is a set of latent factors — class ``label``, centre ``cx, cy``,
-``radius``, rotation ``theta``, colour ``hue`` and a video ``motion``
+Each scene is a set of latent factors — the image world's
+(:func:`shapes.draw_scenes`: class ``label``, centre ``cx, cy``, ``radius``,
+rotation ``theta``, colour ``hue``, background) and a video ``motion``
 direction — rendered as an ``image``, an ``audio`` clip (log-mel), a ``text``
 caption (BPE tokens), a short ``video`` and a 3-D ``points`` cloud. Item ``i``
 of every modality is the same scene, so cross-modal retrieval has a ground
@@ -11,15 +12,16 @@ stream, so the tensors of one modality do not depend on which others are built.
 
 How the factors show in each modality:
 
-- image / video: the shape of :mod:`prob_jepa.data.shapes` (same geometry and
-  equal-area classes) in the colour of ``hue`` over a plain dark background;
-  the video moves it by :data:`VIDEO_STEP` per frame along ``motion``.
+- image / video: painted by :func:`shapes.paint`, the image world's own renderer,
+  as ``data.scene`` says (``paired_shapes.yaml``: one shape of any hue over a
+  plain dark background with pixel noise); the video moves it by
+  :data:`VIDEO_STEP` per frame along ``motion``.
 - audio: tone 1's pitch is the class (8 log-spaced notes), its onset the
   horizontal position and its duration the radius; tone 2's pitch is the hue
   and its onset the vertical position.
 - text: "a large red star in the top left" — size, colour name, class and a
   3×3 position grid, with a few templates and synonyms.
-- points: uniform samples of the shape extruded to a slab of half-height
+- points: uniform samples of the object (:func:`shapes.object_mask`) extruded to a slab of half-height
   ``radius`` around z = 0.5.
 
 Positions and sizes are described *relative to their range*: ``cx`` lies in
@@ -38,7 +40,7 @@ import torch
 from tokenizers import Tokenizer
 from torch.utils.data import Dataset
 
-from .shapes import AREA_SCALE, CLASSES, EXTENT, _shape_masks, normalize
+from .shapes import CLASSES, EXTENT, Scene, class_names, draw_scenes, normalize, object_mask, paint, to_uint8
 
 MODALITIES = ("image", "audio", "text", "video", "points")
 
@@ -46,7 +48,6 @@ TOKENIZER_PATH = Path(__file__).parent / "assets" / "shapes_bpe.json"
 PAD_TOKEN = "<pad>"
 
 CHUNK = 512  # scenes rendered at once (bounds memory)
-NOISE = 0.03  # pixel-noise std, [0, 1] intensity units
 VIDEO_STEP = 0.03  # how far the shape moves per video frame, a fraction of the image side
 TONE1_HZ = (330.0, 1650.0)  # class k's note: log-spaced between these
 TONE2_HZ = (2000.0, 6000.0)  # hue 0 → 1: log-spaced between these
@@ -96,17 +97,11 @@ class MultimodalSpec:
 # ---------------------------------------------------------------------------------------------- factors
 
 
-def draw_factors(n: int, g: torch.Generator, radius: tuple[float, float]) -> dict[str, torch.Tensor]:
-    """The latent factors of ``n`` scenes, each ``[n]``: ``label`` (int64) and float ``cx, cy, radius, theta``
-    (±20°, as in shapes), ``hue`` in [0, 1) and ``motion`` (an angle; x = cos, y = sin, image axes)."""
-    label = torch.randint(len(CLASSES), (n,), generator=g)
-    r = radius[0] + (radius[1] - radius[0]) * torch.rand(n, generator=g)
-    margin = EXTENT * r
-    cx, cy = (margin + (1 - 2 * margin) * torch.rand(n, generator=g) for _ in range(2))
-    theta = (torch.rand(n, generator=g) - 0.5) * math.radians(40)
-    hue = torch.rand(n, generator=g)
-    motion = torch.rand(n, generator=g) * 2 * math.pi
-    return dict(label=label, cx=cx, cy=cy, radius=r, theta=theta, hue=hue, motion=motion)
+def draw_paired_scenes(n: int, g: torch.Generator, scene: Scene) -> dict[str, torch.Tensor]:
+    """The factors of ``n`` scenes (:func:`shapes.draw_scenes`) plus a video ``motion`` direction (an angle;
+    x = cos, y = sin, image axes), ``[n]``."""
+    f = draw_scenes(n, g, scene)
+    return {**f, "motion": torch.rand(n, generator=g) * 2 * math.pi}
 
 
 def relative_position(c: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
@@ -115,36 +110,12 @@ def relative_position(c: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
     return ((c - margin) / (1 - 2 * margin).clamp_min(1e-6)).clamp(0, 1)
 
 
-def hue_colors(hue: torch.Tensor) -> torch.Tensor:
-    """Fully saturated, full-value colours of hues ``[n]`` in [0, 1) → ``[n, 3]`` (HSV, as shapes' colours)."""
-    h6 = torch.tensor([5.0, 3.0, 1.0]) + hue[:, None] * 6
-    return 1 - torch.clamp(torch.minimum(h6 % 6, 4 - h6 % 6), 0, 1)
-
-
 def color_name(hue: float) -> str:
     """The name of the nearest of the 8 :data:`COLOR_HUES` (circular distance)."""
     return min(COLOR_HUES, key=lambda name: abs((hue * 360 - COLOR_HUES[name] + 180) % 360 - 180))
 
 
-# ---------------------------------------------------------------------------------------------- image, video
-
-
-def _draw(
-    size: int, centre: torch.Tensor, f: dict[str, torch.Tensor], background: torch.Tensor, g: torch.Generator
-) -> torch.Tensor:
-    """``S``-pixel images uint8 ``[n, 3, S, S]``: the shapes of factors ``f`` (each ``[n]``) at ``centre [n, 2]``,
-    drawn as in :func:`shapes.render`, over ``background [n, 3]`` plus pixel noise."""
-    n = len(centre)
-    coord = (torch.arange(size, dtype=torch.float32) + 0.5) / size
-    yy, xx = torch.meshgrid(coord, coord, indexing="ij")
-    dx, dy = xx - centre[:, 0, None, None], yy - centre[:, 1, None, None]
-    cos, sin = torch.cos(f["theta"])[:, None, None], torch.sin(f["theta"])[:, None, None]
-    scale = (f["radius"] * AREA_SCALE[f["label"]])[:, None, None]
-    u, v = (dx * cos + dy * sin) / scale, (-dx * sin + dy * cos) / scale
-    inside = _shape_masks(u, v)[f["label"], torch.arange(n)][:, None]
-    img = background[:, :, None, None] + NOISE * torch.randn(n, 3, size, size, generator=g)
-    img = torch.where(inside, hue_colors(f["hue"])[:, :, None, None], img)
-    return (img.clamp(0, 1) * 255).round().to(torch.uint8)
+# ---------------------------------------------------------------------------------------------- video
 
 
 def video_centres(f: dict[str, torch.Tensor], frames: int) -> torch.Tensor:
@@ -157,14 +128,13 @@ def video_centres(f: dict[str, torch.Tensor], frames: int) -> torch.Tensor:
     return torch.minimum(torch.maximum(start + t * direction, margin), 1 - margin)
 
 
-def render_video(
-    f: dict[str, torch.Tensor], background: torch.Tensor, spec: MultimodalSpec, g: torch.Generator
-) -> torch.Tensor:
-    """Videos of scenes ``f`` → uint8 ``[n, T, 3, V, V]`` (fresh pixel noise in every frame)."""
-    n, T = len(background), spec.video_frames
-    per_frame = {k: v.repeat_interleave(T) for k, v in f.items()}
-    frames = _draw(spec.video_size, video_centres(f, T).flatten(0, 1), per_frame, background.repeat_interleave(T, 0), g)
-    return frames.view(n, T, 3, spec.video_size, spec.video_size)
+def render_video(f: dict[str, torch.Tensor], scene: Scene, spec: MultimodalSpec, g: torch.Generator) -> torch.Tensor:
+    """Videos of scenes ``f`` → uint8 ``[n, T, 3, V, V]``: every frame painted as the image is
+    (:func:`shapes.paint`), with the object moved along ``motion`` and fresh nuisance in every frame."""
+    n, T = len(f["label"]), spec.video_frames
+    per_frame = {k: v.repeat_interleave(T, 0) for k, v in f.items()}
+    frames, _ = paint(per_frame, g, spec.video_size, scene, video_centres(f, T).flatten(0, 1))
+    return to_uint8(frames).view(n, T, 3, spec.video_size, spec.video_size)
 
 
 # ---------------------------------------------------------------------------------------------- audio
@@ -225,7 +195,8 @@ def _tone(
 def synthesize_audio(
     f: dict[str, torch.Tensor], spec: MultimodalSpec, g: torch.Generator, radius: tuple[float, float]
 ) -> torch.Tensor:
-    """Waveforms ``[n, samples]`` of scenes ``f`` whose radii lie in ``radius``; times are fractions of the clip.
+    """Waveforms ``[n, samples]`` of scenes ``f`` whose radii lie in ``radius`` (``Scene.radius``); times are
+    fractions of the clip.
 
     Tone 1: class k's note (log-spaced over :data:`TONE1_HZ`), onset 0–0.4 from the
     relative x position, 0.2–0.35 long from the relative radius.
@@ -250,8 +221,10 @@ def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
     return Tokenizer.from_file(str(TOKENIZER_PATH if path is None else path))
 
 
-def captions(f: dict[str, torch.Tensor], g: torch.Generator, radius: tuple[float, float]) -> list[str]:
-    """One caption per scene, e.g. "a large red star in the top left"; template and synonyms drawn from ``g``."""
+def captions(f: dict[str, torch.Tensor], g: torch.Generator, scene: Scene) -> list[str]:
+    """One caption per scene, e.g. "a large red star in the top left" (the class named by
+    :func:`shapes.class_names`); template and synonyms drawn from ``g``."""
+    radius, names = scene.radius, class_names(scene.layout)
     n = len(f["label"])
     template = torch.randint(len(TEMPLATES), (n,), generator=g).tolist()
     synonym = torch.randint(2, (n,), generator=g).tolist()
@@ -262,7 +235,7 @@ def captions(f: dict[str, torch.Tensor], g: torch.Generator, radius: tuple[float
     for i, (label, hue) in enumerate(zip(f["label"].tolist(), f["hue"].tolist())):
         where = "centre" if (row[i], col[i]) == (1, 1) else f"{ROWS[row[i]]} {COLUMNS[col[i]]}"
         size = SIZE_WORDS[large[i]][synonym[i]]
-        out.append(TEMPLATES[template[i]].format(size=size, color=color_name(hue), shape=CLASSES[label], where=where))
+        out.append(TEMPLATES[template[i]].format(size=size, color=color_name(hue), shape=names[label], where=where))
     return out
 
 
@@ -297,25 +270,27 @@ def __getattr__(name: str) -> int:
 # ---------------------------------------------------------------------------------------------- points
 
 
-def sample_points(f: dict[str, torch.Tensor], num_points: int, g: torch.Generator) -> torch.Tensor:
-    """``num_points`` uniform points ``[n, P, 3]`` in [0, 1]³ inside each scene's extruded shape.
+def sample_points(f: dict[str, torch.Tensor], num_points: int, scene: Scene, g: torch.Generator) -> torch.Tensor:
+    """``num_points`` uniform points ``[n, P, 3]`` inside each scene's extruded object, in [0, 1]³ (with the
+    ``parts`` layout a tilted corner may pass the image edge by a little, where the image clips the object).
 
-    (u, v) candidates are drawn uniformly in the square [−1, 1]² that holds every
-    class's unscaled mask; the first P inside are kept (they are i.i.d., so in
-    random order) and mapped to (x, y) by the scene's centre, scale and rotation.
-    z is uniform in [0.5 − radius, 0.5 + radius].
+    Candidates are drawn uniformly in the object's frame over the square of half-side
+    ``EXTENT · radius`` that holds it; the first P inside (:func:`shapes.object_mask`, so
+    the same object the image shows) are kept — they are i.i.d., so in random order — and
+    mapped to (x, y) by the scene's centre and tilt. z is uniform in
+    [0.5 − radius, 0.5 + radius].
     """
-    n, candidates = len(f["label"]), 8 * num_points  # every class covers ≥ 30 % of the square
-    uv = torch.rand(n, candidates, 2, generator=g) * 2 - 1
-    inside = _shape_masks(uv[..., 0], uv[..., 1])[f["label"], torch.arange(n)]  # [n, candidates]
+    n, candidates = len(f["label"]), 8 * num_points  # every object covers ≥ 29 % of its square (EQUAL_AREA / 2.6²)
+    half = (EXTENT * f["radius"])[:, None]
+    u, v = ((torch.rand(n, candidates, 2, generator=g) * 2 - 1) * half[..., None]).unbind(-1)
+    inside = object_mask(u, v, f, scene.layout)  # [n, candidates]
     if int(inside.sum(1).min()) < num_points:
         raise RuntimeError("too few point candidates fell inside a shape")
     first = torch.sort((~inside).to(torch.uint8), dim=1, stable=True).indices[:, :num_points]
-    u, v = uv.gather(1, first[..., None].expand(-1, -1, 2)).unbind(-1)
-    scale = (f["radius"] * AREA_SCALE[f["label"]])[:, None]
+    u, v = u.gather(1, first), v.gather(1, first)
     cos, sin = torch.cos(f["theta"])[:, None], torch.sin(f["theta"])[:, None]
-    x = f["cx"][:, None] + scale * (u * cos - v * sin)
-    y = f["cy"][:, None] + scale * (u * sin + v * cos)
+    x = f["cx"][:, None] + u * cos - v * sin
+    y = f["cy"][:, None] + u * sin + v * cos
     z = 0.5 + f["radius"][:, None] * (2 * torch.rand(n, num_points, generator=g) - 1)
     return torch.stack([x, y, z], -1)
 
@@ -331,52 +306,44 @@ def _generator(seed: int, stream: int) -> torch.Generator:
 class PairedShapes(Dataset):
     """``size`` seeded scenes in every modality of ``modalities``; yields ``({modality: tensor}, label)``.
 
+    The scenes are those of the image world (:func:`shapes.draw_scenes`, drawn as ``scene`` says) and
+    the image is :func:`shapes.paint`'s, so one generator renders the world for every modality.
     Per item: ``image [3, S, S]`` and ``video [T, 3, V, V]`` normalized float (shapes.normalize),
     ``audio [n_mels, frames]`` log-mel float, ``text [text_length]`` int64 token ids,
-    ``points [P, 3]`` float in [0, 1]³. ``factors`` holds the latent factors (each ``[size]``),
-    ``captions`` the caption strings, ``background`` the background colours ``[size, 3]``.
+    ``points [P, 3]`` float in [0, 1]³. ``factors`` holds the latent factors (``[size]`` each, colours
+    ``[size, 3]``), ``captions`` the caption strings.
+
+    Raises:
+        ValueError: an unknown modality.
     """
 
-    classes = CLASSES
-
-    def __init__(
-        self,
-        size: int,
-        seed: int,
-        spec: MultimodalSpec = MultimodalSpec(),
-        modalities: Sequence[str] = MODALITIES,
-        radius: tuple[float, float] = (0.3, 0.38),
-    ):
+    def __init__(self, size: int, seed: int, scene: Scene, spec: MultimodalSpec = MultimodalSpec(),
+                 modalities: Sequence[str] = MODALITIES):
         unknown = [m for m in modalities if m not in MODALITIES]
         if unknown:
             raise ValueError(f"unknown modalities {unknown}; valid: {', '.join(MODALITIES)}")
-        lo, hi = (float(r) for r in radius)
-        if not 0 < lo <= hi or hi * EXTENT > 0.5:
-            raise ValueError(f"radius must satisfy 0 < lo <= hi <= {0.5 / EXTENT:.3f} (the shape fits), got {[lo, hi]}")
-        self.spec, self.modalities, self.radius = spec, tuple(modalities), (lo, hi)
-        g = _generator(seed, 0)
-        self.factors = draw_factors(size, g, self.radius)
-        self.background = 0.05 + 0.25 * torch.rand(size, 3, generator=g)
-        self.captions = captions(self.factors, _generator(seed, 1 + MODALITIES.index("text")), self.radius)
+        self.spec, self.modalities, self.scene = spec, tuple(modalities), scene
+        self.classes = class_names(scene.layout)
+        self.factors = draw_paired_scenes(size, _generator(seed, 0), scene)
+        self.captions = captions(self.factors, _generator(seed, 1 + MODALITIES.index("text")), scene)
         self.data = {m: self._build(m, _generator(seed, 1 + MODALITIES.index(m))) for m in self.modalities}
 
     def _build(self, modality: str, g: torch.Generator) -> torch.Tensor:
         """One modality of every scene, stored compactly (uint8 pixels), rendered :data:`CHUNK` scenes at a time."""
         if modality == "text":
             return tokenize(self.captions, self.spec.text_length, _shipped_tokenizer())
-        spec, parts = self.spec, []
-        for s in range(0, len(self.background), CHUNK):
+        spec, scene, parts = self.spec, self.scene, []
+        for s in range(0, len(self), CHUNK):
             f = {k: v[s : s + CHUNK] for k, v in self.factors.items()}
-            background = self.background[s : s + CHUNK]
             if modality == "image":
-                parts.append(_draw(spec.image_size, torch.stack([f["cx"], f["cy"]], -1), f, background, g))
+                parts.append(to_uint8(paint(f, g, spec.image_size, scene)[0]))
             elif modality == "video":
-                parts.append(render_video(f, background, spec, g))
+                parts.append(render_video(f, scene, spec, g))
             elif modality == "audio":
-                wave = synthesize_audio(f, spec, g, self.radius)
+                wave = synthesize_audio(f, spec, g, scene.radius)
                 parts.append(log_mel(wave, spec.sample_rate, spec.n_fft, spec.hop, spec.n_mels))
             else:  # points
-                parts.append(sample_points(f, spec.num_points, g))
+                parts.append(sample_points(f, spec.num_points, scene, g))
         return torch.cat(parts)
 
     def __len__(self) -> int:
@@ -391,12 +358,16 @@ class PairedShapes(Dataset):
 
 
 def build_paired_shapes(cfg, splits: Sequence[str] = ("train", "val")) -> tuple[PairedShapes, ...]:
-    """Datasets of ``data=paired_shapes``: disjoint seeds per split; ``train_eval`` is ``train``."""
-    spec, modalities, radius = MultimodalSpec.from_config(cfg), tuple(cfg.modalities), tuple(cfg.radius)
+    """Datasets of ``data=paired_shapes``: disjoint seeds per split; ``train_eval`` is ``train``.
+
+    Raises:
+        ConfigError: an invalid ``data.scene`` (:meth:`Scene.from_config`).
+    """
+    spec, modalities, scene = MultimodalSpec.from_config(cfg), tuple(cfg.modalities), Scene.from_config(cfg.scene)
     made: dict[str, PairedShapes] = {}
     for s in splits:
         key = "train" if s == "train_eval" else s
         if key not in made:
             size = {"train": cfg.train_size, "val": cfg.val_size}[key]
-            made[key] = PairedShapes(size, cfg.seed * 2 + (key == "val"), spec, modalities, radius)
+            made[key] = PairedShapes(size, cfg.seed * 2 + (key == "val"), scene, spec, modalities)
     return tuple(made[s if s != "train_eval" else "train"] for s in splits)

@@ -11,6 +11,11 @@ predicted from the rest of the image, so when the marker is masked the true
 distribution of its embedding has exactly two modes with known weights: the
 *ambiguity pairs* (:func:`ambiguity_pairs`) render the
 same scene with each colour, giving those two modes.
+
+This module is the world's one generator: :func:`draw_scenes` draws a scene's factors,
+:func:`paint` draws it as pixels and :func:`object_mask` says where its object is; the
+paired multimodal world (:mod:`prob_jepa.data.multimodal`) renders its image, video and
+point clouds with them.
 """
 from __future__ import annotations
 
@@ -161,14 +166,14 @@ PART_INDEX = torch.tensor([CLASSES.index(p) for p in PARTS])
 
 
 def _part_masks(u: torch.Tensor, v: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Inside-masks ``[n, 4, H, W]`` of the parts layout's four cells in object coordinates (``u``, ``v``
-    ``[n, H, W]`` in units of the scene radius; object extent :data:`EXTENT`): cell k holds part
+    """Inside-masks ``[n, 4, ...]`` of the parts layout's four cells in object coordinates (``u``, ``v``
+    ``[n, ...]`` in units of the scene radius; object extent :data:`EXTENT`): cell k holds part
     ``ARRANGEMENTS[label, k]`` at half the radius (equal areas)."""
     n = len(labels)
     cells = []
     for cell, (x, y) in enumerate(CELLS):
         shape = PART_INDEX[ARRANGEMENTS[labels, cell]]  # [n] indices into CLASSES
-        scale = (0.5 * AREA_SCALE[shape])[:, None, None]
+        scale = (0.5 * AREA_SCALE[shape]).view((n,) + (1,) * (u.ndim - 1))
         cu, cv = x * EXTENT / 2, y * EXTENT / 2
         cells.append(_shape_masks((u - cu) / scale, (v - cv) / scale)[shape, torch.arange(n)])
     return torch.stack(cells, 1)
@@ -213,6 +218,85 @@ def blocky_noise(g: torch.Generator, n: int, size: int, block: int) -> torch.Ten
     return noise.repeat_interleave(block, 2).repeat_interleave(block, 3)[:, :, :size, :size]
 
 
+def class_names(layout: str) -> tuple[str, ...]:
+    """The names of the 8 classes of a :data:`LAYOUTS` entry: shapes (``single``) or part arrangements (``parts``)."""
+    return CLASSES if layout == "single" else ARRANGEMENT_NAMES
+
+
+def draw_scenes(n: int, g: torch.Generator, scene: Scene) -> dict[str, torch.Tensor]:
+    """The latent factors of ``n`` scenes, drawn from ``g``: ``label`` (int64), ``radius`` (a fraction of the image
+    side), centre ``cx``, ``cy`` (fractions; the object fits: ``EXTENT · radius`` from every edge), tilt ``theta``
+    (±20°, radians), the object's ``color`` (``[n, 3]``, [0, 1]), ``hue`` and ``value`` (brightness) and the
+    ``background`` colour (``[n, 3]``); ``[n]`` each unless noted. Every modality of the world renders these."""
+    label = torch.randint(len(CLASSES), (n,), generator=g)
+    radius = _uniform(g, (n,), scene.radius)
+    margin = EXTENT * radius
+    cx = margin + (1 - 2 * margin) * torch.rand(n, generator=g)
+    cy = margin + (1 - 2 * margin) * torch.rand(n, generator=g)
+    theta = (torch.rand(n, generator=g) - 0.5) * math.radians(40)
+    color, hue, value = _random_colors(g, n, scene.hue, scene.value)
+    background = _uniform(g, (n, 3), scene.background)
+    return dict(label=label, radius=radius, cx=cx, cy=cy, theta=theta, color=color, hue=hue, value=value,
+                background=background)
+
+
+def object_mask(u: torch.Tensor, v: torch.Tensor, f: dict[str, torch.Tensor], layout: str) -> torch.Tensor:
+    """Whether points lie on the object of scenes ``f`` (:func:`draw_scenes`): ``u``, ``v`` ``[n, ...]`` in the
+    object's frame (centred, untilted; fractions of the image side) → bool ``[n, ...]``."""
+    n = len(u)
+    per_scene = (n,) + (1,) * (u.ndim - 1)
+    if layout == "single":
+        scale = (f["radius"] * AREA_SCALE[f["label"]]).view(per_scene)
+        return _shape_masks(u / scale, v / scale)[f["label"], torch.arange(n)]
+    radius = f["radius"].view(per_scene)
+    return _part_masks(u / radius, v / radius, f["label"]).any(1)
+
+
+def paint(
+    f: dict[str, torch.Tensor], g: torch.Generator, size: int, scene: Scene, centre: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw scenes ``f`` (:func:`draw_scenes`) as ``size``-pixel images, their nuisance drawn from ``g``.
+
+    The background colour, ramp, distractor blobs, pixel noise and texture of :class:`Scene`, then the object
+    (``scene.layout``) in its colour plus texture, centred at ``(cx, cy)`` or at ``centre [n, 2]``.
+
+    Returns:
+        images ``[n, 3, size, size]`` in [0, 1] intensity units, not yet clamped; the texture std of each ``[n]``.
+    """
+    n = len(f["label"])
+    coord = (torch.arange(size, dtype=torch.float32) + 0.5) / size
+    yy, xx = torch.meshgrid(coord, coord, indexing="ij")
+    grad_dir = torch.rand(n, generator=g) * 2 * math.pi
+    k = scene.distractors
+    blob_xy = torch.rand(n, k, 2, generator=g)
+    blob_r = 0.04 + 0.04 * torch.rand(n, k, generator=g)
+    blob_col = _random_colors(g, k * n, *DISTRACTOR_COLOURS)[0].view(n, k, 3)
+    noise = scene.noise * torch.randn(n, 3, size, size, generator=g)
+    amplitude = _uniform(g, (n,), scene.texture)[:, None, None, None]
+    bg_texture = amplitude * blocky_noise(g, n, size, scene.texture_block)
+    fg_texture = amplitude * blocky_noise(g, n, size, scene.texture_block)
+
+    ramp = (xx * torch.cos(grad_dir)[:, None, None] + yy * torch.sin(grad_dir)[:, None, None]) * scene.gradient
+    img = f["background"][:, :, None, None] + ramp[:, None] + noise + bg_texture
+    for k in range(scene.distractors):
+        d = (xx - blob_xy[:, k, 0, None, None]) ** 2 + (yy - blob_xy[:, k, 1, None, None]) ** 2
+        inside = (d <= blob_r[:, k, None, None] ** 2)[:, None]
+        img = torch.where(inside, blob_col[:, k, :, None, None], img)
+
+    cx, cy = (f["cx"], f["cy"]) if centre is None else centre.unbind(-1)
+    dx, dy = xx - cx[:, None, None], yy - cy[:, None, None]
+    cos, sin = torch.cos(f["theta"])[:, None, None], torch.sin(f["theta"])[:, None, None]
+    u, v = dx * cos + dy * sin, -dx * sin + dy * cos  # the object's frame, fractions of the image side
+    inside = object_mask(u, v, f, scene.layout)
+    img = torch.where(inside[:, None], f["color"][:, :, None, None] + fg_texture, img)
+    return img, amplitude.flatten()
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] intensity units (clamped here) → uint8 ``[..., 3, H, W]``."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
 def render(
     n: int, image_size: int, seed: int, marker: Marker, scene: Scene, marker_choice: int | None = None
 ) -> Rendering:
@@ -224,53 +308,15 @@ def render(
             depend on this argument.
     """
     g = torch.Generator().manual_seed(seed)
-    H = image_size
-    coord = (torch.arange(H, dtype=torch.float32) + 0.5) / H
-    yy, xx = torch.meshgrid(coord, coord, indexing="ij")
-
-    labels = torch.randint(len(CLASSES), (n,), generator=g)
-    radius = _uniform(g, (n,), scene.radius)
-    margin = EXTENT * radius
-    cx = margin + (1 - 2 * margin) * torch.rand(n, generator=g)
-    cy = margin + (1 - 2 * margin) * torch.rand(n, generator=g)
-    theta = (torch.rand(n, generator=g) - 0.5) * math.radians(40)
-    fg, hue, value = _random_colors(g, n, scene.hue, scene.value)
-    bg = _uniform(g, (n, 3), scene.background)
-    grad_dir = torch.rand(n, generator=g) * 2 * math.pi
-    k = scene.distractors
-    blob_xy = torch.rand(n, k, 2, generator=g)
-    blob_r = 0.04 + 0.04 * torch.rand(n, k, generator=g)
-    blob_col = _random_colors(g, k * n, *DISTRACTOR_COLOURS)[0].view(n, k, 3)
-    noise = scene.noise * torch.randn(n, 3, H, H, generator=g)
-    amplitude = _uniform(g, (n,), scene.texture)[:, None, None, None]
-    bg_texture = amplitude * blocky_noise(g, n, H, scene.texture_block)
-    fg_texture = amplitude * blocky_noise(g, n, H, scene.texture_block)
+    f = draw_scenes(n, g, scene)
+    img, texture = paint(f, g, image_size, scene)
     draws = torch.rand(n, generator=g)
     choice = (draws >= marker.weights[0]).long() if marker_choice is None else torch.full((n,), marker_choice)
-
-    ramp = (xx * torch.cos(grad_dir)[:, None, None] + yy * torch.sin(grad_dir)[:, None, None]) * scene.gradient
-    img = bg[:, :, None, None] + ramp[:, None] + noise + bg_texture
-    for k in range(scene.distractors):
-        d = (xx - blob_xy[:, k, 0, None, None]) ** 2 + (yy - blob_xy[:, k, 1, None, None]) ** 2
-        inside = (d <= blob_r[:, k, None, None] ** 2)[:, None]
-        img = torch.where(inside, blob_col[:, k, :, None, None], img)
-
-    dx, dy = xx - cx[:, None, None], yy - cy[:, None, None]
-    cos, sin = torch.cos(theta)[:, None, None], torch.sin(theta)[:, None, None]
-    u, v = dx * cos + dy * sin, -dx * sin + dy * cos  # the object's frame, fractions of the image side
-    if scene.layout == "single":
-        scale = (radius * AREA_SCALE[labels])[:, None, None]
-        inside = _shape_masks(u / scale, v / scale)[labels, torch.arange(n)]
-    else:
-        inside = _part_masks(u / radius[:, None, None], v / radius[:, None, None], labels).any(1)
-    img = torch.where(inside[:, None], fg[:, :, None, None] + fg_texture, img)
-
     colors = torch.tensor(marker.colors)[choice]  # [n, 3]
     ys, xs = slice(marker.y, marker.y + marker.size), slice(marker.x, marker.x + marker.size)
     img[:, :, ys, xs] = colors[:, :, None, None]
-    factors = {"radius": radius, "cx": cx, "cy": cy, "theta": theta, "hue": hue, "value": value, "background": bg,
-               "texture": amplitude.flatten()}
-    return Rendering((img.clamp(0, 1) * 255).round().to(torch.uint8), labels, choice, factors)
+    factors = {k: f[k] for k in ("radius", "cx", "cy", "theta", "hue", "value", "background")}
+    return Rendering(to_uint8(img), f["label"], choice, {**factors, "texture": texture})
 
 
 class ShapesDataset(Dataset):
@@ -279,7 +325,7 @@ class ShapesDataset(Dataset):
     def __init__(
         self, num_images: int, image_size: int, seed: int, marker: Marker, scene: Scene, chunk: int = 1024
     ):
-        self.classes = CLASSES if scene.layout == "single" else ARRANGEMENT_NAMES
+        self.classes = class_names(scene.layout)
         parts = [
             render(min(chunk, num_images - s), image_size, seed * 100_003 + s // chunk, marker, scene=scene)
             for s in range(0, num_images, chunk)

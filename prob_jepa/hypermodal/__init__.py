@@ -5,10 +5,9 @@ from .model import HypermodalJEPA, LossWeights
 from .objectives import (
     PHASES, Task, energy_alignment, info_nce, m3_tasks, modality_dropout, pair_energy, phase_at, plan_tasks,
 )
-from .predictor import HypermodalPredictor
 
 __all__ = [
-    "ENCODERS", "PHASES", "HypermodalJEPA", "HypermodalPredictor", "LossWeights", "ModalityMask", "Task",
+    "ENCODERS", "PHASES", "HypermodalJEPA", "LossWeights", "ModalityMask", "Task",
     "build_hypermodal", "build_modality_encoder", "coordinate_block_masks", "energy_alignment", "info_nce",
     "m3_tasks", "modality_dropout", "pair_energy", "phase_at", "plan_tasks",
 ]

@@ -10,8 +10,8 @@ from jin.hypermodal import HypermodalEncoder
 
 from ..config import ConfigError
 from ..model import build_configured_head, check_experts, check_heads
+from ..predictor import ModalityTokens, Predictor
 from .model import HypermodalJEPA, LossWeights
-from .predictor import HypermodalPredictor
 
 
 def _image(h: DictConfig, data: DictConfig, **block) -> ModalityEncoder:
@@ -59,7 +59,19 @@ def loss_weights(cfg: DictConfig) -> LossWeights:
 
 
 def build_hypermodal(cfg: DictConfig) -> HypermodalJEPA:
-    """Encoders of ``cfg.hypermodal.modalities``, the shared blocks, predictor and ``cfg.predictor`` head."""
+    """Encoders of ``cfg.hypermodal.modalities``, the shared blocks, predictor and ``cfg.predictor`` head.
+
+    Raises:
+        ConfigError: an invalid ``hypermodal.*`` value, or ``model.*`` / ``mask.*`` in the config (the hypermodal
+            model does not read them, so a run's ``config.yaml`` must not claim them).
+    """
+    unread = [f"{key}.*" for key in ("model", "mask") if key in cfg]
+    if unread:
+        raise ConfigError(
+            f"{' and '.join(unread)} {'is' if len(unread) == 1 else 'are'} not read by the hypermodal model: its "
+            f"encoders are sized by hypermodal.* (the image's by hypermodal.image.patch_size, hypermodal.dim, "
+            f"hypermodal.encoder_depth) and its masks by hypermodal.mask.<modality>; leave model= and mask= out"
+        )
     h = cfg.hypermodal
     check_heads("hypermodal.dim", h.dim, "hypermodal.num_heads", h.num_heads)
     check_heads("hypermodal.predictor.dim", h.predictor.dim, "hypermodal.predictor.num_heads", h.predictor.num_heads)
@@ -73,12 +85,13 @@ def build_hypermodal(cfg: DictConfig) -> HypermodalJEPA:
         )
     encoder = HypermodalEncoder(
         {m: build_modality_encoder(m, cfg) for m in h.modalities},
-        h.dim, h.depth, h.num_heads, h.mlp_ratio, h.drop_path_rate,
+        h.dim, h.depth, h.num_heads, h.mlp_ratio, h.drop_path_rate, h.spatial_bias, h.bias_hidden, h.bias_grid,
     )
     p = h.predictor
-    predictor = HypermodalPredictor(
-        h.dim, p.dim, p.depth, p.num_heads, p.mlp_ratio, p.moe_experts, p.moe_top_k,
-        num_gates=h.m3.gates if h.m3.enabled else 1,
+    predictor = Predictor(
+        ModalityTokens(h.dim, p.dim), p.depth, p.num_heads, p.mlp_ratio,
+        spatial_bias=h.spatial_bias, bias_hidden=h.bias_hidden, bias_grid=h.bias_grid,
+        moe_experts=p.moe_experts, moe_top_k=p.moe_top_k, num_gates=h.m3.gates if h.m3.enabled else 1,
     )
     head = build_configured_head(cfg.predictor, dim=h.dim, cond_dim=p.dim)
     return HypermodalJEPA(encoder, predictor, head, h.embed_dim, loss_weights(cfg), m3=h.m3.enabled)

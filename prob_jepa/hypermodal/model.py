@@ -9,15 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from jin.encoders import ModalityEncoder, gather_tokens
+from jin.encoders import ModalityEncoder, Tokens, gather_tokens
 from jin.hypermodal import HypermodalEncoder
 
 from ..ema import ContextTargetPair
 from ..heads import Head
 from ..model import StepOutput
+from ..predictor import Predictor
 from .masks import ModalityMask
 from .objectives import Task, energy_alignment, info_nce
-from .predictor import HypermodalPredictor
 
 
 @dataclass(frozen=True)
@@ -57,12 +57,13 @@ class HypermodalJEPA(ContextTargetPair):
 
     Args:
         encoder: the context encoder (the target encoder is its EMA copy).
-        predictor: the shared predictor; head: one head for every modality's ``D``-dim tokens.
+        predictor: the shared :class:`Predictor` over :class:`ModalityTokens`; head: one head for every
+            modality's ``D``-dim tokens.
         embed_dim: width of the alignment space.
         m3: the model trains M3 tasks (adds the projection of pooled predictions).
     """
 
-    def __init__(self, encoder: HypermodalEncoder, predictor: HypermodalPredictor, head: Head, embed_dim: int,
+    def __init__(self, encoder: HypermodalEncoder, predictor: Predictor, head: Head, embed_dim: int,
                  weights: LossWeights = LossWeights(), m3: bool = False):
         super().__init__()
         self.init_target(encoder)
@@ -109,24 +110,18 @@ class HypermodalJEPA(ContextTargetPair):
         """Frozen representation ``[B, D]``: the target encoder's mean token (as I-JEPA probes)."""
         return self.target_encoder.pooled(name, x)
 
-    def predict(self, context: Mapping[str, torch.Tensor], coords: Mapping[str, torch.Tensor],
+    def predict(self, context: Mapping[str, Tokens], coords: Mapping[str, torch.Tensor],
                 masks: Mapping[str, ModalityMask], tasks: Sequence[Task], gate: int) -> list[torch.Tensor]:
         """``cond [B, M·Kt, P]`` of every task's target tokens, in one predictor pass."""
         names = list(context)
-        device = next(iter(context.values())).device
-        group = torch.cat([torch.full((context[m].shape[1],), i, device=device) for i, m in enumerate(names)])
-        queries, task_of, sizes = [], [], []
+        device = next(iter(context.values())).features.device
+        queries = []
         sources = torch.zeros(len(tasks), len(names), dtype=torch.bool, device=device)
         for t, task in enumerate(tasks):
             where = gather_tokens(coords[task.target], masks[task.target].targets.flatten(1))
-            queries.append(self.context_encoder.query(task.target, where))
-            task_of.append(torch.full((where.shape[1],), t, device=device))
-            sizes.append(where.shape[1])
+            queries.append(Tokens(self.context_encoder.query(task.target, where), where))
             sources[t, [names.index(s) for s in task.sources]] = True
-        cond = self.predictor(
-            torch.cat(list(context.values()), 1), group, torch.cat(queries, 1), torch.cat(task_of), sources, gate
-        )
-        return list(cond.split(sizes, dim=1))
+        return self.predictor(list(context.values()), queries, sources, gate=gate)
 
     def forward(self, inputs: Mapping[str, torch.Tensor], masks: Mapping[str, ModalityMask],
                 tasks: Sequence[Task], gate: int = 0, align: bool = True) -> StepOutput:
@@ -143,10 +138,10 @@ class HypermodalJEPA(ContextTargetPair):
         with torch.no_grad():
             full = {m: self.target_encoder(m, inputs[m]) for m in names}
         targets = {m: F.layer_norm(t.features, t.features.shape[-1:]) for m, t in full.items()}
-        ctx = {m: self.context_encoder(m, inputs[m], masks[m].context).features for m in names}
+        ctx = {m: self.context_encoder(m, inputs[m], masks[m].context) for m in names}
 
         terms: dict[str, torch.Tensor] = {}
-        loss = next(iter(ctx.values())).new_zeros((), dtype=torch.float32)
+        loss = next(iter(ctx.values())).features.new_zeros((), dtype=torch.float32)
         by_kind: dict[str, list[torch.Tensor]] = {}
         contrastive: list[torch.Tensor] = []
         if tasks:
@@ -169,7 +164,7 @@ class HypermodalJEPA(ContextTargetPair):
             else:
                 loss = loss + getattr(w, kind) * term
         if align and len(names) > 1:
-            z = {m: self.align(m, c.mean(1)) for m, c in ctx.items()}
+            z = {m: self.align(m, c.features.mean(1)) for m, c in ctx.items()}
             pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
             energy = torch.stack([energy_alignment(z[a], z[b], w.energy_margin) for a, b in pairs]).mean()
             nce = torch.stack([info_nce(z[a], z[b], w.temperature) for a, b in pairs]).mean()
