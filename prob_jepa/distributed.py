@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 import torch.distributed as dist
@@ -56,6 +57,24 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     t = torch.tensor([int(flag)], device=info.device if info.device.type == "cuda" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def mean_over_ranks(values: Mapping[str, torch.Tensor | float], info: DistInfo) -> dict[str, float]:
+    """Each name's mean over the ranks that report it, matched by name (ranks may report different names, e.g.
+    a task that one rank's modality dropout left out): every rank gets every name. Collective: every rank calls
+    it; one host sync.
+    """
+    names = list(values)
+    if info.distributed:
+        every: list[list[str] | None] = [None] * info.world_size
+        dist.all_gather_object(every, names)
+        names = list(dict.fromkeys(k for rank_names in every for k in rank_names))
+    sums = torch.stack([torch.as_tensor(values.get(k, 0.0), dtype=torch.float32, device=info.device) for k in names])
+    counts = torch.tensor([float(k in values) for k in names], device=info.device)
+    both = torch.stack([sums, counts])
+    if info.distributed:
+        dist.all_reduce(both)
+    return dict(zip(names, (both[0] / both[1]).tolist()))
 
 
 def barrier(info: DistInfo) -> None:

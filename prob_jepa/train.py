@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ConfigError
 from .data import GlobalBatchSampler, SeededDataset, build_datasets, seed_for
-from .distributed import DistInfo, any_rank, barrier, gradient_sync, init_distributed, wrap_model
+from .distributed import DistInfo, any_rank, barrier, gradient_sync, init_distributed, mean_over_ranks, wrap_model
 from .eval.diagnostics import effective_rank, feature_std
 from .masks import MaskCollator
 from .model import JEPA, StepOutput, build_model
@@ -332,13 +332,10 @@ class Trainer:
             )
 
     def record(self, terms: dict[str, torch.Tensor], images_per_s: float) -> dict[str, Any]:
-        """A ``metrics.jsonl`` line: loss terms averaged over ranks, throughput, memory, collapse diagnostics."""
-        values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.info.device) for v in terms.values()])
-        if self.info.distributed:
-            torch.distributed.all_reduce(values)
-            values /= self.info.world_size
+        """A ``metrics.jsonl`` line: loss terms averaged over the ranks that have them (matched by name), throughput,
+        memory, collapse diagnostics."""
         rec = {"step": self.step, "epoch": self.step / self.steps_per_epoch}
-        rec.update({k: v for k, v in zip(terms, values.tolist())})
+        rec.update(mean_over_ranks(terms, self.info))
         feats = self.last_targets.flatten(0, -2)[:2048]
         rec.update(
             images_per_s=images_per_s,

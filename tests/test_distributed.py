@@ -7,10 +7,33 @@ import subprocess
 import sys
 
 import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from conftest import ROOT, SMALL_EVAL, shrunk_model
+from prob_jepa.distributed import DistInfo, mean_over_ranks
 from prob_jepa.run_dir import RunDir
 from prob_jepa.train import pretrain
+
+
+def _log_terms(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    terms = [{"loss": 1.0, "jepa/within": 2.0}, {"jepa/cross": 4.0, "loss": 3.0}][rank]
+    logged = mean_over_ranks({k: torch.tensor(v) for k, v in terms.items()}, DistInfo(rank, 2, rank, torch.device("cpu")))
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump(logged, f)
+    dist.destroy_process_group()
+
+
+def test_logged_terms_are_averaged_by_name_over_the_ranks_that_have_them(tmp_path):
+    """Ranks whose steps made different terms (modality dropout, curriculum) log the same names, each the mean of
+    the ranks that computed it — not the values of another name that sat at the same position."""
+    port = 29500 + os.getpid() % 1000
+    mp.spawn(_log_terms, args=(port, str(tmp_path / "logged")), nprocs=2)
+    logged = [json.loads((tmp_path / f"logged.{r}").read_text()) for r in range(2)]
+    assert logged[0] == logged[1] == {"loss": 2.0, "jepa/within": 2.0, "jepa/cross": 4.0}
 
 
 @pytest.mark.slow
