@@ -33,6 +33,16 @@ class StepOutput(NamedTuple):
     targets: torch.Tensor
 
 
+class Prediction(NamedTuple):
+    """What :meth:`JEPA.predict` computes: ``context``, the context encoder's levels; ``cond``, per predicted level
+    ``[B, M, N_l, C]`` for the target units; ``balance``, the predictor's mixture-of-experts load-balancing loss
+    (scalar; ``None`` for dense blocks)."""
+
+    context: list
+    cond: list[torch.Tensor]
+    balance: torch.Tensor | None
+
+
 class JEPA(ContextTargetPair):
     """I-JEPA / z-JEPA with a probabilistic predictor head per level.
 
@@ -124,11 +134,12 @@ class JEPA(ContextTargetPair):
             for l in self.predict_levels
         ]
 
-    def predict(self, images: torch.Tensor, context: torch.Tensor, targets: torch.Tensor):
-        """Context levels and, per predicted level, ``cond [B, M, N_l, C]`` for the target units."""
+    def predict(self, images: torch.Tensor, context: torch.Tensor, targets: torch.Tensor) -> Prediction:
+        """The context levels and, per predicted level, ``cond [B, M, N_l, C]`` for the target units."""
         ctx = self.context_encoder(images, context)
         seen = [(ctx[l].features, ctx[l].coords) for l in self.predict_levels]
-        return ctx, self.predictor(seen, self.target_coords(targets))
+        cond, balance = self.predictor(seen, self.target_coords(targets))
+        return Prediction(ctx, cond, balance)
 
     def forward(self, images: torch.Tensor, context: torch.Tensor, targets: torch.Tensor) -> StepOutput:
         """One JEPA step's loss.
@@ -139,7 +150,7 @@ class JEPA(ContextTargetPair):
             targets: ``[B, M, Kt]`` target unit indices.
         """
         target_all = self.target_features(images)
-        ctx, cond = self.predict(images, context, targets)
+        ctx, cond, balance = self.predict(images, context, targets)
         ys = self.gather_targets(target_all, targets)
 
         terms: dict[str, torch.Tensor] = {}
@@ -163,7 +174,6 @@ class JEPA(ContextTargetPair):
             sigreg = self.sigreg(ctx[-1].features.flatten(0, 2))
             terms["sigreg"] = sigreg
             loss = loss + self.sigreg_weight * sigreg
-        balance = self.predictor.balance_loss()
         if balance is not None:
             terms["moe_balance"] = balance
             loss = loss + self.balance_weight * balance

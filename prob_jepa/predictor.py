@@ -21,7 +21,7 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from jin.encoders import Tokens
-from jin.layers import MoEMLP, SpatialBias, Stage, drop_path_rates, sincos_embed
+from jin.layers import Experts, SpatialBias, Stage, drop_path_rates, sincos_embed
 from jin.layers.init import init_weights
 
 
@@ -36,6 +36,14 @@ class PredictorSequence(NamedTuple):
     reads: torch.Tensor | None
     num_context: int
     sizes: list[int]
+
+
+class PredictorOutput(NamedTuple):
+    """``cond``: the conditioning vectors of every query group (``tokens.split``); ``balance``: the mean
+    load-balancing loss of the mixture-of-experts blocks (scalar), ``None`` for dense blocks."""
+
+    cond: list[torch.Tensor]
+    balance: torch.Tensor | None
 
 
 class LevelTokens(nn.Module):
@@ -149,8 +157,9 @@ class Predictor(nn.Module):
     """The JEPA predictor: ``depth`` blocks over the sequence that ``tokens`` makes, then a norm.
 
     ``forward(*inputs, gate=0)`` hands ``inputs`` to ``tokens.sequence``, runs the blocks with
-    its attention groups (and the spatial bias over its coordinates) and returns
-    ``tokens.split`` of the normed query outputs: the conditioning vectors ``cond`` of the head.
+    its attention groups (and the spatial bias over its coordinates) and returns a
+    :class:`PredictorOutput`: ``tokens.split`` of the normed query outputs (the conditioning
+    vectors ``cond`` of the head) and the routing's load-balancing loss.
 
     Args:
         tokens: :class:`LevelTokens` or :class:`ModalityTokens` (its ``dim`` is the predictor's width).
@@ -186,26 +195,17 @@ class Predictor(nn.Module):
         self.tokens = tokens
         self.dim = dim = tokens.dim
         bias = SpatialBias(num_heads, bias_hidden, bias_grid) if spatial_bias else None
-        self.stage = Stage(dim, depth, num_heads, mlp_ratio, drop_path_rates(drop_path_rate, depth), bias, dropout)
-        if moe_experts:
-            for block in self.stage.blocks:
-                block.mlp = MoEMLP(dim, int(dim * mlp_ratio), moe_experts, moe_top_k, num_gates)
+        experts = Experts(moe_experts, moe_top_k, num_gates) if moe_experts else None
+        rates = drop_path_rates(drop_path_rate, depth)
+        self.stage = Stage(dim, depth, num_heads, mlp_ratio, rates, bias, dropout, experts)
         self.norm = nn.LayerNorm(dim)
         self.apply(init_weights)
         tokens.init_embeddings()
 
-    def moe_layers(self) -> list[MoEMLP]:
-        return [b.mlp for b in self.stage.blocks if isinstance(b.mlp, MoEMLP)]
-
-    def balance_loss(self) -> torch.Tensor | None:
-        """Mean Switch load-balancing loss of the MoE blocks in the last forward; ``None`` without experts."""
-        losses = [m.aux_loss for m in self.moe_layers()]
-        return torch.stack(losses).mean() if losses else None
-
-    def forward(self, *inputs, gate: int = 0) -> list[torch.Tensor]:
-        """``cond`` of every query group (see ``tokens.split``), routed through MoE gate ``gate``."""
-        for moe in self.moe_layers():
-            moe.active_gate = gate
+    def forward(self, *inputs, gate: int = 0) -> PredictorOutput:
+        """``cond`` of every query group (see ``tokens.split``) and the load-balancing loss, the mixture of experts
+        routed by router ``gate``."""
         seq = self.tokens.sequence(*inputs)
-        x, _ = self.stage(seq.x, seq.coords, seq.group, reads=seq.reads)
-        return self.tokens.split(self.norm(x[:, seq.num_context:]), seq)
+        x, routing = self.stage.attend(seq.x, seq.coords, seq.group, reads=seq.reads, gate=gate)
+        balance = torch.stack([r.balance for r in routing]).mean() if routing else None
+        return PredictorOutput(self.tokens.split(self.norm(x[:, seq.num_context:]), seq), balance)

@@ -132,8 +132,8 @@ def test_tasks_read_only_their_source_modalities(compose, scenes):
     other = dict(x, audio=batch(scenes, 4, start=20)["audio"])  # change only the audio
     ctx = lambda inp: {m: model.context_encoder(m, inp[m], masks[m].context) for m in MODALITIES}  # noqa: E731
     coords = {m: model.target_encoder(m, x[m]).coords for m in MODALITIES}
-    a = model.predict(ctx(x), coords, masks, tasks, gate=0)
-    b = model.predict(ctx(other), coords, masks, tasks, gate=0)
+    a = model.predict(ctx(x), coords, masks, tasks, gate=0).cond
+    b = model.predict(ctx(other), coords, masks, tasks, gate=0).cond
     for task, ca, cb in zip(tasks, a, b):
         assert torch.equal(ca, cb) == ("audio" not in task.sources), task
 
@@ -147,7 +147,7 @@ def test_each_gate_routes_its_own_task_direction(compose, scenes):
     assert [(t.sources, t.target) for t in t0 + t1] == [(("image",), "text"), (("text",), "image")]
     ctx = {m: model.context_encoder(m, x[m], masks[m].context) for m in x}
     coords = {m: model.target_encoder(m, x[m]).coords for m in x}
-    via0, via1 = (model.predict(ctx, coords, masks, t0, gate=g)[0] for g in (0, 1))
+    via0, via1 = (model.predict(ctx, coords, masks, t0, gate=g).cond[0] for g in (0, 1))
     assert not torch.allclose(via0, via1)
     out = model(x, masks, t0, gate=0)
     assert {"jepa/m3", "m3/contrastive", "moe_balance", "energy", "infonce"} <= out.terms.keys()

@@ -93,7 +93,7 @@ def inputs(seed: int = 0):
 def test_trunk_output_shapes():
     ctx, targets = inputs()
     out = trunk()(ctx, targets)
-    assert [o.shape for o in out] == [(2, 3, 8, 16), (2, 3, 2, 16)]
+    assert [o.shape for o in out.cond] == [(2, 3, 8, 16), (2, 3, 2, 16)] and out.balance is None
 
 
 def test_target_blocks_are_predicted_independently_of_each_other():
@@ -101,15 +101,15 @@ def test_target_blocks_are_predicted_independently_of_each_other():
     for bias in (False, True):
         net = trunk(bias)
         ctx, targets = inputs()
-        joint = net(ctx, targets)
+        joint = net(ctx, targets).cond
         moved = [t.clone() for t in targets]
         for t in moved:
             t[:, 1:] = torch.rand_like(t[:, 1:])  # move every block but block 0
-        again = net(ctx, moved)
+        again = net(ctx, moved).cond
         for a, b in zip(joint, again):
             torch.testing.assert_close(a[:, 0], b[:, 0])
             assert not torch.allclose(a[:, 1:], b[:, 1:])
-        alone = net(ctx, [t[:, :1] for t in targets])
+        alone = net(ctx, [t[:, :1] for t in targets]).cond
         for a, b in zip(joint, alone):
             torch.testing.assert_close(a[:, :1], b, rtol=1e-5, atol=1e-5)
 

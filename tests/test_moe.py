@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import jin.layers.moe as moe_module
 from jin.layers import MoEMLP
-from jin.layers.moe import _grouped_mm_runs
+from jin.layers.moe import Experts, RoutedBlock, _grouped_mm_runs
 
 
 def reference(moe: MoEMLP, x: torch.Tensor, gate: int = 0) -> torch.Tensor:
@@ -31,19 +31,20 @@ def test_every_token_is_processed_by_exactly_its_top_k_experts(top_k):
         moe.b1.normal_()
         moe.b2.normal_()
     x = torch.randn(2, 37, 16)
-    out = moe(x)
+    out, routing = moe(x)
     assert out.shape == x.shape
     torch.testing.assert_close(out.flatten(0, 1), reference(moe, x.flatten(0, 1)), rtol=1e-5, atol=1e-5)
-    assert moe.load.sum().item() == pytest.approx(1.0)
-    assert (moe.load * 2 * 37 * top_k).round().sum().item() == 2 * 37 * top_k  # no assignment dropped
+    assert routing.load.sum().item() == pytest.approx(1.0)
+    assert (routing.load * 2 * 37 * top_k).round().sum().item() == 2 * 37 * top_k  # no assignment dropped
 
 
 def test_gradients_reach_the_router_and_every_used_expert():
     torch.manual_seed(0)
     moe = MoEMLP(dim=8, hidden=16, num_experts=4, top_k=2)
     x = torch.randn(64, 8, requires_grad=True)
-    (moe(x).square().sum() + moe.aux_loss).backward()
-    used = moe.load > 0
+    out, routing = moe(x)
+    (out.square().sum() + routing.balance).backward()
+    used = routing.load > 0
     assert moe.gates[0].weight.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
     assert (moe.w1.grad.flatten(1).abs().sum(1) > 0)[used].all()
 
@@ -54,18 +55,17 @@ def test_balancing_loss_spreads_a_skewed_router_over_the_experts():
     with torch.no_grad():
         moe.gates[0].bias.copy_(torch.tensor([3.0, 0.0, 0.0, 0.0]))  # almost everything goes to expert 0
     x = torch.randn(512, 16)
-    moe(x)
-    skewed_loss, skewed_load = moe.aux_loss.item(), moe.load.clone()
+    skewed_loss, skewed_load = moe(x)[1]
     assert skewed_load[0] > 0.7 and skewed_loss > 2.0
     opt = torch.optim.Adam(moe.gates.parameters(), lr=0.05)
     for _ in range(200):
-        moe(x)
+        _, routing = moe(x)
         opt.zero_grad()
-        moe.aux_loss.backward()
+        routing.balance.backward()
         opt.step()
-    moe(x)
-    assert moe.load.max() < 0.35 and moe.load.min() > 0.15, moe.load
-    assert moe.aux_loss.item() < 1.1
+    balance, load = moe(x)[1]
+    assert load.max() < 0.35 and load.min() > 0.15, load
+    assert balance.item() < 1.1
 
 
 def test_gates_route_independently_and_a_bad_gate_is_named():
@@ -74,7 +74,7 @@ def test_gates_route_independently_and_a_bad_gate_is_named():
     x = torch.randn(128, 8)
     a, b = moe.route(x, 0)[1], moe.route(x, 1)[1]
     assert not torch.equal(a, b)
-    torch.testing.assert_close(moe(x, gate=1), reference(moe, x, gate=1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(moe(x, gate=1)[0], reference(moe, x, gate=1), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="2 gate"):
         moe(x, gate=2)
     with pytest.raises(ValueError, match="top_k"):
@@ -99,7 +99,7 @@ def test_a_moe_trunk_trains_inside_the_jepa(compose, tiny_overrides):
     moe = model.predictor.stage.blocks[0].mlp
     assert isinstance(moe, MoEMLP) and moe.gates[0].weight.grad.abs().sum() > 0 and moe.w1.grad.abs().sum() > 0
     dense = build_model(compose(*tiny_overrides))
-    assert dense.predictor.balance_loss() is None
+    assert "moe_balance" not in dense(images, masks.context, masks.targets).terms
 
 
 def starved_layer() -> MoEMLP:
@@ -114,10 +114,12 @@ def starved_layer() -> MoEMLP:
 
 
 def output_and_grads(f, moe: MoEMLP, x: torch.Tensor, autocast: bool = False) -> list[torch.Tensor]:
-    """``f(x)`` and the gradients of ``x`` and of every parameter of ``moe`` for a fixed upstream gradient."""
+    """``f(x)`` (its output, when ``f`` also returns the routing) and the gradients of ``x`` and of every parameter
+    of ``moe`` for a fixed upstream gradient."""
     x = x.detach().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         out = f(x)
+    out = out[0] if isinstance(out, tuple) else out
     upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
     return [out.detach(), *torch.autograd.grad(out, [x, *moe.parameters()], upstream)]
 
@@ -135,7 +137,7 @@ def test_matches_the_per_token_reference_in_values_and_gradients_with_idle_exper
     grads = dict(zip(names, ours))
     for name in ("w1", "b1", "w2", "b2"):  # an expert that got no token gets no gradient
         assert grads[name][[0, 3, 5]].abs().max() == 0 and grads[name].abs().max() > 0, name
-    torch.testing.assert_close(moe.load, torch.bincount(expert.flatten(), minlength=6) / expert.numel())
+    torch.testing.assert_close(moe(x)[1].load, torch.bincount(expert.flatten(), minlength=6) / expert.numel())
 
 
 def test_compiles_to_one_graph_that_matches_eager():
@@ -160,7 +162,7 @@ def test_forward_and_backward_read_no_value_back_and_no_shape_depends_on_one():
     moe = MoEMLP(dim=16, hidden=32, num_experts=6, top_k=2).to(torch.bfloat16)
     with FakeTensorMode(allow_non_fake_inputs=True):
         x = torch.randn(2, 37, 16, dtype=torch.bfloat16, requires_grad=True)
-        out = moe(x)
+        out, _ = moe(x)
         grads = torch.autograd.grad(out.float().square().sum(), [x, *moe.parameters()])
     assert out.shape == x.shape and [g.shape for g in grads] == [x.shape, *(p.shape for p in moe.parameters())]
 
@@ -184,7 +186,7 @@ def test_widths_and_dtypes_grouped_mm_cannot_take_fall_back_correctly(dim, hidde
     torch.manual_seed(0)
     moe = MoEMLP(dim=dim, hidden=hidden, num_experts=4, top_k=2).to(dtype)
     x = torch.randn(50, dim, dtype=dtype)
-    torch.testing.assert_close(moe(x), reference(moe, x))
+    torch.testing.assert_close(moe(x)[0], reference(moe, x))
 
 
 class RecordGroupedMM(TorchDispatchMode):
@@ -212,13 +214,19 @@ def test_under_autocast_the_experts_run_in_bf16_and_the_output_keeps_the_input_d
         assert (a - b).norm() < 0.02 * b.norm()
 
 
-def test_active_gate_routes_a_plain_call():
+def test_a_routed_block_routes_by_its_gate_and_returns_the_routing():
+    """The block is timm's with the mixture as its MLP; the gate reaches the router and the routing comes back."""
     torch.manual_seed(0)
-    moe = MoEMLP(dim=8, hidden=16, num_experts=4, top_k=1, num_gates=2)
-    x = torch.randn(64, 8)
-    moe.active_gate = 1
-    torch.testing.assert_close(moe(x), moe(x, gate=1))
-    assert not torch.allclose(moe(x), moe(x, gate=0))
+    block = RoutedBlock(8, 2, 2.0, Experts(4, top_k=1, gates=2), qkv_bias=True).eval()
+    x = torch.randn(3, 5, 8)
+    for gate in (0, 1):
+        out, routing = block(x, gate=gate)
+        h = x + block.attn(block.norm1(x))
+        mlp, expected = block.mlp(block.norm2(h), gate)
+        torch.testing.assert_close(out, h + mlp)
+        torch.testing.assert_close(routing.load, expected.load)
+    assert not torch.allclose(block(x, gate=0)[0], block(x, gate=1)[0])
+    assert block.mlp.gates[1].weight.shape == (4, 8)
 
 
 def test_checkpoints_keep_their_parameter_names_and_shapes():

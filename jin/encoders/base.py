@@ -81,5 +81,5 @@ class ModalityEncoder(nn.Module):
         features = self.embed(x, coords) + self.position(coords).to(coords.dtype)
         if keep is not None:
             features, coords = gather_tokens(features, keep), gather_tokens(coords, keep)
-        features = self.stage.run_blocks(features, self.attention_mask(coords))  # no spatial bias: the mask is all
+        features, _ = self.stage.run_blocks(features, self.attention_mask(coords))  # no spatial bias: the mask is all
         return Tokens(features, coords)

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import Block
 from torch import nn
 
 from .precision import compute_dtype
@@ -28,6 +31,25 @@ def _grouped_mm_runs(x: torch.Tensor, hidden: int) -> bool:
         return dtype == torch.bfloat16 or (dtype in eager_only and not torch.compiler.is_compiling())
     return (x.device.type == "cuda" and dtype == torch.bfloat16
             and torch.cuda.get_device_properties(x.device).major >= 8)
+
+
+@dataclass(frozen=True)
+class Experts:
+    """A mixture of ``num`` expert MLPs; each token goes to ``top_k`` of them, routed by one of ``gates`` routers."""
+
+    num: int
+    top_k: int = 2
+    gates: int = 1
+
+
+class Routing(NamedTuple):
+    """What one mixture-of-experts layer's router did in a forward: ``balance`` is the Switch Transformer
+    load-balancing loss ``E · Σ_e f_e · P_e`` (Fedus et al. 2021, eq. 4; 1 when balanced, scalar), with ``f_e`` the
+    share of assignments that went to expert ``e`` and ``P_e`` its mean router probability; ``load`` is ``f``
+    itself ``[E]``."""
+
+    balance: torch.Tensor
+    load: torch.Tensor
 
 
 class MoEMLP(nn.Module):
@@ -55,13 +77,10 @@ class MoEMLP(nn.Module):
     per-token sum is in fp32, on either path.
 
     ``num_gates > 1`` gives M3-JEPA's multi-gate variant: the experts are
-    shared, and each task routes with its own gate (``forward(x, gate=g)``, or set
-    ``active_gate`` when the layer sits inside a block that calls it as ``mlp(x)``).
+    shared, and each task routes with its own gate (``forward(x, gate=g)``).
 
-    After each forward, ``aux_loss`` holds the Switch Transformer load-balancing
-    loss ``E · Σ_e f_e · P_e`` (Fedus et al. 2021, eq. 4; 1 when balanced), with
-    ``f_e`` the share of assignments that went to expert ``e`` and ``P_e`` its
-    mean router probability, and ``load`` holds ``f`` itself ``[E]``.
+    ``forward`` returns the output and the layer's :class:`Routing` (its
+    load-balancing loss and expert loads); the layer keeps no state between calls.
 
     References:
         Shazeer et al., Outrageously Large Neural Networks (arXiv:1701.06538).
@@ -81,9 +100,6 @@ class MoEMLP(nn.Module):
         self.b1 = nn.Parameter(torch.zeros(num_experts, 1, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim).uniform_(-bound2, bound2))
         self.b2 = nn.Parameter(torch.zeros(num_experts, 1, dim))
-        self.aux_loss: torch.Tensor | None = None
-        self.load: torch.Tensor | None = None
-        self.active_gate = 0
 
     def route(self, x: torch.Tensor, gate: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Router probabilities ``[T, E]``, top-k experts ``[T, k]`` and their renormalized weights ``[T, k]``."""
@@ -93,12 +109,16 @@ class MoEMLP(nn.Module):
         weight, expert = probs.topk(self.top_k, dim=-1)
         return probs, expert, weight / weight.sum(-1, keepdim=True)
 
-    def forward(self, x: torch.Tensor, gate: int | None = None) -> torch.Tensor:
-        """``x [..., D]`` → ``[..., D]``, routed by ``gate`` (default ``active_gate``)."""
+    def forward(self, x: torch.Tensor, gate: int = 0) -> tuple[torch.Tensor, Routing]:
+        """``x [..., D]`` → (``[..., D]``, :class:`Routing`), routed by router ``gate``.
+
+        Raises:
+            ValueError: ``gate`` is not one of the layer's routers.
+        """
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         T, E, k = x.shape[0], self.num_experts, self.top_k
-        probs, expert, weight = self.route(x, self.active_gate if gate is None else gate)
+        probs, expert, weight = self.route(x, gate)
 
         # Step 1. sort the T·k assignments by expert; expert e owns rows offs[e-1]:offs[e]
         flat = expert.flatten()
@@ -115,10 +135,8 @@ class MoEMLP(nn.Module):
         contrib = y.float() * weight.flatten()[order, None]
         out = x.new_zeros(x.shape, dtype=torch.float32).index_add_(0, token, contrib)
 
-        counts = offs.diff(prepend=offs.new_zeros(1))
-        self.load = counts.float() / (T * k)
-        self.aux_loss = E * (self.load * probs.mean(0)).sum()
-        return out.to(x.dtype).reshape(shape)
+        load = offs.diff(prepend=offs.new_zeros(1)).float() / (T * k)
+        return out.to(x.dtype).reshape(shape), Routing(E * (load * probs.mean(0)).sum(), load)
 
     def _grouped_experts(self, xs: torch.Tensor, sorted_expert: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         """Rows ``xs [T·k, D]`` sorted by expert → each through its own expert ``[T·k, D]``, by ``grouped_mm``."""
@@ -136,3 +154,25 @@ class MoEMLP(nn.Module):
         buffer[sorted_expert, slot] = xs
         h = F.gelu(torch.baddbmm(self.b1, buffer, self.w1))  # autocast runs baddbmm in bf16 on CUDA
         return torch.baddbmm(self.b2, h, self.w2)[sorted_expert, slot]
+
+
+class PlainBlock(Block):
+    """timm's ViT block (same parameters and state dict) with the block protocol of :class:`~jin.layers.Stage`:
+    ``forward(x, attn_mask=None, gate=0)`` → ``(x, None)`` — no router, so no routing to report."""
+
+    def forward(self, x: torch.Tensor, attn_mask=None, gate: int = 0) -> tuple[torch.Tensor, None]:
+        return super().forward(x, attn_mask=attn_mask), None
+
+
+class RoutedBlock(Block):
+    """timm's ViT block whose MLP is a :class:`MoEMLP` of ``experts``; ``forward(x, attn_mask=None, gate=0)`` →
+    ``(x, Routing)``, the MLP routed by router ``gate``. Other arguments as timm's ``Block``."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, experts: Experts, **block_args):
+        super().__init__(dim, num_heads, mlp_ratio, **block_args)
+        self.mlp = MoEMLP(dim, int(dim * mlp_ratio), experts.num, experts.top_k, experts.gates)
+
+    def forward(self, x: torch.Tensor, attn_mask=None, gate: int = 0) -> tuple[torch.Tensor, Routing]:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask)))
+        y, routing = self.mlp(self.norm2(x), gate)
+        return x + self.drop_path2(self.ls2(y)), routing

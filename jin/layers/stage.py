@@ -1,15 +1,16 @@
 """A stage: a stack of transformer blocks at one level, and its adaptive variant."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
 import torch
-from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import AttentionSpec, FlexMask, SpatialAttention, prepare_mask
+from .moe import Experts, PlainBlock, RoutedBlock, Routing
 from .precision import compute_dtype
 from .spatial_bias import SpatialBias
 
@@ -26,12 +27,16 @@ class Stage(nn.Module):
     (spatial bias, task groups, hidden keys) and prepares one mask for every
     block: the dense additive mask of ``scaled_dot_product_attention`` (CPU, the
     reference) or FlexAttention's fused ``score_mod`` + block mask (CUDA).
+    With ``experts`` every block's MLP is a mixture of experts
+    (:class:`~jin.layers.moe.RoutedBlock`) and :meth:`attend` returns each
+    block's :class:`~jin.layers.moe.Routing`.
 
     Args:
         dim, depth, num_heads, mlp_ratio: block shape.
         drop_path: per-block stochastic depth rates (length ``depth``).
         spatial_bias: a :class:`SpatialBias`, or ``None`` for plain attention.
         dropout: projection / MLP dropout.
+        experts: the blocks' mixture of experts, or ``None`` for dense MLPs.
     """
 
     def __init__(
@@ -43,10 +48,12 @@ class Stage(nn.Module):
         drop_path: Sequence[float],
         spatial_bias: SpatialBias | None,
         dropout: float = 0.0,
+        experts: Experts | None = None,
     ):
         super().__init__()
+        block = PlainBlock if experts is None else functools.partial(RoutedBlock, experts=experts)
         self.blocks = nn.ModuleList(
-            Block(dim, num_heads, mlp_ratio, qkv_bias=True, proj_drop=dropout, drop_path=dp, attn_layer=SpatialAttention)
+            block(dim, num_heads, mlp_ratio, qkv_bias=True, proj_drop=dropout, drop_path=dp, attn_layer=SpatialAttention)
             for dp in drop_path[:depth]
         )
         self.spatial_bias = spatial_bias
@@ -55,27 +62,39 @@ class Stage(nn.Module):
     def init_router(self) -> None:
         """Initialize routing parameters after the generic init (plain stages have none)."""
 
-    def run_blocks(self, x: torch.Tensor, mask: torch.Tensor | FlexMask | None) -> torch.Tensor:
+    def run_blocks(
+        self, x: torch.Tensor, mask: torch.Tensor | FlexMask | None, gate: int = 0
+    ) -> tuple[torch.Tensor, list[Routing]]:
         """Every block on ``x [B, N, D]`` with one prepared mask (a dense additive tensor is cast to the dtype
-        attention runs in)."""
+        attention runs in), mixtures of experts routed by router ``gate`` → (``[B, N, D]``, their routing)."""
         if isinstance(mask, torch.Tensor):
             mask = mask.to(compute_dtype(x))
+        routing = []
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, mask, use_reentrant=False)
+                x, routed = checkpoint(block, x, mask, gate, use_reentrant=False)
             else:
-                x = block(x, attn_mask=mask)
-        return x
+                x, routed = block(x, mask, gate)
+            if routed is not None:
+                routing.append(routed)
+        return x, routing
+
+    def attend(
+        self, x: torch.Tensor, coords: torch.Tensor, group: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None, reads: torch.Tensor | None = None, gate: int = 0,
+    ) -> tuple[torch.Tensor, list[Routing]]:
+        """x: ``[B, N, D]``, coords: ``[B, N, 3]``, group: ``[B or 1, N]`` task blocks (-1: shared context),
+        valid: ``[B, N]`` keys that exist, reads: ``[G, G]`` which group reads which (see :class:`AttentionSpec`),
+        gate: the mixture of experts' router → (``[B, N, D]``, each routed block's :class:`Routing`)."""
+        spec = AttentionSpec.build(self.spatial_bias, coords, group, valid, reads)
+        return self.run_blocks(x, prepare_mask(spec, x), gate)
 
     def forward(
         self, x: torch.Tensor, coords: torch.Tensor, group: torch.Tensor | None = None,
         valid: torch.Tensor | None = None, reads: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: ``[B, N, D]``, coords: ``[B, N, 3]``, group: ``[B or 1, N]`` task blocks (-1: shared context),
-        valid: ``[B, N]`` keys that exist, reads: ``[G, G]`` which group reads which (see :class:`AttentionSpec`)
-        → (``[B, N, D]``, α ``[B]`` = 1)."""
-        spec = AttentionSpec.build(self.spatial_bias, coords, group, valid, reads)
-        return self.run_blocks(x, prepare_mask(spec, x)), x.new_ones(x.shape[0])
+        """As :meth:`attend` → (``[B, N, D]``, α ``[B]`` = 1): a level of the hierarchical encoder."""
+        return self.attend(x, coords, group, valid, reads)[0], x.new_ones(x.shape[0])
 
 
 class AdaptiveStage(Stage):
@@ -135,7 +154,7 @@ class AdaptiveStage(Stage):
         c_sel = coords.gather(1, sel.expand(-1, -1, coords.shape[-1]))
         g_sel = None if group is None else group.expand(B, -1).gather(1, idx)
         spec = AttentionSpec.build(self.spatial_bias, c_sel, g_sel, keep, reads)
-        out = self.run_blocks(x_sel, prepare_mask(spec, x_sel))
+        out, _ = self.run_blocks(x_sel, prepare_mask(spec, x_sel))
         x = x.scatter(1, sel.expand(-1, -1, D), x_sel + gate.to(x.dtype) * (out - x_sel))
         return x, alpha
 

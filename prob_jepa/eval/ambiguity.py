@@ -40,7 +40,7 @@ def ambiguity_metrics(
     context, targets = marker_masks(pairs, model.context_encoder.unit_grid, device)
     images = pairs.images.to(device)
 
-    _, cond = model.predict(images[0], context, targets)
+    cond = model.predict(images[0], context, targets).cond
     modes = [model.gather_targets(model.target_features(x), targets)[-1].flatten(0, 2) for x in images]
     cond = cond[-1].flatten(0, 2).float()
     a, b = modes[0].float(), modes[1].float()

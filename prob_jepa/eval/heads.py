@@ -61,7 +61,7 @@ def collect_rows(
         x = x.to(device)
         masks = collator(len(x), EVAL_DRAWS + b).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            _, cond = model.predict(x, masks.context, masks.targets)
+            cond = model.predict(x, masks.context, masks.targets).cond
             y = model.gather_targets(model.target_features(x), masks.targets)
         c, t = cond[-1].float(), y[-1].float()  # [B, M, N, C], [B, M, N, D]
         conds.append(c.flatten(0, 2).cpu())

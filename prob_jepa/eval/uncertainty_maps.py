@@ -89,7 +89,7 @@ def unit_uncertainty(model: JEPA, head: Head, images: torch.Tensor, num_samples:
         target_all = model.target_features(image[None])
         for context, targets in groups:
             n = len(targets)
-            _, cond = model.predict(image.expand(n, -1, -1, -1), context, targets)
+            cond = model.predict(image.expand(n, -1, -1, -1), context, targets).cond
             target = model.gather_targets([t.expand(n, -1, -1, -1) for t in target_all], targets)
             c, y = cond[-1].flatten(0, 2).float(), target[-1].flatten(0, 2).float()  # [n·K·T, C], [n·K·T, D]
             where = targets.flatten().cpu()  # the hidden units, in the order of the rows' blocks

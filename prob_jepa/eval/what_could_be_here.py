@@ -103,7 +103,7 @@ def retrieve(
 ) -> Retrieval:
     """Predict the units ``targets [B, 1, K]`` of ``images [B, 3, H, W]`` from ``context [B, Kc]`` with ``head``
     (which predicts ``model``'s coarsest predicted level) and retrieve every sample's nearest bank token."""
-    _, cond = model.predict(images, context, targets)
+    cond = model.predict(images, context, targets).cond
     c = cond[-1].flatten(0, 2).float()  # [Q, C]
     samples = head.sample(c, num_samples).float()  # [S, Q, D]
     S, Q, _ = samples.shape

@@ -15,7 +15,7 @@ from jin.hypermodal import HypermodalEncoder
 from ..ema import ContextTargetPair
 from ..heads import Head
 from ..model import StepOutput
-from ..predictor import Predictor
+from ..predictor import Predictor, PredictorOutput
 from .masks import ModalityMask
 from .objectives import Task, energy_alignment, info_nce
 
@@ -111,8 +111,8 @@ class HypermodalJEPA(ContextTargetPair):
         return self.target_encoder.pooled(name, x)
 
     def predict(self, context: Mapping[str, Tokens], coords: Mapping[str, torch.Tensor],
-                masks: Mapping[str, ModalityMask], tasks: Sequence[Task], gate: int) -> list[torch.Tensor]:
-        """``cond [B, M·Kt, P]`` of every task's target tokens, in one predictor pass."""
+                masks: Mapping[str, ModalityMask], tasks: Sequence[Task], gate: int) -> PredictorOutput:
+        """``cond [B, M·Kt, P]`` of every task's target tokens, in one predictor pass, and its MoE balance loss."""
         names = list(context)
         device = next(iter(context.values())).features.device
         queries = []
@@ -144,8 +144,9 @@ class HypermodalJEPA(ContextTargetPair):
         loss = next(iter(ctx.values())).features.new_zeros((), dtype=torch.float32)
         by_kind: dict[str, list[torch.Tensor]] = {}
         contrastive: list[torch.Tensor] = []
+        balance = None
         if tasks:
-            conds = self.predict(ctx, {m: t.coords for m, t in full.items()}, masks, tasks, gate)
+            conds, balance = self.predict(ctx, {m: t.coords for m, t in full.items()}, masks, tasks, gate)
             for task, cond in zip(tasks, conds):
                 y = gather_tokens(targets[task.target], masks[task.target].targets.flatten(1))
                 by_kind.setdefault(task.kind, []).append(self.head(cond.flatten(0, 1), y.flatten(0, 1)))
@@ -170,7 +171,6 @@ class HypermodalJEPA(ContextTargetPair):
             nce = torch.stack([info_nce(z[a], z[b], w.temperature) for a, b in pairs]).mean()
             terms.update(energy=energy, infonce=nce)
             loss = loss + w.energy * energy + w.infonce * nce
-        balance = self.predictor.balance_loss() if tasks else None
         if balance is not None:
             terms["moe_balance"] = balance
             loss = loss + w.balance * balance
