@@ -85,7 +85,7 @@ class LevelTokens(nn.Module):
     ) -> PredictorSequence:
         """context: per level ``(features [B, U, T_l, D_l], coords [B, U, T_l, 3])``; targets: per level target
         coords ``[B, M, N_l, 3]`` (M blocks, N_l tokens per block)."""
-        B, M = targets[0].shape[:2]
+        M = targets[0].shape[1]
         ctx = [self.embed[l](f.flatten(1, 2)) + self.position(c.flatten(1, 2), l) for l, (f, c) in enumerate(context)]
         ctx_coords = torch.cat([c.flatten(1, 2) for _, c in context], 1)
         sizes = [t.shape[2] for t in targets]
@@ -153,6 +153,17 @@ class ModalityTokens(nn.Module):
         return list(out.split(seq.sizes, dim=1))
 
 
+LEGACY_TOKEN_PARAMETERS = ("embed", "level_embed", "mask_token", "query_embed")
+
+
+def _legacy_token_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Checkpoints written before the predictor's sequence became a module of its own hold its embeddings at
+    ``<prefix>embed.*``, ``<prefix>level_embed``, …; they load under ``<prefix>tokens.*``."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        if key[len(prefix):].split(".")[0] in LEGACY_TOKEN_PARAMETERS:
+            state_dict[f"{prefix}tokens.{key[len(prefix):]}"] = state_dict.pop(key)
+
+
 class Predictor(nn.Module):
     """The JEPA predictor: ``depth`` blocks over the sequence that ``tokens`` makes, then a norm.
 
@@ -201,6 +212,7 @@ class Predictor(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.apply(init_weights)
         tokens.init_embeddings()
+        self.register_load_state_dict_pre_hook(_legacy_token_keys)
 
     def forward(self, *inputs, gate: int = 0) -> PredictorOutput:
         """``cond`` of every query group (see ``tokens.split``) and the load-balancing loss, the mixture of experts

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -30,7 +31,9 @@ def _log_terms(rank: int, port: int, out: str) -> None:
 def test_logged_terms_are_averaged_by_name_over_the_ranks_that_have_them(tmp_path):
     """Ranks whose steps made different terms (modality dropout, curriculum) log the same names, each the mean of
     the ranks that computed it — not the values of another name that sat at the same position."""
-    port = 29500 + os.getpid() % 1000
+    with socket.socket() as s:  # a free port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     mp.spawn(_log_terms, args=(port, str(tmp_path / "logged")), nprocs=2)
     logged = [json.loads((tmp_path / f"logged.{r}").read_text()) for r in range(2)]
     assert logged[0] == logged[1] == {"loss": 2.0, "jepa/within": 2.0, "jepa/cross": 4.0}

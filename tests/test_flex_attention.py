@@ -148,19 +148,20 @@ def test_spec_trains_on_cpu_through_sdpa():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fused FlexAttention needs CUDA")
+@pytest.mark.parametrize("structure", ["groups_and_valid", "reads_and_valid"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_flex_equals_sdpa_in_values_and_gradients(dtype):
+def test_cuda_flex_equals_sdpa_in_values_and_gradients(dtype, structure):
     torch.manual_seed(0)
     dim, dev = HEADS * HEAD_DIM, "cuda"
     bias = SpatialBias(HEADS, 16, GRID, max_scale_delta=1).to(dev)
     blocks = [Block(dim, HEADS, qkv_bias=True, attn_layer=SpatialAttention).to(dev) for _ in range(2)]
     x = torch.randn(B, N, dim, device=dev)
     coords = lattice_coords().to(dev)
-    group, valid = (t.to(dev) for t in random_structure("groups_and_valid")[:2])
+    group, valid, reads = (None if t is None else t.to(dev) for t in random_structure(structure))
     results = []
     for path in ("flex", "sdpa"):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            s = AttentionSpec.build(bias, coords, group, valid)
+            s = AttentionSpec.build(bias, coords, group, valid, reads)
             mask = prepare_mask(s, x) if path == "flex" else dense_mask(s, dtype)
             assert (path == "flex") == (not isinstance(mask, torch.Tensor))
             out = x

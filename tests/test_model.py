@@ -90,6 +90,19 @@ def inputs(seed: int = 0):
     return ctx, targets
 
 
+def test_a_checkpoint_from_before_the_token_module_loads(compose, tiny_overrides):
+    """State dicts written when the predictor's embeddings sat on the predictor itself load unchanged."""
+    torch.manual_seed(0)
+    trained = build_model(compose(*tiny_overrides))
+    old = {k.replace("predictor.tokens.", "predictor."): v for k, v in trained.state_dict().items()}
+    assert "predictor.level_embed" in old and not any(".tokens." in k for k in old)
+    torch.manual_seed(1)
+    fresh = build_model(compose(*tiny_overrides))
+    fresh.load_state_dict(old)  # strict
+    for (name, a), b in zip(trained.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_trunk_output_shapes():
     ctx, targets = inputs()
     out = trunk()(ctx, targets)

@@ -70,7 +70,9 @@ def build_hypermodal(cfg: DictConfig) -> HypermodalJEPA:
         raise ConfigError(
             f"{' and '.join(unread)} {'is' if len(unread) == 1 else 'are'} not read by the hypermodal model: its "
             f"encoders are sized by hypermodal.* (the image's by hypermodal.image.patch_size, hypermodal.dim, "
-            f"hypermodal.encoder_depth) and its masks by hypermodal.mask.<modality>; leave model= and mask= out"
+            f"hypermodal.encoder_depth) and its masks by hypermodal.mask.<modality>; leave model= and mask= out "
+            f"(a hypermodal run saved before they were dropped holds them in its config.yaml, and was trained without "
+            f"the spatial bias: this version cannot rebuild it)"
         )
     h = cfg.hypermodal
     check_heads("hypermodal.dim", h.dim, "hypermodal.num_heads", h.num_heads)
