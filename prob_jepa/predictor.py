@@ -128,9 +128,9 @@ class ModalityTokens(nn.Module):
         """``sources [T, K]`` (which of K modalities each of T tasks reads) → ``[K + T, K + T]`` group table:
         groups ``0 … K−1`` are the modalities' context, ``K + t`` task ``t``'s queries."""
         T, K = sources.shape
-        eye = torch.eye(K + T, dtype=torch.bool, device=sources.device)
-        return eye | torch.cat([torch.zeros(K, K + T, dtype=torch.bool, device=sources.device),
-                                torch.cat([sources, torch.zeros(T, T, dtype=torch.bool, device=sources.device)], 1)])
+        table = torch.eye(K + T, dtype=torch.bool, device=sources.device)
+        table[K:, :K] = sources
+        return table
 
     def sequence(
         self, context: Sequence[Tokens], queries: Sequence[Tokens], sources: torch.Tensor

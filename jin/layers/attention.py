@@ -90,15 +90,20 @@ class FlexMask:
     block_mask: BlockMask | None
 
 
+def group_rule(reads: torch.Tensor | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Whether a query of group ``gq`` may read a key of group ``gk`` (tensors of any equal shape → bool):
+    ``reads[gq, gk]`` with a table, else the shared-context rule ``gk == -1 or gq == gk``."""
+    if reads is None:
+        return lambda gq, gk: (gk == -1) | (gq == gk)
+    return lambda gq, gk: reads[gq, gk]
+
+
 def allowed(spec: AttentionSpec) -> torch.Tensor | None:
     """Structure as a bool ``[B or 1, 1, N, N]`` (query, key) of allowed pairs; ``None`` = all allowed."""
     ok = None
     if spec.group is not None:
         g = spec.group
-        if spec.reads is None:
-            ok = ((g[:, None, :] == -1) | (g[:, :, None] == g[:, None, :]))[:, None]
-        else:
-            ok = spec.reads[g[:, :, None], g[:, None, :]][:, None]
+        ok = group_rule(spec.reads)(g[:, :, None], g[:, None, :])[:, None]
     if spec.valid is not None:
         v = spec.valid[:, None, None, :]
         ok = v if ok is None else ok & v
@@ -138,25 +143,15 @@ def structure_mask_mod(
     ``reads`` ``[G, G]`` (with ``group``) or None."""
     if group is None:
         return lambda b, h, q_idx, kv_idx: valid[b, kv_idx]
-    if reads is not None:
-        if valid is None and group.shape[0] == 1:  # flex still calls it with every batch index of q
-            shared = group[0]
-            return lambda b, h, q_idx, kv_idx: reads[shared[q_idx], shared[kv_idx]]
-        group = group if valid is None else group.expand(valid.shape[0], -1)
-
-        def reads_mod(b, h, q_idx, kv_idx):
-            ok = reads[group[b, q_idx], group[b, kv_idx]]
-            return ok if valid is None else ok & valid[b, kv_idx]
-
-        return reads_mod
+    rule = group_rule(reads)
     if valid is None and group.shape[0] == 1:  # flex still calls it with every batch index of q
         shared = group[0]
-        return lambda b, h, q_idx, kv_idx: (shared[kv_idx] == -1) | (shared[q_idx] == shared[kv_idx])
+        return lambda b, h, q_idx, kv_idx: rule(shared[q_idx], shared[kv_idx])
     group = group if valid is None else group.expand(valid.shape[0], -1)
 
     def mask_mod(b, h, q_idx, kv_idx):
-        same = (group[b, kv_idx] == -1) | (group[b, q_idx] == group[b, kv_idx])
-        return same if valid is None else same & valid[b, kv_idx]
+        ok = rule(group[b, q_idx], group[b, kv_idx])
+        return ok if valid is None else ok & valid[b, kv_idx]
 
     return mask_mod
 

@@ -156,11 +156,13 @@ def moe_vs_dense(dim: int, hidden: int, num_experts: int, top_k: int, tokens: in
     moe_s = statistics.median(time_steps(lambda: step(moe, moe(x)[0]), steps, warmup, device))
     dense_s = statistics.median(time_steps(lambda: step(dense, dense(x)), steps, warmup, device))
     expert = moe.w1[0].numel() + moe.b1[0].numel() + moe.w2[0].numel() + moe.b2[0].numel()
+    with torch.no_grad():
+        load = moe(x)[1].load
     return {
         "moe_ms": 1e3 * moe_s,
         "dense_ms": 1e3 * dense_s,
         "moe_vs_dense_throughput": dense_s / moe_s,
         "moe_active_params": top_k * expert + sum(p.numel() for p in moe.gates.parameters()),
         "dense_params": sum(p.numel() for p in dense.parameters()),
-        "moe_load_max": moe(x)[1].load.max().item(),
+        "moe_load_max": load.max().item(),
     }
