@@ -34,12 +34,13 @@ import torch  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 from torch.utils.data import default_collate  # noqa: E402
 
+from jin.layers import MoEMLP  # noqa: E402
 from prob_jepa.config import compose_config, group_options  # noqa: E402
 from prob_jepa.distributed import DistInfo, resolve_device  # noqa: E402
 from prob_jepa.eval.cost import (  # noqa: E402
     level_report, matmul_peak_flops, micro_batch_flops, moe_vs_dense, time_steps,
 )
-from prob_jepa.eval.summary import markdown_table  # noqa: E402
+from prob_jepa.eval.summary import markdown_table, model_label  # noqa: E402
 from prob_jepa.masks import MaskCollator  # noqa: E402
 from prob_jepa.model import build_model  # noqa: E402
 from prob_jepa.run_dir import RunDir  # noqa: E402
@@ -50,9 +51,10 @@ HEADS = group_options(CONF, "predictor")
 
 
 def synthetic_data(cfg) -> torch.utils.data.Dataset:
-    """One global batch: random images, or (``experiment=hypermodal_*``) paired scenes in every modality."""
+    """One global batch of the configured data's kind: paired scenes in every modality (``data=paired_shapes``),
+    else random images."""
     n = cfg.trainer.batch_size
-    if "hypermodal" in cfg:
+    if cfg.data.name == "paired_shapes":
         from prob_jepa.data.multimodal import MultimodalSpec, PairedShapes
         from prob_jepa.data.shapes import Scene
 
@@ -67,10 +69,7 @@ def build_trainer(cfg, tmp: str):
     """The configuration's trainer on :func:`synthetic_data`, and its micro-batches of one step."""
     info = DistInfo(0, 1, 0, resolve_device(cfg.trainer.device))
     data = synthetic_data(cfg)
-    trainer_class = Trainer
-    if "hypermodal" in cfg:
-        from prob_jepa.hypermodal.train import HypermodalTrainer as trainer_class
-    trainer = trainer_class(cfg, info, RunDir(tmp), data)
+    trainer = Trainer(cfg, info, RunDir(tmp), data)
     micro = trainer.micro
     batches = [default_collate([data[j] for j in range(i * micro, (i + 1) * micro)]) for i in range(trainer.accum)]
     return trainer, batches
@@ -80,7 +79,6 @@ def measure(overrides: list[str], steps: int, warmup: int, compiled: bool) -> di
     """One configuration's training step, in this process (``compiled``: through ``torch.compile``)."""
     cfg = compose_config(CONF, overrides + [f"trainer.compile={str(compiled).lower()}"])
     device = resolve_device(cfg.trainer.device)
-    hypermodal = "hypermodal" in cfg
     torch._dynamo.reset()  # graphs and counters of this step only
     with tempfile.TemporaryDirectory() as tmp:
         trainer, batches = build_trainer(cfg, tmp)
@@ -92,14 +90,15 @@ def measure(overrides: list[str], steps: int, warmup: int, compiled: bool) -> di
         graph_breaks = sum(counters["graph_break"].values())
         graphs = counters["stats"]["unique_graphs"]
         flops = micro_batch_flops(trainer, batches[0]) * trainer.accum
+        experts = max((m.num_experts for m in trainer.model.modules() if isinstance(m, MoEMLP)), default=0)
     step_s = statistics.median(times)
     peak = matmul_peak_flops(device)
     n = cfg.trainer.batch_size
     return {
         "head": cfg.predictor.name,
-        "model": "hypermodal" if hypermodal else cfg.model.name,
+        "model": model_label(cfg),
         "compiled": compiled,
-        "moe_experts": (cfg.hypermodal if hypermodal else cfg.model).predictor.moe_experts,
+        "moe_experts": experts,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu × {torch.get_num_threads()}",
         "batch": n,
         "image_size": cfg.data.image_size,
@@ -120,7 +119,7 @@ def measure(overrides: list[str], steps: int, warmup: int, compiled: bool) -> di
 def adaptive_flops(overrides: list[str]) -> dict | None:
     """Measured FLOPs of one training step with the configuration's adaptive computation and without it."""
     cfg = compose_config(CONF, overrides)
-    if "hypermodal" in cfg or not cfg.model.adaptive:
+    if cfg.recipe != "image" or not cfg.model.adaptive:  # adaptive computation is the image encoder's (model.*)
         return None
     flops = {}
     for adaptive in (True, False):
@@ -212,7 +211,7 @@ def main() -> None:
                           "vs_eager": ".2f", "vs_deterministic": ".2f"}))
     result = {"steps": rows}
 
-    if "hypermodal" not in compose_config(CONF, args.overrides):
+    if compose_config(CONF, args.overrides).recipe == "image":  # both analyses read the image model's model.*
         adaptive = adaptive_flops(args.overrides)
         if adaptive is not None:
             print(f"\nadaptive computation (capacity {adaptive['capacity']}): {adaptive['gflops_adaptive']:.1f} GFLOPs "

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from prob_jepa.config import ConfigError, compose_config  # noqa: E402
 from prob_jepa.data import build_datasets  # noqa: E402
 from prob_jepa.run_dir import RunDir  # noqa: E402
+from prob_jepa.recipes import recipe_of  # noqa: E402
 from prob_jepa.run_io import load_run, override  # noqa: E402
 
 CONF = Path(__file__).resolve().parent / "conf"
@@ -53,10 +54,7 @@ def main(argv: list[str]) -> dict:
         cfg = override(with_current_defaults(cfg), argv[1:])
     except (FileNotFoundError, ConfigError) as e:
         sys.exit(f"error: {e}")
-    if "hypermodal" in cfg:
-        from prob_jepa.hypermodal.evaluate import evaluate_hypermodal as evaluate
-    else:
-        from prob_jepa.eval import evaluate
+    evaluate = recipe_of(cfg).evaluate()
     probe_set, val_set = build_datasets(cfg.data, ("train_eval", "val"))
     device = next(model.parameters()).device
     try:

@@ -85,24 +85,26 @@ def barrier(info: DistInfo) -> None:
 STRATEGIES = ("ddp", "fsdp")
 
 
-def wrap_model(model: nn.Module, info: DistInfo, strategy: str, find_unused_parameters: bool = False) -> nn.Module:
-    """The module to call for training: the model itself on one process; DDP or FSDP2 under torchrun.
+def wrap_model(step: nn.Module, info: DistInfo, strategy: str, find_unused_parameters: bool = False) -> nn.Module:
+    """The module to call for training: the training step (:class:`~prob_jepa.step.TrainingStep`, holding
+    ``step.model``) itself on one process; DDP or FSDP2 of it under torchrun.
 
     ``find_unused_parameters`` lets DDP finish a step in which some parameters got no gradient.
 
     FSDP shards every transformer block of both encoders and of the predictor,
-    then each encoder and the whole model; the EMA update then runs shard by
-    shard, so the target encoder stays consistent across ranks.
+    then each encoder and the whole step (heads and loss terms run inside its forward); the
+    EMA update then runs shard by shard, so the target encoder stays consistent across ranks.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"trainer.strategy={strategy!r}; valid: {', '.join(STRATEGIES)}")
     if not info.distributed:
-        return model
+        return step
     if strategy == "ddp":
         ids = [info.device.index] if info.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused_parameters)
+        return nn.parallel.DistributedDataParallel(step, device_ids=ids, find_unused_parameters=find_unused_parameters)
     from torch.distributed.fsdp import fully_shard
 
+    model = step.model
     for encoder in (model.context_encoder, model.target_encoder):
         for stage in encoder.stages:
             for block in stage.blocks:
@@ -110,8 +112,8 @@ def wrap_model(model: nn.Module, info: DistInfo, strategy: str, find_unused_para
         fully_shard(encoder)
     for block in model.predictor.stage.blocks:
         fully_shard(block)
-    fully_shard(model)
-    return model
+    fully_shard(step)
+    return step
 
 
 @contextlib.contextmanager

@@ -6,8 +6,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 
 from .config import ConfigError
+from .distributed import DistInfo
 
 
 @dataclass
@@ -221,3 +223,39 @@ def hide(hidden: torch.Tensor, num_units: int) -> tuple[torch.Tensor, torch.Tens
     visible = torch.ones(B, num_units, dtype=torch.bool, device=hidden.device).scatter_(1, hidden, False)
     context = torch.arange(num_units, device=hidden.device).expand(B, num_units)[visible].view(B, num_units - K)
     return context, hidden[:, None]
+
+
+class ImagePlanner:
+    """The image JEPA's :class:`~prob_jepa.step.StepPlanner`: I-JEPA multi-block masks on the mask-unit grid.
+
+    Draw ``step · accum + micro`` is one global micro-batch of masks (``micro × world size`` images, seeded by
+    ``cfg.seed`` and the draw), of which each rank takes its own rows: the masks do not depend on the number of
+    ranks a global batch is split over.
+    """
+
+    def __init__(self, cfg: DictConfig, model, info: DistInfo, micro: int, accum: int, total_steps: int):
+        self.collator = MaskCollator(grid=model.context_encoder.unit_grid, seed=cfg.seed, **cfg.mask)
+        self.info, self.micro, self.accum, self.total_steps = info, micro, accum, total_steps
+
+    def check(self, max_draws: int = 2000) -> None:
+        """Every step's masks can be drawn: all draws up to ``max_draws``, else that many spread evenly over the
+        run, are drawn now.
+
+        Raises:
+            ConfigError: naming the ``mask.*`` keys and the step whose draw fails.
+        """
+        draws = self.total_steps * self.accum
+        for draw in sorted({int(i) for i in torch.linspace(0, draws - 1, min(draws, max_draws)).tolist()}):
+            try:
+                self.collator(self.micro * self.info.world_size, draw)
+            except ValueError as e:
+                raise ConfigError(f"the masks of step {draw // self.accum + 1} cannot be drawn (mask.*): {e}") from e
+
+    def __call__(self, batch, step: int, micro: int) -> dict[str, torch.Tensor]:
+        """``{"images": [B, C, H, W], "context": [B, Kc], "targets": [B, M, Kt]}`` on the training device."""
+        images, _ = batch
+        rank = self.info.rank
+        masks = self.collator(self.micro * self.info.world_size, step * self.accum + micro)
+        masks = masks[rank * self.micro:(rank + 1) * self.micro].to(self.info.device)
+        return {"images": images.to(self.info.device, non_blocking=True), "context": masks.context,
+                "targets": masks.targets}

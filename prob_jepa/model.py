@@ -17,20 +17,7 @@ from .ema import ContextTargetPair
 from .heads import Head, build_head
 from .predictor import LevelTokens, Predictor
 from .regularizers import SIGReg
-
-
-class StepOutput(NamedTuple):
-    """loss: scalar objective; terms: its parts by name, still in the autograd graph (the trainer logs them
-    detached); targets: level-0 target features ``[B, U, T, D]``.
-
-    Not detached here on purpose: under inductor (torch 2.14) a detached term that the loss equals after
-    simplification (one level, weight 1: ``0 + 1.0 · term``) shares the loss's output buffer, and the compiled
-    function then returns the loss without a gradient (``model=vit_tiny trainer.compile=true`` failed at backward).
-    """
-
-    loss: torch.Tensor
-    terms: dict[str, torch.Tensor]
-    targets: torch.Tensor
+from .step import Predicted, Predictions, Term, balance_term, jepa_term
 
 
 class Prediction(NamedTuple):
@@ -46,23 +33,19 @@ class Prediction(NamedTuple):
 class JEPA(ContextTargetPair):
     """I-JEPA / z-JEPA with a probabilistic predictor head per level.
 
-    Total loss (JIN eq. 9): ``Σ_l w_l · head_l.loss(cond_l, sg[target_l])
-    + λ1 · cross-scale (eq. 2-3) + λ_b · budget (eq. 10)`` (+ the Switch load-balancing
-    loss when the predictor has experts, + SIGReg on the context tokens when set), where targets are
-    the layer-normed features of the EMA target encoder at the target units.
+    ``forward`` returns the step's :class:`~prob_jepa.step.Predictions`; the loss (JIN eq. 9:
+    ``Σ_l w_l · head_l.loss(cond_l, sg[target_l]) + λ1 · cross-scale (eq. 2-3) + λ_b · budget (eq. 10)``,
+    + the Switch load-balancing loss when the predictor has experts, + SIGReg on the context tokens when set)
+    is the term list of :func:`image_terms`, where targets are the layer-normed features of the EMA target
+    encoder at the target units.
 
     Args:
         encoder: the context encoder; the target encoder is its copy.
         predictor: the :class:`Predictor` (over :class:`LevelTokens`) producing ``cond`` for every target token.
         heads: one head per predicted level (level l models ``D_l``-dimensional targets).
-        level_weights: ``w_l`` of the predicted levels.
         predict_levels: the levels the predictor sees and predicts (default: all).
-        cross_scale: eq. 2-3 predictors, or ``None``; ``cross_scale_weight`` is λ1.
-        alpha_targets: per-level computed-fraction targets (used when the encoder
-            is adaptive); ``budget_weight`` is λ_b.
-        balance_weight: weight of the predictor's mixture-of-experts load-balancing loss (if it has experts).
-        sigreg: :class:`SIGReg` on the context encoder's last-level tokens (LeJEPA), or ``None``;
-            ``sigreg_weight`` is its weight.
+        cross_scale: eq. 2-3 predictors, or ``None``.
+        sigreg: :class:`SIGReg` on the context encoder's last-level tokens (LeJEPA), or ``None``.
     """
 
     def __init__(
@@ -70,31 +53,19 @@ class JEPA(ContextTargetPair):
         encoder: HierarchicalEncoder,
         predictor: Predictor,
         heads: Sequence[Head],
-        level_weights: Sequence[float],
         cross_scale: CrossScalePredictors | None = None,
-        cross_scale_weight: float = 0.0,
-        alpha_targets: Sequence[float] | None = None,
-        budget_weight: float = 0.0,
         predict_levels: Sequence[int] | None = None,
-        balance_weight: float = 0.0,
         sigreg: SIGReg | None = None,
-        sigreg_weight: float = 0.0,
     ):
         super().__init__()
         self.predict_levels = list(range(encoder.levels)) if predict_levels is None else list(predict_levels)
-        if not len(heads) == len(level_weights) == len(self.predict_levels):
-            raise ValueError(f"{len(heads)} heads, {len(level_weights)} weights, levels {self.predict_levels}")
+        if len(heads) != len(self.predict_levels):
+            raise ValueError(f"{len(heads)} heads for the predicted levels {self.predict_levels}")
         self.init_target(encoder)
         self.predictor = predictor
         self.heads = nn.ModuleList(heads)
-        self.level_weights = list(level_weights)
         self.cross_scale = cross_scale
-        self.cross_scale_weight = cross_scale_weight
-        self.alpha_targets = list(alpha_targets) if alpha_targets is not None else None
-        self.budget_weight = budget_weight
-        self.balance_weight = balance_weight
         self.sigreg = sigreg
-        self.sigreg_weight = sigreg_weight
         for level in range(self.levels):  # an output norm that no loss reads would get no gradient: freeze it
             if level not in self.read_levels:
                 self.context_encoder.norms[level].requires_grad_(False)
@@ -113,6 +84,10 @@ class JEPA(ContextTargetPair):
     @property
     def levels(self) -> int:
         return self.context_encoder.levels
+
+    def set_grad_checkpointing(self) -> None:
+        """Recompute the context encoder's blocks in the backward pass instead of storing their activations."""
+        self.context_encoder.set_grad_checkpointing()
 
     @torch.no_grad()
     def target_features(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -141,8 +116,9 @@ class JEPA(ContextTargetPair):
         cond, balance = self.predictor(seen, self.target_coords(targets))
         return Prediction(ctx, cond, balance)
 
-    def forward(self, images: torch.Tensor, context: torch.Tensor, targets: torch.Tensor) -> StepOutput:
-        """One JEPA step's loss.
+    def forward(self, images: torch.Tensor, context: torch.Tensor, targets: torch.Tensor) -> Predictions:
+        """One JEPA step's predictions: per predicted level ``l``, ``cond [B, M·N_l, C]`` and the layer-normed
+        target-encoder features at the target units ``[B, M·N_l, D_l]``; the context levels and their α.
 
         Args:
             images: ``[B, C, H, W]``.
@@ -152,33 +128,10 @@ class JEPA(ContextTargetPair):
         target_all = self.target_features(images)
         ctx, cond, balance = self.predict(images, context, targets)
         ys = self.gather_targets(target_all, targets)
-
-        terms: dict[str, torch.Tensor] = {}
-        loss = images.new_zeros((), dtype=torch.float32)
-        for l, c, y, head, weight in zip(self.predict_levels, cond, ys, self.heads, self.level_weights):
-            term = head(c.flatten(0, 2), y.flatten(0, 2))
-            terms[f"jepa/level{l}"] = term
-            loss = loss + weight * term
-        terms["jepa"] = loss
-        if self.cross_scale is not None:
-            cross = self.cross_scale([lv.features for lv in ctx])
-            terms["cross_scale"] = cross
-            loss = loss + self.cross_scale_weight * cross
-        if self.alpha_targets is not None:
-            budget = budget_loss([lv.alpha for lv in ctx], self.alpha_targets)
-            terms["budget"] = budget
-            for l, lv in enumerate(ctx):
-                terms[f"alpha/level{l}"] = lv.alpha.float().mean()
-            loss = loss + self.budget_weight * budget
-        if self.sigreg is not None:
-            sigreg = self.sigreg(ctx[-1].features.flatten(0, 2))
-            terms["sigreg"] = sigreg
-            loss = loss + self.sigreg_weight * sigreg
-        if balance is not None:
-            terms["moe_balance"] = balance
-            loss = loss + self.balance_weight * balance
-        terms["loss"] = loss
-        return StepOutput(loss, terms, target_all[0])
+        predicted = [Predicted(f"jepa/level{l}", i, c.flatten(1, 2), y.flatten(1, 2))
+                     for i, (l, c, y) in enumerate(zip(self.predict_levels, cond, ys))]
+        return Predictions(predicted, {"level0": target_all[0]}, levels=[lv.features for lv in ctx],
+                           alpha=[lv.alpha for lv in ctx], balance=balance)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor, encoder: str = "target") -> torch.Tensor:
@@ -315,17 +268,42 @@ def build_model(cfg: DictConfig) -> JEPA:
     )
     heads = [build_configured_head(cfg.predictor, dim=lv["dims"][l], cond_dim=p.dim) for l in predicted]
     cross = CrossScalePredictors(lv["dims"]) if m.cross_scale and len(lv["dims"]) > 1 else None
-    return JEPA(
-        encoder,
-        predictor,
-        heads,
-        [lv["level_weights"][l] for l in predicted],
-        cross_scale=cross,
-        cross_scale_weight=m.cross_scale_weight,
-        alpha_targets=lv["alpha_targets"] if m.adaptive else None,
-        budget_weight=m.budget_weight,
-        predict_levels=predicted,
-        balance_weight=p.moe_balance_weight,
-        sigreg=SIGReg(m.sigreg_slices) if m.sigreg_weight > 0 else None,
-        sigreg_weight=m.sigreg_weight,
-    )
+    return JEPA(encoder, predictor, heads, cross_scale=cross, predict_levels=predicted,
+                sigreg=SIGReg(m.sigreg_slices) if m.sigreg_weight > 0 else None)
+
+
+def cross_scale_term(model: JEPA, p: Predictions) -> torch.Tensor:
+    """JIN eq. 2-3: every level predicts the next coarser one from the context levels."""
+    return model.cross_scale(p.levels)
+
+
+def sigreg_term(model: JEPA, p: Predictions) -> torch.Tensor:
+    """SIGReg (LeJEPA) on the context encoder's last-level tokens."""
+    return model.sigreg(p.levels[-1].flatten(0, 2))
+
+
+def budget_term(alpha_targets: Sequence[float]):
+    """JIN eq. 10: squared distance of each level's mean computed fraction α from its target."""
+
+    def measure(model: JEPA, p: Predictions) -> torch.Tensor:
+        return budget_loss(p.alpha, alpha_targets)
+
+    return measure
+
+
+def image_terms(cfg: DictConfig, model: JEPA) -> list[Term]:
+    """The image JEPA's loss terms (JIN eq. 9), in the order they are summed: the JEPA term of every predicted
+    level (weight ``model.level_weights[l]``), cross-scale (λ1 = ``model.cross_scale_weight``) when the model has
+    it, the budget (λ_b = ``model.budget_weight``, eq. 10) when adaptive, SIGReg (``model.sigreg_weight``) and the
+    experts' balance (``model.predictor.moe_balance_weight``) when the model has them (the keys are ``cfg``'s)."""
+    m, lv = cfg.model, level_config(cfg.model)
+    terms = [Term(f"jepa/level{l}", lv["level_weights"][l], jepa_term(f"jepa/level{l}")) for l in model.predict_levels]
+    if model.cross_scale is not None:
+        terms.append(Term("cross_scale", m.cross_scale_weight, cross_scale_term))
+    if m.adaptive:
+        terms.append(Term("budget", m.budget_weight, budget_term(lv["alpha_targets"])))
+    if model.sigreg is not None:
+        terms.append(Term("sigreg", m.sigreg_weight, sigreg_term))
+    if m.predictor.moe_experts:
+        terms.append(Term("moe_balance", m.predictor.moe_balance_weight, balance_term))
+    return terms

@@ -43,7 +43,12 @@ class RunDir:
         OmegaConf.save(cfg, self.config, resolve=True)
 
     def load_config(self) -> DictConfig:
-        return OmegaConf.load(self.config)
+        """The saved config; one saved before the ``recipe`` key existed gets ``recipe: image`` (every run of that
+        time that this version can rebuild is an image run)."""
+        cfg = OmegaConf.load(self.config)
+        if "recipe" not in cfg:
+            cfg.recipe = "image"
+        return cfg
 
     def log(self, record: dict[str, Any]) -> None:
         with self.metrics.open("a") as f:

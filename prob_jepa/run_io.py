@@ -11,18 +11,8 @@ from torch import nn
 from .checkpoint import load_checkpoint
 from .config import ConfigError
 from .distributed import resolve_device
+from .recipes import recipe_of
 from .run_dir import RunDir
-
-
-def build_any(cfg: DictConfig) -> nn.Module:
-    """The model a run's config describes: the image JEPA, or the hypermodal JEPA when ``cfg.hypermodal`` exists."""
-    if "hypermodal" in cfg:
-        from .hypermodal.build import build_hypermodal
-
-        return build_hypermodal(cfg)
-    from .model import build_model
-
-    return build_model(cfg)
 
 
 def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> tuple[nn.Module, DictConfig]:
@@ -46,7 +36,7 @@ def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> t
         )
     cfg = run.load_config()
     device = resolve_device("auto" if device is None else str(device))
-    model = build_any(cfg)
+    model = recipe_of(cfg).build_model(cfg)
     model.load_state_dict(load_checkpoint(run.checkpoint)["model"])
     return model.to(device).eval(), cfg
 
@@ -78,8 +68,9 @@ def encoder_export(model: nn.Module, cfg: DictConfig) -> dict[str, Any]:
     Raises:
         ConfigError: a hypermodal run (its encoders are per modality: export one image model at a time).
     """
-    if "hypermodal" in cfg:
-        raise ConfigError("export.py takes image runs; a hypermodal run's encoders are per modality")
+    if cfg.recipe != "image":
+        raise ConfigError(f"export.py takes image runs (recipe=image), not recipe={cfg.recipe}: a hypermodal run's "
+                          f"encoders are per modality")
     from .model import encoder_kwargs
 
     state = {k: v.detach().cpu() for k, v in model.target_encoder.state_dict().items()}

@@ -28,11 +28,11 @@ from .config import ConfigError
 from .data import GlobalBatchSampler, SeededDataset, build_datasets, seed_for
 from .distributed import DistInfo, any_rank, barrier, gradient_sync, init_distributed, mean_over_ranks, wrap_model
 from .eval.diagnostics import effective_rank, feature_std
-from .masks import MaskCollator
-from .model import JEPA, StepOutput, build_model
 from .preflight import check_gradients, preflight_evaluation
+from .recipes import recipe_of
 from .run_dir import RunDir
 from .schedules import Schedules
+from .step import StepOutput, TrainingStep
 
 
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -122,6 +122,18 @@ def total_steps(epochs: float, steps_per_epoch: int) -> int:
     return steps
 
 
+def collapse_diagnostics(targets: dict[str, torch.Tensor], rows: int = 2048) -> dict[str, float]:
+    """``feature_std`` and ``effective_rank`` of the first ``rows`` target features ``[..., D]`` of each name in
+    ``targets`` (a collapsed representation has both near 0 / 1): by name (``feature_std/<name>``) when there are
+    several (modalities), and their mean without a name."""
+    values = {name: t.flatten(0, -2)[:rows] for name, t in targets.items()}
+    per_name = {name: {"feature_std": feature_std(v), "effective_rank": effective_rank(v)} for name, v in values.items()}
+    out = {key: sum(d[key] for d in per_name.values()) / len(per_name) for key in ("feature_std", "effective_rank")}
+    if len(per_name) > 1:
+        out.update({f"{key}/{name}": d[key] for name, d in per_name.items() for key in d})
+    return out
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -131,23 +143,30 @@ def peak_memory_mb(device: torch.device) -> float:
 class Trainer:
     """Owns the model, optimizer, data order and schedules of one run; :meth:`fit` trains.
 
-    Before step 1 the constructor runs one forward / backward of the real step
-    (:func:`~prob_jepa.preflight.check_gradients`): a configuration whose losses leave a
-    trainable parameter without gradient fails there, naming it.
-    """
+    What the model family brings is its :class:`~prob_jepa.recipes.Recipe` (``cfg.recipe``): the model, the
+    planner that draws each micro-batch's inputs (masks, tasks), and the loss terms. A step
+    (:meth:`train_step`) runs :class:`~prob_jepa.step.TrainingStep` — the model's predictions, then
+    ``Σ weight · term`` over the recipe's terms (:func:`~prob_jepa.step.total_loss`) — on each micro-batch,
+    clips, steps AdamW and moves the EMA target encoder.
 
-    optimizer_load_options = StateDictOptions(full_state_dict=True)
-    allow_unused_parameters = False  # a task that leaves modules out of some steps by design sets True
+    Before step 1 the constructor draws ahead what the planner must (a mask configuration that some step cannot
+    satisfy fails there) and runs one forward / backward of the real step
+    (:func:`~prob_jepa.preflight.check_gradients`): a configuration whose losses leave a trainable parameter
+    without gradient fails there, naming it.
+    """
 
     def __init__(self, cfg: DictConfig, info: DistInfo, run: RunDir, train_set: Dataset):
         self.cfg, self.info, self.run = cfg, info, run
         tc = cfg.trainer
         check_trainer(tc)
+        self.recipe = recipe_of(cfg)
+        if info.distributed and tc.strategy not in self.recipe.strategies:
+            raise ConfigError(f"trainer.strategy={tc.strategy!r}: recipe={cfg.recipe} trains with "
+                              f"{' | '.join(self.recipe.strategies)}")
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = self.build_model().to(info.device)
         if tc.grad_checkpointing:
-            self.enable_grad_checkpointing()
-        self.setup_masks()
+            self.model.set_grad_checkpointing()
 
         self.micro, self.accum = accumulation(tc.batch_size, tc.micro_batch_size, info.world_size)
         self.sampler = GlobalBatchSampler(len(train_set), tc.batch_size, info.rank, info.world_size, self.accum, cfg.seed)
@@ -164,61 +183,37 @@ class Trainer:
         self.step = 0
         self.nonfinite_step = torch.zeros((), dtype=torch.long, device=info.device)  # first bad step; 0: none
         self.nonfinite_terms: dict[str, torch.Tensor] = {}  # the loss terms of that step
-        self.last_targets: torch.Tensor | None = None
+        self.last_targets: dict[str, torch.Tensor] = {}
         bf16 = tc.precision == "bf16" or (tc.precision == "auto" and info.device.type == "cuda")
         self.autocast = lambda: torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=bf16)
 
-        self.check_steps()
-        self.net: nn.Module = self.model  # the preflight step runs the bare model, before DDP / FSDP hooks
-        check_gradients(
-            self.model, lambda: self.forward_micro(next(iter(self.loader)), 0).loss, self.allow_unused_parameters
-        )
-        self.wrapped = self.wrap(tc.strategy)  # DDP / FSDP (or the model itself)
-        # after wrapping: FSDP replaces the parameters with sharded ones
+        self.planner = self.recipe.planner(cfg, self.model, info, micro=self.micro, accum=self.accum,
+                                           total_steps=self.total_steps)
+        self.planner.check()
+        self.training_step = TrainingStep(self.model, self.recipe.build_terms(cfg, self.model))
+        partial = not self.recipe.every_step_trains_every_parameter
+        self.net: nn.Module = self.training_step  # the preflight step runs the bare model, before DDP / FSDP hooks
+        check_gradients(self.model, lambda: self.forward_micro(next(iter(self.loader)), 0).loss, partial)
+        # DDP / FSDP (or the step itself); FSDP replaces the parameters with sharded ones
+        self.wrapped = wrap_model(self.training_step, info, tc.strategy, find_unused_parameters=partial)
         # fused: one kernel for every parameter's update (CPU and CUDA); same state dict as the for-each AdamW
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), fused=True
         )
+        # A parameter that has had no gradient yet (a modality left out of every step so far) has no AdamW state.
+        self.optimizer_load_options = StateDictOptions(full_state_dict=True, strict=not partial)
         # Token counts are static per run (MaskCollator), so one graph serves every step.
         self.net = torch.compile(self.wrapped, backend=tc.compile_backend) if tc.compile else self.wrapped
 
-    # ---------------------------------------------------------- what a task overrides
-    def build_model(self) -> JEPA:
-        return build_model(self.cfg)
-
-    def enable_grad_checkpointing(self) -> None:
-        self.model.context_encoder.set_grad_checkpointing()
-
-    def setup_masks(self) -> None:
-        self.collator = MaskCollator(grid=self.model.context_encoder.unit_grid, seed=self.cfg.seed, **self.cfg.mask)
-
-    def check_steps(self, max_draws: int = 2000) -> None:
-        """Every step of the run can be computed: its masks are drawn before step 1 (all of them up to
-        ``max_draws`` draws, else that many spread evenly over the run), so a mask configuration that some
-        draw cannot satisfy fails now.
-
-        Raises:
-            ConfigError: naming the ``mask.*`` keys and the step whose draw fails.
-        """
-        draws = self.total_steps * self.accum
-        for draw in sorted({int(i) for i in torch.linspace(0, draws - 1, min(draws, max_draws)).tolist()}):
-            try:
-                self.collator(self.micro * self.info.world_size, draw)
-            except ValueError as e:
-                raise ConfigError(f"the masks of step {draw // self.accum + 1} cannot be drawn (mask.*): {e}") from e
-
-    def wrap(self, strategy: str) -> nn.Module:
-        return wrap_model(self.model, self.info, strategy, find_unused_parameters=self.allow_unused_parameters)
+    def build_model(self) -> nn.Module:
+        return self.recipe.build_model(self.cfg)
 
     def forward_micro(self, batch, m: int) -> StepOutput:
-        """Loss of micro-batch ``m`` of the current step: masks, then the model under autocast."""
-        images, _ = batch
-        rows = slice(self.info.rank * self.micro, (self.info.rank + 1) * self.micro)
-        masks = self.collator(self.micro * self.info.world_size, self.step * self.accum + m)[rows]
-        masks = masks.to(self.info.device)
-        images = images.to(self.info.device, non_blocking=True)
+        """Loss of micro-batch ``m`` of the current step: the planner's inputs, then the training step under
+        autocast."""
+        inputs = self.planner(batch, self.step, m)
         with self.autocast():
-            return self.net(images, masks.context, masks.targets)
+            return self.net(**inputs)
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -336,13 +331,8 @@ class Trainer:
         memory, collapse diagnostics."""
         rec = {"step": self.step, "epoch": self.step / self.steps_per_epoch}
         rec.update(mean_over_ranks(terms, self.info))
-        feats = self.last_targets.flatten(0, -2)[:2048]
-        rec.update(
-            images_per_s=images_per_s,
-            memory_mb=peak_memory_mb(self.info.device),
-            feature_std=feature_std(feats),
-            effective_rank=effective_rank(feats),
-        )
+        rec.update(images_per_s=images_per_s, memory_mb=peak_memory_mb(self.info.device))
+        rec.update(collapse_diagnostics(self.last_targets))
         return rec
 
     # ------------------------------------------------------------------ fit
@@ -425,7 +415,7 @@ def flat_keys(tree: Any, prefix: str = "") -> dict[str, Any]:
 def pretrain(
     cfg: DictConfig, train_set: Dataset | None = None, val_set: Dataset | None = None, run_dir: str | Path | None = None
 ) -> TrainResult:
-    """Pre-train a JEPA as configured, then evaluate it (the hypermodal JEPA when ``cfg.hypermodal`` exists).
+    """Pre-train the JEPA of ``cfg.recipe`` as configured, then evaluate it.
 
     Args:
         cfg: the composed config (``experiments/conf``).
@@ -435,8 +425,6 @@ def pretrain(
     Returns:
         :class:`TrainResult` with the run directory and the evaluation metrics.
     """
-    from .eval import evaluate  # evaluation imports plotting; keep it off the import path of training
-
     info = init_distributed(cfg.trainer.device)
     run = RunDir(run_dir if run_dir is not None else Path("runs") / time.strftime("%Y-%m-%d_%H-%M-%S"))
     probe_set = train_set
@@ -449,11 +437,8 @@ def pretrain(
         run.save_config(cfg)
     barrier(info)
 
-    trainer_class = Trainer
-    if "hypermodal" in cfg:  # several modalities: its own trainer hooks and evaluation
-        from .hypermodal.evaluate import evaluate_hypermodal as evaluate
-        from .hypermodal.train import HypermodalTrainer as trainer_class
-    trainer = trainer_class(cfg, info, run, train_set)  # builds the model and checks its gradients
+    trainer = Trainer(cfg, info, run, train_set)  # builds the model and checks its gradients
+    evaluate = trainer.recipe.evaluate()
     if cfg.eval.enabled:
         preflight_evaluation(evaluate, trainer.build_model, cfg, probe_set, val_set, info)
     trainer.resume()

@@ -10,12 +10,13 @@ from conftest import CONF, paired_scene
 from prob_jepa.config import ConfigError, compose_config
 from prob_jepa.data.multimodal import MultimodalSpec, PairedShapes
 from prob_jepa.hypermodal import (
-    build_hypermodal, build_modality_encoder, coordinate_block_masks, energy_alignment, m3_tasks, modality_dropout,
-    pair_energy, phase_at, plan_tasks,
+    build_hypermodal, build_modality_encoder, coordinate_block_masks, energy_alignment, hypermodal_terms, m3_tasks,
+    modality_dropout, pair_energy, phase_at, plan_tasks,
 )
 from prob_jepa.hypermodal.evaluate import recall_at_k
 from prob_jepa.eval.summary import markdown, summary_row
 from prob_jepa.run_dir import RunDir
+from prob_jepa.step import StepOutput, TrainingStep
 from prob_jepa.train import pretrain
 
 MODALITIES = ["image", "audio", "text", "video", "points"]
@@ -65,20 +66,25 @@ def small_model(compose, *overrides):
     return build_hypermodal(cfg).eval(), cfg
 
 
+def loss_of(model, cfg, inputs, masks, tasks, gate=0) -> StepOutput:
+    """The training step's loss terms (:func:`hypermodal_terms`) on the model's predictions."""
+    return TrainingStep(model, hypermodal_terms(cfg, model))(inputs=inputs, masks=masks, tasks=tasks, gate=gate)
+
+
 def test_add_modality_at_run_time_leaves_every_existing_output_bit_for_bit(compose, scenes):
     model, cfg = small_model(compose, "data.modalities=[image,text]")
     x = batch(scenes, 8, MODALITIES)
     old = {m: x[m] for m in ("image", "text")}
     masks = masks_for(model, old, cfg)
     tasks = plan_tasks(["image", "text"], "full", step=0)
-    before = model(old, masks, tasks)
+    before = loss_of(model, cfg, old, masks, tasks)
     embeds = {m: model.embed(m, old[m]) for m in old}
     state = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # a run in progress
 
     new = model.add_modality("audio", build_modality_encoder("audio", cfg))
     assert model.modalities == ["image", "text", "audio"] == model.target_encoder.modalities
-    after = model(old, masks, tasks)
+    after = loss_of(model, cfg, old, masks, tasks)
     assert torch.equal(after.loss, before.loss) and after.terms.keys() == before.terms.keys()
     assert all(torch.equal(after.terms[k], before.terms[k]) for k in before.terms)
     assert all(torch.equal(model.embed(m, old[m]), embeds[m]) for m in old)
@@ -90,7 +96,7 @@ def test_add_modality_at_run_time_leaves_every_existing_output_bit_for_bit(compo
     model.train()
     opt.add_param_group({"params": new})
     three = {**old, "audio": x["audio"]}
-    out = model(three, masks_for(model, three, cfg), plan_tasks(list(three), "full", step=0))
+    out = loss_of(model, cfg, three, masks_for(model, three, cfg), plan_tasks(list(three), "full", step=0))
     out.loss.backward()
     assert all(p.grad is not None for p in new)
     snapshot = [p.detach().clone() for p in new]
@@ -117,7 +123,7 @@ def test_two_identical_steps_give_bit_identical_gradients(compose, scenes):
     grads = []
     for _ in range(3):
         model.zero_grad()
-        model(x, masks, tasks).loss.backward()
+        loss_of(model, cfg, x, masks, tasks).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert model.predictor.stage.spatial_bias is not None and model.context_encoder.stage.spatial_bias is not None
     for again in grads[1:]:
@@ -149,7 +155,7 @@ def test_each_gate_routes_its_own_task_direction(compose, scenes):
     coords = {m: model.target_encoder(m, x[m]).coords for m in x}
     via0, via1 = (model.predict(ctx, coords, masks, t0, gate=g).cond[0] for g in (0, 1))
     assert not torch.allclose(via0, via1)
-    out = model(x, masks, t0, gate=0)
+    out = loss_of(model, cfg, x, masks, t0, gate=0)
     assert {"jepa/m3", "m3/contrastive", "moe_balance", "energy", "infonce"} <= out.terms.keys()
     alpha = cfg.hypermodal.m3.alpha
     expected = (1 - alpha) * out.terms["m3/contrastive"] + alpha * out.terms["jepa/m3"]

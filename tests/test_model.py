@@ -9,9 +9,10 @@ from jin.cross_scale import CrossScalePredictors, children
 from prob_jepa.data import build_datasets
 from prob_jepa.distributed import DistInfo
 from prob_jepa.masks import MaskCollator
-from prob_jepa.model import build_model, level_config
+from prob_jepa.model import build_model, image_terms, level_config
 from prob_jepa.predictor import LevelTokens, Predictor
 from prob_jepa.run_dir import RunDir
+from prob_jepa.step import TrainingStep
 from prob_jepa.train import Trainer
 
 
@@ -54,7 +55,8 @@ def test_loss_is_finite_and_reaches_every_trainable_parameter(compose, tiny_over
     cfg = compose(*tiny_overrides)
     model = build_model(cfg)
     masks = MaskCollator(model.context_encoder.unit_grid, seed=0, **cfg.mask)(4, 0)
-    out = model(torch.randn(4, 3, 32, 32), masks.context, masks.targets)
+    step = TrainingStep(model, image_terms(cfg, model))
+    out = step(images=torch.randn(4, 3, 32, 32), context=masks.context, targets=masks.targets)
     assert torch.isfinite(out.loss) and set(out.terms) >= {"loss", "jepa", "jepa/level0"}
     out.loss.backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
@@ -67,11 +69,13 @@ def test_sigreg_term_is_weighted_into_the_loss(compose, tiny_overrides):
     model = build_model(cfg)
     masks = MaskCollator(model.context_encoder.unit_grid, seed=0, **cfg.mask)(4, 0)
     images = torch.randn(4, 3, 32, 32)
+    terms = image_terms(cfg, model)
+    assert [t.name for t in terms if t.name == "sigreg"] == ["sigreg"]
     torch.manual_seed(0)
-    out = model(images, masks.context, masks.targets)
-    model.sigreg_weight = 0.0
+    out = TrainingStep(model, terms)(images=images, context=masks.context, targets=masks.targets)
     torch.manual_seed(0)
-    plain = model(images, masks.context, masks.targets)
+    plain = TrainingStep(model, [t for t in terms if t.name != "sigreg"])(
+        images=images, context=masks.context, targets=masks.targets)
     assert out.terms["sigreg"] > 0
     torch.testing.assert_close(out.loss - plain.loss, 0.5 * out.terms["sigreg"])
     assert build_model(compose(*tiny_overrides, "model.sigreg_weight=0")).sigreg is None

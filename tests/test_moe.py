@@ -83,23 +83,26 @@ def test_gates_route_independently_and_a_bad_gate_is_named():
 
 def test_a_moe_trunk_trains_inside_the_jepa(compose, tiny_overrides):
     from prob_jepa.masks import MaskCollator
-    from prob_jepa.model import build_model
+    from prob_jepa.model import build_model, image_terms
+    from prob_jepa.step import TrainingStep
 
     cfg = compose(*tiny_overrides, "model.predictor.moe_experts=4", "model.predictor.moe_top_k=2")
     torch.manual_seed(0)
     model = build_model(cfg)
     masks = MaskCollator(model.context_encoder.unit_grid, seed=0, **cfg.mask)(4, 0)
     images = torch.randn(4, 3, cfg.data.image_size, cfg.data.image_size)
-    out = model(images, masks.context, masks.targets)
-    model.balance_weight = 0.0
-    without = model(images, masks.context, masks.targets).loss
+    inputs = {"images": images, "context": masks.context, "targets": masks.targets}
+    terms = image_terms(cfg, model)
+    out = TrainingStep(model, terms)(**inputs)
+    without = TrainingStep(model, [t for t in terms if t.name != "moe_balance"])(**inputs).loss
     assert torch.isfinite(out.loss) and out.terms["moe_balance"] > 0
     torch.testing.assert_close(out.loss - without, cfg.model.predictor.moe_balance_weight * out.terms["moe_balance"])
     out.loss.backward()
     moe = model.predictor.stage.blocks[0].mlp
     assert isinstance(moe, MoEMLP) and moe.gates[0].weight.grad.abs().sum() > 0 and moe.w1.grad.abs().sum() > 0
-    dense = build_model(compose(*tiny_overrides))
-    assert "moe_balance" not in dense(images, masks.context, masks.targets).terms
+    dense_cfg = compose(*tiny_overrides)
+    dense = build_model(dense_cfg)
+    assert "moe_balance" not in TrainingStep(dense, image_terms(dense_cfg, dense))(**inputs).terms
 
 
 def starved_layer() -> MoEMLP:

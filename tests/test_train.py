@@ -170,14 +170,16 @@ def test_an_evaluation_that_would_fail_stops_the_run_before_step_1(compose, tiny
 
 def test_a_parameter_no_loss_reads_fails_before_step_1(compose, tiny_overrides, tmp_path, monkeypatch):
     """DDP would stop at step 2 waiting for its gradient; the preflight step names it instead."""
-    import prob_jepa.train as train
+    from dataclasses import replace
+
+    from prob_jepa.recipes import RECIPES
 
     def with_orphan(cfg):
         model = build_model(cfg)
         model.orphan = torch.nn.Linear(2, 2)
         return model
 
-    monkeypatch.setattr(train, "build_model", with_orphan)
+    monkeypatch.setitem(RECIPES, "image", replace(RECIPES["image"], build_model=with_orphan))
     with pytest.raises(ConfigError, match=r"orphan\.weight, orphan\.bias"):
         pretrain(compose(*tiny_overrides, "eval.enabled=false"), run_dir=tmp_path / "run")
 

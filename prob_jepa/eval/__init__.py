@@ -13,8 +13,9 @@ from ..data import display_images
 from ..data.shapes import Marker
 from ..masks import MaskCollator
 from ..heads import Head
-from ..model import JEPA, build_model
+from ..model import JEPA, build_model, image_terms
 from ..run_dir import RunDir
+from ..step import TrainingStep
 from . import plots
 from .ambiguity import ambiguity_metrics
 from .cost import step_flops, training_cost
@@ -191,7 +192,8 @@ def evaluate(
     )
 
     images = first_images(val_set, cfg.trainer.batch_size, device)
-    metrics["cost"] = {"flops_per_step": step_flops(model, images, collator(len(images), EVAL_DRAWS).to(device))}
+    step = TrainingStep(model, image_terms(cfg, model))
+    metrics["cost"] = {"flops_per_step": step_flops(step, images, collator(len(images), EVAL_DRAWS).to(device))}
     records = run.read_metrics()
     if records:
         metrics["cost"].update(training_cost(records, cfg.trainer.batch_size))

@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..masks import Masks
 from ..model import JEPA
+from ..step import TrainingStep
 
 
 def micro_batch_flops(trainer, batch) -> int:
@@ -21,13 +22,15 @@ def micro_batch_flops(trainer, batch) -> int:
     return counter.get_total_flops()
 
 
-def step_flops(model: JEPA, images: torch.Tensor, masks: Masks) -> int:
-    """FLOPs of one training forward + backward (``torch.utils.flop_counter``; a multiply-add is 2)."""
+def step_flops(step: TrainingStep, images: torch.Tensor, masks: Masks) -> int:
+    """FLOPs of one training forward + backward of the image JEPA's ``step`` (``torch.utils.flop_counter``; a
+    multiply-add is 2)."""
     counter = FlopCounterMode(display=False)
+    model = step.model
     was_training = model.training
     model.train()
     with counter:
-        model(images, masks.context, masks.targets).loss.backward()
+        step(images=images, context=masks.context, targets=masks.targets).loss.backward()
     model.zero_grad(set_to_none=True)
     model.train(was_training)
     return counter.get_total_flops()

@@ -5,6 +5,8 @@ import csv
 from pathlib import Path
 from typing import Any, Sequence
 
+from omegaconf import DictConfig
+
 from ..run_dir import RunDir
 
 COLUMNS = {  # column: (path in eval.json, format)
@@ -68,10 +70,14 @@ def find_runs(paths: Sequence[str | Path]) -> list[RunDir]:
     return runs
 
 
+def model_label(cfg: DictConfig) -> str:
+    """The model column of a table: the preset (``model.name``) of an image run, else the recipe's name."""
+    return cfg.model.name if cfg.recipe == "image" else cfg.recipe
+
+
 def summary_row(run: RunDir) -> dict[str, Any]:
     metrics, cfg = run.read_eval(), run.load_config()
-    model = "hypermodal" if "hypermodal" in cfg else cfg.model.name
-    row = {"run": run.path.name, "head": cfg.predictor.name, "model": model,
+    row = {"run": run.path.name, "head": cfg.predictor.name, "model": model_label(cfg),
            "steps": _get(metrics, ("train", "steps"))}
     for column, (path, _) in COLUMNS.items():
         row[column] = _get(metrics, path)

@@ -1,13 +1,15 @@
 """Hypermodal JIN: several modalities in one embedding space, cross-modal JEPA and alignment."""
 from .build import ENCODERS, build_hypermodal, build_modality_encoder
 from .masks import ModalityMask, coordinate_block_masks
-from .model import HypermodalJEPA, LossWeights
+from .model import HypermodalJEPA
 from .objectives import (
-    PHASES, Task, energy_alignment, info_nce, m3_tasks, modality_dropout, pair_energy, phase_at, plan_tasks,
+    PHASES, Task, energy_alignment, hypermodal_terms, info_nce, m3_tasks, modality_dropout, pair_energy, phase_at,
+    plan_tasks,
 )
 
 __all__ = [
-    "ENCODERS", "PHASES", "HypermodalJEPA", "LossWeights", "ModalityMask", "Task",
-    "build_hypermodal", "build_modality_encoder", "coordinate_block_masks", "energy_alignment", "info_nce",
+    "ENCODERS", "PHASES", "HypermodalJEPA", "ModalityMask", "Task",
+    "build_hypermodal", "build_modality_encoder", "coordinate_block_masks", "energy_alignment", "hypermodal_terms",
+    "info_nce",
     "m3_tasks", "modality_dropout", "pair_energy", "phase_at", "plan_tasks",
 ]

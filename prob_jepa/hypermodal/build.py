@@ -11,7 +11,7 @@ from jin.hypermodal import HypermodalEncoder
 from ..config import ConfigError
 from ..model import build_configured_head, check_experts, check_heads
 from ..predictor import ModalityTokens, Predictor
-from .model import HypermodalJEPA, LossWeights
+from .model import HypermodalJEPA
 
 
 def _image(h: DictConfig, data: DictConfig, **block) -> ModalityEncoder:
@@ -48,14 +48,6 @@ def build_modality_encoder(name: str, cfg: DictConfig) -> ModalityEncoder:
         raise ValueError(f"unknown modality {name!r}; valid: {', '.join(ENCODERS)}")
     h = cfg.hypermodal
     return ENCODERS[name](h, cfg.data, dim=h.dim, depth=h.encoder_depth, num_heads=h.num_heads, mlp_ratio=h.mlp_ratio)
-
-
-def loss_weights(cfg: DictConfig) -> LossWeights:
-    o, p = cfg.hypermodal.objectives, cfg.hypermodal.predictor
-    return LossWeights(
-        within=o.within, cross=o.cross, joint=o.joint, energy=o.energy, energy_margin=o.energy_margin,
-        infonce=o.infonce, temperature=o.temperature, m3_alpha=cfg.hypermodal.m3.alpha, balance=p.moe_balance_weight,
-    )
 
 
 def build_hypermodal(cfg: DictConfig) -> HypermodalJEPA:
@@ -96,4 +88,4 @@ def build_hypermodal(cfg: DictConfig) -> HypermodalJEPA:
         moe_experts=p.moe_experts, moe_top_k=p.moe_top_k, num_gates=h.m3.gates if h.m3.enabled else 1,
     )
     head = build_configured_head(cfg.predictor, dim=h.dim, cond_dim=p.dim)
-    return HypermodalJEPA(encoder, predictor, head, h.embed_dim, loss_weights(cfg), m3=h.m3.enabled)
+    return HypermodalJEPA(encoder, predictor, head, h.embed_dim, m3=h.m3.enabled)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
@@ -11,63 +10,45 @@ from torch import nn
 
 from jin.encoders import ModalityEncoder, Tokens, gather_tokens
 from jin.hypermodal import HypermodalEncoder
+from jin.layers import Stage
 
 from ..ema import ContextTargetPair
 from ..heads import Head
-from ..model import StepOutput
 from ..predictor import Predictor, PredictorOutput
+from ..step import Predicted, Predictions
 from .masks import ModalityMask
-from .objectives import Task, energy_alignment, info_nce
-
-
-@dataclass(frozen=True)
-class LossWeights:
-    """Weights of the terms: JEPA per task kind, λ2 (energy alignment), InfoNCE, M3's α, MoE balance."""
-
-    within: float = 1.0
-    cross: float = 1.0
-    joint: float = 1.0
-    energy: float = 0.1
-    energy_margin: float = 1.0
-    infonce: float = 1.0
-    temperature: float = 0.07
-    m3_alpha: float = 0.5
-    balance: float = 0.01
-
-
-def standardize(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Zero mean, unit variance per feature over the batch ``[B, E]`` (a batch norm without running statistics)."""
-    return (x - x.mean(0)) / (x.var(0, unbiased=False) + eps).sqrt()
+from .objectives import Task
 
 
 class HypermodalJEPA(ContextTargetPair):
     """JEPA over several modalities in one embedding space (JIN's hypermodal space, Jin's joint space).
 
-    Loss of a step with tasks ``τ`` (:func:`~prob_jepa.hypermodal.objectives.plan_tasks`)::
+    ``forward`` returns the step's :class:`~prob_jepa.step.Predictions`: for every task ``τ``
+    (:func:`~prob_jepa.hypermodal.objectives.plan_tasks`) ``cond_τ`` and the layer-normed EMA target-encoder
+    tokens at the masked positions, and, when the step aligns, ``z_m``: the projected mean of modality ``m``'s
+    context tokens (masked views, as FLIP trains CLIP), standardized per modality by a batch norm before the
+    projection. The loss is the term list of :func:`~prob_jepa.hypermodal.objectives.hypermodal_terms`::
 
         Σ_kind w_kind · mean_{τ of kind} head.loss(cond_τ, sg[target_τ])
         + λ2 · mean_pairs energy_alignment(z_a, z_b) + w_nce · mean_pairs InfoNCE(z_a, z_b)
 
-    where targets are the layer-normed EMA target-encoder tokens at the masked positions
-    and ``z_m`` is the projected mean of modality ``m``'s context tokens (masked views,
-    as FLIP trains CLIP), standardized per modality by a batch norm before the projection.
-    M3 tasks (:func:`~prob_jepa.hypermodal.objectives.m3_tasks`) replace the JEPA sum by
-    M3-JEPA's ``(1 − α)·InfoNCE(pred, target) + α·head loss`` on each predicted modality,
-    with the pooled prediction and target projected into the alignment space and standardized.
+    and, for M3 tasks (:func:`~prob_jepa.hypermodal.objectives.m3_tasks`), M3-JEPA's
+    ``(1 − α)·InfoNCE(pred, target) + α·head loss`` on each predicted modality, with the pooled prediction and
+    target projected into the alignment space (``pred_proj``, ``proj``) and standardized.
 
     Args:
         encoder: the context encoder (the target encoder is its EMA copy).
         predictor: the shared :class:`Predictor` over :class:`ModalityTokens`; head: one head for every
-            modality's ``D``-dim tokens.
+            modality's ``D``-dim tokens (``heads[0]``).
         embed_dim: width of the alignment space.
         m3: the model trains M3 tasks (adds the projection of pooled predictions).
     """
 
-    def __init__(self, encoder: HypermodalEncoder, predictor: Predictor, head: Head, embed_dim: int,
-                 weights: LossWeights = LossWeights(), m3: bool = False):
+    def __init__(self, encoder: HypermodalEncoder, predictor: Predictor, head: Head, embed_dim: int, m3: bool = False):
         super().__init__()
         self.init_target(encoder)
-        self.predictor, self.head, self.weights = predictor, head, weights
+        self.predictor = predictor
+        self.heads = nn.ModuleList([head])
         # Pooled features of one modality share a large common part (positions, modality embedding) that
         # would drown the per-scene differences the alignment needs: standardize them per modality first.
         self.align_norm = nn.ModuleDict({m: nn.BatchNorm1d(encoder.dim, affine=False) for m in encoder.modalities})
@@ -92,6 +73,13 @@ class HypermodalJEPA(ContextTargetPair):
         self.target_encoder.modality_embed.rows[name].requires_grad_(False)
         self.align_norm[name] = nn.BatchNorm1d(self.context_encoder.dim, affine=False)
         return new
+
+    def set_grad_checkpointing(self) -> None:
+        """Recompute every block (encoders, shared blocks, predictor) in the backward pass instead of storing its
+        activations."""
+        for module in self.modules():
+            if isinstance(module, Stage):
+                module.grad_checkpointing = True
 
     def token_coords(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return self.context_encoder.token_coords(name, x)
@@ -124,55 +112,28 @@ class HypermodalJEPA(ContextTargetPair):
         return self.predictor(list(context.values()), queries, sources, gate=gate)
 
     def forward(self, inputs: Mapping[str, torch.Tensor], masks: Mapping[str, ModalityMask],
-                tasks: Sequence[Task], gate: int = 0, align: bool = True) -> StepOutput:
-        """One step's loss.
+                tasks: Sequence[Task], gate: int = 0, align: bool = True) -> Predictions:
+        """One step's predictions.
 
         Args:
             inputs: ``{modality: batch}`` of the present modalities.
             masks: ``{modality: ModalityMask}`` for the same modalities (the order is the context order).
-            tasks: the predictions to make; align: add the energy and InfoNCE terms.
+            tasks: the predictions to make (term ``jepa/<task.kind>``); align: the step aligns the modalities
+                (``Predictions.pooled`` holds each modality's ``z [B, E]``; empty otherwise).
             gate: the mixture-of-experts gate that routes this step's predictions.
         """
-        w = self.weights
         names = list(masks)
         with torch.no_grad():
             full = {m: self.target_encoder(m, inputs[m]) for m in names}
         targets = {m: F.layer_norm(t.features, t.features.shape[-1:]) for m, t in full.items()}
         ctx = {m: self.context_encoder(m, inputs[m], masks[m].context) for m in names}
-
-        terms: dict[str, torch.Tensor] = {}
-        loss = next(iter(ctx.values())).features.new_zeros((), dtype=torch.float32)
-        by_kind: dict[str, list[torch.Tensor]] = {}
-        contrastive: list[torch.Tensor] = []
-        balance = None
-        if tasks:
+        predicted, balance = [], None
+        if tasks:  # a phase may make no prediction and train the alignment only
             conds, balance = self.predict(ctx, {m: t.coords for m, t in full.items()}, masks, tasks, gate)
-            for task, cond in zip(tasks, conds):
-                y = gather_tokens(targets[task.target], masks[task.target].targets.flatten(1))
-                by_kind.setdefault(task.kind, []).append(self.head(cond.flatten(0, 1), y.flatten(0, 1)))
-                if task.kind == "m3":
-                    if self.pred_proj is None:
-                        raise ValueError("M3 tasks need a model built with m3=True (hypermodal.m3.enabled=true)")
-                    pred, true = standardize(self.pred_proj(cond.mean(1))), standardize(self.proj(y.mean(1)))
-                    contrastive.append(info_nce(pred, true, w.temperature))
-        for kind, values in by_kind.items():
-            term = torch.stack(values).mean()
-            terms[f"jepa/{kind}"] = term
-            if kind == "m3":
-                nce = torch.stack(contrastive).mean()
-                terms["m3/contrastive"] = nce
-                loss = loss + (1 - w.m3_alpha) * nce + w.m3_alpha * term
-            else:
-                loss = loss + getattr(w, kind) * term
-        if align and len(names) > 1:
-            z = {m: self.align(m, c.features.mean(1)) for m, c in ctx.items()}
-            pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
-            energy = torch.stack([energy_alignment(z[a], z[b], w.energy_margin) for a, b in pairs]).mean()
-            nce = torch.stack([info_nce(z[a], z[b], w.temperature) for a, b in pairs]).mean()
-            terms.update(energy=energy, infonce=nce)
-            loss = loss + w.energy * energy + w.infonce * nce
-        if balance is not None:
-            terms["moe_balance"] = balance
-            loss = loss + w.balance * balance
-        terms["loss"] = loss
-        return StepOutput(loss, terms, targets[names[0]])
+            predicted = [
+                Predicted(f"jepa/{task.kind}", 0, cond,
+                          gather_tokens(targets[task.target], masks[task.target].targets.flatten(1)))
+                for task, cond in zip(tasks, conds)
+            ]
+        pooled = {m: self.align(m, c.features.mean(1)) for m, c in ctx.items()} if align and len(names) > 1 else {}
+        return Predictions(predicted, targets, pooled=pooled, balance=balance)

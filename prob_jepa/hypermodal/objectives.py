@@ -5,8 +5,11 @@ from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
 
 from ..config import ConfigError
+from ..step import Measure, Predictions, Term, balance_term, jepa_term
 
 PHASES = ("single", "cross", "full")
 
@@ -125,3 +128,71 @@ def modality_dropout(modalities: Sequence[str], p: float, generator: torch.Gener
         kept = torch.zeros(n, dtype=torch.bool)
         kept[draws.argsort(descending=True)[: min(keep, n)]] = True
     return [m for m, k in zip(modalities, kept.tolist()) if k]
+
+
+def standardize(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Zero mean, unit variance per feature over the batch ``[B, E]`` (a batch norm without running statistics)."""
+    return (x - x.mean(0)) / (x.var(0, unbiased=False) + eps).sqrt()
+
+
+def pairs_of(p: Predictions) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every pair of the step's aligned modalities' embeddings ``(z_a, z_b)``, each ``[B, E]``."""
+    z = list(p.pooled.values())
+    return [(a, b) for i, a in enumerate(z) for b in z[i + 1:]]
+
+
+def energy_term(margin: float) -> Measure:
+    """JIN eq. 6 over every pair of aligned modalities (mean); ``None`` on a step that does not align."""
+
+    def measure(model: nn.Module, p: Predictions) -> torch.Tensor | None:
+        pairs = pairs_of(p)
+        return torch.stack([energy_alignment(a, b, margin) for a, b in pairs]).mean() if pairs else None
+
+    return measure
+
+
+def infonce_term(temperature: float) -> Measure:
+    """Symmetric InfoNCE over every pair of aligned modalities (mean); ``None`` on a step that does not align."""
+
+    def measure(model: nn.Module, p: Predictions) -> torch.Tensor | None:
+        pairs = pairs_of(p)
+        return torch.stack([info_nce(a, b, temperature) for a, b in pairs]).mean() if pairs else None
+
+    return measure
+
+
+def m3_contrastive_term(temperature: float) -> Measure:
+    """M3-JEPA's contrastive term: InfoNCE between each M3 task's pooled prediction and its pooled target, both
+    projected into the alignment space (``model.pred_proj``, ``model.proj``) and standardized (mean over tasks)."""
+
+    def measure(model: nn.Module, p: Predictions) -> torch.Tensor | None:
+        m3 = [x for x in p.predicted if x.term == "jepa/m3"]
+        if not m3:
+            return None
+        if model.pred_proj is None:
+            raise ValueError("M3 tasks need a model built with m3=True (hypermodal.m3.enabled=true)")
+        return torch.stack([
+            info_nce(standardize(model.pred_proj(x.cond.mean(1))), standardize(model.proj(x.target.mean(1))),
+                     temperature)
+            for x in m3
+        ]).mean()
+
+    return measure
+
+
+def hypermodal_terms(cfg: DictConfig, model: nn.Module) -> list[Term]:
+    """The hypermodal JEPA's loss terms, in the order they are summed: the JEPA term of each task kind
+    (``hypermodal.objectives.{within,cross,joint}``; with ``hypermodal.m3.enabled`` the M3 tasks' head loss at
+    ``α`` = ``hypermodal.m3.alpha`` and their contrastive term at ``1 − α``), the energy alignment (λ2 =
+    ``hypermodal.objectives.energy``, margin ``energy_margin``), InfoNCE (``infonce``, ``temperature``) and, with
+    experts, their balance (``hypermodal.predictor.moe_balance_weight``)."""
+    h = cfg.hypermodal
+    o = h.objectives
+    terms = [Term(f"jepa/{kind}", o[kind], jepa_term(f"jepa/{kind}")) for kind in ("within", "cross", "joint")]
+    if h.m3.enabled:
+        terms += [Term("jepa/m3", h.m3.alpha, jepa_term("jepa/m3")),
+                  Term("m3/contrastive", 1 - h.m3.alpha, m3_contrastive_term(o.temperature))]
+    terms += [Term("energy", o.energy, energy_term(o.energy_margin)), Term("infonce", o.infonce, infonce_term(o.temperature))]
+    if h.predictor.moe_experts:
+        terms.append(Term("moe_balance", h.predictor.moe_balance_weight, balance_term))
+    return terms

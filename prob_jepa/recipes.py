@@ -1,0 +1,65 @@
+"""What a family of models brings to the one trainer, chosen by the config's ``recipe`` key (``image`` |
+``hypermodal``): how the model is built, what each step draws, which loss terms it sums, how it is evaluated."""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+from omegaconf import DictConfig
+from torch import nn
+
+from .config import ConfigError
+from .distributed import STRATEGIES
+from .hypermodal.build import build_hypermodal
+from .hypermodal.objectives import hypermodal_terms
+from .hypermodal.planner import HypermodalPlanner
+from .masks import ImagePlanner
+from .model import build_model, image_terms
+from .preflight import Evaluate
+from .step import StepPlanner, Term
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One family of models.
+
+    build_model: the model of a config. build_terms: its loss terms (:class:`~prob_jepa.step.Term`, in the order
+    they are summed). planner: ``(cfg, model, info, micro=, accum=, total_steps=)`` → the
+    :class:`~prob_jepa.step.StepPlanner` drawing each micro-batch's model inputs. evaluation: ``module:function``
+    of its evaluation (imported when used: evaluation imports plotting). strategies: the ``trainer.strategy``
+    values it trains with on several ranks. every_step_trains_every_parameter: false when a step may leave
+    parameters without gradient by design (modality dropout); DDP then looks for them, and an optimizer state
+    may lack them.
+    """
+
+    build_model: Callable[[DictConfig], nn.Module]
+    build_terms: Callable[[DictConfig, nn.Module], list[Term]]
+    planner: Callable[..., StepPlanner]
+    evaluation: str
+    strategies: tuple[str, ...] = STRATEGIES
+    every_step_trains_every_parameter: bool = True
+
+    def evaluate(self) -> Evaluate:
+        module, _, name = self.evaluation.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+RECIPES: dict[str, Recipe] = {
+    "image": Recipe(build_model, image_terms, ImagePlanner, "prob_jepa.eval:evaluate"),
+    "hypermodal": Recipe(build_hypermodal, hypermodal_terms, HypermodalPlanner,
+                         "prob_jepa.hypermodal.evaluate:evaluate_hypermodal", strategies=("ddp",),
+                         every_step_trains_every_parameter=False),
+}
+
+
+def recipe_of(cfg: DictConfig) -> Recipe:
+    """The :class:`Recipe` named by ``cfg.recipe``.
+
+    Raises:
+        ConfigError: ``recipe`` is missing or names none of :data:`RECIPES`.
+    """
+    name = cfg.get("recipe")
+    if name not in RECIPES:
+        raise ConfigError(f"recipe={name!r}; valid: {', '.join(RECIPES)} (experiment=hypermodal_* sets hypermodal)")
+    return RECIPES[name]

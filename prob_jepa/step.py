@@ -1,0 +1,141 @@
+"""One training step's loss, in plain sight: the model predicts, a list of weighted terms scores the predictions.
+
+Every JEPA of the project (the image JEPA, the hypermodal JEPA) returns :class:`Predictions` from its
+``forward``; :class:`TrainingStep` sums ``weight · measure(model, predictions)`` over the :class:`Term` list its
+recipe builds from the config (:mod:`prob_jepa.recipes`). The trainer wraps :class:`TrainingStep` (DDP / FSDP /
+``torch.compile``), so the whole loss runs inside the wrapped forward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple, Protocol, Sequence
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Predicted:
+    """One prediction of a step: ``cond [B, N, C]`` of ``N`` target tokens, their regression targets
+    ``target [B, N, D]`` (layer-normed EMA target-encoder features), the loss term it belongs to
+    (``"jepa/level0"``, ``"jepa/cross"``) and the index of its head in ``model.heads``."""
+
+    term: str
+    head: int
+    cond: torch.Tensor
+    target: torch.Tensor
+
+
+@dataclass
+class Predictions:
+    """What a JEPA's forward returns; the loss terms read nothing else.
+
+    predicted: every prediction of the step.
+    levels: the context encoder's features per level ``[B, U, T, D_l]`` (the image JEPA; empty otherwise).
+    alpha: computed fraction per level ``[B]`` (JIN eq. 4; 1 without adaptive computation).
+    pooled: per modality, its mean context token in the alignment space ``[B, E]`` (the hypermodal JEPA, on steps
+        that align the modalities; empty otherwise).
+    targets: per name, target features for the collapse diagnostics (``feature_std``, ``effective_rank``).
+    balance: the predictor's mixture-of-experts load-balancing loss (scalar; ``None`` for dense blocks).
+    """
+
+    predicted: list[Predicted]
+    targets: dict[str, torch.Tensor]
+    levels: list[torch.Tensor] = field(default_factory=list)
+    alpha: list[torch.Tensor] = field(default_factory=list)
+    pooled: dict[str, torch.Tensor] = field(default_factory=dict)
+    balance: torch.Tensor | None = None
+
+
+Measure = Callable[[nn.Module, Predictions], "torch.Tensor | None"]
+
+
+@dataclass(frozen=True)
+class Term:
+    """A weighted loss term: ``weight · measure(model, predictions)``; ``measure`` returns ``None`` when the step
+    made nothing it scores (a curriculum phase without cross-modal tasks)."""
+
+    name: str
+    weight: float
+    measure: Measure
+
+
+class StepOutput(NamedTuple):
+    """loss: the scalar objective; terms: its parts by name (and ``loss``), still in the autograd graph (the
+    trainer logs them detached); targets: the predictions' target features for the collapse diagnostics.
+
+    Not detached here on purpose: under inductor (torch 2.14) a detached term that the loss equals after
+    simplification (one level, weight 1: ``0 + 1.0 · term``) shares the loss's output buffer, and the compiled
+    function then returns the loss without a gradient (``model=vit_tiny trainer.compile=true`` failed at backward).
+    """
+
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor]
+    targets: dict[str, torch.Tensor]
+
+
+def jepa_term(term: str) -> Measure:
+    """The JEPA regression term ``term``: the mean, over the step's predictions of that term, of their head's loss
+    (NLL in nats/dim for the probabilistic heads, MSE for the deterministic one) on ``sg[target]``."""
+
+    def measure(model: nn.Module, p: Predictions) -> torch.Tensor | None:
+        values = [model.heads[x.head](x.cond.flatten(0, 1), x.target.flatten(0, 1)) for x in p.predicted
+                  if x.term == term]
+        if not values:
+            return None
+        return values[0] if len(values) == 1 else torch.stack(values).mean()
+
+    return measure
+
+
+def balance_term(model: nn.Module, p: Predictions) -> torch.Tensor | None:
+    """The mixture-of-experts load-balancing loss (Switch Transformer, arXiv:2101.03961, eq. 4)."""
+    return p.balance
+
+
+def total_loss(terms: Sequence[Term], model: nn.Module, p: Predictions) -> StepOutput:
+    """``Σ weight · term`` over the terms the step has, with every term, ``jepa`` (the weighted sum of the
+    ``jepa/*`` terms), each level's ``alpha/level{l}`` and ``loss`` by name."""
+    values: dict[str, torch.Tensor] = {}
+    loss = jepa = torch.zeros((), dtype=torch.float32, device=next(iter(p.targets.values())).device)
+    for term in terms:
+        value = term.measure(model, p)
+        if value is None:
+            continue
+        values[term.name] = value
+        loss = loss + term.weight * value
+        if term.name.startswith("jepa/"):
+            jepa = jepa + term.weight * value
+    values["jepa"] = jepa
+    for level, alpha in enumerate(p.alpha):
+        values[f"alpha/level{level}"] = alpha.float().mean()
+    values["loss"] = loss
+    return StepOutput(loss, values, p.targets)
+
+
+class TrainingStep(nn.Module):
+    """The module the trainer runs (and wraps with DDP / FSDP / ``torch.compile``): the model's predictions, then
+    the weighted terms (:func:`total_loss`). ``model`` is its only submodule; checkpoints hold ``model``'s state."""
+
+    def __init__(self, model: nn.Module, terms: Sequence[Term]):
+        super().__init__()
+        if not terms:
+            raise ValueError("a training step needs at least one loss term")
+        self.model = model
+        self.terms = list(terms)
+
+    def forward(self, **inputs) -> StepOutput:
+        return total_loss(self.terms, self.model, self.model(**inputs))
+
+
+class StepPlanner(Protocol):
+    """What a recipe draws for each micro-batch before the model runs: its masks (and, for several modalities,
+    which modalities and prediction tasks take part), as the keyword inputs of the model's ``forward`` on the
+    training device. Every draw depends on (seed, rank, step, micro-batch) only, so a resumed run continues
+    exactly."""
+
+    def check(self) -> None:
+        """Raise :class:`~prob_jepa.config.ConfigError` before step 1 if some step of the run cannot be drawn."""
+
+    def __call__(self, batch: Any, step: int, micro: int) -> dict[str, Any]:
+        """The model inputs of micro-batch ``micro`` of optimizer step ``step``."""
