@@ -110,7 +110,7 @@ class HypermodalEncoder(nn.Module):
         """Tokens ``[B, N or K, D]`` of modality ``name`` (only those at ``keep [B, K]`` when given)."""
         tokens = self.encoder(name)(x, keep)
         features, _ = self.stage(tokens.features + self.modality_embed(name), tokens.coords)
-        return Tokens(self.norm(features), tokens.coords)
+        return Tokens(self.norm(features), tokens.coords, tokens.levels)
 
     def pooled(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """Mean of every token's features ``[B, D]``."""

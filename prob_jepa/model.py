@@ -205,6 +205,11 @@ def encoder_kwargs(cfg: DictConfig) -> dict:
     )
 
 
+def has_cross_scale(model_cfg: DictConfig) -> bool:
+    """``model.cross_scale`` is on and the model has a coarser level to predict (JIN eq. 2-3)."""
+    return bool(model_cfg.cross_scale) and len(level_config(model_cfg)["dims"]) > 1
+
+
 def build_encoder(cfg: DictConfig) -> HierarchicalEncoder:
     return HierarchicalEncoder(**encoder_kwargs(cfg))
 
@@ -267,43 +272,59 @@ def build_model(cfg: DictConfig) -> JEPA:
         moe_top_k=p.moe_top_k,
     )
     heads = [build_configured_head(cfg.predictor, dim=lv["dims"][l], cond_dim=p.dim) for l in predicted]
-    cross = CrossScalePredictors(lv["dims"]) if m.cross_scale and len(lv["dims"]) > 1 else None
+    cross = CrossScalePredictors(lv["dims"]) if has_cross_scale(m) else None
     return JEPA(encoder, predictor, heads, cross_scale=cross, predict_levels=predicted,
                 sigreg=SIGReg(m.sigreg_slices) if m.sigreg_weight > 0 else None)
 
 
-def cross_scale_term(model: JEPA, p: Predictions) -> torch.Tensor:
-    """JIN eq. 2-3: every level predicts the next coarser one from the context levels."""
-    return model.cross_scale(p.levels)
+def cross_scale_term(model: nn.Module, p: Predictions) -> torch.Tensor | None:
+    """JIN eq. 2-3: every level predicts the next coarser one from the context levels (``None``: no levels this
+    step, e.g. a hypermodal step without the image)."""
+    return model.cross_scale(p.levels) if p.levels else None
 
 
-def sigreg_term(model: JEPA, p: Predictions) -> torch.Tensor:
-    """SIGReg (LeJEPA) on the context encoder's last-level tokens."""
-    return model.sigreg(p.levels[-1].flatten(0, 2))
+def sigreg_term(model: nn.Module, p: Predictions) -> torch.Tensor | None:
+    """SIGReg (LeJEPA) on the context encoder's last-level tokens (``None``: no levels this step)."""
+    return model.sigreg(p.levels[-1].flatten(0, 2)) if p.levels else None
 
 
 def budget_term(alpha_targets: Sequence[float]):
-    """JIN eq. 10: squared distance of each level's mean computed fraction α from its target."""
+    """JIN eq. 10: squared distance of each level's mean computed fraction α from its target (``None``: no levels
+    this step)."""
 
-    def measure(model: JEPA, p: Predictions) -> torch.Tensor:
-        return budget_loss(p.alpha, alpha_targets)
+    def measure(model: nn.Module, p: Predictions) -> torch.Tensor | None:
+        return budget_loss(p.alpha, alpha_targets) if p.alpha else None
 
     return measure
 
 
-def image_terms(cfg: DictConfig, model: JEPA) -> list[Term]:
-    """The image JEPA's loss terms (JIN eq. 9), in the order they are summed: the JEPA term of every predicted
-    level (weight ``model.level_weights[l]``), cross-scale (λ1 = ``model.cross_scale_weight``) when the model has
-    it, the budget (λ_b = ``model.budget_weight``, eq. 10) when adaptive, SIGReg (``model.sigreg_weight``) and the
-    experts' balance (``model.predictor.moe_balance_weight``) when the model has them (the keys are ``cfg``'s)."""
-    m, lv = cfg.model, level_config(cfg.model)
-    terms = [Term(f"jepa/level{l}", lv["level_weights"][l], jepa_term(f"jepa/level{l}")) for l in model.predict_levels]
+def alpha_logs(p: Predictions) -> dict[str, torch.Tensor]:
+    """The mean computed fraction of each level, ``alpha/level{l}``."""
+    return {f"alpha/level{level}": alpha.float().mean() for level, alpha in enumerate(p.alpha)}
+
+
+def hierarchy_terms(cfg: DictConfig, model: nn.Module) -> list[Term]:
+    """The terms of JIN's hierarchy (``cfg.model``), for any model with ``cross_scale`` and ``sigreg`` modules:
+    cross-scale (λ1 = ``model.cross_scale_weight``) when the model has it, the budget (λ_b = ``model.budget_weight``,
+    eq. 10) when adaptive, SIGReg (``model.sigreg_weight``) when the model has it."""
+    m = cfg.model
+    terms = []
     if model.cross_scale is not None:
         terms.append(Term("cross_scale", m.cross_scale_weight, cross_scale_term))
     if m.adaptive:
-        terms.append(Term("budget", m.budget_weight, budget_term(lv["alpha_targets"])))
+        terms.append(Term("budget", m.budget_weight, budget_term(level_config(m)["alpha_targets"]), logs=alpha_logs))
     if model.sigreg is not None:
         terms.append(Term("sigreg", m.sigreg_weight, sigreg_term))
+    return terms
+
+
+def image_terms(cfg: DictConfig, model: JEPA) -> list[Term]:
+    """The image JEPA's loss terms (JIN eq. 9), in the order they are summed: the JEPA term of every predicted
+    level (weight ``model.level_weights[l]``), :func:`hierarchy_terms`, and the experts' balance
+    (``model.predictor.moe_balance_weight``) when the predictor has experts (the keys are ``cfg``'s)."""
+    m, lv = cfg.model, level_config(cfg.model)
+    terms = [Term(f"jepa/level{l}", lv["level_weights"][l], jepa_term(f"jepa/level{l}")) for l in model.predict_levels]
+    terms += hierarchy_terms(cfg, model)
     if m.predictor.moe_experts:
         terms.append(Term("moe_balance", m.predictor.moe_balance_weight, balance_term))
     return terms

@@ -27,7 +27,8 @@ class Recipe:
     build_model: the model of a config. build_terms: its loss terms (:class:`~prob_jepa.step.Term`, in the order
     they are summed). planner: ``(cfg, model, info, micro=, accum=, total_steps=)`` → the
     :class:`~prob_jepa.step.StepPlanner` drawing each micro-batch's model inputs. evaluation: ``module:function``
-    of its evaluation (imported when used: evaluation imports plotting). strategies: the ``trainer.strategy``
+    of its evaluation (imported when used: evaluation imports plotting). requires: the config nodes it reads
+    (composed by ``experiment=`` / the defaults). strategies: the ``trainer.strategy``
     values it trains with on several ranks. every_step_trains_every_parameter: false when a step may leave
     parameters without gradient by design (modality dropout); DDP then looks for them, and an optimizer state
     may lack them.
@@ -37,6 +38,7 @@ class Recipe:
     build_terms: Callable[[DictConfig, nn.Module], list[Term]]
     planner: Callable[..., StepPlanner]
     evaluation: str
+    requires: tuple[str, ...]
     strategies: tuple[str, ...] = STRATEGIES
     every_step_trains_every_parameter: bool = True
 
@@ -46,10 +48,10 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
-    "image": Recipe(build_model, image_terms, ImagePlanner, "prob_jepa.eval:evaluate"),
+    "image": Recipe(build_model, image_terms, ImagePlanner, "prob_jepa.eval:evaluate", requires=("model", "mask")),
     "hypermodal": Recipe(build_hypermodal, hypermodal_terms, HypermodalPlanner,
-                         "prob_jepa.hypermodal.evaluate:evaluate_hypermodal", strategies=("ddp",),
-                         every_step_trains_every_parameter=False),
+                         "prob_jepa.hypermodal.evaluate:evaluate_hypermodal", requires=("hypermodal",),
+                         strategies=("ddp",), every_step_trains_every_parameter=False),
 }
 
 
@@ -57,9 +59,16 @@ def recipe_of(cfg: DictConfig) -> Recipe:
     """The :class:`Recipe` named by ``cfg.recipe``.
 
     Raises:
-        ConfigError: ``recipe`` is missing or names none of :data:`RECIPES`.
+        ConfigError: ``recipe`` is missing or names none of :data:`RECIPES`, or the config lacks a node the recipe
+            reads (``recipe=hypermodal`` without ``experiment=hypermodal_*``).
     """
     name = cfg.get("recipe")
     if name not in RECIPES:
         raise ConfigError(f"recipe={name!r}; valid: {', '.join(RECIPES)} (experiment=hypermodal_* sets hypermodal)")
-    return RECIPES[name]
+    recipe = RECIPES[name]
+    missing = [key for key in recipe.requires if cfg.get(key) is None]
+    if missing:
+        raise ConfigError(f"recipe={name} reads {', '.join(f'{k}.*' for k in missing)}, which the config does not "
+                          f"compose: recipe is set by the experiment (experiment=hypermodal_* for hypermodal, none "
+                          f"for image); leave recipe= out")
+    return recipe

@@ -43,11 +43,16 @@ class RunDir:
         OmegaConf.save(cfg, self.config, resolve=True)
 
     def load_config(self) -> DictConfig:
-        """The saved config; one saved before the ``recipe`` key existed gets ``recipe: image`` (every run of that
-        time that this version can rebuild is an image run)."""
+        """The saved config, with the keys added since it was saved at the values it was trained with: ``recipe``
+        (``hypermodal`` for a config with a ``hypermodal`` node, else ``image``), ``hypermodal.image.backbone``
+        (null: the flat patch encoder) and ``hypermodal.predictor.drop_path_rate`` (0)."""
         cfg = OmegaConf.load(self.config)
+        hypermodal = cfg.get("hypermodal")
         if "recipe" not in cfg:
-            cfg.recipe = "image"
+            cfg.recipe = "image" if hypermodal is None else "hypermodal"
+        if hypermodal is not None:
+            hypermodal.image.setdefault("backbone", None)
+            hypermodal.predictor.setdefault("drop_path_rate", 0.0)
         return cfg
 
     def log(self, record: dict[str, Any]) -> None:

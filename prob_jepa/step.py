@@ -31,8 +31,9 @@ class Predictions:
     """What a JEPA's forward returns; the loss terms read nothing else.
 
     predicted: every prediction of the step.
-    levels: the context encoder's features per level ``[B, U, T, D_l]`` (the image JEPA; empty otherwise).
-    alpha: computed fraction per level ``[B]`` (JIN eq. 4; 1 without adaptive computation).
+    levels: the hierarchical encoder's context features per level ``[B, U, T, D_l]`` (the image JEPA, and the
+        hypermodal JEPA with a hierarchical image encoder on steps with the image; empty otherwise).
+    alpha: its computed fraction per level ``[B]`` (JIN eq. 4; 1 without adaptive computation).
     pooled: per modality, its mean context token in the alignment space ``[B, E]`` (the hypermodal JEPA, on steps
         that align the modalities; empty otherwise).
     targets: per name, target features for the collapse diagnostics (``feature_std``, ``effective_rank``).
@@ -53,11 +54,13 @@ Measure = Callable[[nn.Module, Predictions], "torch.Tensor | None"]
 @dataclass(frozen=True)
 class Term:
     """A weighted loss term: ``weight · measure(model, predictions)``; ``measure`` returns ``None`` when the step
-    made nothing it scores (a curriculum phase without cross-modal tasks)."""
+    made nothing it scores (a curriculum phase without cross-modal tasks). ``logs``: what else to log by name when
+    the term is scored (the budget's α per level)."""
 
     name: str
     weight: float
     measure: Measure
+    logs: Callable[[Predictions], dict[str, torch.Tensor]] | None = None
 
 
 class StepOutput(NamedTuple):
@@ -94,8 +97,8 @@ def balance_term(model: nn.Module, p: Predictions) -> torch.Tensor | None:
 
 
 def total_loss(terms: Sequence[Term], model: nn.Module, p: Predictions) -> StepOutput:
-    """``Σ weight · term`` over the terms the step has, with every term, ``jepa`` (the weighted sum of the
-    ``jepa/*`` terms), each level's ``alpha/level{l}`` and ``loss`` by name."""
+    """``Σ weight · term`` over the terms the step has, with every term (and its ``logs``), ``jepa`` (the weighted
+    sum of the ``jepa/*`` terms) and ``loss`` by name."""
     values: dict[str, torch.Tensor] = {}
     loss = jepa = torch.zeros((), dtype=torch.float32, device=next(iter(p.targets.values())).device)
     for term in terms:
@@ -103,12 +106,12 @@ def total_loss(terms: Sequence[Term], model: nn.Module, p: Predictions) -> StepO
         if value is None:
             continue
         values[term.name] = value
+        if term.logs is not None:
+            values.update(term.logs(p))
         loss = loss + term.weight * value
         if term.name.startswith("jepa/"):
             jepa = jepa + term.weight * value
     values["jepa"] = jepa
-    for level, alpha in enumerate(p.alpha):
-        values[f"alpha/level{level}"] = alpha.float().mean()
     values["loss"] = loss
     return StepOutput(loss, values, p.targets)
 

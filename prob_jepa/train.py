@@ -127,7 +127,8 @@ def collapse_diagnostics(targets: dict[str, torch.Tensor], rows: int = 2048) -> 
     ``targets`` (a collapsed representation has both near 0 / 1): by name (``feature_std/<name>``) when there are
     several (modalities), and their mean without a name."""
     values = {name: t.flatten(0, -2)[:rows] for name, t in targets.items()}
-    per_name = {name: {"feature_std": feature_std(v), "effective_rank": effective_rank(v)} for name, v in values.items()}
+    per_name = {name: {"feature_std": feature_std(v), "effective_rank": effective_rank(v)}
+                for name, v in values.items()}
     out = {key: sum(d[key] for d in per_name.values()) / len(per_name) for key in ("feature_std", "effective_rank")}
     if len(per_name) > 1:
         out.update({f"{key}/{name}": d[key] for name, d in per_name.items() for key in d})
@@ -202,7 +203,7 @@ class Trainer:
         )
         # A parameter that has had no gradient yet (a modality left out of every step so far) has no AdamW state.
         self.optimizer_load_options = StateDictOptions(full_state_dict=True, strict=not partial)
-        # Token counts are static per run (MaskCollator), so one graph serves every step.
+        # The image recipe's token counts are static per run (MaskCollator), so one graph serves every step.
         self.net = torch.compile(self.wrapped, backend=tc.compile_backend) if tc.compile else self.wrapped
 
     def build_model(self) -> nn.Module:
@@ -425,6 +426,7 @@ def pretrain(
     Returns:
         :class:`TrainResult` with the run directory and the evaluation metrics.
     """
+    recipe_of(cfg)  # a recipe without the nodes it reads fails before anything is written
     info = init_distributed(cfg.trainer.device)
     run = RunDir(run_dir if run_dir is not None else Path("runs") / time.strftime("%Y-%m-%d_%H-%M-%S"))
     probe_set = train_set

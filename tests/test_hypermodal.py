@@ -271,3 +271,65 @@ def test_hypermodal_settings_that_fail_late_fail_before_step_1(overrides, named,
     with pytest.raises(ConfigError, match=named):
         pretrain(compose_config(CONF, [*SMALL, "eval.enabled=false", *overrides]), run_dir=tmp_path)
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_the_hierarchical_image_backbone_is_composed_with_its_model_or_rejected_by_name(compose):
+    """experiment=hypermodal_jin puts model.* (JIN's encoder) in the image modality; every other combination names
+    the keys that would not be read."""
+    cfg = compose("experiment=hypermodal_jin")
+    assert cfg.hypermodal.image.backbone == cfg.model.name == "jin_tiny" and "mask" not in cfg
+    assert cfg.hypermodal.predictor == cfg.model.predictor  # the predictor is model.predictor
+    with pytest.raises(ConfigError, match=r"model\.\* is not read.*experiment=hypermodal_jin"):
+        build_hypermodal(compose(*SMALL, "model=jin_tiny"))
+    with pytest.raises(ConfigError, match=r"hypermodal\.image\.backbone=jin_tiny needs model=jin_tiny"):
+        build_hypermodal(compose(*SMALL, "hypermodal.image.backbone=jin_tiny"))
+    with pytest.raises(ConfigError, match=r"model\.predictor\.levels=2.*must be 1"):
+        build_hypermodal(compose("experiment=hypermodal_jin", "model.predictor.levels=2"))
+    with pytest.raises(ConfigError, match=r"mask\.\* is not read"):
+        build_hypermodal(compose("experiment=hypermodal_jin", "mask=multiblock"))
+
+
+def test_a_hypermodal_mask_that_leaves_no_context_fails_before_step_1(compose):
+    from prob_jepa.distributed import DistInfo
+    from prob_jepa.hypermodal.planner import HypermodalPlanner
+
+    model, cfg = small_model(compose, "hypermodal.mask.text.num_targets=20")
+    planner = HypermodalPlanner(cfg, model, DistInfo(0, 1, 0, torch.device("cpu")), micro=8, accum=1, total_steps=1)
+    with pytest.raises(ConfigError, match=r"hypermodal\.mask\.text: 20 target blocks .* leave no context"):
+        planner.check()
+
+
+def test_a_hypermodal_run_saved_before_recipes_and_the_heads_list_still_loads(compose, tmp_path):
+    """Its config.yaml has no recipe, hypermodal.image.backbone or hypermodal.predictor.drop_path_rate, and its
+    checkpoint holds the head at head.* (now heads.0.*)."""
+    from omegaconf import OmegaConf
+
+    from prob_jepa.checkpoint import save_checkpoint
+    from prob_jepa.run_io import load_run
+
+    model, cfg = small_model(compose)
+    old = OmegaConf.to_container(cfg, resolve=True)
+    del old["recipe"], old["hypermodal"]["image"]["backbone"], old["hypermodal"]["predictor"]["drop_path_rate"]
+    run = RunDir(tmp_path)
+    run.create()
+    OmegaConf.save(OmegaConf.create(old), run.config)
+    state = {k.replace("heads.0.", "head.", 1): v for k, v in model.state_dict().items()}
+    assert any(k.startswith("head.") for k in state)
+    save_checkpoint(run.checkpoint, {"model": state})
+    loaded, loaded_cfg = load_run(tmp_path, "cpu")
+    assert loaded_cfg.recipe == "hypermodal" and loaded_cfg.hypermodal.image.backbone is None
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_a_recipe_without_its_config_nodes_fails_naming_them(compose, tmp_path):
+    from prob_jepa.recipes import recipe_of
+
+    with pytest.raises(ConfigError, match=r"recipe=hypermodal reads hypermodal\.\*.*experiment=hypermodal_\*"):
+        recipe_of(compose("recipe=hypermodal"))
+    with pytest.raises(ConfigError, match=r"recipe=image reads model\.\*, mask\.\*"):
+        recipe_of(compose("experiment=hypermodal_shapes", "recipe=image"))
+    with pytest.raises(ConfigError, match=r"recipe='video'; valid: image, hypermodal"):
+        recipe_of(compose("recipe=video"))
+    with pytest.raises(ConfigError, match=r"recipe=hypermodal reads"):  # before config.yaml is written
+        pretrain(compose("recipe=hypermodal"), run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -1,5 +1,6 @@
-"""The contract of the one training step: every model preset (shrunk to CPU size) and the hypermodal recipe run the
-real step — planner, TrainingStep, the recipe's loss terms — and every trainable parameter receives a gradient."""
+"""The contract of the one training step: every model preset (shrunk to CPU size), alone and as the image encoder of
+a hypermodal model beside another modality, and the hypermodal recipes run the real step — planner, TrainingStep,
+the recipe's loss terms — and every trainable parameter receives a gradient."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +10,9 @@ from conftest import MODEL_PRESETS, shrunk_model
 from prob_jepa.distributed import DistInfo
 from prob_jepa.run_dir import RunDir
 from prob_jepa.data import build_datasets
+from prob_jepa.model import has_cross_scale
 from prob_jepa.train import Trainer
+from jin.encoders import HierarchicalImageEncoder
 
 HYPERMODAL = [
     "experiment=hypermodal_shapes", "data.train_size=32", "data.val_size=16", "hypermodal.dim=24",
@@ -17,7 +20,20 @@ HYPERMODAL = [
     "hypermodal.predictor.dim=24", "hypermodal.predictor.depth=1", "hypermodal.predictor.num_heads=2",
     "hypermodal.modality_dropout=0", "trainer.batch_size=8", "trainer.progress=false",
 ]
+
+
+def with_text(name: str) -> list[str]:
+    """Preset ``name`` (shrunk) as the hierarchical image encoder of a hypermodal model beside text
+    (``experiment=hypermodal_jin``): its coarsest level's mask units are the image's tokens."""
+    unread = ("mask.", "data.marker", "data.train_size", "data.val_size")  # the image world's keys
+    image = [o for o in shrunk_model(name) if not o.startswith(unread)]
+    flat = [o for o in HYPERMODAL if not o.startswith("hypermodal.predictor.")]  # the predictor is model.predictor
+    return [*flat, "experiment=hypermodal_jin", *image, "data.modalities=[image,text]",
+            "model.predictor.levels=1", "hypermodal.mask.image.num_targets=2", "hypermodal.mask.image.target_size=2"]
+
+
 CASES = {f"image-{name}": shrunk_model(name) for name in MODEL_PRESETS}
+CASES.update({f"image+text-{name}": with_text(name) for name in MODEL_PRESETS})
 CASES["hypermodal"] = HYPERMODAL
 CASES["hypermodal-m3"] = [*HYPERMODAL, "experiment=hypermodal_m3"]
 
@@ -37,7 +53,7 @@ def first_steps(cfg, tmp_path, steps: int) -> tuple[Trainer, dict[str, torch.Ten
 @pytest.mark.parametrize("case", list(CASES))
 def test_the_training_step_trains_every_parameter_of_every_configuration(case, compose, tmp_path):
     overrides = CASES[case]
-    if case == "hypermodal-m3":
+    if case == "hypermodal-m3" or case.startswith("image+text"):  # one experiment= per composition
         overrides = [o for o in overrides if o != "experiment=hypermodal_shapes"]
     cfg = compose(*overrides)
     torch.manual_seed(0)
@@ -48,4 +64,10 @@ def test_the_training_step_trains_every_parameter_of_every_configuration(case, c
     torch.testing.assert_close(terms["loss"], weighted)  # the loss is exactly the recipe's weighted terms
     missing = [n for n, p in trainer.model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, missing
+    if case.startswith("image+text"):  # JIN's hierarchy inside: its encoder, as model.* sets it, and its terms
+        image = trainer.model.context_encoder.encoder("image")
+        assert isinstance(image, HierarchicalImageEncoder) and image.backbone.levels == cfg.model.levels
+        expected = {"cross_scale": has_cross_scale(cfg.model), "budget": cfg.model.adaptive,
+                    "sigreg": cfg.model.sigreg_weight > 0}
+        assert {k: k in terms for k in expected} == expected
     assert all(torch.isfinite(p.grad).all() for p in trainer.model.parameters() if p.grad is not None)

@@ -12,10 +12,13 @@ from ..layers.stage import Stage
 
 
 class Tokens(NamedTuple):
-    """features ``[B, N, D]``; coords ``[B, N, 3]`` in the modality's own axes (positions in ``[0, 1]``)."""
+    """features ``[B, N, D]``; coords ``[B, N, 3]`` in the modality's own axes (positions in ``[0, 1]``); levels: a
+    hierarchical encoder's levels (:class:`~jin.encoder.Level`: features, coords, computed fraction α), which the
+    cross-scale, budget and SIGReg losses read (empty for a flat encoder)."""
 
     features: torch.Tensor
     coords: torch.Tensor
+    levels: tuple = ()
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -13,27 +13,29 @@ from ..model import JEPA
 from ..step import TrainingStep
 
 
-def micro_batch_flops(trainer, batch) -> int:
-    """FLOPs of one micro-batch's forward + backward through ``trainer.forward_micro`` (any trainer)."""
+def backward_flops(loss: Callable[[], torch.Tensor], model: torch.nn.Module) -> int:
+    """FLOPs of ``loss()`` and its backward (``torch.utils.flop_counter``; a multiply-add is 2); ``model``'s
+    gradients are cleared afterwards."""
     counter = FlopCounterMode(display=False)
     with counter:
-        trainer.forward_micro(batch, 0).loss.backward()
-    trainer.model.zero_grad(set_to_none=True)
+        loss().backward()
+    model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
+
+
+def micro_batch_flops(trainer, batch) -> int:
+    """FLOPs of one micro-batch's forward + backward through ``trainer.forward_micro`` (any recipe)."""
+    return backward_flops(lambda: trainer.forward_micro(batch, 0).loss, trainer.model)
 
 
 def step_flops(step: TrainingStep, images: torch.Tensor, masks: Masks) -> int:
-    """FLOPs of one training forward + backward of the image JEPA's ``step`` (``torch.utils.flop_counter``; a
-    multiply-add is 2)."""
-    counter = FlopCounterMode(display=False)
+    """FLOPs of one training forward + backward of the image JEPA's ``step``, in training mode."""
     model = step.model
     was_training = model.training
     model.train()
-    with counter:
-        step(images=images, context=masks.context, targets=masks.targets).loss.backward()
-    model.zero_grad(set_to_none=True)
+    flops = backward_flops(lambda: step(images=images, context=masks.context, targets=masks.targets).loss, model)
     model.train(was_training)
-    return counter.get_total_flops()
+    return flops
 
 
 def training_cost(records: Sequence[dict[str, Any]], batch_size: int) -> dict[str, float]:

@@ -71,8 +71,12 @@ def find_runs(paths: Sequence[str | Path]) -> list[RunDir]:
 
 
 def model_label(cfg: DictConfig) -> str:
-    """The model column of a table: the preset (``model.name``) of an image run, else the recipe's name."""
-    return cfg.model.name if cfg.recipe == "image" else cfg.recipe
+    """The model column of a table: the preset (``model.name``) of an image run; ``hypermodal`` (with a flat image
+    encoder) or ``hypermodal+<preset>`` (JIN's hierarchical image encoder, ``hypermodal.image.backbone``)."""
+    if cfg.recipe == "image":
+        return cfg.model.name
+    backbone = cfg.hypermodal.image.backbone
+    return cfg.recipe if backbone is None else f"{cfg.recipe}+{backbone}"
 
 
 def summary_row(run: RunDir) -> dict[str, Any]:

@@ -1,40 +1,53 @@
-"""Build the hypermodal JEPA from the config (``experiment=hypermodal_shapes``)."""
+"""Build the hypermodal JEPA from the config (``experiment=hypermodal_shapes``; ``experiment=hypermodal_jin`` for JIN's
+hierarchical image encoder)."""
 from __future__ import annotations
 
 from typing import Callable
 
 from omegaconf import DictConfig
 
-from jin.encoders import AudioEncoder, ImageEncoder, ModalityEncoder, PointEncoder, TextEncoder, VideoEncoder
+from jin.cross_scale import CrossScalePredictors
+from jin.encoders import (
+    AudioEncoder, HierarchicalImageEncoder, ImageEncoder, ModalityEncoder, PointEncoder, TextEncoder, VideoEncoder,
+)
 from jin.hypermodal import HypermodalEncoder
 
 from ..config import ConfigError
-from ..model import build_configured_head, check_experts, check_heads
+from ..model import build_configured_head, build_encoder, check_experts, check_heads, has_cross_scale, level_config
 from ..predictor import ModalityTokens, Predictor
+from ..regularizers import SIGReg
 from .model import HypermodalJEPA
 
 
-def _image(h: DictConfig, data: DictConfig, **block) -> ModalityEncoder:
-    return ImageEncoder(data.image_size, h.image.patch_size, **block)
+def _image(cfg: DictConfig, **block) -> ModalityEncoder:
+    h = cfg.hypermodal
+    if h.image.backbone is None:
+        return ImageEncoder(cfg.data.image_size, h.image.patch_size, **block)
+    encoder = build_encoder(cfg)  # model.* of the composed preset
+    read = set(range(encoder.levels)) if has_cross_scale(cfg.model) else None
+    return HierarchicalImageEncoder(encoder, block["dim"], read_levels=read)
 
 
-def _audio(h: DictConfig, data: DictConfig, **block) -> ModalityEncoder:
-    return AudioEncoder(data.n_mels, data.audio_frames, tuple(h.audio.patch), **block)
+def _audio(cfg: DictConfig, **block) -> ModalityEncoder:
+    return AudioEncoder(cfg.data.n_mels, cfg.data.audio_frames, tuple(cfg.hypermodal.audio.patch), **block)
 
 
-def _text(h: DictConfig, data: DictConfig, **block) -> ModalityEncoder:
+def _text(cfg: DictConfig, **block) -> ModalityEncoder:
     from ..data.multimodal import load_tokenizer
 
-    return TextEncoder(load_tokenizer().get_vocab_size(), data.text_length, causal=h.text.causal, **block)
+    return TextEncoder(load_tokenizer().get_vocab_size(), cfg.data.text_length, causal=cfg.hypermodal.text.causal,
+                       **block)
 
 
-def _video(h: DictConfig, data: DictConfig, **block) -> ModalityEncoder:
-    return VideoEncoder(data.video_frames, data.video_size, tuple(h.video.tubelet),
-                        temporal_levels=h.video.temporal_levels, **block)
+def _video(cfg: DictConfig, **block) -> ModalityEncoder:
+    v = cfg.hypermodal.video
+    return VideoEncoder(cfg.data.video_frames, cfg.data.video_size, tuple(v.tubelet), temporal_levels=v.temporal_levels,
+                        **block)
 
 
-def _points(h: DictConfig, data: DictConfig, **block) -> ModalityEncoder:
-    return PointEncoder(h.points.num_groups, h.points.group_size, **block)
+def _points(cfg: DictConfig, **block) -> ModalityEncoder:
+    p = cfg.hypermodal.points
+    return PointEncoder(p.num_groups, p.group_size, **block)
 
 
 ENCODERS: dict[str, Callable[..., ModalityEncoder]] = {
@@ -43,29 +56,60 @@ ENCODERS: dict[str, Callable[..., ModalityEncoder]] = {
 
 
 def build_modality_encoder(name: str, cfg: DictConfig) -> ModalityEncoder:
-    """The encoder of modality ``name`` as ``cfg.hypermodal`` and ``cfg.data`` size it."""
+    """The encoder of modality ``name`` as ``cfg.hypermodal`` and ``cfg.data`` size it (the image's hierarchical
+    encoder as ``cfg.model`` does, when ``hypermodal.image.backbone`` names it)."""
     if name not in ENCODERS:
         raise ValueError(f"unknown modality {name!r}; valid: {', '.join(ENCODERS)}")
     h = cfg.hypermodal
-    return ENCODERS[name](h, cfg.data, dim=h.dim, depth=h.encoder_depth, num_heads=h.num_heads, mlp_ratio=h.mlp_ratio)
+    return ENCODERS[name](cfg, dim=h.dim, depth=h.encoder_depth, num_heads=h.num_heads, mlp_ratio=h.mlp_ratio)
+
+
+def check_composition(cfg: DictConfig) -> None:
+    """``model.*`` is composed exactly when ``hypermodal.image.backbone`` names it, and ``mask.*`` never (each
+    modality's masks are ``hypermodal.mask.<modality>``), so a run's ``config.yaml`` claims only what it trained.
+
+    Raises:
+        ConfigError: naming the keys.
+    """
+    backbone = cfg.hypermodal.image.backbone
+    composed = [key for key in ("model", "mask") if key in cfg]
+    unread = [f"{key}.*" for key in composed if key == "mask" or backbone is None]
+    if unread:
+        raise ConfigError(
+            f"{' and '.join(unread)} {'is' if len(unread) == 1 else 'are'} not read by the hypermodal model: its "
+            f"masks are hypermodal.mask.<modality>, and its image encoder is "
+            + ("the flat patch encoder (hypermodal.image.patch_size, hypermodal.dim, hypermodal.encoder_depth); "
+               "experiment=hypermodal_jin puts JIN's hierarchical encoder (model=…) in its place"
+               if backbone is None else f"model={backbone}")
+            + "; leave the others out (a hypermodal run saved before they were dropped holds them in its config.yaml, "
+              "and was trained without the spatial bias: this version cannot rebuild it)"
+        )
+    if backbone is None:
+        return
+    if "image" not in cfg.hypermodal.modalities:
+        raise ConfigError(f"hypermodal.image.backbone={backbone} but hypermodal.modalities has no image")
+    if "model" not in composed or cfg.model.name != backbone:
+        found = cfg.model.name if "model" in composed else None
+        raise ConfigError(f"hypermodal.image.backbone={backbone} needs model={backbone} composed (it is {found}): "
+                          f"experiment=hypermodal_jin does both")
+    if cfg.hypermodal.image.patch_size != cfg.model.patch_size:
+        raise ConfigError(f"hypermodal.image.patch_size={cfg.hypermodal.image.patch_size} but the image encoder is "
+                          f"model={backbone} with model.patch_size={cfg.model.patch_size}: set model.patch_size")
+    lv = level_config(cfg.model)
+    if lv["predict_levels"] != [len(lv["dims"]) - 1]:
+        raise ConfigError(
+            f"model.predictor.levels={cfg.model.predictor.levels}: the hypermodal image modality's tokens are its "
+            f"coarsest level (one per mask unit), so model.predictor.levels must be 1"
+        )
 
 
 def build_hypermodal(cfg: DictConfig) -> HypermodalJEPA:
     """Encoders of ``cfg.hypermodal.modalities``, the shared blocks, predictor and ``cfg.predictor`` head.
 
     Raises:
-        ConfigError: an invalid ``hypermodal.*`` value, or ``model.*`` / ``mask.*`` in the config (the hypermodal
-            model does not read them, so a run's ``config.yaml`` must not claim them).
+        ConfigError: an invalid ``hypermodal.*`` value, or a composition :func:`check_composition` rejects.
     """
-    unread = [f"{key}.*" for key in ("model", "mask") if key in cfg]
-    if unread:
-        raise ConfigError(
-            f"{' and '.join(unread)} {'is' if len(unread) == 1 else 'are'} not read by the hypermodal model: its "
-            f"encoders are sized by hypermodal.* (the image's by hypermodal.image.patch_size, hypermodal.dim, "
-            f"hypermodal.encoder_depth) and its masks by hypermodal.mask.<modality>; leave model= and mask= out "
-            f"(a hypermodal run saved before they were dropped holds them in its config.yaml, and was trained without "
-            f"the spatial bias: this version cannot rebuild it)"
-        )
+    check_composition(cfg)
     h = cfg.hypermodal
     check_heads("hypermodal.dim", h.dim, "hypermodal.num_heads", h.num_heads)
     check_heads("hypermodal.predictor.dim", h.predictor.dim, "hypermodal.predictor.num_heads", h.predictor.num_heads)
@@ -84,8 +128,13 @@ def build_hypermodal(cfg: DictConfig) -> HypermodalJEPA:
     p = h.predictor
     predictor = Predictor(
         ModalityTokens(h.dim, p.dim), p.depth, p.num_heads, p.mlp_ratio,
-        spatial_bias=h.spatial_bias, bias_hidden=h.bias_hidden, bias_grid=h.bias_grid,
+        spatial_bias=h.spatial_bias, bias_hidden=h.bias_hidden, bias_grid=h.bias_grid, drop_path_rate=p.drop_path_rate,
         moe_experts=p.moe_experts, moe_top_k=p.moe_top_k, num_gates=h.m3.gates if h.m3.enabled else 1,
     )
     head = build_configured_head(cfg.predictor, dim=h.dim, cond_dim=p.dim)
-    return HypermodalJEPA(encoder, predictor, head, h.embed_dim, m3=h.m3.enabled)
+    cross = sigreg = None
+    if h.image.backbone is not None:  # JIN's hierarchy: its cross-scale predictors and SIGReg, as model.* sets them
+        m = cfg.model
+        cross = CrossScalePredictors(level_config(m)["dims"]) if has_cross_scale(m) else None
+        sigreg = SIGReg(m.sigreg_slices) if m.sigreg_weight > 0 else None
+    return HypermodalJEPA(encoder, predictor, head, h.embed_dim, m3=h.m3.enabled, cross_scale=cross, sigreg=sigreg)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from jin.cross_scale import CrossScalePredictors
 from jin.encoders import ModalityEncoder, Tokens, gather_tokens
 from jin.hypermodal import HypermodalEncoder
 from jin.layers import Stage
@@ -15,9 +16,17 @@ from jin.layers import Stage
 from ..ema import ContextTargetPair
 from ..heads import Head
 from ..predictor import Predictor, PredictorOutput
+from ..regularizers import SIGReg
 from ..step import Predicted, Predictions
 from .masks import ModalityMask
 from .objectives import Task
+
+
+def _legacy_head_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Checkpoints written before the model's head joined ``heads`` hold it at ``<prefix>head.*``; they load under
+    ``<prefix>heads.0.*``."""
+    for key in [k for k in state_dict if k.startswith(f"{prefix}head.")]:
+        state_dict[f"{prefix}heads.0.{key[len(prefix) + 5:]}"] = state_dict.pop(key)
 
 
 class HypermodalJEPA(ContextTargetPair):
@@ -27,10 +36,12 @@ class HypermodalJEPA(ContextTargetPair):
     (:func:`~prob_jepa.hypermodal.objectives.plan_tasks`) ``cond_τ`` and the layer-normed EMA target-encoder
     tokens at the masked positions, and, when the step aligns, ``z_m``: the projected mean of modality ``m``'s
     context tokens (masked views, as FLIP trains CLIP), standardized per modality by a batch norm before the
-    projection. The loss is the term list of :func:`~prob_jepa.hypermodal.objectives.hypermodal_terms`::
+    projection. With a hierarchical image encoder its levels and α ride along (``Predictions.levels``, ``alpha``).
+    The loss is the term list of :func:`~prob_jepa.hypermodal.objectives.hypermodal_terms`::
 
         Σ_kind w_kind · mean_{τ of kind} head.loss(cond_τ, sg[target_τ])
         + λ2 · mean_pairs energy_alignment(z_a, z_b) + w_nce · mean_pairs InfoNCE(z_a, z_b)
+        (+ the hierarchy's cross-scale, budget and SIGReg terms, + the experts' balance, when the model has them)
 
     and, for M3 tasks (:func:`~prob_jepa.hypermodal.objectives.m3_tasks`), M3-JEPA's
     ``(1 − α)·InfoNCE(pred, target) + α·head loss`` on each predicted modality, with the pooled prediction and
@@ -42,13 +53,18 @@ class HypermodalJEPA(ContextTargetPair):
             modality's ``D``-dim tokens (``heads[0]``).
         embed_dim: width of the alignment space.
         m3: the model trains M3 tasks (adds the projection of pooled predictions).
+        cross_scale, sigreg: JIN's cross-scale predictors (eq. 2-3) and SIGReg over the levels of a hierarchical
+            modality encoder (:class:`~jin.encoders.HierarchicalImageEncoder`), or ``None``.
     """
 
-    def __init__(self, encoder: HypermodalEncoder, predictor: Predictor, head: Head, embed_dim: int, m3: bool = False):
+    def __init__(self, encoder: HypermodalEncoder, predictor: Predictor, head: Head, embed_dim: int, m3: bool = False,
+                 cross_scale: CrossScalePredictors | None = None, sigreg: SIGReg | None = None):
         super().__init__()
         self.init_target(encoder)
         self.predictor = predictor
         self.heads = nn.ModuleList([head])
+        self.cross_scale, self.sigreg = cross_scale, sigreg
+        self.register_load_state_dict_pre_hook(_legacy_head_keys)
         # Pooled features of one modality share a large common part (positions, modality embedding) that
         # would drown the per-scene differences the alignment needs: standardize them per modality first.
         self.align_norm = nn.ModuleDict({m: nn.BatchNorm1d(encoder.dim, affine=False) for m in encoder.modalities})
@@ -136,4 +152,6 @@ class HypermodalJEPA(ContextTargetPair):
                 for task, cond in zip(tasks, conds)
             ]
         pooled = {m: self.align(m, c.features.mean(1)) for m, c in ctx.items()} if align and len(names) > 1 else {}
-        return Predictions(predicted, targets, pooled=pooled, balance=balance)
+        levels = next((c.levels for c in ctx.values() if c.levels), ())  # a hierarchical modality's, when present
+        return Predictions(predicted, targets, levels=[lv.features for lv in levels], alpha=[lv.alpha for lv in levels],
+                           pooled=pooled, balance=balance)

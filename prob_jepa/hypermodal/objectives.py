@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from ..config import ConfigError
+from ..model import hierarchy_terms
 from ..step import Measure, Predictions, Term, balance_term, jepa_term
 
 PHASES = ("single", "cross", "full")
@@ -183,16 +184,20 @@ def m3_contrastive_term(temperature: float) -> Measure:
 def hypermodal_terms(cfg: DictConfig, model: nn.Module) -> list[Term]:
     """The hypermodal JEPA's loss terms, in the order they are summed: the JEPA term of each task kind
     (``hypermodal.objectives.{within,cross,joint}``; with ``hypermodal.m3.enabled`` the M3 tasks' head loss at
-    ``α`` = ``hypermodal.m3.alpha`` and their contrastive term at ``1 − α``), the energy alignment (λ2 =
-    ``hypermodal.objectives.energy``, margin ``energy_margin``), InfoNCE (``infonce``, ``temperature``) and, with
-    experts, their balance (``hypermodal.predictor.moe_balance_weight``)."""
+    ``α`` = ``hypermodal.m3.alpha`` and their contrastive term at ``1 − α``), with a hierarchical image encoder
+    (``hypermodal.image.backbone``) the hierarchy's terms (:func:`~prob_jepa.model.hierarchy_terms`), the energy
+    alignment (λ2 = ``hypermodal.objectives.energy``, margin ``energy_margin``), InfoNCE (``infonce``,
+    ``temperature``) and, with experts, their balance (``hypermodal.predictor.moe_balance_weight``)."""
     h = cfg.hypermodal
     o = h.objectives
     terms = [Term(f"jepa/{kind}", o[kind], jepa_term(f"jepa/{kind}")) for kind in ("within", "cross", "joint")]
     if h.m3.enabled:
         terms += [Term("jepa/m3", h.m3.alpha, jepa_term("jepa/m3")),
                   Term("m3/contrastive", 1 - h.m3.alpha, m3_contrastive_term(o.temperature))]
-    terms += [Term("energy", o.energy, energy_term(o.energy_margin)), Term("infonce", o.infonce, infonce_term(o.temperature))]
+    if h.image.backbone is not None:
+        terms += hierarchy_terms(cfg, model)
+    terms += [Term("energy", o.energy, energy_term(o.energy_margin)),
+              Term("infonce", o.infonce, infonce_term(o.temperature))]
     if h.predictor.moe_experts:
         terms.append(Term("moe_balance", h.predictor.moe_balance_weight, balance_term))
     return terms

@@ -30,9 +30,10 @@ class HypermodalPlanner:
         self.micro, self.total_steps = micro, total_steps
 
     def check(self) -> None:
-        """Every step of the run can be computed: each modality has a mask, each curriculum phase has a loss, and
-        the micro-batch feeds the alignment's batch norm. (Masks need no draw ahead: each step's blocks come from the
-        tokens' coordinates, with sizes fixed by ``hypermodal.mask`` and no redraw that could give up.)
+        """Every step of the run can be computed: each modality has a mask that leaves a context, each curriculum
+        phase has a loss, and the micro-batch feeds the alignment's batch norm. (Masks need no draw ahead: each
+        step's blocks come from the tokens' coordinates, with sizes fixed by ``hypermodal.mask`` and no redraw that
+        could give up.)
 
         Raises:
             ConfigError: naming the ``hypermodal.*`` / ``trainer.*`` keys.
@@ -41,6 +42,13 @@ class HypermodalPlanner:
         missing = [m for m in h.modalities if m not in h.mask]
         if missing:
             raise ConfigError(f"hypermodal.mask has no entry for {missing}; it has {', '.join(h.mask)}")
+        for name in h.modalities:
+            spec, tokens = h.mask[name], self.model.context_encoder.encoder(name).num_tokens
+            if spec.num_targets * spec.target_size >= tokens:
+                raise ConfigError(
+                    f"hypermodal.mask.{name}: {spec.num_targets} target blocks (num_targets) of {spec.target_size} "
+                    f"tokens (target_size) leave no context among the modality's {tokens} tokens"
+                )
         if not h.m3.enabled:
             check_curriculum(h.curriculum, h.objectives)
         if self.micro < 2:
