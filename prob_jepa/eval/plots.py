@@ -39,12 +39,21 @@ def _grid(n: int, width: float = 4.0, height: float = 3.3, cols: int = 4):
 
 
 def training_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) -> Path:
-    """Loss, learning rate and collapse diagnostics against the step, one line per run."""
+    """Loss, learning rate and collapse diagnostics against the step, one line per run; the diagnostics one line
+    per modality where a run logs them by modality (``feature_std/<modality>``: modality dropout changes which
+    modalities a step has, so their mean jumps from step to step)."""
     keys = ("loss", "lr", "feature_std", "effective_rank")
     fig, axes = _grid(len(keys))
     for ax, key in zip(axes, keys):
         for name, records in runs.items():
-            ax.plot([r["step"] for r in records], [r[key] for r in records], lw=1.4, label=name)
+            parts = sorted({k.partition("/")[2] for r in records for k in r if k.startswith(f"{key}/")})
+            for part in parts or [None]:
+                series = [(r["step"], r[f"{key}/{part}" if part else key]) for r in records
+                          if (f"{key}/{part}" if part else key) in r]
+                label = " ".join(x for x in (name if len(runs) > 1 else None, part) if x)
+                ax.plot(*zip(*series), lw=1.4, label=label or name)
+            if parts and key == keys[-1]:  # one legend for the modalities, beside the last panel
+                ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         ax.set(xlabel="step", title=key)
     if len(runs) > 1:
         axes[0].legend(fontsize=7)
