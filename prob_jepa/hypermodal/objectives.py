@@ -1,7 +1,8 @@
 """Cross-modal objectives: energy-based alignment (JIN eq. 5-6), InfoNCE, and which predictions a step makes."""
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from functools import partial
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -142,22 +143,13 @@ def pairs_of(p: Predictions) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(a, b) for i, a in enumerate(z) for b in z[i + 1:]]
 
 
-def energy_term(margin: float) -> Measure:
-    """JIN eq. 6 over every pair of aligned modalities (mean); ``None`` on a step that does not align."""
+def aligned_pairs_term(pair_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Measure:
+    """``pair_loss(z_a, z_b)`` averaged over every pair of aligned modalities; ``None`` on a step that does not
+    align (energy: JIN eq. 6, ``partial(energy_alignment, margin=…)``; InfoNCE: ``partial(info_nce, temperature=…)``)."""
 
     def measure(model: nn.Module, p: Predictions) -> torch.Tensor | None:
         pairs = pairs_of(p)
-        return torch.stack([energy_alignment(a, b, margin) for a, b in pairs]).mean() if pairs else None
-
-    return measure
-
-
-def infonce_term(temperature: float) -> Measure:
-    """Symmetric InfoNCE over every pair of aligned modalities (mean); ``None`` on a step that does not align."""
-
-    def measure(model: nn.Module, p: Predictions) -> torch.Tensor | None:
-        pairs = pairs_of(p)
-        return torch.stack([info_nce(a, b, temperature) for a, b in pairs]).mean() if pairs else None
+        return torch.stack([pair_loss(a, b) for a, b in pairs]).mean() if pairs else None
 
     return measure
 
@@ -196,8 +188,8 @@ def hypermodal_terms(cfg: DictConfig, model: nn.Module) -> list[Term]:
                   Term("m3/contrastive", 1 - h.m3.alpha, m3_contrastive_term(o.temperature))]
     if h.image.backbone is not None:
         terms += hierarchy_terms(cfg, model)
-    terms += [Term("energy", o.energy, energy_term(o.energy_margin)),
-              Term("infonce", o.infonce, infonce_term(o.temperature))]
+    terms += [Term("energy", o.energy, aligned_pairs_term(partial(energy_alignment, margin=o.energy_margin))),
+              Term("infonce", o.infonce, aligned_pairs_term(partial(info_nce, temperature=o.temperature)))]
     if h.predictor.moe_experts:
         terms.append(Term("moe_balance", h.predictor.moe_balance_weight, balance_term))
     return terms
