@@ -11,7 +11,7 @@ from .layers.init import init_weights
 from .layers.coords import grid_coords, sincos_embed, unit_layout
 from .layers.spatial_bias import SpatialBias
 from .layers.stage import AdaptiveStage, Stage, drop_path_rates
-from .zoom import AdaptiveZoom
+from .zoom import AdaptiveZoom, NoZoom, NoZoomTokens, ZoomTokens
 
 
 class Level(NamedTuple):
@@ -39,6 +39,27 @@ class UnitMerge(nn.Module):
         s = int(round(T**0.5))
         x = self.proj(x).view(B, U, s // 2, 2, s // 2, 2, -1)
         return x.amax(dim=(3, 5)).reshape(B, U, T // 4, -1)
+
+
+def attend_within_units(stage: Stage, x: torch.Tensor, coords: torch.Tensor, extra: ZoomTokens | NoZoomTokens,
+                        window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, ZoomTokens | NoZoomTokens]:
+    """Mask-unit attention (Hiera): each of the ``U`` units of ``x [B, U, T, D]`` is an independent window whose
+    tokens sit at the same offsets ``window [1, T, 3]``; zoom tokens pass by. Returns (``[B, U, T, D]``, α ``[B]``,
+    the zoom tokens)."""
+    B, U, T, D = x.shape
+    seq, alpha = stage(x.reshape(B * U, T, D), window.expand(B * U, -1, -1))
+    return seq.reshape(B, U, T, D), alpha.view(B, U).mean(1), extra
+
+
+def attend_globally(stage: Stage, x: torch.Tensor, coords: torch.Tensor, extra: ZoomTokens | NoZoomTokens,
+                    window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, ZoomTokens | NoZoomTokens]:
+    """Every token of ``x [B, U, T, D]`` (at ``coords [B, U, T, 3]``) and the zoom tokens in one attention. Returns
+    (``[B, U, T, D]``, α ``[B]``, the zoom tokens after the stage)."""
+    B, U, T, D = x.shape
+    seq, seq_coords, valid = extra.join(x.reshape(B, U * T, D), coords.reshape(B, U * T, 3))
+    seq, alpha = stage(seq, seq_coords, valid=valid)
+    seq, extra = extra.split(seq)
+    return seq.reshape(B, U, T, D), alpha, extra
 
 
 class HierarchicalEncoder(nn.Module):
@@ -128,8 +149,9 @@ class HierarchicalEncoder(nn.Module):
         self.zoom = (
             AdaptiveZoom(dims[0], self.grid, self.unit_grid, patch_size, zoom_factors, zoom_tokens)
             if len(zoom_factors)
-            else None
+            else NoZoom()
         )
+        self.attention = [attend_within_units if level < global_from else attend_globally for level in range(self.levels)]
         self.apply(init_weights)
         for stage in self.stages:
             stage.init_router()
@@ -162,26 +184,13 @@ class HierarchicalEncoder(nn.Module):
         x = unit_layout(x, self.unit)  # [B, U_all, u², D0]
         if units is not None:
             x = x[torch.arange(B, device=x.device)[:, None], units]
-        extra = self.zoom(images, x, units, self.patch_embed.proj) if self.zoom is not None else None
-
+        extra = self.zoom(images, x, units, self.patch_embed.proj)
         levels = []
         for level, stage in enumerate(self.stages):
             coords = self.coords(level, units, B)
-            _, U, T, D = x.shape
-            if level < self.global_from:  # mask-unit attention: units are independent windows
-                window = getattr(self, f"coords_{level}")[:1].expand(B * U, -1, -1)  # same offsets in every unit
-                seq, alpha = stage(x.reshape(B * U, T, D), window)
-                alpha = alpha.view(B, U).mean(1)
-            elif extra is None:
-                seq, alpha = stage(x.reshape(B, U * T, D), coords.reshape(B, U * T, 3))
-            else:
-                seq, seq_coords, valid = extra.join(x.reshape(B, U * T, D), coords.reshape(B, U * T, 3))
-                seq, alpha = stage(seq, seq_coords, valid=valid)
-                seq, extra = extra.split(seq)
-            x = seq.reshape(B, U, T, D)
+            window = getattr(self, f"coords_{level}")[:1]  # [1, T, 3]: a unit's token offsets, the same in every unit
+            x, alpha, extra = self.attention[level](stage, x, coords, extra, window)
             levels.append(Level(self.norms[level](x), coords, alpha))
             if level + 1 < self.levels:
-                x = self.merges[level](x)
-                if extra is not None:
-                    extra = extra.project(self.merges[level].proj)
+                x, extra = self.merges[level](x), extra.project(self.merges[level].proj)
         return levels

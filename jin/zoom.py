@@ -38,6 +38,27 @@ class ZoomTokens:
         return ZoomTokens(linear(self.x), self.coords, self.visible)
 
 
+class NoZoomTokens:
+    """The extra tokens of an encoder without zoom views: none. Joins nothing (every key valid), splits off nothing."""
+
+    def join(self, seq: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        return seq, pos, None
+
+    def split(self, seq: torch.Tensor) -> tuple[torch.Tensor, "NoZoomTokens"]:
+        return seq, self
+
+    def project(self, linear: nn.Module) -> "NoZoomTokens":
+        return self
+
+
+class NoZoom(nn.Module):
+    """The zoom of an encoder without foveal views (``zoom_factors`` empty): :class:`NoZoomTokens`, no parameters."""
+
+    def forward(self, images: torch.Tensor, level0: torch.Tensor, units: torch.Tensor | None,
+                patch_proj: nn.Module) -> NoZoomTokens:
+        return NoZoomTokens()
+
+
 class AdaptiveZoom(nn.Module):
     """Predict a region of interest and add crops of it at several zoom factors.
 

@@ -8,6 +8,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from jin.zoom import AdaptiveZoom
+
 from ..masks import Masks
 from ..model import JEPA
 from ..step import TrainingStep
@@ -110,7 +112,7 @@ def level_report(model: JEPA, image_size: int, count_flops: bool = True) -> list
                 f"HierarchicalEncoder.merges.{l - 1}" if l else "HierarchicalEncoder.patch_embed")) / 1e9
             if count_flops else None,
         })
-    if enc.zoom is not None:
+    if isinstance(enc.zoom, AdaptiveZoom):
         rows.append({"part": "zoom", "tokens": "", "dim": enc.dims[0], "depth": "", "params": params(enc.zoom),
                      "gflops": module_flops("HierarchicalEncoder.zoom") / 1e9 if count_flops else None})
     rows.append({"part": "encoder total", "tokens": "", "dim": "", "depth": "", "params": params(enc),
