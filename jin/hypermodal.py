@@ -98,16 +98,16 @@ class HypermodalEncoder(nn.Module):
             raise KeyError(f"unknown modality {name!r}; modalities: {', '.join(self.modalities)}")
         return self.encoders[name]
 
-    def token_coords(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """``[B, N, 3]`` coordinates of every token of ``x`` (what masks are drawn from)."""
-        return self.encoder(name).token_coords(x)
+    def unit_coords(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``[B, U, 3]`` coordinates of the mask units of ``x`` (what masks are drawn from)."""
+        return self.encoder(name).unit_coords(x)
 
     def query(self, name: str, coords: torch.Tensor) -> torch.Tensor:
         """Position + modality embedding of tokens of ``name`` at ``coords [..., 3]`` → ``[..., D]``."""
         return self.encoder(name).position(coords) + self.modality_embed(name)
 
     def forward(self, name: str, x: torch.Tensor, keep: torch.Tensor | None = None) -> Tokens:
-        """Tokens ``[B, N or K, D]`` of modality ``name`` (only those at ``keep [B, K]`` when given)."""
+        """Tokens ``[B, N, D]`` of modality ``name`` (only those of the mask units ``keep [B, K]`` when given)."""
         tokens = self.encoder(name)(x, keep)
         features, _ = self.stage(tokens.features + self.modality_embed(name), tokens.coords)
         return Tokens(self.norm(features), tokens.coords, tokens.levels)

@@ -45,13 +45,15 @@ class RunDir:
     def load_config(self) -> DictConfig:
         """The saved config, with the keys added since it was saved at the values it was trained with: ``recipe``
         (``hypermodal`` for a config with a ``hypermodal`` node, else ``image``), ``hypermodal.image.backbone``
-        (null: the flat patch encoder) and ``hypermodal.predictor.drop_path_rate`` (0)."""
+        (null: the flat patch encoder), ``hypermodal.image.levels`` (null: the coarsest) and
+        ``hypermodal.predictor.drop_path_rate`` (0)."""
         cfg = OmegaConf.load(self.config)
         hypermodal = cfg.get("hypermodal")
         if "recipe" not in cfg:
             cfg.recipe = "image" if hypermodal is None else "hypermodal"
         if hypermodal is not None:
             hypermodal.image.setdefault("backbone", None)
+            hypermodal.image.setdefault("levels", None)
             hypermodal.predictor.setdefault("drop_path_rate", 0.0)
         return cfg
 

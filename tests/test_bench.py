@@ -18,7 +18,7 @@ def test_bench_measures_a_training_step(overrides):
     row = load_experiment("bench").measure(list(overrides), steps=2, warmup=1, compiled=False)
     assert row["step_ms"] > 0 and row["images_per_s"] > 0 and row["gflops_per_step"] > 0
     assert row["peak_memory_mb"] > 0 and 0 < row["mfu"] < 1
-    assert row["model"] == ("hypermodal" if "experiment=hypermodal_shapes" in overrides else "vit_tiny")
+    assert row["model"] == ("hypermodal" if "experiment=hypermodal_flat" in overrides else "vit_tiny")
 
 
 @pytest.mark.slow

@@ -43,7 +43,7 @@ EVAL_KNOBS = {
     "eval.energy_tokens_per_image": [1, 16],
 }
 HYPERMODAL = [
-    "experiment=hypermodal_shapes", "data.train_size=64", "data.val_size=32", "hypermodal.dim=24",
+    "experiment=hypermodal_flat", "data.train_size=64", "data.val_size=32", "hypermodal.dim=24",
     "hypermodal.depth=1", "hypermodal.num_heads=2", "hypermodal.embed_dim=16", "hypermodal.points.group_size=8",
     "hypermodal.predictor.dim=24", "hypermodal.predictor.depth=1", "hypermodal.predictor.num_heads=2",
     "trainer.batch_size=8", "trainer.log_every=1", "trainer.progress=false", "eval.batch_size=64",

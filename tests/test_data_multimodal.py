@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from conftest import load_experiment, paired_scene
+from jin.encoders import farthest_point_order
 from prob_jepa.data import build_datasets
 from prob_jepa.data.multimodal import (
     MODALITIES, TOKENIZER_PATH, MultimodalSpec, PairedShapes, load_tokenizer, log_mel, mel_filterbank,
@@ -105,6 +106,7 @@ def test_points_fill_the_shape_in_the_image(scenes, layout):
     col, row = (points[..., :2] * image.shape[-1]).long().clamp(0, image.shape[-1] - 1).unbind(-1)
     on_shape = shape[torch.arange(len(points))[:, None], row, col].float().mean(1)
     assert on_shape.mean() > 0.93 and on_shape.min() > 0.8  # the rest fall on pixels cut by the outline
+    assert torch.equal(farthest_point_order(points), points)  # stored in farthest-point order: the encoder's centres
 
 
 def test_audio_tones_encode_class_position_and_hue(scenes):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import CONF, paired_scene
+from jin.encoders import HierarchicalImageEncoder
 from prob_jepa.config import ConfigError, compose_config
 from prob_jepa.data.multimodal import MultimodalSpec, PairedShapes
 from prob_jepa.hypermodal import (
@@ -21,7 +22,7 @@ from prob_jepa.train import pretrain
 
 MODALITIES = ["image", "audio", "text", "video", "points"]
 SMALL = [
-    "experiment=hypermodal_shapes",
+    "experiment=hypermodal_flat",
     "data.train_size=128",
     "data.val_size=64",
     "hypermodal.dim=24",
@@ -56,7 +57,7 @@ def masks_for(model, inputs, cfg, seed: int = 0):
     for m, x in inputs.items():
         spec = cfg.hypermodal.mask[m]
         weights = model.context_encoder.encoder(m).mask_weights
-        out[m] = coordinate_block_masks(model.token_coords(m, x), weights, spec.num_targets, spec.target_size, g)
+        out[m] = coordinate_block_masks(model.unit_coords(m, x), weights, spec.num_targets, spec.target_size, g)
     return out
 
 
@@ -106,7 +107,7 @@ def test_add_modality_at_run_time_leaves_every_existing_output_bit_for_bit(compo
 
 def test_the_config_holds_only_what_the_hypermodal_model_reads(compose):
     """config.yaml describes what was trained: no image-model or image-mask keys, and passing them is an error."""
-    cfg = compose("experiment=hypermodal_shapes")
+    cfg = compose("experiment=hypermodal_flat")
     assert "model" not in cfg and "mask" not in cfg
     with pytest.raises(ConfigError, match=r"model\.\* is not read by the hypermodal model.*hypermodal\.image"):
         build_hypermodal(compose(*SMALL, "model=vit_tiny"))
@@ -274,19 +275,23 @@ def test_hypermodal_settings_that_fail_late_fail_before_step_1(overrides, named,
 
 
 def test_the_hierarchical_image_backbone_is_composed_with_its_model_or_rejected_by_name(compose):
-    """experiment=hypermodal_jin puts model.* (JIN's encoder) in the image modality; every other combination names
-    the keys that would not be read."""
-    cfg = compose("experiment=hypermodal_jin")
+    """experiment=hypermodal_shapes puts model.* (JIN's encoder, with its spatial bias) in the image modality;
+    every other combination names the keys that would not be read."""
+    cfg = compose("model=jin_tiny", "experiment=hypermodal_shapes")
     assert cfg.hypermodal.image.backbone == cfg.model.name == "jin_tiny" and "mask" not in cfg
     assert cfg.hypermodal.predictor == cfg.model.predictor  # the predictor is model.predictor
-    with pytest.raises(ConfigError, match=r"model\.\* is not read.*experiment=hypermodal_jin"):
+    image = build_hypermodal(cfg).context_encoder.encoder("image")
+    assert isinstance(image, HierarchicalImageEncoder) and image.backbone.levels == 2
+    assert all(stage.spatial_bias is not None for stage in image.backbone.stages)  # JIN eq. 7-8 at every level
+    assert compose("experiment=hypermodal_shapes") == cfg  # jin_tiny is the default
+    with pytest.raises(ConfigError, match=r"model\.\* is not read.*experiment=hypermodal_shapes"):
         build_hypermodal(compose(*SMALL, "model=jin_tiny"))
     with pytest.raises(ConfigError, match=r"hypermodal\.image\.backbone=jin_tiny needs model=jin_tiny"):
         build_hypermodal(compose(*SMALL, "hypermodal.image.backbone=jin_tiny"))
     with pytest.raises(ConfigError, match=r"model\.predictor\.levels=2.*must be 1"):
-        build_hypermodal(compose("experiment=hypermodal_jin", "model.predictor.levels=2"))
+        build_hypermodal(compose("experiment=hypermodal_shapes", "model.predictor.levels=2"))
     with pytest.raises(ConfigError, match=r"mask\.\* is not read"):
-        build_hypermodal(compose("experiment=hypermodal_jin", "mask=multiblock"))
+        build_hypermodal(compose("experiment=hypermodal_shapes", "mask=multiblock"))
 
 
 def test_a_hypermodal_mask_that_leaves_no_context_fails_before_step_1(compose):
@@ -300,7 +305,7 @@ def test_a_hypermodal_mask_that_leaves_no_context_fails_before_step_1(compose):
 
 
 def test_a_hypermodal_run_saved_before_recipes_and_the_heads_list_still_loads(compose, tmp_path):
-    """Its config.yaml has no recipe, hypermodal.image.backbone or hypermodal.predictor.drop_path_rate, and its
+    """Its config.yaml has no recipe, hypermodal.image.backbone, .image.levels or .predictor.drop_path_rate, and its
     checkpoint holds the head at head.* (now heads.0.*)."""
     from omegaconf import OmegaConf
 
@@ -309,7 +314,8 @@ def test_a_hypermodal_run_saved_before_recipes_and_the_heads_list_still_loads(co
 
     model, cfg = small_model(compose)
     old = OmegaConf.to_container(cfg, resolve=True)
-    del old["recipe"], old["hypermodal"]["image"]["backbone"], old["hypermodal"]["predictor"]["drop_path_rate"]
+    del old["recipe"], old["hypermodal"]["image"]["backbone"], old["hypermodal"]["image"]["levels"]
+    del old["hypermodal"]["predictor"]["drop_path_rate"]
     run = RunDir(tmp_path)
     run.create()
     OmegaConf.save(OmegaConf.create(old), run.config)
@@ -318,6 +324,7 @@ def test_a_hypermodal_run_saved_before_recipes_and_the_heads_list_still_loads(co
     save_checkpoint(run.checkpoint, {"model": state})
     loaded, loaded_cfg = load_run(tmp_path, "cpu")
     assert loaded_cfg.recipe == "hypermodal" and loaded_cfg.hypermodal.image.backbone is None
+    assert loaded_cfg.hypermodal.image.levels is None
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
 
 
@@ -327,7 +334,7 @@ def test_a_recipe_without_its_config_nodes_fails_naming_them(compose, tmp_path):
     with pytest.raises(ConfigError, match=r"recipe=hypermodal reads hypermodal\.\*.*experiment=hypermodal_\*"):
         recipe_of(compose("recipe=hypermodal"))
     with pytest.raises(ConfigError, match=r"recipe=image reads model\.\*, mask\.\*"):
-        recipe_of(compose("experiment=hypermodal_shapes", "recipe=image"))
+        recipe_of(compose("experiment=hypermodal_flat", "recipe=image"))
     with pytest.raises(ConfigError, match=r"recipe='video'; valid: image, hypermodal"):
         recipe_of(compose("recipe=video"))
     with pytest.raises(ConfigError, match=r"recipe=hypermodal reads"):  # before config.yaml is written

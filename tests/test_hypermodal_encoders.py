@@ -4,7 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from jin.encoders import AudioEncoder, ImageEncoder, PointEncoder, TextEncoder, VideoEncoder, farthest_point_sample
+from jin.encoder import HierarchicalEncoder
+from jin.encoders import (
+    AudioEncoder, HierarchicalImageEncoder, ImageEncoder, PointEncoder, TextEncoder, VideoEncoder,
+    farthest_point_order, farthest_point_sample, gather_tokens,
+)
 from jin.hypermodal import HypermodalEncoder
 from prob_jepa.hypermodal import coordinate_block_masks
 
@@ -98,6 +102,22 @@ def test_farthest_point_sampling_spreads_the_centres():
     assert (spread(centres) > spread(random)).all()
 
 
+def test_a_cloud_is_ordered_once_and_the_encoder_reads_its_centres_from_the_order():
+    g = torch.Generator().manual_seed(1)
+    raw = torch.rand(3, 64, 3, generator=g)
+    ordered = farthest_point_order(raw)
+    gather = lambda x, i: x.gather(1, i[..., None].expand(-1, -1, 3))  # noqa: E731
+    for k in (1, 8, 20, 64):  # every prefix is the k farthest-point samples of the raw cloud
+        assert torch.equal(ordered[:, :k], gather(raw, farthest_point_sample(raw, k)))
+    assert torch.equal(farthest_point_order(ordered), ordered)
+    encoder = PointEncoder(8, 6, D, num_heads=2).eval()
+    tokens = encoder(ordered)
+    assert torch.equal(tokens.coords, gather(raw, farthest_point_sample(raw, 8)))
+    rest = 8 + torch.randperm(56, generator=g)  # the points after the centres in any order: the same patches
+    shuffled = torch.cat([ordered[:, :8], ordered[:, rest]], 1)
+    torch.testing.assert_close(encoder(shuffled).features, tokens.features, rtol=0, atol=1e-6)
+
+
 def test_encoder_input_errors_are_clear():
     with pytest.raises(ValueError, match="must divide"):
         AudioEncoder(10, 16, (4, 4), D)
@@ -171,3 +191,45 @@ def test_video_temporal_levels_cover_the_clip_at_each_resolution():
     assert (xy == xy[0]).all()  # one place, through every frame and every level
     with pytest.raises(ValueError, match="temporal level"):
         VideoEncoder(4, 16, (2, 8), D, temporal_levels=3)
+
+
+def hierarchical_image(levels=None) -> HierarchicalImageEncoder:
+    torch.manual_seed(0)  # 16 px, patch 2: an 8×8 level-0 grid, 4×4 mask units of 2×2 level-0 tokens
+    return HierarchicalImageEncoder(HierarchicalEncoder(16, 2, [12, 24], [1, 1], [2, 2], spatial_bias=True), D,
+                                    levels=levels).eval()
+
+
+def test_the_hierarchical_image_puts_the_chosen_levels_in_the_space_and_masks_whole_units():
+    enc, x = hierarchical_image([0, 1]), inputs()["image"]
+    assert (enc.num_units, enc.num_tokens) == (16, 16 * 5)
+    full = enc(x)
+    assert full.features.shape == (B, 80, D) and torch.equal(full.coords, enc.token_coords(x))
+    assert full.coords[0, :64, 2].unique().numel() == 1 and full.coords[0, 64:, 2].unique().numel() == 1
+    assert full.coords[0, 0, 2] < full.coords[0, 64, 2]  # the scale coordinate tells the levels apart
+    units = torch.tensor([[0, 5, 15], [3, 6, 9], [1, 2, 14]])
+    tokens = enc.unit_tokens(units)  # [B, 3 · 5]
+    context = enc(x, units)
+    assert torch.equal(context.coords, gather_tokens(full.coords, tokens))  # the kept units' tokens, in that order
+    cell = (gather_tokens(full.coords, tokens)[..., :2] * 4).floor().long()  # the unit each token lies in
+    unit_of = cell[..., 1] * 4 + cell[..., 0]
+    assert torch.equal(unit_of, torch.cat([units.repeat_interleave(4, 1), units], 1))  # level 0's four, then level 1
+    assert torch.equal(gather_tokens(full.coords, units + 64), enc.unit_coords(x).gather(
+        1, units[..., None].expand(-1, -1, 3)))  # a unit's coarsest token sits at its centre
+
+
+def test_the_hierarchical_image_defaults_to_its_coarsest_level_and_loads_checkpoints_from_before_levels():
+    enc, x = hierarchical_image(), inputs()["image"]
+    assert enc.levels == [1] and enc.num_tokens == enc.num_units == 16
+    assert torch.equal(enc.unit_tokens(torch.tensor([[3, 1]])), torch.tensor([[3, 1]]))
+    before = {k.replace("proj.0.", "proj.", 1): v for k, v in enc.state_dict().items()}  # its keys then
+    assert "proj.weight" in before
+    other = hierarchical_image()
+    torch.nn.init.zeros_(other.proj[0].weight)
+    other.load_state_dict(before)
+    assert torch.equal(other(x).features, enc(x).features)
+    frozen = [n for n, p in enc.named_parameters() if not p.requires_grad]
+    assert frozen == ["backbone.norms.0.weight", "backbone.norms.0.bias"]  # no loss reads level 0's norm
+    with pytest.raises(ValueError, match=r"levels \[2\]: distinct levels of the encoder's 2"):
+        hierarchical_image([2])
+    with pytest.raises(ValueError, match=r"levels \[1, 1\]"):
+        hierarchical_image([1, 1])

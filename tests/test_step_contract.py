@@ -15,7 +15,7 @@ from prob_jepa.train import Trainer
 from jin.encoders import HierarchicalImageEncoder
 
 HYPERMODAL = [
-    "experiment=hypermodal_shapes", "data.train_size=32", "data.val_size=16", "hypermodal.dim=24",
+    "experiment=hypermodal_flat", "data.train_size=32", "data.val_size=16", "hypermodal.dim=24",
     "hypermodal.depth=1", "hypermodal.num_heads=2", "hypermodal.embed_dim=16", "hypermodal.points.group_size=8",
     "hypermodal.predictor.dim=24", "hypermodal.predictor.depth=1", "hypermodal.predictor.num_heads=2",
     "hypermodal.modality_dropout=0", "trainer.batch_size=8", "trainer.progress=false",
@@ -24,16 +24,17 @@ HYPERMODAL = [
 
 def with_text(name: str) -> list[str]:
     """Preset ``name`` (shrunk) as the hierarchical image encoder of a hypermodal model beside text
-    (``experiment=hypermodal_jin``): its coarsest level's mask units are the image's tokens."""
+    (``experiment=hypermodal_shapes``): its coarsest level's mask units are the image's tokens."""
     unread = ("mask.", "data.marker", "data.train_size", "data.val_size")  # the image world's keys
     image = [o for o in shrunk_model(name) if not o.startswith(unread)]
     flat = [o for o in HYPERMODAL if not o.startswith("hypermodal.predictor.")]  # the predictor is model.predictor
-    return [*flat, "experiment=hypermodal_jin", *image, "data.modalities=[image,text]",
+    return [*flat, "experiment=hypermodal_shapes", *image, "data.modalities=[image,text]",
             "model.predictor.levels=1", "hypermodal.mask.image.num_targets=2", "hypermodal.mask.image.target_size=2"]
 
 
 CASES = {f"image-{name}": shrunk_model(name) for name in MODEL_PRESETS}
 CASES.update({f"image+text-{name}": with_text(name) for name in MODEL_PRESETS})
+CASES["image+text-jin_tiny-every-level"] = [*with_text("jin_tiny"), "hypermodal.image.levels=[0,1]"]
 CASES["hypermodal"] = HYPERMODAL
 CASES["hypermodal-m3"] = [*HYPERMODAL, "experiment=hypermodal_m3"]
 
@@ -54,7 +55,7 @@ def first_steps(cfg, tmp_path, steps: int) -> tuple[Trainer, dict[str, torch.Ten
 def test_the_training_step_trains_every_parameter_of_every_configuration(case, compose, tmp_path):
     overrides = CASES[case]
     if case == "hypermodal-m3" or case.startswith("image+text"):  # one experiment= per composition
-        overrides = [o for o in overrides if o != "experiment=hypermodal_shapes"]
+        overrides = [o for o in overrides if o != "experiment=hypermodal_flat"]
     cfg = compose(*overrides)
     torch.manual_seed(0)
     steps = 2 if case == "hypermodal-m3" else 1  # M3's two gates route alternate steps

@@ -36,7 +36,9 @@ class ModalityEncoder(nn.Module):
     mask) and runs the blocks on them. The learned modality embedding is added by the
     :class:`~jin.hypermodal.HypermodalEncoder` that owns the modality table.
 
-    ``mask_weights`` tells a block-mask sampler how to measure distance between tokens
+    Masks are drawn over *mask units* (:meth:`unit_coords`; ``keep`` of :meth:`forward` lists units): here every
+    token is a unit; :class:`~jin.encoders.HierarchicalImageEncoder` groups a unit's tokens of several levels
+    (:meth:`unit_tokens`). ``mask_weights`` tells a block-mask sampler how to measure distance between units
     (weighted L∞ over the three axes; 0 ignores an axis): ``(1, 1, 0)`` on video makes
     tubes through time (V-JEPA), ``(1, 0, 0)`` on text makes spans.
 
@@ -61,6 +63,19 @@ class ModalityEncoder(nn.Module):
     def token_coords(self, x: torch.Tensor) -> torch.Tensor:
         """Coordinates of every token of ``x``: ``[B, N, 3]`` (no parameters; masks are drawn from them)."""
         raise NotImplementedError
+
+    @property
+    def num_units(self) -> int:
+        """Mask units of one input: its tokens, unless a subclass groups tokens into units."""
+        return self.num_tokens
+
+    def unit_coords(self, x: torch.Tensor) -> torch.Tensor:
+        """Coordinates ``[B, U, 3]`` of the mask units of ``x``, which masks are drawn from (here: every token's)."""
+        return self.token_coords(x)
+
+    def unit_tokens(self, units: torch.Tensor) -> torch.Tensor:
+        """Indices of the tokens of mask units ``units [..., K]`` among all tokens (here: the units themselves)."""
+        return units
 
     def embed(self, x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         """Content embedding of every token ``[B, N, D]``, in the order of ``coords = token_coords(x)``."""

@@ -1,6 +1,8 @@
 """An image through JIN's hierarchical encoder, as one modality of the hypermodal space."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 
@@ -9,47 +11,91 @@ from ..layers.init import init_weights
 from .base import ModalityEncoder, Tokens
 
 
+def _legacy_projection_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Checkpoints written when the coarsest level was the only one in the shared space hold its projection at
+    ``<prefix>proj.*``; it loads as ``<prefix>proj.0.*`` (the first of ``levels``, the coarsest)."""
+    for key in [k for k in state_dict if k.startswith(f"{prefix}proj.") and k[len(prefix) + 5:][:1].isalpha()]:
+        state_dict[f"{prefix}proj.0.{key[len(prefix) + 5:]}"] = state_dict.pop(key)
+
+
 class HierarchicalImageEncoder(ModalityEncoder):
-    """``[B, C, H, W]`` → JIN's levels (eq. 1) → the coarsest level's tokens, one per mask unit, row-major.
+    """``[B, C, H, W]`` → JIN's levels (eq. 1) → the tokens of ``levels``, grouped by mask unit.
 
     The :class:`~jin.HierarchicalEncoder` runs as it does in the image JEPA — mask-unit attention below
     ``global_from``, 2×2 merges inside each unit, the spatial bias, adaptive computation and zoom as configured — on
-    the units a mask keeps. Its coarsest level, projected to the shared width ``dim`` and given the sin-cos position of
-    its coordinates ``(x, y, scale)``, is this modality's tokens; every level rides along in ``Tokens.levels`` for
-    the cross-scale, budget and SIGReg losses. Masks are drawn over mask units (the coarsest level's tokens).
+    the mask units a mask keeps. Each chosen level, projected to the shared width ``dim`` and given the sin-cos
+    position of its coordinates ``(x, y, scale)`` (the scale tells the levels apart), joins the shared space:
+    the coarsest level has one token per mask unit, level ``l`` below it ``4^(L−1−l)``. Every level rides along in
+    ``Tokens.levels`` for the cross-scale, budget and SIGReg losses.
+
+    Masks are drawn over mask units (:meth:`unit_coords`), and a unit's tokens are hidden or kept together
+    (:meth:`unit_tokens`), as the backbone's merges need. Tokens are ordered level by level (as ``levels`` lists
+    them), and by unit, then row-major inside the unit, within a level.
 
     Args:
         encoder: the hierarchical encoder (``model.*``).
         dim: the shared width ``D`` (divisible by 6).
-        read_levels: the levels some loss reads; the output norms of the others are frozen (no loss would train
-            them). Default: the coarsest only.
+        levels: the levels whose tokens join the shared space (0 = finest); default: the coarsest only.
+        read_levels: the levels some other loss reads; the output norms of the levels neither in ``levels`` nor in
+            ``read_levels`` are frozen (no loss would train them).
+
+    Raises:
+        ValueError: a level the encoder does not have, or a repeated one.
     """
 
     mask_weights = (1.0, 1.0, 0.0)
 
-    def __init__(self, encoder: HierarchicalEncoder, dim: int, read_levels: set[int] | None = None):
+    def __init__(self, encoder: HierarchicalEncoder, dim: int, levels: Sequence[int] | None = None,
+                 read_levels: set[int] | None = None):
         nn.Module.__init__(self)  # the backbone's blocks are this modality's own: no extra stage
         self.dim, self.max_freq, self.causal = dim, encoder.unit_grid / 2, False
-        self.backbone = encoder
-        self.proj = nn.Linear(encoder.dims[-1], dim)
-        self.proj.apply(init_weights)
         top = encoder.levels - 1
+        levels = [top] if levels is None else [int(level) for level in levels]
+        if not levels or len(set(levels)) != len(levels) or not all(0 <= level <= top for level in levels):
+            raise ValueError(f"levels {levels}: distinct levels of the encoder's {encoder.levels} (0 … {top})")
+        self.backbone, self.levels = encoder, levels
+        self.proj = nn.ModuleList(nn.Linear(encoder.dims[level], dim) for level in levels)
+        self.proj.apply(init_weights)
+        self.register_load_state_dict_pre_hook(_legacy_projection_keys)
         for level in range(encoder.levels):
-            if level not in (read_levels or {top}) | {top}:
+            if level not in set(levels) | (read_levels or set()):
                 encoder.norms[level].requires_grad_(False)
-        self.register_buffer("unit_coords", encoder.coords(top)[0, :, 0], persistent=False)  # [U, 3]
+        self.per_unit = [4 ** (top - level) for level in levels]  # tokens of each chosen level in one unit
+        self.register_buffer("unit_centres", encoder.coords(top)[0, :, 0], persistent=False)  # [U, 3]
+        all_coords = [encoder.coords(level)[0].flatten(0, 1) for level in levels]  # [U·t_l, 3] each
+        self.register_buffer("all_coords", torch.cat(all_coords), persistent=False)
+
+    @property
+    def num_units(self) -> int:
+        return self.backbone.num_units
 
     @property
     def num_tokens(self) -> int:
-        return self.backbone.num_units
+        return self.num_units * sum(self.per_unit)
+
+    def unit_coords(self, x: torch.Tensor) -> torch.Tensor:
+        return self.unit_centres.expand(x.shape[0], -1, -1)
 
     def token_coords(self, x: torch.Tensor) -> torch.Tensor:
-        return self.unit_coords.expand(x.shape[0], -1, -1)
+        return self.all_coords.expand(x.shape[0], -1, -1)
+
+    def unit_tokens(self, units: torch.Tensor) -> torch.Tensor:
+        """Indices ``[..., K·Σ t_l]`` of the tokens of mask units ``units [..., K]`` among all ``num_tokens``."""
+        parts, offset = [], 0
+        for t in self.per_unit:
+            inside = torch.arange(t, device=units.device)
+            parts.append((offset + units[..., None] * t + inside).flatten(-2))
+            offset += self.num_units * t
+        return torch.cat(parts, -1)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> Tokens:
-        """Tokens of the mask units at ``keep [B, K]`` (all when ``None``): ``[B, K, D]``, coords ``[B, K, 3]``."""
+        """Tokens of the mask units at ``keep [B, K]`` (all when ``None``): ``[B, K·Σ t_l, D]``, coords
+        ``[B, K·Σ t_l, 3]``, in the order of :meth:`unit_tokens`."""
         levels = self.backbone(x, keep)
-        top = levels[-1]
-        coords = top.coords.flatten(1, 2)
-        features = self.proj(top.features.flatten(1, 2)) + self.position(coords).to(top.features.dtype)
-        return Tokens(features, coords, tuple(levels))
+        features, coords = [], []
+        for proj, level in zip(self.proj, self.levels):
+            chosen = levels[level]
+            c = chosen.coords.flatten(1, 2)
+            features.append(proj(chosen.features.flatten(1, 2)) + self.position(c).to(chosen.features.dtype))
+            coords.append(c)
+        return Tokens(torch.cat(features, 1), torch.cat(coords, 1), tuple(levels))

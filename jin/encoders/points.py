@@ -25,10 +25,23 @@ def farthest_point_sample(points: torch.Tensor, k: int) -> torch.Tensor:
     return index
 
 
-class PointEncoder(ModalityEncoder):
-    """Points ``[B, P, 3]`` in ``[0, 1]³`` → ``num_groups`` patch tokens.
+def farthest_point_order(points: torch.Tensor) -> torch.Tensor:
+    """``points [B, P, 3]`` reordered so that every prefix of ``k`` points is the ``k`` farthest-point samples
+    (:func:`farthest_point_sample` from point 0, which is greedy, so one ordering serves every ``k``).
 
-    Patch centres are farthest-point samples; each patch is its centre's
+    A cloud is ordered once, where it is made (:class:`~prob_jepa.data.multimodal.PairedShapes` stores its clouds
+    so); :class:`PointEncoder` then reads its patch centres as the first ``num_groups`` points, in every forward.
+    """
+    index = farthest_point_sample(points.float(), points.shape[1])
+    return points.gather(1, index[..., None].expand(-1, -1, points.shape[-1]))
+
+
+class PointEncoder(ModalityEncoder):
+    """Points ``[B, P, 3]`` in ``[0, 1]³``, in farthest-point order (:func:`farthest_point_order`) → ``num_groups``
+    patch tokens.
+
+    Patch centres are the first ``num_groups`` points — the farthest-point samples of a cloud in that order, so the
+    sampling runs once per cloud where the data is made, not in every forward; each patch is its centre's
     ``group_size`` nearest points, relative to the centre, embedded by a shared
     point-wise MLP and max-pooled (a mini-PointNet). Tokens are ordered by sampling
     order, so a mask is drawn from the coordinates, not from the order.
@@ -55,8 +68,7 @@ class PointEncoder(ModalityEncoder):
         if x.shape[1] < max(self.num_groups, self.group_size):
             need = max(self.num_groups, self.group_size)
             raise ValueError(f"{x.shape[1]} points; this encoder needs at least {need}")
-        index = farthest_point_sample(x.detach().float(), self.num_groups)
-        return x.gather(1, index[..., None].expand(-1, -1, 3))
+        return x[:, : self.num_groups]
 
     def groups(self, x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
         """Each patch's points relative to its centre ``[B, G, group_size, 3]``."""

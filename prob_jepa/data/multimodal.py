@@ -22,7 +22,7 @@ How the factors show in each modality:
 - text: "a large red star in the top left" — size, colour name, class and a
   3×3 position grid, with a few templates and synonyms.
 - points: uniform samples of the object (:func:`shapes.object_mask`) extruded to a slab of half-height
-  ``radius`` around z = 0.5.
+  ``radius`` around z = 0.5, stored in farthest-point order (the sampling runs once per cloud, here).
 
 Positions and sizes are described *relative to their range*: ``cx`` lies in
 ``[EXTENT·radius, 1 − EXTENT·radius]`` (the shape fits), and "left", an early
@@ -39,6 +39,8 @@ from typing import Sequence
 import torch
 from tokenizers import Tokenizer
 from torch.utils.data import Dataset
+
+from jin.encoders import farthest_point_order
 
 from .shapes import CLASSES, EXTENT, Scene, class_names, draw_scenes, normalize, object_mask, paint, to_uint8
 
@@ -310,8 +312,9 @@ class PairedShapes(Dataset):
     the image is :func:`shapes.paint`'s, so one generator renders the world for every modality.
     Per item: ``image [3, S, S]`` and ``video [T, 3, V, V]`` normalized float (shapes.normalize),
     ``audio [n_mels, frames]`` log-mel float, ``text [text_length]`` int64 token ids,
-    ``points [P, 3]`` float in [0, 1]³. ``factors`` holds the latent factors (``[size]`` each, colours
-    ``[size, 3]``), ``captions`` the caption strings.
+    ``points [P, 3]`` float in [0, 1]³ in farthest-point order (:func:`~jin.encoders.farthest_point_order`: the
+    first k are the k farthest-point samples, the point encoder's patch centres). ``factors`` holds the latent
+    factors (``[size]`` each, colours ``[size, 3]``), ``captions`` the caption strings.
 
     Raises:
         ValueError: an unknown modality.
@@ -343,7 +346,7 @@ class PairedShapes(Dataset):
                 wave = synthesize_audio(f, spec, g, scene.radius)
                 parts.append(log_mel(wave, spec.sample_rate, spec.n_fft, spec.hop, spec.n_mels))
             else:  # points
-                parts.append(sample_points(f, spec.num_points, scene, g))
+                parts.append(farthest_point_order(sample_points(f, spec.num_points, scene, g)))
         return torch.cat(parts)
 
     def __len__(self) -> int:

@@ -1,5 +1,5 @@
-"""Build the hypermodal JEPA from the config (``experiment=hypermodal_shapes``; ``experiment=hypermodal_jin`` for JIN's
-hierarchical image encoder)."""
+"""Build the hypermodal JEPA from the config (``experiment=hypermodal_shapes``, JIN's hierarchical image encoder;
+``experiment=hypermodal_flat``, a flat patch encoder for images)."""
 from __future__ import annotations
 
 from typing import Callable
@@ -25,7 +25,7 @@ def _image(cfg: DictConfig, **block) -> ModalityEncoder:
         return ImageEncoder(cfg.data.image_size, h.image.patch_size, **block)
     encoder = build_encoder(cfg)  # model.* of the composed preset
     read = set(range(encoder.levels)) if has_cross_scale(cfg.model) else None
-    return HierarchicalImageEncoder(encoder, block["dim"], read_levels=read)
+    return HierarchicalImageEncoder(encoder, block["dim"], levels=h.image.levels, read_levels=read)
 
 
 def _audio(cfg: DictConfig, **block) -> ModalityEncoder:
@@ -79,27 +79,35 @@ def check_composition(cfg: DictConfig) -> None:
             f"{' and '.join(unread)} {'is' if len(unread) == 1 else 'are'} not read by the hypermodal model: its "
             f"masks are hypermodal.mask.<modality>, and its image encoder is "
             + ("the flat patch encoder (hypermodal.image.patch_size, hypermodal.dim, hypermodal.encoder_depth); "
-               "experiment=hypermodal_jin puts JIN's hierarchical encoder (model=…) in its place"
+               "experiment=hypermodal_shapes puts JIN's hierarchical encoder (model=…) in its place"
                if backbone is None else f"model={backbone}")
             + "; leave the others out (a hypermodal run saved before they were dropped holds them in its config.yaml, "
               "and was trained without the spatial bias: this version cannot rebuild it)"
         )
     if backbone is None:
+        if cfg.hypermodal.image.levels is not None:
+            raise ConfigError(f"hypermodal.image.levels={cfg.hypermodal.image.levels} needs JIN's image encoder "
+                              f"(hypermodal.image.backbone; experiment=hypermodal_shapes): the flat encoder has one")
         return
     if "image" not in cfg.hypermodal.modalities:
         raise ConfigError(f"hypermodal.image.backbone={backbone} but hypermodal.modalities has no image")
     if "model" not in composed or cfg.model.name != backbone:
         found = cfg.model.name if "model" in composed else None
         raise ConfigError(f"hypermodal.image.backbone={backbone} needs model={backbone} composed (it is {found}): "
-                          f"experiment=hypermodal_jin does both")
+                          f"experiment=hypermodal_shapes does both")
     if cfg.hypermodal.image.patch_size != cfg.model.patch_size:
         raise ConfigError(f"hypermodal.image.patch_size={cfg.hypermodal.image.patch_size} but the image encoder is "
                           f"model={backbone} with model.patch_size={cfg.model.patch_size}: set model.patch_size")
     lv = level_config(cfg.model)
+    chosen = cfg.hypermodal.image.levels
+    if chosen is not None and (not len(chosen) or len(set(chosen)) != len(chosen)
+                               or not all(0 <= int(level) < len(lv["dims"]) for level in chosen)):
+        raise ConfigError(f"hypermodal.image.levels={list(chosen)}: distinct levels of model={backbone}'s "
+                          f"{len(lv['dims'])} (0 … {len(lv['dims']) - 1}), or null for the coarsest")
     if lv["predict_levels"] != [len(lv["dims"]) - 1]:
         raise ConfigError(
-            f"model.predictor.levels={cfg.model.predictor.levels}: the hypermodal image modality's tokens are its "
-            f"coarsest level (one per mask unit), so model.predictor.levels must be 1"
+            f"model.predictor.levels={cfg.model.predictor.levels}: the levels the hypermodal model predicts are "
+            f"hypermodal.image.levels (model.predictor.levels is the image JEPA's), so model.predictor.levels must be 1"
         )
 
 

@@ -7,7 +7,8 @@ import torch
 
 
 class ModalityMask(NamedTuple):
-    """context: ``[B, Kc]`` token indices; targets: ``[B, M, Kt]`` (M blocks of Kt tokens)."""
+    """context: ``[B, Kc]`` mask-unit indices; targets: ``[B, M, Kt]`` (M blocks of Kt units). A unit is a token, or a
+    group of tokens (:meth:`~jin.encoders.ModalityEncoder.unit_tokens`)."""
 
     context: torch.Tensor
     targets: torch.Tensor

@@ -97,8 +97,9 @@ class HypermodalJEPA(ContextTargetPair):
             if isinstance(module, Stage):
                 module.grad_checkpointing = True
 
-    def token_coords(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        return self.context_encoder.token_coords(name, x)
+    def unit_coords(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``[B, U, 3]`` coordinates of the mask units of ``x`` (what masks are drawn from)."""
+        return self.context_encoder.unit_coords(name, x)
 
     def align(self, name: str, pooled: torch.Tensor) -> torch.Tensor:
         """Pooled features ``[B, D]`` of modality ``name`` → alignment space ``[B, E]`` (not normalized)."""
@@ -114,15 +115,20 @@ class HypermodalJEPA(ContextTargetPair):
         """Frozen representation ``[B, D]``: the target encoder's mean token (as I-JEPA probes)."""
         return self.target_encoder.pooled(name, x)
 
+    def target_tokens(self, name: str, mask: ModalityMask) -> torch.Tensor:
+        """``[B, T]``: indices of the tokens of ``mask``'s target units among all tokens of modality ``name``."""
+        return self.context_encoder.encoder(name).unit_tokens(mask.targets).flatten(1)
+
     def predict(self, context: Mapping[str, Tokens], coords: Mapping[str, torch.Tensor],
                 masks: Mapping[str, ModalityMask], tasks: Sequence[Task], gate: int) -> PredictorOutput:
-        """``cond [B, M·Kt, P]`` of every task's target tokens, in one predictor pass, and its MoE balance loss."""
+        """``cond [B, T, P]`` of every task's target tokens (:meth:`target_tokens`), in one predictor pass, and its
+        MoE balance loss."""
         names = list(context)
         device = next(iter(context.values())).features.device
         queries = []
         sources = torch.zeros(len(tasks), len(names), dtype=torch.bool, device=device)
         for t, task in enumerate(tasks):
-            where = gather_tokens(coords[task.target], masks[task.target].targets.flatten(1))
+            where = gather_tokens(coords[task.target], self.target_tokens(task.target, masks[task.target]))
             queries.append(Tokens(self.context_encoder.query(task.target, where), where))
             sources[t, [names.index(s) for s in task.sources]] = True
         return self.predictor(list(context.values()), queries, sources, gate=gate)
@@ -148,7 +154,7 @@ class HypermodalJEPA(ContextTargetPair):
             conds, balance = self.predict(ctx, {m: t.coords for m, t in full.items()}, masks, tasks, gate)
             predicted = [
                 Predicted(f"jepa/{task.kind}", 0, cond,
-                          gather_tokens(targets[task.target], masks[task.target].targets.flatten(1)))
+                          gather_tokens(targets[task.target], self.target_tokens(task.target, masks[task.target])))
                 for task, cond in zip(tasks, conds)
             ]
         pooled = {m: self.align(m, c.features.mean(1)) for m, c in ctx.items()} if align and len(names) > 1 else {}

@@ -43,11 +43,11 @@ class HypermodalPlanner:
         if missing:
             raise ConfigError(f"hypermodal.mask has no entry for {missing}; it has {', '.join(h.mask)}")
         for name in h.modalities:
-            spec, tokens = h.mask[name], self.model.context_encoder.encoder(name).num_tokens
-            if spec.num_targets * spec.target_size >= tokens:
+            spec, units = h.mask[name], self.model.context_encoder.encoder(name).num_units
+            if spec.num_targets * spec.target_size >= units:
                 raise ConfigError(
                     f"hypermodal.mask.{name}: {spec.num_targets} target blocks (num_targets) of {spec.target_size} "
-                    f"tokens (target_size) leave no context among the modality's {tokens} tokens"
+                    f"mask units (target_size) leave no context among the modality's {units} mask units"
                 )
         if not h.m3.enabled:
             check_curriculum(h.curriculum, h.objectives)
@@ -75,7 +75,7 @@ class HypermodalPlanner:
         masks = {}
         for name in present:
             spec = h.mask[name]
-            coords = self.model.token_coords(name, inputs[name])
+            coords = self.model.unit_coords(name, inputs[name])
             weights = self.model.context_encoder.encoder(name).mask_weights
             masks[name] = coordinate_block_masks(coords, weights, spec.num_targets, spec.target_size, g)
         device = self.info.device
