@@ -176,6 +176,9 @@ def _require_key(cfg: DictConfig, key: str, where: str) -> None:
         children = _children(node)
         if part not in children:
             parent = ".".join(path[:i]) or "<root>"
+            if isinstance(node, str) and node.startswith("${") and node.endswith("}"):  # an interpolated node
+                target = ".".join([node[2:-1], *path[i:]])
+                raise ConfigKeyError(f"unknown config key '{key}'{where}: {parent} is {node} here; set {target}")
             raise ConfigKeyError(
                 f"unknown config key '{key}'{where}: '{part}' is not in {parent}. "
                 f"Valid keys of {parent}: {', '.join(children) or '(none: it is a value)'}"

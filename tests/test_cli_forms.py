@@ -178,3 +178,11 @@ def test_mistyped_key_fails_before_the_run_directory(tmp_path: Path):
     assert proc.returncode != 0
     assert "trainer.batchsize" in proc.stderr and "batch_size, checkpoint_every" in proc.stderr
     assert not run_dir.exists()
+
+
+def test_a_key_under_an_interpolated_node_names_the_key_to_set():
+    """hypermodal_shapes' predictor is ${model.predictor}: the precheck says which key a user means."""
+    with pytest.raises(ConfigKeyError, match=r"hypermodal\.predictor is \$\{model\.predictor\} here; "
+                                             r"set model\.predictor\.moe_experts"):
+        check_argv(["experiment=hypermodal_shapes", "hypermodal.predictor.moe_experts=4"], APP)
+    check_argv(["experiment=hypermodal_shapes", "model.predictor.moe_experts=4"], APP)

@@ -292,6 +292,22 @@ def test_the_hierarchical_image_backbone_is_composed_with_its_model_or_rejected_
         build_hypermodal(compose("experiment=hypermodal_shapes", "model.predictor.levels=2"))
     with pytest.raises(ConfigError, match=r"mask\.\* is not read"):
         build_hypermodal(compose("experiment=hypermodal_shapes", "mask=multiblock"))
+    for levels in ("1", "[0.5]", "[]", "[1,1]", "[2]"):
+        with pytest.raises(ConfigError, match=r"hypermodal\.image\.levels=.*a list of distinct levels.*\(0 … 1\)"):
+            build_hypermodal(compose("experiment=hypermodal_shapes", f"hypermodal.image.levels={levels}"))
+    with pytest.raises(ConfigError, match=r"hypermodal\.image\.levels=\[0, 1\] needs JIN's image encoder"):
+        build_hypermodal(compose(*SMALL, "hypermodal.image.levels=[0,1]"))
+    # the predictor of hypermodal_shapes is model.predictor: its errors name the keys a user sets
+    with pytest.raises(ConfigError, match=r"set model\.predictor\.moe_experts > 0"):
+        build_hypermodal(compose("experiment=hypermodal_shapes", "hypermodal.m3.enabled=true"))
+    with pytest.raises(ConfigError, match=r"model\.predictor\.moe_top_k=3 must be between 1 and"):
+        build_hypermodal(compose("experiment=hypermodal_shapes", "model.predictor.moe_experts=2",
+                                 "model.predictor.moe_top_k=3"))
+    # SIGReg reads the coarsest level's norm: it trains even when the shared space takes only level 0
+    model = build_hypermodal(compose("experiment=hypermodal_shapes", "model.cross_scale=false",
+                                     "hypermodal.image.levels=[0]"))
+    norms = model.context_encoder.encoder("image").backbone.norms
+    assert norms[0].weight.requires_grad and norms[1].weight.requires_grad
 
 
 def test_a_hypermodal_mask_that_leaves_no_context_fails_before_step_1(compose):

@@ -116,6 +116,10 @@ def test_a_cloud_is_ordered_once_and_the_encoder_reads_its_centres_from_the_orde
     rest = 8 + torch.randperm(56, generator=g)  # the points after the centres in any order: the same patches
     shuffled = torch.cat([ordered[:, :8], ordered[:, rest]], 1)
     torch.testing.assert_close(encoder(shuffled).features, tokens.features, rtol=0, atol=1e-6)
+    doubled = raw.clone()
+    doubled[:, 5] = doubled[:, 3]  # a duplicate point: once the rest are all at distance 0, none is picked twice
+    assert (farthest_point_order(doubled).sort(1).values == doubled.sort(1).values).all()
+    assert all(len(set(row.tolist())) == 64 for row in farthest_point_sample(doubled, 64))
 
 
 def test_encoder_input_errors_are_clear():
@@ -233,3 +237,9 @@ def test_the_hierarchical_image_defaults_to_its_coarsest_level_and_loads_checkpo
         hierarchical_image([2])
     with pytest.raises(ValueError, match=r"levels \[1, 1\]"):
         hierarchical_image([1, 1])
+    with pytest.raises(ValueError, match=r"levels \[0.9\]"):  # not rounded to a level
+        hierarchical_image([0.9])
+
+
+def test_the_hierarchical_image_positions_resolve_its_finest_chosen_level():
+    assert hierarchical_image().max_freq == 2 and hierarchical_image([0, 1]).max_freq == 4  # 4 units, 8 tokens a side

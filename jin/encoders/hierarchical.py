@@ -48,11 +48,14 @@ class HierarchicalImageEncoder(ModalityEncoder):
     def __init__(self, encoder: HierarchicalEncoder, dim: int, levels: Sequence[int] | None = None,
                  read_levels: set[int] | None = None):
         nn.Module.__init__(self)  # the backbone's blocks are this modality's own: no extra stage
-        self.dim, self.max_freq, self.causal = dim, encoder.unit_grid / 2, False
         top = encoder.levels - 1
-        levels = [top] if levels is None else [int(level) for level in levels]
-        if not levels or len(set(levels)) != len(levels) or not all(0 <= level <= top for level in levels):
+        levels = [top] if levels is None else list(levels)
+        if not levels or len(set(levels)) != len(levels) or not all(
+            type(level) is int and 0 <= level <= top for level in levels
+        ):
             raise ValueError(f"levels {levels}: distinct levels of the encoder's {encoder.levels} (0 … {top})")
+        # positions resolve the finest chosen level: about half its tokens per side (ModalityEncoder)
+        self.dim, self.max_freq, self.causal = dim, encoder.grid / 2 ** min(levels) / 2, False
         self.backbone, self.levels = encoder, levels
         self.proj = nn.ModuleList(nn.Linear(encoder.dims[level], dim) for level in levels)
         self.proj.apply(init_weights)

@@ -8,7 +8,8 @@ from .base import ModalityEncoder
 
 
 def farthest_point_sample(points: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices ``[B, k]`` of ``k`` farthest-point-sampled points of ``points [B, P, 3]``, starting at point 0.
+    """Indices ``[B, k]`` of ``k`` farthest-point-sampled points of ``points [B, P, 3]``, starting at point 0
+    (distinct indices, duplicate points included).
 
     ``k`` sequential steps, each vectorized over the batch and the points.
     """
@@ -21,6 +22,7 @@ def farthest_point_sample(points: torch.Tensor, k: int) -> torch.Tensor:
         index[:, i] = farthest
         centre = points[batch, farthest][:, None]  # [B, 1, 3]
         nearest = torch.minimum(nearest, ((points - centre) ** 2).sum(-1))
+        nearest[batch, farthest] = -1.0  # never picked again, even where every other point is a duplicate (at 0)
         farthest = nearest.argmax(1)
     return index
 

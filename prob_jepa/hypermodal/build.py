@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from jin.cross_scale import CrossScalePredictors
 from jin.encoders import (
@@ -24,7 +24,8 @@ def _image(cfg: DictConfig, **block) -> ModalityEncoder:
     if h.image.backbone is None:
         return ImageEncoder(cfg.data.image_size, h.image.patch_size, **block)
     encoder = build_encoder(cfg)  # model.* of the composed preset
-    read = set(range(encoder.levels)) if has_cross_scale(cfg.model) else None
+    top = encoder.levels - 1
+    read = set(range(encoder.levels)) if has_cross_scale(cfg.model) else {top} if cfg.model.sigreg_weight > 0 else None
     return HierarchicalImageEncoder(encoder, block["dim"], levels=h.image.levels, read_levels=read)
 
 
@@ -78,11 +79,11 @@ def check_composition(cfg: DictConfig) -> None:
         raise ConfigError(
             f"{' and '.join(unread)} {'is' if len(unread) == 1 else 'are'} not read by the hypermodal model: its "
             f"masks are hypermodal.mask.<modality>, and its image encoder is "
-            + ("the flat patch encoder (hypermodal.image.patch_size, hypermodal.dim, hypermodal.encoder_depth); "
-               "experiment=hypermodal_shapes puts JIN's hierarchical encoder (model=…) in its place"
-               if backbone is None else f"model={backbone}")
-            + "; leave the others out (a hypermodal run saved before they were dropped holds them in its config.yaml, "
-              "and was trained without the spatial bias: this version cannot rebuild it)"
+            + ("the flat patch encoder (hypermodal.image.patch_size, hypermodal.dim, hypermodal.encoder_depth) while "
+               "hypermodal.image.backbone is null; experiment=hypermodal_shapes sets it to JIN's hierarchical encoder "
+               "(model=…)" if backbone is None else f"model={backbone}")
+            + ". Leave the others out. (A run saved before hypermodal configs dropped them holds them in its "
+              "config.yaml and was trained without the spatial bias: this version cannot rebuild it.)"
         )
     if backbone is None:
         if cfg.hypermodal.image.levels is not None:
@@ -99,11 +100,13 @@ def check_composition(cfg: DictConfig) -> None:
         raise ConfigError(f"hypermodal.image.patch_size={cfg.hypermodal.image.patch_size} but the image encoder is "
                           f"model={backbone} with model.patch_size={cfg.model.patch_size}: set model.patch_size")
     lv = level_config(cfg.model)
-    chosen = cfg.hypermodal.image.levels
-    if chosen is not None and (not len(chosen) or len(set(chosen)) != len(chosen)
-                               or not all(0 <= int(level) < len(lv["dims"]) for level in chosen)):
-        raise ConfigError(f"hypermodal.image.levels={list(chosen)}: distinct levels of model={backbone}'s "
-                          f"{len(lv['dims'])} (0 … {len(lv['dims']) - 1}), or null for the coarsest")
+    chosen, count = cfg.hypermodal.image.levels, len(lv["dims"])
+    if chosen is not None and not (
+        OmegaConf.is_list(chosen) and len(chosen) and len(set(chosen)) == len(chosen)
+        and all(type(level) is int and 0 <= level < count for level in chosen)
+    ):
+        raise ConfigError(f"hypermodal.image.levels={chosen}: a list of distinct levels of model={backbone}'s "
+                          f"{count} (0 … {count - 1}), e.g. [0, {count - 1}], or null for the coarsest")
     if lv["predict_levels"] != [len(lv["dims"]) - 1]:
         raise ConfigError(
             f"model.predictor.levels={cfg.model.predictor.levels}: the levels the hypermodal model predicts are "
@@ -120,14 +123,15 @@ def build_hypermodal(cfg: DictConfig) -> HypermodalJEPA:
     check_composition(cfg)
     h = cfg.hypermodal
     check_heads("hypermodal.dim", h.dim, "hypermodal.num_heads", h.num_heads)
-    check_heads("hypermodal.predictor.dim", h.predictor.dim, "hypermodal.predictor.num_heads", h.predictor.num_heads)
+    predictor_key = "hypermodal.predictor" if h.image.backbone is None else "model.predictor"  # where it is set
+    check_heads(f"{predictor_key}.dim", h.predictor.dim, f"{predictor_key}.num_heads", h.predictor.num_heads)
     if h.dim % 6:
         raise ConfigError(f"hypermodal.dim={h.dim} must be divisible by 6: sin-cos of three token coordinates")
-    check_experts("hypermodal.predictor", h.predictor)
+    check_experts(predictor_key, h.predictor)
     if h.m3.enabled and not h.predictor.moe_experts:
         raise ConfigError(
             "hypermodal.m3.enabled=true routes each task through its own gate of a mixture of experts: "
-            "set hypermodal.predictor.moe_experts > 0"
+            f"set {predictor_key}.moe_experts > 0"
         )
     encoder = HypermodalEncoder(
         {m: build_modality_encoder(m, cfg) for m in h.modalities},
