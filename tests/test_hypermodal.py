@@ -292,7 +292,7 @@ def test_the_hierarchical_image_backbone_is_composed_with_its_model_or_rejected_
         build_hypermodal(compose("experiment=hypermodal_shapes", "model.predictor.levels=2"))
     with pytest.raises(ConfigError, match=r"mask\.\* is not read"):
         build_hypermodal(compose("experiment=hypermodal_shapes", "mask=multiblock"))
-    for levels in ("1", "[0.5]", "[]", "[1,1]", "[2]"):
+    for levels in ("1", "[0.5]", "[]", "[1,1]", "[2]", "[[0]]"):
         with pytest.raises(ConfigError, match=r"hypermodal\.image\.levels=.*a list of distinct levels.*\(0 … 1\)"):
             build_hypermodal(compose("experiment=hypermodal_shapes", f"hypermodal.image.levels={levels}"))
     with pytest.raises(ConfigError, match=r"hypermodal\.image\.levels=\[0, 1\] needs JIN's image encoder"):

@@ -102,8 +102,8 @@ def check_composition(cfg: DictConfig) -> None:
     lv = level_config(cfg.model)
     chosen, count = cfg.hypermodal.image.levels, len(lv["dims"])
     if chosen is not None and not (
-        OmegaConf.is_list(chosen) and len(chosen) and len(set(chosen)) == len(chosen)
-        and all(type(level) is int and 0 <= level < count for level in chosen)
+        OmegaConf.is_list(chosen) and len(chosen) and all(type(level) is int and 0 <= level < count for level in chosen)
+        and len(set(chosen)) == len(chosen)
     ):
         raise ConfigError(f"hypermodal.image.levels={chosen}: a list of distinct levels of model={backbone}'s "
                           f"{count} (0 … {count - 1}), e.g. [0, {count - 1}], or null for the coarsest")
