@@ -95,6 +95,21 @@ def test_spatial_bias_changes_attention_output():
     assert not torch.allclose(a, b)
 
 
+def test_every_spatial_bias_parameter_is_trained_and_older_checkpoints_load():
+    """A per-head constant in the bias shifts every logit of a row alike, which softmax ignores: such a parameter
+    gets no gradient (it was the MLP's output bias until 2026-12-02; checkpoints holding it still load)."""
+    enc = encoder(spatial_bias=True)
+    for stage in enc.stages:  # a bias that varies with the offset, so the gradients are not all at rounding level
+        torch.nn.init.normal_(stage.spatial_bias.mlp[-1].weight, std=1.0)
+    enc(torch.randn(2, 3, IMG, IMG))[-1].features.square().sum().backward()
+    for stage in enc.stages:  # rounding leaves ~1e-6 of the largest gradient on a parameter softmax ignores
+        grads = {n: p.grad.abs().max() for n, p in stage.spatial_bias.named_parameters()}
+        assert all(g > 1e-3 * max(grads.values()) for g in grads.values()), grads
+    state = enc.state_dict()
+    state["stages.0.spatial_bias.mlp.2.bias"] = torch.zeros(enc.stages[0].spatial_bias.mlp[-1].out_features)
+    encoder(spatial_bias=True).load_state_dict(state)
+
+
 def test_adaptive_computation_lowers_measured_flops_by_its_capacity():
     """The FLOPs saved are set by the static capacity (measured, not derived from α)."""
     x = torch.randn(4, 3, IMG, IMG)

@@ -30,7 +30,10 @@ class SpatialBias(nn.Module):
     def __init__(self, num_heads: int, hidden: int, grid: int, max_scale_delta: int = 4):
         super().__init__()
         self.grid, self.max_scale = grid, max_scale_delta
-        self.mlp = nn.Sequential(nn.Linear(3, hidden), nn.GELU(), nn.Linear(hidden, num_heads))
+        # No output bias: a per-head constant shifts every logit of a query's row alike, which softmax ignores, so
+        # it would get no gradient (exactly zero, up to rounding) and only drift with the optimizer's noise.
+        self.mlp = nn.Sequential(nn.Linear(3, hidden), nn.GELU(), nn.Linear(hidden, num_heads, bias=False))
+        self.register_load_state_dict_pre_hook(_drop_output_bias)
         pos = torch.arange(-2 * grid, 2 * grid + 1, dtype=torch.float32) / 2  # fine tokens
         scale = torch.arange(-2 * max_scale_delta, 2 * max_scale_delta + 1, dtype=torch.float32) / 2
         dx, dy, ds = torch.meshgrid(pos, pos, scale, indexing="ij")
@@ -52,6 +55,12 @@ class SpatialBias(nn.Module):
         attention of :mod:`jin.layers.attention` reads it per token pair instead.
         """
         return self.mlp(self.offsets).T
+
+
+def _drop_output_bias(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Checkpoints written before the MLP lost its output bias hold ``<prefix>mlp.2.bias``; it shifted every logit
+    of a row alike (no effect on attention), so it is dropped."""
+    state_dict.pop(f"{prefix}mlp.2.bias", None)
 
 
 def offset_row(dx: torch.Tensor, dy: torch.Tensor, ds: torch.Tensor, grid: int, max_scale: int) -> torch.Tensor:
