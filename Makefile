@@ -19,7 +19,7 @@ run: $(VENV)/.installed  ## pre-train + evaluate on the embedded shapes data (AR
 test: $(VENV)/.installed  ## the whole test suite, slow end-to-end tests included
 	$(PY) -m pytest $(ARGS)
 
-bench: $(VENV)/.installed  ## training-step speed, memory, FLOPs, MFU (ARGS="model=jin_b ...")
+bench: $(VENV)/.installed  ## training-step speed, memory, FLOPs, MFU (ARGS="model=hiera_b ...")
 	$(PY) experiments/bench.py $(ARGS)
 
 heads-benchmark: $(VENV)/.installed  ## every head on synthetic densities with known entropy

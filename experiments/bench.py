@@ -4,6 +4,7 @@ adaptive computation's measured FLOPs.
     python experiments/bench.py [Hydra overrides] [--heads all|mdn,flow] [--steps 10] [--out bench.json]
     python experiments/bench.py --no-compile            # eager only (compiling takes minutes on a CPU)
     python experiments/bench.py model=jin_b --report      # parameters and FLOPs per level of a preset
+    python experiments/bench.py --presets                 # every model preset: measured and claimed parameters
 
 Each head is measured in its own process (peak memory is per process), eager and then ``torch.compile``d
 (``trainer.compile_backend``), on a synthetic batch of ``trainer.batch_size`` images (paired scenes for
@@ -163,11 +164,40 @@ def report(overrides: list[str]) -> list[dict]:
     return rows
 
 
+def presets() -> list[dict]:
+    """One row per ``model/*.yaml`` at its native resolution, on the meta device: encoder parameters (measured),
+    the parameters its source paper claims (``model.paper_params``), the last level's share and the encoder's
+    GFLOPs for one image at full computation (α = 1)."""
+    rows = []
+    for name in group_options(CONF, "model"):
+        cfg = compose_config(CONF, [f"model={name}"])
+        m = cfg.model
+        cfg.data.image_size = m.image_size
+        with torch.device("meta"):
+            model = build_model(cfg)
+            m.adaptive = False
+            full = build_model(cfg)
+        parts = {r["part"]: r for r in level_report(model, m.image_size, count_flops=False)}
+        total, last = parts["encoder total"], parts[f"level {m.levels - 1}"]
+        total["gflops"] = next(r["gflops"] for r in level_report(full, m.image_size) if r["part"] == "encoder total")
+        rows.append({
+            "preset": name, "input": f"{m.image_size} px, patch {m.patch_size}",
+            "widths": ", ".join(map(str, m.dims)), "depths": ", ".join(map(str, m.depths)),
+            "heads": ", ".join(map(str, m.num_heads)),
+            "params_M": total["params"] / 1e6,
+            "paper_M": m.paper_params / 1e6 if m.paper_params else None,
+            "last_level_M": last["params"] / 1e6, "gflops": total["gflops"],
+        })
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=jin_tiny trainer.batch_size=32")
     parser.add_argument("--heads", help="'all' or a comma list; default: the configured predictor")
     parser.add_argument("--report", action="store_true", help="parameters and FLOPs per level, then exit")
+    parser.add_argument("--presets", action="store_true",
+                        help="every model preset's measured and claimed parameters and FLOPs, then exit")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench.json"))
@@ -176,6 +206,11 @@ def main() -> None:
     parser.add_argument("--single", choices=["eager", "compiled"], help=argparse.SUPPRESS)
     args = parser.parse_args()
 
+    if args.presets:
+        rows = presets()
+        print(markdown_table(rows, {"params_M": ".2f", "paper_M": ".0f", "last_level_M": ".2f", "gflops": ".2f"}))
+        args.out.write_text(json.dumps(rows, indent=2))
+        return
     if args.report:
         rows = report(args.overrides)
         print(markdown_table(rows, {"params_M": ".2f", "gflops": ".2f"}))

@@ -45,12 +45,14 @@ class RunDir:
     def load_config(self) -> DictConfig:
         """The saved config, with the keys added since it was saved at the values it was trained with: ``recipe``
         (``hypermodal`` for a config with a ``hypermodal`` node, else ``image``), ``hypermodal.image.backbone``
-        (null: the flat patch encoder), ``hypermodal.image.levels`` (null: the coarsest) and
-        ``hypermodal.predictor.drop_path_rate`` (0)."""
+        (null: the flat patch encoder), ``hypermodal.image.levels`` (null: the coarsest),
+        ``hypermodal.predictor.drop_path_rate`` (0) and ``model.paper_params`` (null: a claim, not a setting)."""
         cfg = OmegaConf.load(self.config)
         hypermodal = cfg.get("hypermodal")
         if "recipe" not in cfg:
             cfg.recipe = "image" if hypermodal is None else "hypermodal"
+        if cfg.get("model") is not None:
+            cfg.model.setdefault("paper_params", None)
         if hypermodal is not None:
             hypermodal.image.setdefault("backbone", None)
             hypermodal.image.setdefault("levels", None)

@@ -46,3 +46,14 @@ def test_bench_ijepa_names_the_checkout_it_expects(tmp_path):
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 2
     assert f"--ijepa {tmp_path}: no src/train.py (expected a facebookresearch/ijepa checkout)" in done.stderr
+
+
+def test_bench_prints_every_preset_with_measured_and_claimed_parameters():
+    rows = {r["preset"]: r for r in load_experiment("bench").presets()}
+    assert set(rows) >= {"jin_s", "jin_b", "jin_l", "jin_xl", "hiera_s", "jin_tiny", "vit_tiny"}
+    claimed = {name: r["paper_M"] for name, r in rows.items() if r["paper_M"] is not None}
+    assert claimed == {"jin_s": 28, "jin_b": 112, "jin_l": 632, "jin_xl": 1800}  # JIN Table 5
+    assert rows["vit_tiny"]["params_M"] == pytest.approx(5.38, abs=0.01)  # test_presets counts it by hand
+    assert rows["jin_s"]["params_M"] > 3 * claimed["jin_s"] and rows["jin_s"]["last_level_M"] > 2 * claimed["jin_s"]
+    assert all(r["gflops"] > 0 for r in rows.values())
+    assert rows["jin_xl"]["gflops"] > rows["jin_l"]["gflops"] > rows["jin_b"]["gflops"] > rows["jin_s"]["gflops"]

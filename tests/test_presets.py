@@ -38,8 +38,8 @@ def test_vit_tiny_reports_the_parameters_of_a_vit_tiny(compose):
     assert rows["encoder total"]["params"] == 12 * (12 * d**2 + 13 * d) + (3 * 8**2 * d + d) + 2 * d
 
 
-def test_jin_presets_follow_the_documented_shapes(compose):
-    expected = {"jin_s": 35, "jin_b": 52, "jin_l": 214, "jin_xl": 673}  # encoder parameters, millions (README)
+def test_hiera_presets_follow_the_documented_shapes(compose):
+    expected = {"hiera_s": 35, "hiera_b": 52, "hiera_l": 214, "hiera_h": 673}  # encoder parameters, millions (Hiera)
     for name, millions in expected.items():
         cfg = compose(f"model={name}")
         cfg.data.image_size = cfg.model.image_size
@@ -47,6 +47,39 @@ def test_jin_presets_follow_the_documented_shapes(compose):
             enc = build_model(cfg).context_encoder
         assert enc.levels == 4 and enc.grid == 56 and enc.unit_grid == 7
         assert sum(p.numel() for p in enc.parameters()) / 1e6 == pytest.approx(millions, rel=0.05), name
+
+
+def block_params(d: int) -> int:
+    """A pre-norm transformer block of width d with a 4× MLP: qkv 3d² + 3d, projection d² + d, MLP 8d² + 5d and two
+    LayerNorms 4d."""
+    return 12 * d**2 + 13 * d
+
+
+def test_jin_presets_are_table_5_and_the_claimed_parameters_are_arithmetic_of_other_widths(compose):
+    """JIN Table 5's layers, widths and heads cannot hold the parameters the same table claims: JIN-S's last level
+    alone (2 blocks of width 1536) holds more than twice the 28 M claimed for the whole model. Each claim is what the
+    next smaller preset measures (JIN-B's 112 M ≈ our JIN-S, 632 M ≈ our JIN-B, 1.8 B ≈ our JIN-L), and JIN-S's
+    28 M is its layers at half its widths (96-768, Swin-T's)."""
+    measured = {}
+    for name in ("jin_s", "jin_b", "jin_l", "jin_xl"):
+        cfg = compose(f"model={name}")
+        cfg.data.image_size = cfg.model.image_size
+        with torch.device("meta"):
+            enc = build_model(cfg).context_encoder
+        assert enc.levels == 4 and enc.grid == 56 and enc.unit_grid == 7
+        last = enc.stages[-1]
+        assert sum(p.numel() for b in last.blocks for p in b.parameters()) >= cfg.model.depths[-1] * block_params(
+            cfg.model.dims[-1])
+        measured[name] = (sum(p.numel() for p in enc.parameters()), cfg.model.paper_params)
+    s_last = 2 * block_params(1536)
+    assert s_last > 2 * measured["jin_s"][1]
+    for smaller, larger in (("jin_s", "jin_b"), ("jin_b", "jin_l"), ("jin_l", "jin_xl")):
+        assert measured[smaller][0] == pytest.approx(measured[larger][1], rel=0.07), (smaller, larger)
+    cfg = compose("model=jin_s", "model.dims=[96,192,384,768]")
+    cfg.data.image_size = cfg.model.image_size
+    with torch.device("meta"):
+        enc = build_model(cfg).context_encoder
+    assert sum(p.numel() for p in enc.parameters()) == pytest.approx(measured["jin_s"][1], rel=0.07)
 
 
 def test_a100_preset_reaches_its_global_batch_by_accumulation(compose):
