@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -21,6 +21,7 @@ from .ambiguity import ambiguity_metrics
 from .cost import step_flops, training_cost
 from .heads import EVAL_DRAWS, collect_rows, head_metrics, on_head
 from .representation import ProbeResult, extract_features, knn_accuracy, linear_probe
+from .scale import scale_scores
 from .uncertainty import energy_calibration, image_energies
 from .uncertainty_maps import region_means, unit_uncertainty
 from .what_could_be_here import centre_retrieval, marker_retrieval, token_bank
@@ -64,14 +65,16 @@ def random_init_model(cfg: DictConfig, device: torch.device) -> JEPA:
 def representation_metrics(
     model: JEPA, cfg: DictConfig, train_set: Dataset, val_set: Dataset, device: torch.device
 ) -> tuple[dict[str, dict[str, float]], torch.Tensor, torch.Tensor]:
-    """Linear probe and k-NN on the target encoder, and on the same encoder at its random initialization.
+    """Linear probe and k-NN on the target encoder, and on the same encoder at its random initialization, each also
+    on the validation images rescaled by every ``eval.scales`` factor (``scale``: :func:`scale_scores`).
 
     Returns the metrics and the pretrained probe's validation logits and labels.
     """
     reference = random_init_model(cfg, device)
     out, logits, labels = {}, None, None
     for name, m in (("pretrained", model), ("random_init", reference)):
-        out[name], probe, _, vy = frozen_feature_scores(m.features, train_set, val_set, cfg.eval, device, name)
+        out[name], probe, _, vy = frozen_feature_scores(m.features, train_set, val_set, cfg.eval, device, name,
+                                                        scales=cfg.eval.scales)
         if logits is None:
             logits, labels = probe.logits, vy
     return out, logits, labels
@@ -79,17 +82,21 @@ def representation_metrics(
 
 def frozen_feature_scores(
     encode: Callable[[torch.Tensor], torch.Tensor], train_set: Dataset, val_set: Dataset, eval_cfg: DictConfig,
-    device: torch.device, name: str = "",
-) -> tuple[dict[str, float], ProbeResult, torch.Tensor, torch.Tensor]:
+    device: torch.device, name: str = "", scales: Sequence[float] = (),
+) -> tuple[dict[str, Any], ProbeResult, torch.Tensor, torch.Tensor]:
     """Linear probe (``eval.probe_max_iter``) and k-NN (``eval.knn_k``, ``eval.knn_temperature``) of the frozen
-    features ``encode(images) → [B, D]``: the scores (``linear_probe``, ``probe_weight_decay``, ``knn``), the probe,
-    and the validation features ``[N, D]`` and labels ``[N]``."""
+    features ``encode(images) → [B, D]``: the scores (``linear_probe``, ``probe_weight_decay``, ``knn``, and with
+    ``scales`` the same probe and k-NN bank on rescaled validation images, ``scale``: :func:`scale_scores`), the
+    probe, and the validation features ``[N, D]`` and labels ``[N]``."""
     e = eval_cfg
     tx, ty = extract_features(encode, train_set, e.batch_size, device, f"{name} train features")
     vx, vy = extract_features(encode, val_set, e.batch_size, device, f"{name} val features")
     probe = linear_probe(tx, ty, vx, vy, max_iter=e.probe_max_iter)
-    scores = {"linear_probe": probe.accuracy, "probe_weight_decay": probe.weight_decay,
-              "knn": knn_accuracy(tx, ty, vx, vy, k=e.knn_k, temperature=e.knn_temperature)}
+    scores: dict[str, Any] = {"linear_probe": probe.accuracy, "probe_weight_decay": probe.weight_decay,
+                              "knn": knn_accuracy(tx, ty, vx, vy, k=e.knn_k, temperature=e.knn_temperature)}
+    if scales:
+        scores["scale"] = scale_scores(encode, probe, tx, ty, val_set, scales, e.batch_size, device, e.knn_k,
+                                       e.knn_temperature, name)
     return scores, probe, vx, vy
 
 
@@ -140,6 +147,8 @@ def check_evaluation(cfg: DictConfig, unit_grid: int) -> None:
     for key in ("map_images", "bank_images", "head_images", "ambiguity_pairs"):
         if e[key] < 1:
             problems.append(f"eval.{key}={e[key]} must be at least 1")
+    if any(s <= 0 for s in e.scales):
+        problems.append(f"eval.scales={list(e.scales)} must be positive factors (0.5: the content at half size)")
     if e.num_samples < 2:
         problems.append(f"eval.num_samples={e.num_samples} must be at least 2 (spreads and the sample temperature)")
     if not 1 <= e.map_block < unit_grid:

@@ -76,6 +76,27 @@ def probe_bars(runs: Runs, path: Path) -> Path:
     return save(fig, path)
 
 
+def scale_robustness(runs: Runs, path: Path) -> Path:
+    """Linear-probe and k-NN accuracy against the scale of the validation images' content (JIN Table 4), with the
+    probe and k-NN bank fitted at 1×: one line per run, pretrained solid, its random initialization dashed."""
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.6), sharey=True)
+    colours = sns.color_palette(n_colors=max(len(runs), 1))
+    for colour, (name, rep) in zip(colours, runs.items()):
+        for enc, style in (("pretrained", "-"), ("random_init", "--")):
+            scores = {1.0: rep[enc], **{float(f): s for f, s in rep[enc]["scale"].items()}}
+            factors = sorted(scores)
+            for ax, metric in zip(axes, ("linear_probe", "knn")):
+                ax.plot(factors, [scores[f][metric] for f in factors], style, marker="o", color=colour,
+                        label=f"{name} {enc.replace('_', ' ')}" if len(runs) > 1 else enc.replace("_", " "))
+    for ax, title in zip(axes, ("linear probe (fitted at 1×)", "k-NN (bank at 1×)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([0.5, 1, 2], ["0.5×", "1×", "2×"])
+        ax.set(xlabel="scale of the image content", title=title, ylim=(0, 1))
+    axes[0].set_ylabel("top-1 accuracy")
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return save(fig, path)
+
+
 def reliability(runs: Runs, path: Path) -> Path:
     """Reliability diagrams of the probe: raw, temperature-scaled, energy-aware temperature."""
     fig, axes = _grid(len(runs), 3.6, 3.6)
@@ -290,6 +311,9 @@ def all_figures(runs: Runs, records: Mapping[str, Sequence], table: Sequence, fo
         training_curves(records, folder / "training_curves.png"),
         probe_bars({n: d["representation"] for n, d in runs.items()}, folder / "probe.png"),
     ]
+    scaled = {n: d["representation"] for n, d in runs.items() if d["representation"].get("pretrained", {}).get("scale")}
+    if scaled:
+        paths.append(scale_robustness(scaled, folder / "scale_robustness.png"))
     with_heads = {n: d for n, d in runs.items() if "pit" in d}
     if with_heads:
         paths += [

@@ -66,11 +66,21 @@ def _accuracy(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
 
 @dataclass
 class ProbeResult:
-    """accuracy on the test features, the chosen L2 penalty, and the test logits ``[N, C]``."""
+    """accuracy on the test features, the chosen L2 penalty, the test logits ``[N, C]``, and the fitted probe:
+    ``weights [D + 1, C]`` (last row: the bias) on features standardized by the training ``mean`` and ``std``
+    ``[D]``."""
 
     accuracy: float
     weight_decay: float
     logits: torch.Tensor
+    weights: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[N, C]`` of raw features ``[N, D]`` (standardized as the training features were)."""
+        x = (x - self.mean) / self.std
+        return x @ self.weights[:-1] + self.weights[-1]
 
 
 def linear_probe(
@@ -105,7 +115,7 @@ def linear_probe(
     }
     best = max(scores, key=scores.get)
     w = fit_logistic(train_x, train_y, num_classes, best, max_iter)
-    return ProbeResult(_accuracy(w, test_x, test_y), best, test_x @ w[:-1] + w[-1])
+    return ProbeResult(_accuracy(w, test_x, test_y), best, test_x @ w[:-1] + w[-1], w, mu, sd)
 
 
 def knn_accuracy(

@@ -13,6 +13,8 @@ COLUMNS = {  # column: (path in eval.json, format)
     "linear_probe": (("representation", "pretrained", "linear_probe"), ".3f"),
     "knn": (("representation", "pretrained", "knn"), ".3f"),
     "probe_random_init": (("representation", "random_init", "linear_probe"), ".3f"),
+    "probe_0.5x": (("representation", "pretrained", "scale", "0.5", "linear_probe"), ".3f"),  # JIN Table 4
+    "probe_2x": (("representation", "pretrained", "scale", "2.0", "linear_probe"), ".3f"),
     "nll_per_dim": (("head", "likelihood", "nll_per_dim"), ".3f"),
     "energy_score": (("head", "samples", "energy_score"), ".3f"),
     "crps": (("head", "samples", "crps"), ".4f"),

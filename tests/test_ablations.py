@@ -1,0 +1,42 @@
+"""JIN Table 3's rows (conf/ablation) change what their names say, and the sweep runs every one."""
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import CONF
+from jin.layers import SpatialBias
+from jin.zoom import NoZoom
+from prob_jepa.config import group_options
+from prob_jepa.model import build_model
+
+ROWS = ["full", "no_cross_scale", "no_hierarchy", "no_spatial_attention", "single_scale"]
+
+
+def built(compose, *overrides):
+    cfg = compose(*overrides)
+    with torch.device("meta"):
+        return cfg, build_model(cfg)
+
+
+def test_the_ablation_group_holds_table_3s_image_rows_and_the_sweep_takes_them_all(compose):
+    assert group_options(CONF, "ablation") == ROWS
+    sweep = OmegaConf.load(CONF / "experiment" / "sweep_jin_ablations.yaml")
+    assert sweep.hydra.sweeper.params == {"ablation": "glob(*)"}
+    assert compose("ablation=full") == compose()  # the first row is the default run
+
+
+@pytest.mark.parametrize("row", ROWS[1:])
+def test_each_ablation_removes_its_component_and_nothing_else(row, compose):
+    _, full = built(compose)
+    cfg, model = built(compose, f"ablation={row}")
+    enc = model.context_encoder
+    hierarchical = row not in ("no_hierarchy", "single_scale")
+    assert enc.levels == (2 if hierarchical else 1)
+    assert (model.cross_scale is None) == (row == "no_cross_scale" or not hierarchical)
+    has_bias = any(isinstance(m, SpatialBias) for m in model.modules())
+    assert has_bias == (row != "no_spatial_attention")
+    assert isinstance(enc.zoom, NoZoom) == (row == "single_scale")
+    assert enc.unit_grid == full.context_encoder.unit_grid  # the same mask units: the same masks
+    assert model.sigreg is not None and cfg.predictor.name == "deterministic"
