@@ -46,7 +46,8 @@ class RunDir:
         """The saved config, with the keys added since it was saved at the values it was trained with: ``recipe``
         (``hypermodal`` for a config with a ``hypermodal`` node, else ``image``), ``hypermodal.image.backbone``
         (null: the flat patch encoder), ``hypermodal.image.levels`` (null: the coarsest),
-        ``hypermodal.predictor.drop_path_rate`` (0) and ``model.paper_params`` (null: a claim, not a setting)."""
+        ``hypermodal.predictor.drop_path_rate`` (0), ``hypermodal.objectives.energy_loss`` (hinge) and
+        ``energy_norm_weight`` (0), and ``model.paper_params`` (null: a claim, not a setting)."""
         cfg = OmegaConf.load(self.config)
         hypermodal = cfg.get("hypermodal")
         if "recipe" not in cfg:
@@ -57,6 +58,8 @@ class RunDir:
             hypermodal.image.setdefault("backbone", None)
             hypermodal.image.setdefault("levels", None)
             hypermodal.predictor.setdefault("drop_path_rate", 0.0)
+            hypermodal.objectives.setdefault("energy_loss", "hinge")
+            hypermodal.objectives.setdefault("energy_norm_weight", 0.0)
         return cfg
 
     def log(self, record: dict[str, Any]) -> None:

@@ -11,13 +11,14 @@ from jin.encoders import HierarchicalImageEncoder
 from prob_jepa.config import ConfigError, compose_config
 from prob_jepa.data.multimodal import MultimodalSpec, PairedShapes
 from prob_jepa.hypermodal import (
-    build_hypermodal, build_modality_encoder, coordinate_block_masks, energy_alignment, hypermodal_terms, m3_tasks,
+    build_hypermodal, build_modality_encoder, coordinate_block_masks, energy_alignment, hypermodal_terms,
+    jin_energy_alignment, m3_tasks,
     modality_dropout, pair_energy, phase_at, plan_tasks,
 )
 from prob_jepa.hypermodal.evaluate import recall_at_k
 from prob_jepa.eval.summary import markdown, summary_row
 from prob_jepa.run_dir import RunDir
-from prob_jepa.step import StepOutput, TrainingStep
+from prob_jepa.step import Predictions, StepOutput, TrainingStep
 from prob_jepa.train import pretrain
 
 MODALITIES = ["image", "audio", "text", "video", "points"]
@@ -185,7 +186,42 @@ def test_curriculum_phases_and_modality_dropout():
     assert sum(map(len, kept)) / 200 == pytest.approx(2.5 + 0.5, abs=0.4)  # 5 × (1 − p), raised to at least 2
 
 
-def test_energy_alignment_separates_matched_from_random_pairs_after_training(compose):
+def test_jin_eq_5_6_against_a_hand_computation_on_two_pairs():
+    """E(x_i, x_j) = −cos(g_i, g_j) + λ‖g_i‖² (eq. 5); L = mean of the matched pairs' E − mean of the mismatched
+    (eq. 6). The norm term appears once in a matched and once in a mismatched pair per row, so it cancels."""
+    za = torch.tensor([[3.0, 4.0], [0.0, 2.0]])  # |za| = 5, 2
+    zb = torch.tensor([[1.0, 0.0], [0.0, -1.0]])
+    # cos: (a1, b1) = 3/5, (a1, b2) = −4/5, (a2, b1) = 0, (a2, b2) = −1
+    lam = 0.1
+    e11, e12, e21, e22 = -0.6 + lam * 25, 0.8 + lam * 25, 0.0 + lam * 4, 1.0 + lam * 4
+    expected = (e11 + e22) / 2 - (e12 + e21) / 2
+    assert jin_energy_alignment(za, zb, norm_weight=lam).item() == pytest.approx(expected)
+    assert expected == pytest.approx((-0.6 + 1.0) / 2 - (0.8 + 0.0) / 2)  # = −0.2, whatever λ
+    za.requires_grad_(True)
+    grads = []
+    for norm_weight in (0.0, 10.0):
+        za.grad = None
+        jin_energy_alignment(za, zb, norm_weight).backward()
+        grads.append(za.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)  # λ changes no gradient either
+
+
+def test_the_energy_loss_is_chosen_by_name_and_an_unknown_name_is_refused(compose):
+    model, cfg = small_model(compose)
+    assert [t.name for t in hypermodal_terms(cfg, model)].count("energy") == 1
+    cfg.hypermodal.objectives.energy_loss = "jin_eq6"
+    term = next(t for t in hypermodal_terms(cfg, model) if t.name == "energy")
+    z = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(0))
+    p = Predictions([], {"x": z[0]}, pooled={"image": z[0], "audio": z[1]})
+    assert term.measure(model, p).item() == pytest.approx(jin_energy_alignment(z[0], z[1]).item())
+    cfg.hypermodal.objectives.energy_loss = "margin"
+    with pytest.raises(ConfigError, match="energy_loss='margin'; valid: hinge, jin_eq6"):
+        hypermodal_terms(cfg, model)
+
+
+@pytest.mark.parametrize("loss", ["hinge", "jin_eq6"])
+def test_energy_alignment_separates_matched_from_random_pairs_after_training(loss, compose):
+    pair_loss = energy_alignment if loss == "hinge" else jin_energy_alignment
     model, cfg = small_model(compose, "data.modalities=[image,audio,text]")
     data = PairedShapes(128, 3, paired_scene(), modalities=["image", "audio", "text"])
     x = {m: torch.stack([data[i][0][m] for i in range(128)]) for m in ("image", "audio", "text")}
@@ -206,7 +242,7 @@ def test_energy_alignment_separates_matched_from_random_pairs_after_training(com
         rows = torch.randperm(128, generator=g)[:32]
         inp = {m: v[rows] for m, v in x.items()}
         z = {m: model.align(m, model.context_encoder.pooled(m, inp[m])) for m in inp}  # as the step: norm, proj
-        loss = energy_alignment(z["image"], z["audio"]) + energy_alignment(z["image"], z["text"])
+        loss = pair_loss(z["image"], z["audio"]) + pair_loss(z["image"], z["text"])
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -40,7 +40,7 @@ class HypermodalJEPA(ContextTargetPair):
     The loss is the term list of :func:`~prob_jepa.hypermodal.objectives.hypermodal_terms`::
 
         Σ_kind w_kind · mean_{τ of kind} head.loss(cond_τ, sg[target_τ])
-        + λ2 · mean_pairs energy_alignment(z_a, z_b) + w_nce · mean_pairs InfoNCE(z_a, z_b)
+        + λ2 · mean_pairs energy_loss(z_a, z_b) + w_nce · mean_pairs InfoNCE(z_a, z_b)
         (+ the hierarchy's cross-scale, budget and SIGReg terms, + the experts' balance, when the model has them)
 
     and, for M3 tasks (:func:`~prob_jepa.hypermodal.objectives.m3_tasks`), M3-JEPA's

@@ -17,7 +17,8 @@ PHASES = ("single", "cross", "full")
 
 
 def pair_energy(za: torch.Tensor, zb: torch.Tensor) -> torch.Tensor:
-    """JIN eq. 5: energy of every pair ``E[i, j] = ½‖ẑ_a,i − ẑ_b,j‖² = 1 − cos``, ``[B, B]`` (lower: compatible).
+    """Energy of every pair ``E[i, j] = ½‖ẑ_a,i − ẑ_b,j‖² = 1 − cos``, ``[B, B]`` (lower: compatible): JIN eq. 5 at
+    λ = 0, shifted by 1 so that it is non-negative (the hinge's margin is measured on it).
 
     ``za``, ``zb``: ``[B, E]`` embeddings of the same ``B`` scenes in two modalities (L2-normalized here).
     """
@@ -25,15 +26,46 @@ def pair_energy(za: torch.Tensor, zb: torch.Tensor) -> torch.Tensor:
 
 
 def energy_alignment(za: torch.Tensor, zb: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
-    """JIN eq. 6: pull matched pairs' energy down, push mismatched pairs above ``margin``.
+    """Energy alignment as a hinge (``hypermodal.objectives.energy_loss=hinge``): pull matched pairs' energy down,
+    push mismatched pairs above ``margin``.
 
-    ``mean_i E[i, i] + mean_{i≠j} max(0, margin − E[i, j])`` — the contrastive energy loss
-    of LeCun et al. (2006) over in-batch negatives. The JIN paper's exact equations were not
-    available to us; this is our reading of "energy-based alignment".
+    ``mean_i E[i, i] + mean_{i≠j} max(0, margin − E[i, j])`` with ``E`` of :func:`pair_energy` — the contrastive
+    energy loss of LeCun et al. (2006) over in-batch negatives; our reading of "energy-based alignment" before the
+    JIN paper's equations were available (:func:`jin_energy_alignment` is eq. 5-6 as written).
     """
     energy = pair_energy(za, zb)
     off = ~torch.eye(len(energy), dtype=torch.bool, device=energy.device)
     return energy.diagonal().mean() + F.relu(margin - energy[off]).mean()
+
+
+def jin_energy_alignment(za: torch.Tensor, zb: torch.Tensor, norm_weight: float = 0.0) -> torch.Tensor:
+    """JIN eq. 5-6 as written (``hypermodal.objectives.energy_loss=jin_eq6``, arXiv JIN §3.2.2):
+    ``E(x_i, x_j) = −cos(g_i(x_i), g_j(x_j)) + λ‖g_i(x_i)‖²`` and ``L_EBM = E_data[E] − E_noise[E]``, the data pairs
+    the batch's matched scenes ``(za_i, zb_i)``, the noise pairs its mismatched ones ``(za_i, zb_j)``, ``i ≠ j``.
+
+    With in-batch noise pairs the norm term cancels exactly: every ``za_i`` is the first argument of one data pair
+    and of ``B − 1`` noise pairs, so ``λ`` (``norm_weight``) changes neither the loss nor its gradient. The loss lies
+    in ``[−2, 2]`` (lower: matched pairs more similar than mismatched ones).
+
+    Args:
+        za, zb: ``[B, E]`` embeddings of the same ``B`` scenes in two modalities (``B ≥ 2``), not normalized.
+    """
+    energy = -F.normalize(za, dim=-1) @ F.normalize(zb, dim=-1).T + norm_weight * za.square().sum(-1, keepdim=True)
+    off = ~torch.eye(len(energy), dtype=torch.bool, device=energy.device)
+    return energy.diagonal().mean() - energy[off].mean()
+
+
+def energy_loss(objectives: DictConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The pair loss ``hypermodal.objectives.energy_loss`` names, with its options.
+
+    Raises:
+        ConfigError: an unknown name, listing the valid ones.
+    """
+    losses = {"hinge": lambda: partial(energy_alignment, margin=objectives.energy_margin),
+              "jin_eq6": lambda: partial(jin_energy_alignment, norm_weight=objectives.energy_norm_weight)}
+    if objectives.energy_loss not in losses:
+        raise ConfigError(f"hypermodal.objectives.energy_loss={objectives.energy_loss!r}; valid: {', '.join(losses)}")
+    return losses[objectives.energy_loss]()
 
 
 def info_nce(za: torch.Tensor, zb: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
@@ -145,7 +177,7 @@ def pairs_of(p: Predictions) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def aligned_pairs_term(pair_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Measure:
     """``pair_loss(z_a, z_b)`` averaged over every pair of aligned modalities; ``None`` on a step that does not
-    align (energy: JIN eq. 6, ``partial(energy_alignment, margin=…)``; InfoNCE: ``partial(info_nce, temperature=…)``)."""
+    align (energy: :func:`energy_loss`; InfoNCE: ``partial(info_nce, temperature=…)``)."""
 
     def measure(model: nn.Module, p: Predictions) -> torch.Tensor | None:
         pairs = pairs_of(p)
@@ -178,7 +210,7 @@ def hypermodal_terms(cfg: DictConfig, model: nn.Module) -> list[Term]:
     (``hypermodal.objectives.{within,cross,joint}``; with ``hypermodal.m3.enabled`` the M3 tasks' head loss at
     ``α`` = ``hypermodal.m3.alpha`` and their contrastive term at ``1 − α``), with a hierarchical image encoder
     (``hypermodal.image.backbone``) the hierarchy's terms (:func:`~prob_jepa.model.hierarchy_terms`), the energy
-    alignment (λ2 = ``hypermodal.objectives.energy``, margin ``energy_margin``), InfoNCE (``infonce``,
+    alignment (λ2 = ``hypermodal.objectives.energy``, the pair loss :func:`energy_loss`), InfoNCE (``infonce``,
     ``temperature``) and, with experts, their balance (``hypermodal.predictor.moe_balance_weight``)."""
     h = cfg.hypermodal
     o = h.objectives
@@ -188,7 +220,7 @@ def hypermodal_terms(cfg: DictConfig, model: nn.Module) -> list[Term]:
                   Term("m3/contrastive", 1 - h.m3.alpha, m3_contrastive_term(o.temperature))]
     if h.image.backbone is not None:
         terms += hierarchy_terms(cfg, model)
-    terms += [Term("energy", o.energy, aligned_pairs_term(partial(energy_alignment, margin=o.energy_margin))),
+    terms += [Term("energy", o.energy, aligned_pairs_term(energy_loss(o))),
               Term("infonce", o.infonce, aligned_pairs_term(partial(info_nce, temperature=o.temperature)))]
     if h.predictor.moe_experts:
         terms.append(Term("moe_balance", h.predictor.moe_balance_weight, balance_term))
