@@ -47,13 +47,14 @@ class RunDir:
         (``hypermodal`` for a config with a ``hypermodal`` node, else ``image``), ``hypermodal.image.backbone``
         (null: the flat patch encoder), ``hypermodal.image.levels`` (null: the coarsest),
         ``hypermodal.predictor.drop_path_rate`` (0), ``hypermodal.objectives.energy_loss`` (hinge) and
-        ``energy_norm_weight`` (0), and ``model.paper_params`` (null: a claim, not a setting)."""
+        ``energy_norm_weight`` (0), ``model.paper_params`` (null: a claim, not a setting) and ``model.ablation`` (null)."""
         cfg = OmegaConf.load(self.config)
         hypermodal = cfg.get("hypermodal")
         if "recipe" not in cfg:
             cfg.recipe = "image" if hypermodal is None else "hypermodal"
         if cfg.get("model") is not None:
             cfg.model.setdefault("paper_params", None)
+            cfg.model.setdefault("ablation", None)
         if hypermodal is not None:
             hypermodal.image.setdefault("backbone", None)
             hypermodal.image.setdefault("levels", None)

@@ -24,7 +24,24 @@ def test_the_ablation_group_holds_table_3s_image_rows_and_the_sweep_takes_them_a
     assert group_options(CONF, "ablation") == ROWS
     sweep = OmegaConf.load(CONF / "experiment" / "sweep_jin_ablations.yaml")
     assert sweep.hydra.sweeper.params == {"ablation": "glob(*)"}
-    assert compose("ablation=full") == compose()  # the first row is the default run
+    full, default = compose("ablation=full"), compose()
+    assert (full.model.ablation, default.model.ablation) == ("full", None)
+    default.model.ablation = "full"
+    assert full == default  # the first row is the default run
+
+
+@pytest.mark.parametrize("row", ["no_hierarchy", "single_scale"])
+def test_the_one_level_rows_build_from_a_four_level_preset(row, compose):
+    cfg, model = built(compose, "model=jin_s", f"ablation={row}")
+    assert model.context_encoder.levels == 1 and model.predict_levels == [0]
+
+
+def test_a_hypermodal_run_refuses_the_image_rows(compose):
+    from prob_jepa.config import ConfigError
+    from prob_jepa.hypermodal import build_hypermodal
+
+    with pytest.raises(ConfigError, match="ablation=no_hierarchy .* are image runs"):
+        build_hypermodal(compose("experiment=hypermodal_shapes", "ablation=no_hierarchy"))
 
 
 @pytest.mark.parametrize("row", ROWS[1:])
@@ -39,4 +56,4 @@ def test_each_ablation_removes_its_component_and_nothing_else(row, compose):
     assert has_bias == (row != "no_spatial_attention")
     assert isinstance(enc.zoom, NoZoom) == (row == "single_scale")
     assert enc.unit_grid == full.context_encoder.unit_grid  # the same mask units: the same masks
-    assert model.sigreg is not None and cfg.predictor.name == "deterministic"
+    assert model.sigreg is not None and cfg.predictor.name == "deterministic" and cfg.model.ablation == row

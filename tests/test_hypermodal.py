@@ -207,13 +207,18 @@ def test_jin_eq_5_6_against_a_hand_computation_on_two_pairs():
 
 
 def test_the_energy_loss_is_chosen_by_name_and_an_unknown_name_is_refused(compose):
-    model, cfg = small_model(compose)
-    assert [t.name for t in hypermodal_terms(cfg, model)].count("energy") == 1
-    cfg.hypermodal.objectives.energy_loss = "jin_eq6"
-    term = next(t for t in hypermodal_terms(cfg, model) if t.name == "energy")
+    model, cfg = small_model(compose, "hypermodal.objectives.energy_margin=0.3")
     z = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(0))
     p = Predictions([], {"x": z[0]}, pooled={"image": z[0], "audio": z[1]})
-    assert term.measure(model, p).item() == pytest.approx(jin_energy_alignment(z[0], z[1]).item())
+
+    def energy_term() -> float:
+        return next(t for t in hypermodal_terms(cfg, model) if t.name == "energy").measure(model, p).item()
+
+    assert cfg.hypermodal.objectives.energy_loss == "hinge"  # the default
+    assert energy_term() == pytest.approx(energy_alignment(z[0], z[1], margin=0.3).item())
+    assert energy_term() != pytest.approx(energy_alignment(z[0], z[1], margin=1.0).item())
+    cfg.hypermodal.objectives.energy_loss = "jin_eq6"
+    assert energy_term() == pytest.approx(jin_energy_alignment(z[0], z[1]).item())
     cfg.hypermodal.objectives.energy_loss = "margin"
     with pytest.raises(ConfigError, match="energy_loss='margin'; valid: hinge, jin_eq6"):
         hypermodal_terms(cfg, model)
@@ -357,8 +362,8 @@ def test_a_hypermodal_mask_that_leaves_no_context_fails_before_step_1(compose):
 
 
 def test_a_hypermodal_run_saved_before_recipes_and_the_heads_list_still_loads(compose, tmp_path):
-    """Its config.yaml has no recipe, hypermodal.image.backbone, .image.levels or .predictor.drop_path_rate, and its
-    checkpoint holds the head at head.* (now heads.0.*)."""
+    """Its config.yaml has no recipe, hypermodal.image.backbone, .image.levels, .predictor.drop_path_rate,
+    .objectives.energy_loss or .energy_norm_weight, and its checkpoint holds the head at head.* (now heads.0.*)."""
     from omegaconf import OmegaConf
 
     from prob_jepa.checkpoint import save_checkpoint
@@ -368,6 +373,7 @@ def test_a_hypermodal_run_saved_before_recipes_and_the_heads_list_still_loads(co
     old = OmegaConf.to_container(cfg, resolve=True)
     del old["recipe"], old["hypermodal"]["image"]["backbone"], old["hypermodal"]["image"]["levels"]
     del old["hypermodal"]["predictor"]["drop_path_rate"]
+    del old["hypermodal"]["objectives"]["energy_loss"], old["hypermodal"]["objectives"]["energy_norm_weight"]
     run = RunDir(tmp_path)
     run.create()
     OmegaConf.save(OmegaConf.create(old), run.config)
@@ -377,6 +383,8 @@ def test_a_hypermodal_run_saved_before_recipes_and_the_heads_list_still_loads(co
     loaded, loaded_cfg = load_run(tmp_path, "cpu")
     assert loaded_cfg.recipe == "hypermodal" and loaded_cfg.hypermodal.image.backbone is None
     assert loaded_cfg.hypermodal.image.levels is None
+    objectives = loaded_cfg.hypermodal.objectives
+    assert (objectives.energy_loss, objectives.energy_norm_weight) == ("hinge", 0.0)  # what it trained with
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
 
 

@@ -55,6 +55,14 @@ def block_params(d: int) -> int:
     return 12 * d**2 + 13 * d
 
 
+TABLE_5 = {  # JIN appendix A.1: layers, hidden dims, heads, parameters claimed
+    "jin_s": ([2, 2, 6, 2], [192, 384, 768, 1536], [3, 6, 12, 24], 28e6),
+    "jin_b": ([3, 3, 9, 3], [384, 768, 1536, 3072], [6, 12, 24, 48], 112e6),
+    "jin_l": ([4, 4, 18, 4], [512, 1024, 2048, 4096], [8, 16, 32, 64], 632e6),
+    "jin_xl": ([6, 6, 24, 6], [768, 1536, 3072, 6144], [12, 24, 48, 96], 1.8e9),
+}
+
+
 def test_jin_presets_are_table_5_and_the_claimed_parameters_are_arithmetic_of_other_widths(compose):
     """JIN Table 5's layers, widths and heads cannot hold the parameters the same table claims: JIN-S's last level
     alone (2 blocks of width 1536) holds more than twice the 28 M claimed for the whole model. Each claim is what the
@@ -67,6 +75,9 @@ def test_jin_presets_are_table_5_and_the_claimed_parameters_are_arithmetic_of_ot
         with torch.device("meta"):
             enc = build_model(cfg).context_encoder
         assert enc.levels == 4 and enc.grid == 56 and enc.unit_grid == 7
+        depths, dims, heads, claimed = TABLE_5[name]
+        assert [len(s.blocks) for s in enc.stages] == depths and list(enc.dims) == dims
+        assert [s.blocks[0].attn.num_heads for s in enc.stages] == heads and cfg.model.paper_params == claimed
         last = enc.stages[-1]
         assert sum(p.numel() for b in last.blocks for p in b.parameters()) >= cfg.model.depths[-1] * block_params(
             cfg.model.dims[-1])

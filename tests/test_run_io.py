@@ -137,8 +137,10 @@ def test_evaluate_refuses_impossible_eval_values_before_any_work(trained):
         evaluate_script.main([str(run.path), "eval.map_block=8", "eval.bank_images=0"])
     with pytest.raises(SystemExit, match="eval.num_samples=1 must be at least 2"):
         evaluate_script.main([str(run.path), "eval.num_samples=1"])
-    with pytest.raises(SystemExit, match=r"eval.scales=\[0.5, -2.0\] must be positive"):
+    with pytest.raises(SystemExit, match=r"eval.scales=\[0.5, -2.0\] must be a list of positive factors"):
         evaluate_script.main([str(run.path), "eval.scales=[0.5,-2.0]"])
+    with pytest.raises(SystemExit, match=r"eval.scales=2 must be a list of positive factors"):
+        evaluate_script.main([str(run.path), "eval.scales=2"])
     assert run.eval.read_text() == before
 
 

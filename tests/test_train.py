@@ -15,7 +15,7 @@ from prob_jepa.config import ConfigError
 from prob_jepa.data import build_datasets
 from prob_jepa.eval import evaluation_sets
 from prob_jepa.eval.representation import extract_features, linear_probe
-from prob_jepa.eval.scale import rescaled
+from prob_jepa.eval.scale import rescale
 from prob_jepa.model import build_model
 from prob_jepa.run_dir import RunDir
 from prob_jepa.run_io import load_run
@@ -113,7 +113,7 @@ def test_run_directory_holds_everything_a_user_needs(compose, tiny_overrides, tm
     refit = linear_probe(tx, ty, vx, vy, max_iter=cfg.eval.probe_max_iter)
     assert refit.accuracy == metrics["representation"]["pretrained"]["linear_probe"]
     # so is the scale robustness: the 1x probe on the validation images at half size (JIN Table 4)
-    sx, sy = extract_features(model.features, rescaled(val_set, 0.5), 64, torch.device("cpu"))
+    sx, sy = extract_features(lambda x: model.features(rescale(x, 0.5)), val_set, 64, torch.device("cpu"))
     half = (refit.predict(sx).argmax(1) == sy).float().mean().item()
     assert half == metrics["representation"]["pretrained"]["scale"]["0.5"]["linear_probe"]
     assert set(metrics["representation"]["random_init"]["scale"]) == {"0.5", "2.0"}

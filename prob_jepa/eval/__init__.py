@@ -64,7 +64,7 @@ def random_init_model(cfg: DictConfig, device: torch.device) -> JEPA:
 
 def representation_metrics(
     model: JEPA, cfg: DictConfig, train_set: Dataset, val_set: Dataset, device: torch.device
-) -> tuple[dict[str, dict[str, float]], torch.Tensor, torch.Tensor]:
+) -> tuple[dict[str, dict[str, Any]], torch.Tensor, torch.Tensor]:
     """Linear probe and k-NN on the target encoder, and on the same encoder at its random initialization, each also
     on the validation images rescaled by every ``eval.scales`` factor (``scale``: :func:`scale_scores`).
 
@@ -147,8 +147,11 @@ def check_evaluation(cfg: DictConfig, unit_grid: int) -> None:
     for key in ("map_images", "bank_images", "head_images", "ambiguity_pairs"):
         if e[key] < 1:
             problems.append(f"eval.{key}={e[key]} must be at least 1")
-    if any(s <= 0 for s in e.scales):
-        problems.append(f"eval.scales={list(e.scales)} must be positive factors (0.5: the content at half size)")
+    scales = e.scales
+    if not (OmegaConf.is_list(scales) and all(isinstance(s, (int, float)) and s > 0 for s in scales)):
+        shown = list(scales) if OmegaConf.is_list(scales) else scales
+        problems.append(f"eval.scales={shown} must be a list of positive factors, e.g. [0.5, 2.0] (0.5: the "
+                        f"content at half size; [] skips the evaluation)")
     if e.num_samples < 2:
         problems.append(f"eval.num_samples={e.num_samples} must be at least 2 (spreads and the sample temperature)")
     if not 1 <= e.map_block < unit_grid:

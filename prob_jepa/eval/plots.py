@@ -88,9 +88,11 @@ def scale_robustness(runs: Runs, path: Path) -> Path:
             for ax, metric in zip(axes, ("linear_probe", "knn")):
                 ax.plot(factors, [scores[f][metric] for f in factors], style, marker="o", color=colour,
                         label=f"{name} {enc.replace('_', ' ')}" if len(runs) > 1 else enc.replace("_", " "))
+    ticks = sorted({1.0, *(float(f) for rep in runs.values() for f in rep["pretrained"]["scale"])})
     for ax, title in zip(axes, ("linear probe (fitted at 1×)", "k-NN (bank at 1×)")):
         ax.set_xscale("log", base=2)
-        ax.set_xticks([0.5, 1, 2], ["0.5×", "1×", "2×"])
+        ax.set_xticks(ticks, [f"{f:g}×" for f in ticks])
+        ax.minorticks_off()
         ax.set(xlabel="scale of the image content", title=title, ylim=(0, 1))
     axes[0].set_ylabel("top-1 accuracy")
     axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))

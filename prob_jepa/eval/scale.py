@@ -5,7 +5,7 @@ from typing import Callable, Sequence
 
 import torch
 import torchvision.transforms.v2.functional as TF
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset
 
 from .representation import ProbeResult, extract_features, knn_accuracy
 
@@ -38,13 +38,6 @@ def rescale(images: torch.Tensor, factor: float) -> torch.Tensor:
     return canvas
 
 
-def rescaled(dataset: Dataset, factor: float, batch_size: int = 256) -> Dataset:
-    """``dataset``'s ``(image, label)`` pairs with every image :func:`rescale`\\ d by ``factor`` (held in memory)."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    images, labels = zip(*((rescale(x, factor), torch.as_tensor(y)) for x, y in loader))
-    return TensorDataset(torch.cat(images), torch.cat(labels))
-
-
 def scale_scores(
     encode: Callable[[torch.Tensor], torch.Tensor],
     probe: ProbeResult,
@@ -58,19 +51,19 @@ def scale_scores(
     knn_temperature: float = 0.07,
     name: str = "",
 ) -> dict[str, dict[str, float]]:
-    """Linear probe and k-NN accuracy of ``encode`` on ``val_set`` rescaled by each factor (:func:`rescale`), with
-    the probe fitted on unscaled training features and the k-NN bank of them (JIN Table 4 re-scores ImageNet at
-    0.5× / 1× / 2× the same way).
+    """Linear probe and k-NN accuracy of ``encode`` on ``val_set`` rescaled by each factor (:func:`rescale`, batch by
+    batch as the features are extracted), with the probe fitted on unscaled training features and the k-NN bank of
+    them (JIN Table 4 re-scores ImageNet at 0.5× / 1× / 2× the same way).
 
     Args:
         encode: images ``[B, C, H, W]`` → frozen features ``[B, D]``.
         probe: the :class:`ProbeResult` fitted at 1× on ``train_x [N, D]`` / ``train_y [N]``.
     Returns:
-        ``{str(factor): {"linear_probe", "knn"}}``.
+        ``{str(float(factor)): {"linear_probe", "knn"}}`` (keys such as ``"0.5"``, ``"2.0"``).
     """
     out: dict[str, dict[str, float]] = {}
     for factor in factors:
-        vx, vy = extract_features(encode, rescaled(val_set, factor, batch_size), batch_size, device,
+        vx, vy = extract_features(lambda x, f=factor: encode(rescale(x, f)), val_set, batch_size, device,
                                   f"{name} val features at {factor}x")
         out[str(float(factor))] = {
             "linear_probe": (probe.predict(vx).argmax(1) == vy).float().mean().item(),

@@ -73,10 +73,12 @@ def find_runs(paths: Sequence[str | Path]) -> list[RunDir]:
 
 
 def model_label(cfg: DictConfig) -> str:
-    """The model column of a table: the preset (``model.name``) of an image run; ``hypermodal`` (with a flat image
-    encoder) or ``hypermodal+<preset>`` (JIN's hierarchical image encoder, ``hypermodal.image.backbone``)."""
+    """The model column of a table: the preset (``model.name``) of an image run, with its JIN Table 3 row when it is
+    one (``jin_tiny/no_hierarchy``); ``hypermodal`` (with a flat image encoder) or ``hypermodal+<preset>`` (JIN's
+    hierarchical image encoder, ``hypermodal.image.backbone``)."""
     if cfg.recipe == "image":
-        return cfg.model.name
+        ablation = cfg.model.get("ablation")
+        return cfg.model.name if ablation is None else f"{cfg.model.name}/{ablation}"
     backbone = cfg.hypermodal.image.backbone
     return cfg.recipe if backbone is None else f"{cfg.recipe}+{backbone}"
 

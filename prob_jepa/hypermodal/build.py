@@ -96,6 +96,9 @@ def check_composition(cfg: DictConfig) -> None:
         found = cfg.model.name if "model" in composed else None
         raise ConfigError(f"hypermodal.image.backbone={backbone} needs model={backbone} composed (it is {found}): "
                           f"experiment=hypermodal_shapes does both")
+    if cfg.model.get("ablation") is not None:
+        raise ConfigError(f"ablation={cfg.model.ablation} (model.ablation) rows are image runs: in a hypermodal run the "
+                          f"experiment sets model.patch_size and hypermodal.spatial_bias; override those keys instead")
     if cfg.hypermodal.image.patch_size != cfg.model.patch_size:
         raise ConfigError(f"hypermodal.image.patch_size={cfg.hypermodal.image.patch_size} but the image encoder is "
                           f"model={backbone} with model.patch_size={cfg.model.patch_size}: set model.patch_size")
