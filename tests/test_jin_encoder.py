@@ -108,6 +108,13 @@ def test_every_spatial_bias_parameter_is_trained_and_older_checkpoints_load():
     state = enc.state_dict()
     state["stages.0.spatial_bias.mlp.2.bias"] = torch.zeros(enc.stages[0].spatial_bias.mlp[-1].out_features)
     encoder(spatial_bias=True).load_state_dict(state)
+    # the bias is drawn and dropped: the generator ends where it did with it, so a seed's weights stay the same
+    torch.manual_seed(0)
+    SpatialBias(4, 16, 8)
+    after_bias_free = torch.rand(3)
+    torch.manual_seed(0)
+    torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    assert torch.equal(after_bias_free, torch.rand(3))
 
 
 def test_adaptive_computation_lowers_measured_flops_by_its_capacity():

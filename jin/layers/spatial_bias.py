@@ -31,8 +31,12 @@ class SpatialBias(nn.Module):
         super().__init__()
         self.grid, self.max_scale = grid, max_scale_delta
         # No output bias: a per-head constant shifts every logit of a query's row alike, which softmax ignores, so
-        # it would get no gradient (exactly zero, up to rounding) and only drift with the optimizer's noise.
-        self.mlp = nn.Sequential(nn.Linear(3, hidden), nn.GELU(), nn.Linear(hidden, num_heads, bias=False))
+        # it would get no gradient (exactly zero, up to rounding) and only drift with the optimizer's noise. It is
+        # drawn and dropped rather than never built, so the generator, and every weight drawn after it, stays where
+        # it was: a seed's initial weights are the ones the README's runs started from.
+        out = nn.Linear(hidden, num_heads)
+        out.bias = None
+        self.mlp = nn.Sequential(nn.Linear(3, hidden), nn.GELU(), out)
         self.register_load_state_dict_pre_hook(_drop_output_bias)
         pos = torch.arange(-2 * grid, 2 * grid + 1, dtype=torch.float32) / 2  # fine tokens
         scale = torch.arange(-2 * max_scale_delta, 2 * max_scale_delta + 1, dtype=torch.float32) / 2
