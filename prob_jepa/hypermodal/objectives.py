@@ -39,7 +39,7 @@ def energy_alignment(za: torch.Tensor, zb: torch.Tensor, margin: float = 1.0) ->
 
 
 def jin_energy_alignment(za: torch.Tensor, zb: torch.Tensor, norm_weight: float = 0.0) -> torch.Tensor:
-    """JIN eq. 5-6 as written (``hypermodal.objectives.energy_loss=jin_eq6``, arXiv JIN §3.2.2):
+    """JIN eq. 5-6 as written (``hypermodal.objectives.energy_loss=jin_eq6``; the JIN paper, §3.2.2):
     ``E(x_i, x_j) = −cos(g_i(x_i), g_j(x_j)) + λ‖g_i(x_i)‖²`` and ``L_EBM = E_data[E] − E_noise[E]``, the data pairs
     the batch's matched scenes ``(za_i, zb_i)``, the noise pairs its mismatched ones ``(za_i, zb_j)``, ``i ≠ j``.
 
