@@ -165,28 +165,20 @@ def report(overrides: list[str]) -> list[dict]:
 
 
 def presets() -> list[dict]:
-    """One row per ``model/*.yaml`` at its native resolution, on the meta device: encoder parameters (measured),
-    the parameters its source paper claims (``model.paper_params``), the last level's share and the encoder's
-    GFLOPs for one image at full computation (α = 1)."""
+    """One row per ``model/*.yaml`` (:func:`report` of each): encoder parameters (measured), the parameters its source
+    paper claims (``model.paper_params``), the last level's share and the encoder's GFLOPs for one image at full
+    computation (α = 1)."""
     rows = []
     for name in group_options(CONF, "model"):
-        cfg = compose_config(CONF, [f"model={name}"])
-        m = cfg.model
-        cfg.data.image_size = m.image_size
-        with torch.device("meta"):
-            model = build_model(cfg)
-            m.adaptive = False
-            full = build_model(cfg)
-        parts = {r["part"]: r for r in level_report(model, m.image_size, count_flops=False)}
-        total, last = parts["encoder total"], parts[f"level {m.levels - 1}"]
-        total["gflops"] = next(r["gflops"] for r in level_report(full, m.image_size) if r["part"] == "encoder total")
+        m = compose_config(CONF, [f"model={name}"]).model
+        parts = {r["part"]: r for r in report([f"model={name}"])}
         rows.append({
             "preset": name, "input": f"{m.image_size} px, patch {m.patch_size}",
             "widths": ", ".join(map(str, m.dims)), "depths": ", ".join(map(str, m.depths)),
             "heads": ", ".join(map(str, m.num_heads)),
-            "params_M": total["params"] / 1e6,
+            "params_M": parts["encoder total"]["params_M"],
             "paper_M": m.paper_params / 1e6 if m.paper_params else None,
-            "last_level_M": last["params"] / 1e6, "gflops": total["gflops"],
+            "last_level_M": parts[f"level {m.levels - 1}"]["params_M"], "gflops": parts["encoder total"]["gflops"],
         })
     return rows
 

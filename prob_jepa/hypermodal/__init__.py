@@ -3,8 +3,8 @@ from .build import ENCODERS, build_hypermodal, build_modality_encoder
 from .masks import ModalityMask, coordinate_block_masks
 from .model import HypermodalJEPA
 from .objectives import (
-    PHASES, Task, energy_alignment, hypermodal_terms, info_nce, jin_energy_alignment, m3_tasks, modality_dropout, pair_energy, phase_at,
-    plan_tasks,
+    PHASES, Task, energy_alignment, hypermodal_terms, info_nce, jin_energy_alignment, m3_tasks, modality_dropout,
+    pair_energy, phase_at, plan_tasks,
 )
 
 __all__ = [
