@@ -88,6 +88,13 @@ class HierarchicalEncoder(nn.Module):
         zoom_factors: zoom factors < 1 of the foveal views (:class:`AdaptiveZoom`);
             empty for none.
         zoom_tokens: tokens per side of each zoom crop.
+        stem: the tokenizer of the level-0 grid for another modality (``[B, …] → [B, G, G, dims[0]]`` with
+            ``G = img_size / patch_size``: a spectrogram CNN, a clip's 3-D CNN, a point cloud's pillars; JIN
+            §3.2.1); ``None``: timm's ``PatchEmbed`` of ``in_chans``-channel images. Zoom crops images, so it
+            needs the image stem.
+
+    Raises:
+        ValueError: lists of different lengths; a grid the levels cannot merge; zoom with another stem.
 
     References:
         JIN eq. 1, 4, 7-8; Ryali et al., "Hiera" (arXiv:2306.00989);
@@ -112,6 +119,7 @@ class HierarchicalEncoder(nn.Module):
         global_from: int = 0,
         zoom_factors: Sequence[float] = (),
         zoom_tokens: int = 2,
+        stem: nn.Module | None = None,
     ):
         super().__init__()
         if not len(dims) == len(depths) == len(num_heads):
@@ -127,7 +135,9 @@ class HierarchicalEncoder(nn.Module):
             )
         self.unit_grid = self.grid // self.unit
         self.global_from = global_from
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, dims[0], output_fmt="NHWC")
+        if stem is not None and len(zoom_factors):
+            raise ValueError(f"zoom_factors {list(zoom_factors)}: zoom crops images, and this encoder has its own stem")
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, dims[0], output_fmt="NHWC") if stem is None else stem
 
         coords0 = grid_coords(self.grid)
         self.register_buffer("pos_embed", sincos_embed(coords0[..., :2], dims[0], self.grid / 2), persistent=False)
@@ -173,7 +183,7 @@ class HierarchicalEncoder(nn.Module):
         """Encode the given mask units of ``images``.
 
         Args:
-            images: ``[B, C, H, W]``.
+            images: ``[B, C, H, W]`` (or what ``stem`` takes).
             units: ``[B, U]`` int64 indices of the mask units to encode (the
                 context); ``None`` encodes all ``unit_grid²`` units (the target view).
         Returns:
@@ -184,7 +194,7 @@ class HierarchicalEncoder(nn.Module):
         x = unit_layout(x, self.unit)  # [B, U_all, u², D0]
         if units is not None:
             x = x[torch.arange(B, device=x.device)[:, None], units]
-        extra = self.zoom(images, x, units, self.patch_embed.proj)
+        extra = self.zoom(images, x, units, self.patch_embed)
         levels = []
         for level, stage in enumerate(self.stages):
             coords = self.coords(level, units, B)

@@ -55,7 +55,7 @@ class NoZoom(nn.Module):
     """The zoom of an encoder without foveal views (``zoom_factors`` empty): :class:`NoZoomTokens`, no parameters."""
 
     def forward(self, images: torch.Tensor, level0: torch.Tensor, units: torch.Tensor | None,
-                patch_proj: nn.Module) -> NoZoomTokens:
+                patch_embed: nn.Module) -> NoZoomTokens:
         return NoZoomTokens()
 
 
@@ -108,11 +108,11 @@ class AdaptiveZoom(nn.Module):
         return torch.sigmoid(self.roi(level0.mean(dim=(1, 2))))
 
     def forward(
-        self, images: torch.Tensor, level0: torch.Tensor, units: torch.Tensor | None, patch_proj: nn.Module
+        self, images: torch.Tensor, level0: torch.Tensor, units: torch.Tensor | None, patch_embed: nn.Module
     ) -> ZoomTokens:
         """Zoom tokens for ``images [B, C, H, W]`` given the visible level-0 tokens ``[B, U, T, D]``.
 
-        ``patch_proj`` is the encoder's patch projection, shared so crops and
+        ``patch_embed`` is the encoder's patch embedding, whose projection (``.proj``) is shared so crops and
         base view are embedded alike.
         """
         B = images.shape[0]
@@ -128,7 +128,7 @@ class AdaptiveZoom(nn.Module):
             theta[:, :, 2] = (2 * c - 1).to(images.dtype)
             grid = F.affine_grid(theta, [B, images.shape[1], n * p, n * p], align_corners=False)
             crop = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
-            t = patch_proj(crop).flatten(2).transpose(1, 2)  # [B, n², D]
+            t = patch_embed.proj(crop).flatten(2).transpose(1, 2)  # [B, n², D]
             xy = (c[:, None, :] - z / 2 + z * self.local).float()  # [B, n², 2]
             scale = xy.new_full((B, n * n, 1), math.log2(z / n))
             t = t + sincos_embed(xy, t.shape[-1], self.grid / 2).to(t.dtype) + self.factor_embed[i]

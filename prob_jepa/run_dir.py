@@ -47,7 +47,8 @@ class RunDir:
         (``hypermodal`` for a config with a ``hypermodal`` node, else ``image``), ``hypermodal.image.backbone``
         (null: the flat patch encoder), ``hypermodal.image.levels`` (null: the coarsest),
         ``hypermodal.predictor.drop_path_rate`` (0), ``hypermodal.objectives.energy_loss`` (hinge) and
-        ``energy_norm_weight`` (0), ``model.paper_params`` (null: a claim, not a setting) and ``model.ablation`` (null)."""
+        ``energy_norm_weight`` (0), ``hypermodal.hierarchy.modalities`` (none: only the image had JIN's hierarchy),
+        ``model.paper_params`` (null: a claim, not a setting) and ``model.ablation`` (null)."""
         cfg = OmegaConf.load(self.config)
         hypermodal = cfg.get("hypermodal")
         if "recipe" not in cfg:
@@ -61,6 +62,7 @@ class RunDir:
             hypermodal.predictor.setdefault("drop_path_rate", 0.0)
             hypermodal.objectives.setdefault("energy_loss", "hinge")
             hypermodal.objectives.setdefault("energy_norm_weight", 0.0)
+            hypermodal.setdefault("hierarchy", {"modalities": []})
         return cfg
 
     def log(self, record: dict[str, Any]) -> None:

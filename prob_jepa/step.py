@@ -31,8 +31,8 @@ class Predictions:
     """What a JEPA's forward returns; the loss terms read nothing else.
 
     predicted: every prediction of the step.
-    levels: the hierarchical encoder's context features per level ``[B, U, T, D_l]`` (the image JEPA, and the
-        hypermodal JEPA with a hierarchical image encoder on steps with the image; empty otherwise).
+    levels: the hierarchical encoder's context features per level ``[B, U, T, D_l]`` (the image JEPA; the
+        hypermodal JEPA's hierarchical modalities present in the step, their units side by side; empty otherwise).
     alpha: its computed fraction per level ``[B]`` (JIN eq. 4; 1 without adaptive computation).
     pooled: per modality, its mean context token in the alignment space ``[B, E]`` (the hypermodal JEPA, on steps
         that align the modalities; empty otherwise).

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import CONF, paired_scene
-from jin.encoders import HierarchicalImageEncoder
+from jin.encoders import HierarchicalModalityEncoder
 from prob_jepa.config import ConfigError, compose_config
 from prob_jepa.data.multimodal import MultimodalSpec, PairedShapes
 from prob_jepa.hypermodal import (
@@ -322,7 +322,7 @@ def test_the_hierarchical_image_backbone_is_composed_with_its_model_or_rejected_
     assert cfg.hypermodal.image.backbone == cfg.model.name == "jin_tiny" and "mask" not in cfg
     assert cfg.hypermodal.predictor == cfg.model.predictor  # the predictor is model.predictor
     image = build_hypermodal(cfg).context_encoder.encoder("image")
-    assert isinstance(image, HierarchicalImageEncoder) and image.backbone.levels == 2
+    assert isinstance(image, HierarchicalModalityEncoder) and image.backbone.levels == 2
     assert all(stage.spatial_bias is not None for stage in image.backbone.stages)  # JIN eq. 7-8 at every level
     assert compose("experiment=hypermodal_shapes") == cfg  # jin_tiny is the default
     with pytest.raises(ConfigError, match=r"model\.\* is not read.*experiment=hypermodal_shapes"):
@@ -400,3 +400,55 @@ def test_a_recipe_without_its_config_nodes_fails_naming_them(compose, tmp_path):
     with pytest.raises(ConfigError, match=r"recipe=hypermodal reads"):  # before config.yaml is written
         pretrain(compose("recipe=hypermodal"), run_dir=tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_every_hierarchical_modality_feeds_the_hierarchy_terms_as_one_hierarchy():
+    """The cross-scale, budget and SIGReg terms read the levels of every hierarchical modality of the step: per level,
+    their mask units side by side and their mean α; one modality's levels pass unchanged (the default run's)."""
+    from jin.encoder import Level
+    from prob_jepa.hypermodal.model import hierarchy_levels
+
+    g = torch.Generator().manual_seed(0)
+    image = [Level(torch.randn(2, 3, 4, 5, generator=g), None, torch.tensor([1.0, 0.5])),
+             Level(torch.randn(2, 3, 1, 7, generator=g), None, torch.tensor([0.5, 0.5]))]
+    audio = [Level(torch.randn(2, 6, 4, 5, generator=g), None, torch.tensor([0.0, 0.5])),
+             Level(torch.randn(2, 6, 1, 7, generator=g), None, torch.tensor([1.0, 0.0]))]
+    levels, alpha = hierarchy_levels([image, audio])
+    assert [lv.shape for lv in levels] == [(2, 9, 4, 5), (2, 9, 1, 7)]
+    assert torch.equal(levels[0][:, 3:], audio[0].features) and torch.equal(levels[1][:, :3], image[1].features)
+    assert torch.equal(alpha[0], torch.tensor([0.5, 0.5])) and torch.equal(alpha[1], torch.tensor([0.75, 0.25]))
+    alone, alone_alpha = hierarchy_levels([image])
+    assert all(torch.equal(a, lv.features) for a, lv in zip(alone, image))
+    assert all(torch.equal(a, lv.alpha) for a, lv in zip(alone_alpha, image))
+    assert hierarchy_levels([]) == ([], [])
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["hypermodal.hierarchy.modalities=[text]"], r"hypermodal\.hierarchy\.modalities=\['text'\]: distinct modalities "
+                                                 r"of \['audio', 'video', 'points'\].*text has none"),
+    (["hypermodal.hierarchy.modalities=[audio,audio]"], r"distinct modalities"),
+    (["data.modalities=[image,audio]", "hypermodal.hierarchy.modalities=[video]"],
+     r"lists \['video'\], which hypermodal\.modalities \(\['image', 'audio'\]\) does not"),
+    (["hypermodal.hierarchy.modalities=[audio]", "hypermodal.hierarchy.depths=[1]"],
+     r"hypermodal\.hierarchy\.depths=\[1\]: one block count ≥ 1 for each of model=jin_tiny's 2 levels"),
+    (["hypermodal.hierarchy.modalities=[audio]", "hypermodal.hierarchy.grid=12"],
+     r"hypermodal\.hierarchy\.grid=12: a multiple of 2 .* that divides audio's \(32, 32\)"),
+    (["hypermodal.hierarchy.modalities=[video]", "hypermodal.video.tubelet=[3,4]"],
+     r"hypermodal\.video\.tubelet\[0\]=3 frames must divide data\.video_frames=4"),
+    (["hypermodal.hierarchy.modalities=[video]", "hypermodal.video.tubelet=[1,4]", "hypermodal.video.temporal_levels=3"],
+     r"hypermodal\.video\.temporal_levels=3 are the flat video encoder's levels"),
+])
+def test_a_modality_hierarchy_that_cannot_be_built_is_rejected_by_name(overrides, named, compose):
+    with pytest.raises(ConfigError, match=named):
+        build_hypermodal(compose("experiment=hypermodal_shapes", *overrides))
+
+
+def test_a_modality_hierarchy_needs_jin_s_model_and_an_old_config_had_none(compose, tmp_path):
+    with pytest.raises(ConfigError, match=r"hypermodal\.hierarchy\.modalities=\['audio'\] take JIN's hierarchy from "
+                                          r"model\.\*.*experiment=hypermodal_shapes"):
+        build_hypermodal(compose(*SMALL, "hypermodal.hierarchy.modalities=[audio]"))
+    cfg = compose("experiment=hypermodal_shapes")
+    del cfg.hypermodal.hierarchy  # a run saved before modalities other than the image had a hierarchy
+    run = RunDir(tmp_path)
+    run.save_config(cfg)
+    assert list(run.load_config().hypermodal.hierarchy.modalities) == []

@@ -6,9 +6,10 @@ import torch
 
 from jin.encoder import HierarchicalEncoder
 from jin.encoders import (
-    AudioEncoder, HierarchicalImageEncoder, ImageEncoder, PointEncoder, TextEncoder, VideoEncoder,
-    farthest_point_order, farthest_point_sample, gather_tokens,
+    AudioEncoder, ClipStem, HierarchicalModalityEncoder, ImageEncoder, PillarStem, PointEncoder, SpectrogramStem,
+    TextEncoder, VideoEncoder, farthest_point_order, farthest_point_sample, gather_tokens,
 )
+from jin.layers.stage import AdaptiveStage
 from jin.hypermodal import HypermodalEncoder
 from prob_jepa.hypermodal import coordinate_block_masks
 
@@ -197,9 +198,9 @@ def test_video_temporal_levels_cover_the_clip_at_each_resolution():
         VideoEncoder(4, 16, (2, 8), D, temporal_levels=3)
 
 
-def hierarchical_image(levels=None) -> HierarchicalImageEncoder:
+def hierarchical_image(levels=None) -> HierarchicalModalityEncoder:
     torch.manual_seed(0)  # 16 px, patch 2: an 8×8 level-0 grid, 4×4 mask units of 2×2 level-0 tokens
-    return HierarchicalImageEncoder(HierarchicalEncoder(16, 2, [12, 24], [1, 1], [2, 2], spatial_bias=True), D,
+    return HierarchicalModalityEncoder(HierarchicalEncoder(16, 2, [12, 24], [1, 1], [2, 2], spatial_bias=True), D,
                                     levels=levels).eval()
 
 
@@ -243,3 +244,65 @@ def test_the_hierarchical_image_defaults_to_its_coarsest_level_and_loads_checkpo
 
 def test_the_hierarchical_image_positions_resolve_its_finest_chosen_level():
     assert hierarchical_image().max_freq == 2 and hierarchical_image([0, 1]).max_freq == 4  # 4 units, 8 tokens a side
+
+
+STEMS = {  # 8 mels × 16 frames is not square: a 4×4 grid of (2 mels × 4 frames) patches
+    "audio": lambda: SpectrogramStem(8, 16, 4, 12),
+    "video": lambda: ClipStem(4, 16, 2, 4, 12),
+    "points": lambda: PillarStem(4, 12),
+}
+
+
+def hierarchical(name: str, levels=None) -> HierarchicalModalityEncoder:
+    """Modality ``name`` through a 2-level JIN hierarchy over a 4×4 level-0 grid (2×2 mask units), as
+    ``hypermodal.hierarchy`` builds it: spatial bias, adaptive computation, level 0 within units."""
+    torch.manual_seed(0)
+    backbone = HierarchicalEncoder(4, 1, [12, 24], [1, 1], [2, 2], spatial_bias=True, adaptive=True, global_from=1,
+                                   stem=STEMS[name]())
+    return HierarchicalModalityEncoder(backbone, D, levels=levels).eval()
+
+
+@pytest.mark.parametrize("name", list(STEMS))
+def test_every_modality_hierarchy_has_levels_whose_coordinates_carry_the_scale(name):
+    """JIN §3.2.1: audio, video and points yield levels of tokens — 4 level-0 tokens per mask unit, 1 level-1 token,
+    one octave apart in the scale coordinate — through the blocks the image's levels have."""
+    enc, x = hierarchical(name, [0, 1]), inputs()[name]
+    assert (enc.num_units, enc.num_tokens) == (4, 4 * 5)
+    tokens = enc(x)
+    assert tokens.features.shape == (B, 20, D) and [lv.features.shape[1:3] for lv in tokens.levels] == [(4, 4), (4, 1)]
+    scale = tokens.coords[0, :, 2]
+    assert (scale[:16] == -2).all() and (scale[16:] == -1).all()  # log2(token side / input side): 1/4, then 1/2
+    assert torch.equal(tokens.coords[0, 16:], enc.unit_coords(x)[0])  # a unit's coarsest token at its centre
+    level0 = tokens.coords[0, :16, :2].reshape(4, 4, 2)
+    assert torch.allclose(level0.mean(1), tokens.coords[0, 16:, :2])  # its four children around it
+    for stage in enc.backbone.stages:  # the spatial bias and adaptive computation, as the image's levels
+        assert isinstance(stage, AdaptiveStage) and stage.spatial_bias is not None
+    context = enc(x, torch.tensor([[0, 3]] * B))
+    assert torch.equal(context.coords, gather_tokens(tokens.coords, enc.unit_tokens(torch.tensor([[0, 3]] * B))))
+
+
+def test_the_stems_put_each_input_at_its_coordinates():
+    """A token's (x, y) is where its content is: audio (time, frequency), video (x, y) through every frame, points
+    the pillar under them — so masks, the spatial bias and the cross-scale children see the input's geometry."""
+    torch.manual_seed(0)
+    changed = lambda a, b: (a - b).abs().amax(-1)[0] > 0  # noqa: E731  [G, G] cells that differ
+    audio, spec = SpectrogramStem(16, 16, 4, 12), torch.randn(1, 16, 16)  # patches of 4 mels × 4 frames
+    louder = spec.clone()
+    louder[0, 9, 6] += 1.0  # mel 9 (row 2), frame 6 (column 1), inside the patch: the 3×3 conv stays in it
+    assert changed(audio(louder), audio(spec)).nonzero().tolist() == [[2, 1]]
+    video, clip = STEMS["video"](), torch.randn(1, 4, 3, 16, 16)
+    later = clip.clone()
+    later[0, 3, :, 5, 13] += 1.0  # the last frame, pixel row 5, column 13: cell (1, 3) of 4-px cells
+    assert changed(video(later), video(clip)).nonzero().tolist() == [[1, 3]]
+    points, cloud = STEMS["points"](), torch.tensor([[[0.1, 0.1, 0.5], [0.6, 0.3, 0.2], [0.65, 0.35, 0.9]]])
+    grid = points(cloud)
+    occupied = (grid[0] != points.empty).any(-1)
+    assert occupied.nonzero().tolist() == [[0, 0], [1, 2]]  # rows y, columns x: (0.1, 0.1) and (0.6, 0.3), (0.65, 0.35)
+    assert torch.equal(points(cloud[:, [2, 0, 1]]), grid)  # the order of the points does not matter
+    moved = cloud.clone()
+    moved[0, 0, 2] = 0.9  # a point's height changes only its pillar
+    assert changed(points(moved), grid).nonzero().tolist() == [[0, 0]]
+    with pytest.raises(ValueError, match="must divide the spectrogram"):
+        SpectrogramStem(8, 16, 3, 12)
+    with pytest.raises(ValueError, match="zoom crops images"):
+        HierarchicalEncoder(4, 1, [12, 24], [1, 1], [2, 2], zoom_factors=[0.5], stem=PillarStem(4, 12))

@@ -189,7 +189,7 @@ def test_zoom_tokens_carry_true_coordinates_and_follow_the_roi():
     enc = encoder(zoom_factors=[0.5, 0.25], zoom_tokens=2)
     x = torch.randn(2, 3, IMG, IMG)
     level0 = torch.randn(2, 4, 16, 16)
-    z = enc.zoom(x, level0, None, enc.patch_embed.proj)
+    z = enc.zoom(x, level0, None, enc.patch_embed)
     assert z.x.shape == (2, 8, 16) and z.coords.shape == (2, 8, 3)
     assert torch.allclose(z.coords[0, :4, 2], torch.tensor(-2.0))  # log2(0.5 / 2)
     assert torch.allclose(z.coords[0, 4:, 2], torch.tensor(-3.0))  # log2(0.25 / 2)

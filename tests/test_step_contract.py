@@ -12,7 +12,7 @@ from prob_jepa.run_dir import RunDir
 from prob_jepa.data import build_datasets
 from prob_jepa.model import has_cross_scale
 from prob_jepa.train import Trainer
-from jin.encoders import HierarchicalImageEncoder
+from jin.encoders import HierarchicalModalityEncoder
 
 HYPERMODAL = [
     "experiment=hypermodal_flat", "data.train_size=32", "data.val_size=16", "hypermodal.dim=24",
@@ -35,6 +35,12 @@ def with_text(name: str) -> list[str]:
 CASES = {f"image-{name}": shrunk_model(name) for name in MODEL_PRESETS}
 CASES.update({f"image+text-{name}": with_text(name) for name in MODEL_PRESETS})
 CASES["image+text-jin_tiny-every-level"] = [*with_text("jin_tiny"), "hypermodal.image.levels=[0,1]"]
+CASES["every-modality-hierarchy"] = [  # JIN §3.2.1: audio, video and points through JIN's hierarchy too
+    *[o for o in with_text("jin_tiny") if not o.startswith("data.modalities")],
+    "data.modalities=[image,audio,video,points]", "hypermodal.hierarchy.modalities=[audio,video,points]",
+    "hypermodal.hierarchy.grid=8", *[f"hypermodal.mask.{m}.{k}=2" for m in ("audio", "video", "points")
+                                     for k in ("num_targets", "target_size")],
+]
 CASES["hypermodal"] = HYPERMODAL
 CASES["hypermodal-m3"] = [*HYPERMODAL, "experiment=hypermodal_m3"]
 
@@ -54,7 +60,7 @@ def first_steps(cfg, tmp_path, steps: int) -> tuple[Trainer, dict[str, torch.Ten
 @pytest.mark.parametrize("case", list(CASES))
 def test_the_training_step_trains_every_parameter_of_every_configuration(case, compose, tmp_path):
     overrides = CASES[case]
-    if case == "hypermodal-m3" or case.startswith("image+text"):  # one experiment= per composition
+    if case == "hypermodal-m3" or case.startswith(("image+text", "every-modality")):  # one experiment= per composition
         overrides = [o for o in overrides if o != "experiment=hypermodal_flat"]
     cfg = compose(*overrides)
     torch.manual_seed(0)
@@ -65,9 +71,10 @@ def test_the_training_step_trains_every_parameter_of_every_configuration(case, c
     torch.testing.assert_close(terms["loss"], weighted)  # the loss is exactly the recipe's weighted terms
     missing = [n for n, p in trainer.model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, missing
-    if case.startswith("image+text"):  # JIN's hierarchy inside: its encoder, as model.* sets it, and its terms
-        image = trainer.model.context_encoder.encoder("image")
-        assert isinstance(image, HierarchicalImageEncoder) and image.backbone.levels == cfg.model.levels
+    if case.startswith(("image+text", "every-modality")):  # JIN's hierarchy inside, as model.* sets it, and its terms
+        for name in ["image", *cfg.hypermodal.hierarchy.modalities]:
+            encoder = trainer.model.context_encoder.encoder(name)
+            assert isinstance(encoder, HierarchicalModalityEncoder) and encoder.backbone.levels == cfg.model.levels
         expected = {"cross_scale": has_cross_scale(cfg.model), "budget": cfg.model.adaptive,
                     "sigreg": cfg.model.sigreg_weight > 0}
         assert {k: k in terms for k in expected} == expected

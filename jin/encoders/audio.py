@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import ModalityEncoder
@@ -46,3 +47,28 @@ class AudioEncoder(ModalityEncoder):
 
     def embed(self, x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         return self.proj(x[:, None]).flatten(2).transpose(1, 2)
+
+
+class SpectrogramStem(nn.Module):
+    """Log-mel spectrogram ``[B, F, T]`` → level-0 grid ``[B, G, G, D]`` of JIN's hierarchy for audio (JIN §3.2.1:
+    "spectrogram CNN followed by temporal transformer"; the transformer is the hierarchy's levels).
+
+    A 3×3 convolution (``D/2`` channels) and GELU, then a strided convolution over patches of ``F/G`` mel bins ×
+    ``T/G`` frames. Rows are frequency, columns time, so a token's ``(x, y)`` is ``(time, frequency)``, as
+    :class:`AudioEncoder`'s.
+
+    Raises:
+        ValueError: ``grid`` does not divide both sides of the spectrogram.
+    """
+
+    def __init__(self, n_mels: int, frames: int, grid: int, dim: int):
+        super().__init__()
+        if n_mels % grid or frames % grid:
+            raise ValueError(f"a {grid}×{grid} grid must divide the spectrogram ({n_mels} mels, {frames} frames)")
+        self.local = nn.Conv2d(1, dim // 2, kernel_size=3, padding=1)
+        patch = (n_mels // grid, frames // grid)
+        self.proj = nn.Conv2d(dim // 2, dim, kernel_size=patch, stride=patch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, F, T]`` → ``[B, G, G, D]``."""
+        return self.proj(F.gelu(self.local(x[:, None]))).permute(0, 2, 3, 1)

@@ -37,7 +37,7 @@ class ModalityEncoder(nn.Module):
     :class:`~jin.hypermodal.HypermodalEncoder` that owns the modality table.
 
     Masks are drawn over *mask units* (:meth:`unit_coords`; ``keep`` of :meth:`forward` lists units): here every
-    token is a unit; :class:`~jin.encoders.HierarchicalImageEncoder` groups a unit's tokens of several levels
+    token is a unit; :class:`~jin.encoders.HierarchicalModalityEncoder` groups a unit's tokens of several levels
     (:meth:`unit_tokens`). ``mask_weights`` tells a block-mask sampler how to measure distance between units
     (weighted L∞ over the three axes; 0 ignores an axis): ``(1, 1, 0)`` on video makes
     tubes through time (V-JEPA), ``(1, 0, 0)`` on text makes spans.

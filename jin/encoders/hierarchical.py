@@ -1,4 +1,4 @@
-"""An image through JIN's hierarchical encoder, as one modality of the hypermodal space."""
+"""A modality through JIN's hierarchical encoder, as one modality of the hypermodal space (JIN §3.2.1)."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -18,9 +18,13 @@ def _legacy_projection_keys(module: nn.Module, state_dict: dict, prefix: str, *a
         state_dict[f"{prefix}proj.0.{key[len(prefix) + 5:]}"] = state_dict.pop(key)
 
 
-class HierarchicalImageEncoder(ModalityEncoder):
-    """``[B, C, H, W]`` → JIN's levels (eq. 1) → the tokens of ``levels``, grouped by mask unit.
+class HierarchicalModalityEncoder(ModalityEncoder):
+    """An input → JIN's levels (eq. 1) → the tokens of ``levels``, grouped by mask unit.
 
+    The input is what the backbone's stem takes: an image ``[B, C, H, W]`` (its patch embedding), a log-mel
+    spectrogram (:class:`~jin.encoders.audio.SpectrogramStem`), a clip (:class:`~jin.encoders.video.ClipStem`) or a
+    point cloud (:class:`~jin.encoders.points.PillarStem`): every modality of JIN §3.2.1 that has a hierarchy, with
+    coordinates ``(x, y, scale)`` on its own plane (image, pillar plane: position; spectrogram: time, frequency).
     The :class:`~jin.HierarchicalEncoder` runs as it does in the image JEPA — mask-unit attention below
     ``global_from``, 2×2 merges inside each unit, the spatial bias, adaptive computation and zoom as configured — on
     the mask units a mask keeps. Each chosen level, projected to the shared width ``dim`` and given the sin-cos
@@ -33,7 +37,7 @@ class HierarchicalImageEncoder(ModalityEncoder):
     them), and by unit, then row-major inside the unit, within a level.
 
     Args:
-        encoder: the hierarchical encoder (``model.*``).
+        encoder: the hierarchical encoder (``model.*``; another modality's with its own stem and depths).
         dim: the shared width ``D`` (divisible by 6).
         levels: the levels whose tokens join the shared space (0 = finest); default: the coarsest only.
         read_levels: the levels some other loss reads; the output norms of the levels neither in ``levels`` nor in

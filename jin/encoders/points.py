@@ -82,3 +82,38 @@ class PointEncoder(ModalityEncoder):
 
     def embed(self, x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         return self.out(self.point_mlp(self.groups(x, coords)).amax(dim=2))
+
+
+class PillarStem(nn.Module):
+    """Points ``[B, P, 3]`` in ``[0, 1]³`` → level-0 grid ``[B, G, G, D]`` of JIN's hierarchy for 3-D points (JIN
+    §3.2.1: "voxel hierarchy").
+
+    The voxels are pillars (PointPillars, Lang et al., arXiv:1812.05784): the ``G × G`` cells of the ``(x, y)`` plane,
+    each the full height. Every point's offset from its pillar's centre (in pillar widths) and its height ``z − ½``
+    pass through a point-wise MLP and are max-pooled per pillar; an empty pillar is a learned token. The
+    hierarchy's 2×2 merges make pillars of 2, 4, … cells, so its levels are voxels of growing width at the
+    project's three coordinates ``(x, y, scale)``; a cubic voxel hierarchy would need a fourth (``z``). Vectorized:
+    one ``scatter_reduce`` for the batch. The order of the points does not matter.
+    """
+
+    def __init__(self, grid: int, dim: int, hidden: int = 64):
+        super().__init__()
+        self.grid = grid
+        self.point_mlp = nn.Sequential(nn.Linear(3, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.empty = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, points: torch.Tensor) -> torch.Tensor:
+        """``[B, P, 3]`` → ``[B, G, G, D]`` (rows ``y``, columns ``x``)."""
+        B, P, _ = points.shape
+        G = self.grid
+        cell = (points[..., :2] * G).floor().clamp(0, G - 1)  # [B, P, 2]: (column, row)
+        offset = points[..., :2] * G - (cell + 0.5)
+        features = self.point_mlp(torch.cat([offset, points[..., 2:] - 0.5], -1))  # [B, P, D]
+        D = features.shape[-1]
+        pillar = (cell[..., 1] * G + cell[..., 0]).long() + G * G * torch.arange(B, device=points.device)[:, None]
+        pooled = features.new_zeros(B * G * G, D).scatter_reduce(
+            0, pillar.flatten()[:, None].expand(-1, D), features.flatten(0, 1), "amax", include_self=False
+        )
+        occupied = torch.zeros(B * G * G, dtype=torch.bool, device=points.device).index_fill(0, pillar.flatten(), True)
+        pooled = torch.where(occupied[:, None], pooled, self.empty.to(pooled.dtype))
+        return pooled.view(B, G, G, D)

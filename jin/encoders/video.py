@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
 
@@ -69,3 +70,30 @@ class VideoEncoder(ModalityEncoder):
         clip = x.transpose(1, 2)  # [B, C, T, H, W]
         tokens = torch.cat([proj(clip).flatten(2).transpose(1, 2) for proj in self.proj], 1)
         return tokens + self.level_embed[self.token_level]
+
+
+class ClipStem(nn.Module):
+    """Clip ``[B, T, C, H, W]`` → level-0 grid ``[B, G, G, D]`` of JIN's hierarchy for video (JIN §3.2.1: "3D CNN").
+
+    A 3-D convolution over tubelets of ``frames_per_tubelet`` frames × ``H/G`` × ``H/G`` pixels (V-JEPA's tubelets),
+    GELU, then a temporal convolution over the ``T / frames_per_tubelet`` tubelets of each place, so a level-0 token
+    is a spatial tube through the whole clip at ``(x, y)`` — the tube a block mask hides (``mask_weights`` ignore
+    time). The hierarchy's levels are spatial: JIN's "temporal z-JEPA levels" would need a fourth coordinate
+    (``x, y, t, scale``) that the project's three (``x, y, scale``) do not have.
+
+    Raises:
+        ValueError: ``grid`` does not divide the frame side, or ``frames_per_tubelet`` the clip.
+    """
+
+    def __init__(self, frames: int, img_size: int, frames_per_tubelet: int, grid: int, dim: int, in_chans: int = 3):
+        super().__init__()
+        if img_size % grid or frames % frames_per_tubelet:
+            raise ValueError(f"a {grid}×{grid} grid of {frames_per_tubelet}-frame tubelets must divide the clip "
+                             f"({frames} frames of {img_size} px)")
+        p = img_size // grid
+        self.tubelets = nn.Conv3d(in_chans, dim, kernel_size=(frames_per_tubelet, p, p), stride=(frames_per_tubelet, p, p))
+        self.time = nn.Conv3d(dim, dim, kernel_size=(frames // frames_per_tubelet, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, T, C, H, W]`` → ``[B, G, G, D]``."""
+        return self.time(F.gelu(self.tubelets(x.transpose(1, 2)))).squeeze(2).permute(0, 2, 3, 1)

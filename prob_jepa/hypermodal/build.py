@@ -1,19 +1,26 @@
-"""Build the hypermodal JEPA from the config (``experiment=hypermodal_shapes``, JIN's hierarchical image encoder;
+"""Build the hypermodal JEPA from the config (``experiment=hypermodal_shapes``, JIN's hierarchical image encoder, and
+audio, video and points through the hierarchy too when ``hypermodal.hierarchy.modalities`` lists them;
 ``experiment=hypermodal_flat``, a flat patch encoder for images)."""
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
+from jin import HierarchicalEncoder
 from jin.cross_scale import CrossScalePredictors
 from jin.encoders import (
-    AudioEncoder, HierarchicalImageEncoder, ImageEncoder, ModalityEncoder, PointEncoder, TextEncoder, VideoEncoder,
+    AudioEncoder, ClipStem, HierarchicalModalityEncoder, ImageEncoder, ModalityEncoder, PillarStem, PointEncoder,
+    SpectrogramStem, TextEncoder, VideoEncoder,
 )
 from jin.hypermodal import HypermodalEncoder
 
 from ..config import ConfigError
-from ..model import build_configured_head, build_encoder, check_experts, check_heads, has_cross_scale, level_config
+from ..model import (
+    build_configured_head, build_encoder, check_experts, check_heads, encoder_kwargs, has_cross_scale, level_config,
+)
 from ..predictor import ModalityTokens, Predictor
 from ..regularizers import SIGReg
 from .model import HypermodalJEPA
@@ -24,9 +31,35 @@ def _image(cfg: DictConfig, **block) -> ModalityEncoder:
     if h.image.backbone is None:
         return ImageEncoder(cfg.data.image_size, h.image.patch_size, **block)
     encoder = build_encoder(cfg)  # model.* of the composed preset
-    top = encoder.levels - 1
-    read = set(range(encoder.levels)) if has_cross_scale(cfg.model) else {top} if cfg.model.sigreg_weight > 0 else None
-    return HierarchicalImageEncoder(encoder, block["dim"], levels=h.image.levels, read_levels=read)
+    return HierarchicalModalityEncoder(encoder, block["dim"], levels=h.image.levels, read_levels=_read_levels(cfg))
+
+
+def _read_levels(cfg: DictConfig) -> set[int] | None:
+    """The levels of a hierarchy that the cross-scale loss (all) or SIGReg (the coarsest) read, as ``model.*`` sets
+    them (``None``: neither)."""
+    count = len(level_config(cfg.model)["dims"])
+    return set(range(count)) if has_cross_scale(cfg.model) else {count - 1} if cfg.model.sigreg_weight > 0 else None
+
+
+STEMS: dict[str, Callable[[DictConfig, int, int], nn.Module]] = {
+    "audio": lambda cfg, grid, dim: SpectrogramStem(cfg.data.n_mels, cfg.data.audio_frames, grid, dim),
+    "video": lambda cfg, grid, dim: ClipStem(cfg.data.video_frames, cfg.data.video_size,
+                                             cfg.hypermodal.video.tubelet[0], grid, dim),
+    "points": lambda cfg, grid, dim: PillarStem(grid, dim),
+}
+
+
+def _hierarchical(name: str, cfg: DictConfig, **block) -> ModalityEncoder:
+    """Modality ``name`` through JIN's hierarchy (JIN §3.2.1: every encoder projects to the same dimensional
+    hierarchy): ``model.*``'s widths, heads, attention, spatial bias and adaptive computation, its own stem over a
+    ``hypermodal.hierarchy.grid``² level-0 grid and ``hypermodal.hierarchy.depths`` blocks per level; its coarsest
+    level joins the shared space."""
+    hierarchy = cfg.hypermodal.hierarchy
+    kwargs = encoder_kwargs(cfg)
+    grid = int(hierarchy.grid)
+    kwargs.update(img_size=grid, patch_size=1, depths=[int(d) for d in hierarchy.depths], zoom_factors=[],
+                  stem=STEMS[name](cfg, grid, kwargs["dims"][0]))
+    return HierarchicalModalityEncoder(HierarchicalEncoder(**kwargs), block["dim"], read_levels=_read_levels(cfg))
 
 
 def _audio(cfg: DictConfig, **block) -> ModalityEncoder:
@@ -58,11 +91,13 @@ ENCODERS: dict[str, Callable[..., ModalityEncoder]] = {
 
 def build_modality_encoder(name: str, cfg: DictConfig) -> ModalityEncoder:
     """The encoder of modality ``name`` as ``cfg.hypermodal`` and ``cfg.data`` size it (the image's hierarchical
-    encoder as ``cfg.model`` does, when ``hypermodal.image.backbone`` names it)."""
+    encoder as ``cfg.model`` does, when ``hypermodal.image.backbone`` names it; audio's, video's or points' when
+    ``hypermodal.hierarchy.modalities`` lists them)."""
     if name not in ENCODERS:
         raise ValueError(f"unknown modality {name!r}; valid: {', '.join(ENCODERS)}")
     h = cfg.hypermodal
-    return ENCODERS[name](cfg, dim=h.dim, depth=h.encoder_depth, num_heads=h.num_heads, mlp_ratio=h.mlp_ratio)
+    build = functools.partial(_hierarchical, name) if name in h.hierarchy.modalities else ENCODERS[name]
+    return build(cfg, dim=h.dim, depth=h.encoder_depth, num_heads=h.num_heads, mlp_ratio=h.mlp_ratio)
 
 
 def check_composition(cfg: DictConfig) -> None:
@@ -85,10 +120,15 @@ def check_composition(cfg: DictConfig) -> None:
             + ". Leave the others out. (A run saved before hypermodal configs dropped them holds them in its "
               "config.yaml and was trained without the spatial bias: this version cannot rebuild it.)"
         )
+    hierarchical = list(cfg.hypermodal.hierarchy.modalities)
     if backbone is None:
         if cfg.hypermodal.image.levels is not None:
             raise ConfigError(f"hypermodal.image.levels={cfg.hypermodal.image.levels} needs JIN's image encoder "
                               f"(hypermodal.image.backbone; experiment=hypermodal_shapes): the flat encoder has one")
+        if hierarchical:
+            raise ConfigError(f"hypermodal.hierarchy.modalities={hierarchical} take JIN's hierarchy from model.*, "
+                              f"which a run with hypermodal.image.backbone=null does not compose: "
+                              f"use experiment=hypermodal_shapes")
         return
     if "image" not in cfg.hypermodal.modalities:
         raise ConfigError(f"hypermodal.image.backbone={backbone} but hypermodal.modalities has no image")
@@ -110,11 +150,51 @@ def check_composition(cfg: DictConfig) -> None:
     ):
         raise ConfigError(f"hypermodal.image.levels={chosen}: a list of distinct levels of model={backbone}'s "
                           f"{count} (0 … {count - 1}), e.g. [0, {count - 1}], or null for the coarsest")
+    check_hierarchy(cfg, hierarchical, len(lv["dims"]))
     if lv["predict_levels"] != [len(lv["dims"]) - 1]:
         raise ConfigError(
             f"model.predictor.levels={cfg.model.predictor.levels}: the levels the hypermodal model predicts are "
             f"hypermodal.image.levels (model.predictor.levels is the image JEPA's), so model.predictor.levels must be 1"
         )
+
+
+def check_hierarchy(cfg: DictConfig, hierarchical: list, levels: int) -> None:
+    """``hypermodal.hierarchy``: modalities that have a stem and take part, a depth per level, a level-0 grid that
+    the levels merge and that divides each modality's input.
+
+    Raises:
+        ConfigError: naming the keys and the valid choices.
+    """
+    h = cfg.hypermodal
+    bad = [m for m in hierarchical if m not in STEMS]
+    if bad or len(set(hierarchical)) != len(hierarchical):
+        raise ConfigError(f"hypermodal.hierarchy.modalities={hierarchical}: distinct modalities of {list(STEMS)} (the "
+                          f"image's hierarchy is hypermodal.image.backbone; text has none: JIN §3.2.1 encodes it with a "
+                          f"causal transformer)")
+    absent = [m for m in hierarchical if m not in h.modalities]
+    if absent:
+        raise ConfigError(f"hypermodal.hierarchy.modalities lists {absent}, which hypermodal.modalities "
+                          f"({list(h.modalities)}) does not")
+    if not hierarchical:
+        return
+    depths = h.hierarchy.depths
+    if not (OmegaConf.is_list(depths) and len(depths) == levels and all(type(d) is int and d >= 1 for d in depths)):
+        raise ConfigError(f"hypermodal.hierarchy.depths={depths}: one block count ≥ 1 for each of model={h.image.backbone}"
+                          f"'s {levels} levels")
+    grid, unit, d = h.hierarchy.grid, 2 ** (levels - 1), cfg.data
+    sides = {"audio": (d.n_mels, d.audio_frames), "video": (d.video_size,), "points": ()}
+    if type(grid) is not int or grid < unit or grid % unit or any(side % grid for m in hierarchical for side in sides[m]):
+        raise ConfigError(
+            f"hypermodal.hierarchy.grid={grid}: a multiple of {unit} (the {levels} levels' mask unit) that divides "
+            + ", ".join(f"{m}'s {sides[m]}" for m in hierarchical if sides[m]) + " (data.n_mels, data.audio_frames, "
+            "data.video_size)"
+        )
+    if "video" in hierarchical and d.video_frames % h.video.tubelet[0]:
+        raise ConfigError(f"hypermodal.video.tubelet[0]={h.video.tubelet[0]} frames must divide "
+                          f"data.video_frames={d.video_frames}")
+    if "video" in hierarchical and h.video.temporal_levels != 1:
+        raise ConfigError(f"hypermodal.video.temporal_levels={h.video.temporal_levels} are the flat video encoder's "
+                          f"levels; with video in hypermodal.hierarchy.modalities its levels are model.*'s: leave it 1")
 
 
 def build_hypermodal(cfg: DictConfig) -> HypermodalJEPA:
