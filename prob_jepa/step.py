@@ -26,14 +26,22 @@ class Predicted:
     target: torch.Tensor
 
 
+class Hierarchy(NamedTuple):
+    """One hierarchical encoder's context levels in a step: ``features`` per level ``[B, U, T_l, D_l]`` and the
+    computed fraction ``alpha`` per level ``[B]`` (JIN eq. 4; 1 without adaptive computation)."""
+
+    features: list[torch.Tensor]
+    alpha: list[torch.Tensor]
+
+
 @dataclass
 class Predictions:
     """What a JEPA's forward returns; the loss terms read nothing else.
 
     predicted: every prediction of the step.
-    levels: the hierarchical encoder's context features per level ``[B, U, T, D_l]`` (the image JEPA; the
-        hypermodal JEPA's hierarchical modalities present in the step, their units side by side; empty otherwise).
-    alpha: its computed fraction per level ``[B]`` (JIN eq. 4; 1 without adaptive computation).
+    hierarchies: the context levels of every hierarchical encoder of the step (:class:`Hierarchy`): the image
+        JEPA's one; the hypermodal JEPA's hierarchical modalities present in the step, in the context order; empty
+        otherwise. The cross-scale, budget and SIGReg terms average over them.
     pooled: per modality, its mean context token in the alignment space ``[B, E]`` (the hypermodal JEPA, on steps
         that align the modalities; empty otherwise).
     targets: per name, target features for the collapse diagnostics (``feature_std``, ``effective_rank``).
@@ -42,8 +50,7 @@ class Predictions:
 
     predicted: list[Predicted]
     targets: dict[str, torch.Tensor]
-    levels: list[torch.Tensor] = field(default_factory=list)
-    alpha: list[torch.Tensor] = field(default_factory=list)
+    hierarchies: list[Hierarchy] = field(default_factory=list)
     pooled: dict[str, torch.Tensor] = field(default_factory=dict)
     balance: torch.Tensor | None = None
 
@@ -84,11 +91,16 @@ def jepa_term(term: str) -> Measure:
     def measure(model: nn.Module, p: Predictions) -> torch.Tensor | None:
         values = [model.heads[x.head](x.cond.flatten(0, 1), x.target.flatten(0, 1)) for x in p.predicted
                   if x.term == term]
-        if not values:
-            return None
-        return values[0] if len(values) == 1 else torch.stack(values).mean()
+        return mean_over(values)
 
     return measure
+
+
+def mean_over(values: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The mean of scalar ``values`` (the one value itself when there is one; ``None`` when there are none)."""
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else torch.stack(values).mean()
 
 
 def balance_term(model: nn.Module, p: Predictions) -> torch.Tensor | None:

@@ -402,25 +402,31 @@ def test_a_recipe_without_its_config_nodes_fails_naming_them(compose, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_every_hierarchical_modality_feeds_the_hierarchy_terms_as_one_hierarchy():
-    """The cross-scale, budget and SIGReg terms read the levels of every hierarchical modality of the step: per level,
-    their mask units side by side and their mean α; one modality's levels pass unchanged (the default run's)."""
-    from jin.encoder import Level
-    from prob_jepa.hypermodal.model import hierarchy_levels
+def test_the_hierarchy_terms_score_each_hierarchical_modality_and_average():
+    """The cross-scale, budget and SIGReg terms score every hierarchical modality of the step on its own and average
+    them: one modality's surplus α cannot pay for another's deficit, and SIGReg tests each modality (a mixture can
+    look Gaussian when no part does); with one hierarchy each term is that hierarchy's value itself."""
+    from types import SimpleNamespace
+
+    from prob_jepa.model import alpha_logs, budget_term, cross_scale_term, sigreg_term
+    from prob_jepa.step import Hierarchy
 
     g = torch.Generator().manual_seed(0)
-    image = [Level(torch.randn(2, 3, 4, 5, generator=g), None, torch.tensor([1.0, 0.5])),
-             Level(torch.randn(2, 3, 1, 7, generator=g), None, torch.tensor([0.5, 0.5]))]
-    audio = [Level(torch.randn(2, 6, 4, 5, generator=g), None, torch.tensor([0.0, 0.5])),
-             Level(torch.randn(2, 6, 1, 7, generator=g), None, torch.tensor([1.0, 0.0]))]
-    levels, alpha = hierarchy_levels([image, audio])
-    assert [lv.shape for lv in levels] == [(2, 9, 4, 5), (2, 9, 1, 7)]
-    assert torch.equal(levels[0][:, 3:], audio[0].features) and torch.equal(levels[1][:, :3], image[1].features)
-    assert torch.equal(alpha[0], torch.tensor([0.5, 0.5])) and torch.equal(alpha[1], torch.tensor([0.75, 0.25]))
-    alone, alone_alpha = hierarchy_levels([image])
-    assert all(torch.equal(a, lv.features) for a, lv in zip(alone, image))
-    assert all(torch.equal(a, lv.alpha) for a, lv in zip(alone_alpha, image))
-    assert hierarchy_levels([]) == ([], [])
+    image = Hierarchy([torch.randn(2, 3, 4, 5, generator=g), torch.randn(2, 3, 1, 7, generator=g)],
+                      [torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0])])
+    audio = Hierarchy([torch.randn(2, 6, 4, 5, generator=g), torch.randn(2, 6, 1, 7, generator=g)],
+                      [torch.tensor([0.8, 0.8]), torch.tensor([0.4, 0.4])])
+    scores = {id(image.features): torch.tensor(1.0), id(audio.features): torch.tensor(3.0)}
+    model = SimpleNamespace(cross_scale=lambda features: scores[id(features)],
+                            sigreg=lambda tokens: tokens.shape[0] * torch.tensor(1.0))
+    both, alone = Predictions([], {}, hierarchies=[image, audio]), Predictions([], {}, hierarchies=[image])
+    budget = budget_term([0.9, 0.7])
+    # image (0.1² + 0.3²) = 0.1, audio (0.1² + 0.3²) = 0.1: 0.1 each, not 0 as the mean α (0.9, 0.7) would score
+    torch.testing.assert_close(budget(model, both), torch.tensor(0.1))
+    assert float(cross_scale_term(model, both)) == 2.0 and float(cross_scale_term(model, alone)) == 1.0
+    assert float(sigreg_term(model, both)) == (2 * 3 + 2 * 6) / 2  # each hierarchy's own tokens, then the mean
+    torch.testing.assert_close(alpha_logs(both), {"alpha/level0": torch.tensor(0.9), "alpha/level1": torch.tensor(0.7)})
+    assert all(term(model, Predictions([], {})) is None for term in (cross_scale_term, sigreg_term, budget))
 
 
 @pytest.mark.parametrize("overrides, named", [
@@ -452,3 +458,11 @@ def test_a_modality_hierarchy_needs_jin_s_model_and_an_old_config_had_none(compo
     run = RunDir(tmp_path)
     run.save_config(cfg)
     assert list(run.load_config().hypermodal.hierarchy.modalities) == []
+
+
+def test_the_model_column_names_the_modalities_with_a_hierarchy(compose):
+    from prob_jepa.eval.summary import model_label
+
+    assert model_label(compose("experiment=hypermodal_shapes")) == "hypermodal+jin_tiny"
+    assert model_label(compose("experiment=hypermodal_hierarchies")) == "hypermodal+jin_tiny+audio,video,points"
+    assert model_label(compose("experiment=hypermodal_flat")) == "hypermodal"

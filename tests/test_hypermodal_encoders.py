@@ -296,7 +296,7 @@ def test_the_stems_put_each_input_at_its_coordinates():
     assert changed(video(later), video(clip)).nonzero().tolist() == [[1, 3]]
     points, cloud = STEMS["points"](), torch.tensor([[[0.1, 0.1, 0.5], [0.6, 0.3, 0.2], [0.65, 0.35, 0.9]]])
     grid = points(cloud)
-    occupied = (grid[0] != points.empty).any(-1)
+    occupied = (grid[0] != points.norm(points.empty)).any(-1)
     assert occupied.nonzero().tolist() == [[0, 0], [1, 2]]  # rows y, columns x: (0.1, 0.1) and (0.6, 0.3), (0.65, 0.35)
     assert torch.equal(points(cloud[:, [2, 0, 1]]), grid)  # the order of the points does not matter
     moved = cloud.clone()
@@ -306,3 +306,35 @@ def test_the_stems_put_each_input_at_its_coordinates():
         SpectrogramStem(8, 16, 3, 12)
     with pytest.raises(ValueError, match="zoom crops images"):
         HierarchicalEncoder(4, 1, [12, 24], [1, 1], [2, 2], zoom_factors=[0.5], stem=PillarStem(4, 12))
+
+
+@pytest.mark.parametrize("name", list(STEMS))
+def test_a_context_never_reads_the_input_of_a_hidden_unit(name):
+    """Masks hide whole mask units; what a stem makes of the kept units must not depend on the hidden ones' input
+    (the 3×3 convolution of the spectrogram stem read across patch edges before it was applied patch by patch)."""
+    enc, x = hierarchical(name), inputs()[name]
+    edited = x.clone()
+    if name == "audio":  # [B, 8, 16]: unit 3 = the bottom-right quarter, mels 4-7, frames 8-15
+        edited[:, 4:, 8:] += torch.randn(B, 4, 8)
+    elif name == "video":  # [B, 4, 3, 16, 16]: rows and columns 8-15 of every frame
+        edited[..., 8:, 8:] += torch.randn(B, 4, 3, 8, 8)
+    else:  # points in the quarter x, y ≥ 0.5 move within it: new heights
+        inside = (x[..., 0] >= 0.5) & (x[..., 1] >= 0.5)
+        edited[..., 2] = torch.where(inside, torch.rand(B, x.shape[1]), x[..., 2])
+    keep = torch.tensor([[0, 1, 2]] * B)
+    assert torch.equal(enc(edited, keep).features, enc(x, keep).features)
+    assert not torch.equal(enc(edited).features, enc(x).features)  # the edit itself reaches the encoder
+
+
+def test_pillars_hold_their_points_at_the_edges_and_make_clouds_differ_at_the_start():
+    """A point on the far edge (x or y = 1) or a little outside [0, 1] belongs to the edge pillar of its own cloud;
+    at initialization the stem's output is of unit scale and tells two clouds apart."""
+    torch.manual_seed(0)
+    stem = PillarStem(4, 12)
+    edges = torch.tensor([[[1.0, 1.0, 0.5], [0.0, 1.05, 0.5], [-0.03, 0.3, 0.5]], [[0.6, 0.6, 0.5]] * 3])
+    empty = stem.norm(stem.empty)
+    occupied = [(grid != empty).any(-1).nonzero().tolist() for grid in stem(edges)]
+    assert occupied == [[[1, 0], [3, 0], [3, 3]], [[2, 2]]]  # [row y, column x]; nothing spills into cloud 2
+    clouds = inputs()["points"]
+    out = stem(clouds)
+    assert 0.5 < out.std() < 2 and (out[0] - out[1]).abs().mean() > 0.1

@@ -36,9 +36,9 @@ CASES = {f"image-{name}": shrunk_model(name) for name in MODEL_PRESETS}
 CASES.update({f"image+text-{name}": with_text(name) for name in MODEL_PRESETS})
 CASES["image+text-jin_tiny-every-level"] = [*with_text("jin_tiny"), "hypermodal.image.levels=[0,1]"]
 CASES["every-modality-hierarchy"] = [  # JIN §3.2.1: audio, video and points through JIN's hierarchy too
-    *[o for o in with_text("jin_tiny") if not o.startswith("data.modalities")],
-    "data.modalities=[image,audio,video,points]", "hypermodal.hierarchy.modalities=[audio,video,points]",
-    "hypermodal.hierarchy.grid=8", *[f"hypermodal.mask.{m}.{k}=2" for m in ("audio", "video", "points")
+    *[o if o != "experiment=hypermodal_shapes" else "experiment=hypermodal_hierarchies" for o in with_text("jin_tiny")
+      if not o.startswith("data.modalities")],
+    "data.modalities=[image,audio,video,points]", "hypermodal.hierarchy.grid=8", *[f"hypermodal.mask.{m}.{k}=2" for m in ("audio", "video", "points")
                                      for k in ("num_targets", "target_size")],
 ]
 CASES["hypermodal"] = HYPERMODAL

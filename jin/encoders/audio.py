@@ -53,9 +53,10 @@ class SpectrogramStem(nn.Module):
     """Log-mel spectrogram ``[B, F, T]`` → level-0 grid ``[B, G, G, D]`` of JIN's hierarchy for audio (JIN §3.2.1:
     "spectrogram CNN followed by temporal transformer"; the transformer is the hierarchy's levels).
 
-    A 3×3 convolution (``D/2`` channels) and GELU, then a strided convolution over patches of ``F/G`` mel bins ×
-    ``T/G`` frames. Rows are frequency, columns time, so a token's ``(x, y)`` is ``(time, frequency)``, as
-    :class:`AudioEncoder`'s.
+    Each patch of ``F/G`` mel bins × ``T/G`` frames on its own: a 3×3 convolution (``D/2`` channels, zero-padded at
+    the patch's edges) and GELU, then a convolution over the whole patch. Patches are convolved apart so that a
+    context token never reads a bin of a hidden neighbour (a mask hides whole patches). Rows are frequency, columns
+    time, so a token's ``(x, y)`` is ``(time, frequency)``, as :class:`AudioEncoder`'s.
 
     Raises:
         ValueError: ``grid`` does not divide both sides of the spectrogram.
@@ -65,10 +66,12 @@ class SpectrogramStem(nn.Module):
         super().__init__()
         if n_mels % grid or frames % grid:
             raise ValueError(f"a {grid}×{grid} grid must divide the spectrogram ({n_mels} mels, {frames} frames)")
+        self.grid, self.patch = grid, (n_mels // grid, frames // grid)
         self.local = nn.Conv2d(1, dim // 2, kernel_size=3, padding=1)
-        patch = (n_mels // grid, frames // grid)
-        self.proj = nn.Conv2d(dim // 2, dim, kernel_size=patch, stride=patch)
+        self.proj = nn.Conv2d(dim // 2, dim, kernel_size=self.patch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, F, T]`` → ``[B, G, G, D]``."""
-        return self.proj(F.gelu(self.local(x[:, None]))).permute(0, 2, 3, 1)
+        B, G, (pf, pt) = x.shape[0], self.grid, self.patch
+        patches = x.reshape(B, G, pf, G, pt).transpose(2, 3).reshape(B * G * G, 1, pf, pt)
+        return self.proj(F.gelu(self.local(patches))).view(B, G, G, -1)

@@ -90,7 +90,9 @@ class PillarStem(nn.Module):
 
     The voxels are pillars (PointPillars, Lang et al., arXiv:1812.05784): the ``G × G`` cells of the ``(x, y)`` plane,
     each the full height. Every point's offset from its pillar's centre (in pillar widths) and its height ``z − ½``
-    pass through a point-wise MLP and are max-pooled per pillar; an empty pillar is a learned token. The
+    pass through a point-wise MLP and are max-pooled per pillar; an empty pillar is a learned token; a LayerNorm
+    brings both to the scale of the position embedding added next (the MLP's small initial weights alone leave its
+    output ~1e-3 of it, and every cloud looked the same to the encoder at the start). The
     hierarchy's 2×2 merges make pillars of 2, 4, … cells, so its levels are voxels of growing width at the
     project's three coordinates ``(x, y, scale)``; a cubic voxel hierarchy would need a fourth (``z``). Vectorized:
     one ``scatter_reduce`` for the batch. The order of the points does not matter.
@@ -101,6 +103,7 @@ class PillarStem(nn.Module):
         self.grid = grid
         self.point_mlp = nn.Sequential(nn.Linear(3, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.empty = nn.Parameter(torch.zeros(dim))
+        self.norm = nn.LayerNorm(dim)
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         """``[B, P, 3]`` → ``[B, G, G, D]`` (rows ``y``, columns ``x``)."""
@@ -116,4 +119,4 @@ class PillarStem(nn.Module):
         )
         occupied = torch.zeros(B * G * G, dtype=torch.bool, device=points.device).index_fill(0, pillar.flatten(), True)
         pooled = torch.where(occupied[:, None], pooled, self.empty.to(pooled.dtype))
-        return pooled.view(B, G, G, D)
+        return self.norm(pooled).view(B, G, G, D)

@@ -75,12 +75,16 @@ def find_runs(paths: Sequence[str | Path]) -> list[RunDir]:
 def model_label(cfg: DictConfig) -> str:
     """The model column of a table: the preset (``model.name``) of an image run, with its JIN Table 3 row when it is
     one (``jin_tiny/no_hierarchy``); ``hypermodal`` (with a flat image encoder) or ``hypermodal+<preset>`` (JIN's
-    hierarchical image encoder, ``hypermodal.image.backbone``)."""
+    hierarchical image encoder, ``hypermodal.image.backbone``), with the other modalities that have the hierarchy
+    too (``hypermodal+jin_tiny+audio,video,points``; ``hypermodal.hierarchy.modalities``)."""
     if cfg.recipe == "image":
         ablation = cfg.model.get("ablation")
         return cfg.model.name if ablation is None else f"{cfg.model.name}/{ablation}"
     backbone = cfg.hypermodal.image.backbone
-    return cfg.recipe if backbone is None else f"{cfg.recipe}+{backbone}"
+    if backbone is None:
+        return cfg.recipe
+    hierarchical = list(cfg.hypermodal.hierarchy.modalities)
+    return f"{cfg.recipe}+{backbone}" + (f"+{','.join(hierarchical)}" if hierarchical else "")
 
 
 def summary_row(run: RunDir) -> dict[str, Any]:

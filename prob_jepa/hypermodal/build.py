@@ -184,10 +184,10 @@ def check_hierarchy(cfg: DictConfig, hierarchical: list, levels: int) -> None:
     grid, unit, d = h.hierarchy.grid, 2 ** (levels - 1), cfg.data
     sides = {"audio": (d.n_mels, d.audio_frames), "video": (d.video_size,), "points": ()}
     if type(grid) is not int or grid < unit or grid % unit or any(side % grid for m in hierarchical for side in sides[m]):
+        divides = [f"{m}'s {sides[m]}" for m in hierarchical if sides[m]]
         raise ConfigError(
-            f"hypermodal.hierarchy.grid={grid}: a multiple of {unit} (the {levels} levels' mask unit) that divides "
-            + ", ".join(f"{m}'s {sides[m]}" for m in hierarchical if sides[m]) + " (data.n_mels, data.audio_frames, "
-            "data.video_size)"
+            f"hypermodal.hierarchy.grid={grid}: a multiple of {unit} (the {levels} levels' mask unit)"
+            + (f" that divides {', '.join(divides)} (data.n_mels, data.audio_frames, data.video_size)" if divides else "")
         )
     if "video" in hierarchical and d.video_frames % h.video.tubelet[0]:
         raise ConfigError(f"hypermodal.video.tubelet[0]={h.video.tubelet[0]} frames must divide "

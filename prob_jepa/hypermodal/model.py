@@ -17,7 +17,7 @@ from ..ema import ContextTargetPair
 from ..heads import Head
 from ..predictor import Predictor, PredictorOutput
 from ..regularizers import SIGReg
-from ..step import Predicted, Predictions
+from ..step import Hierarchy, Predicted, Predictions
 from .masks import ModalityMask
 from .objectives import Task
 
@@ -36,7 +36,7 @@ class HypermodalJEPA(ContextTargetPair):
     (:func:`~prob_jepa.hypermodal.objectives.plan_tasks`) ``cond_τ`` and the layer-normed EMA target-encoder
     tokens at the masked positions, and, when the step aligns, ``z_m``: the projected mean of modality ``m``'s
     context tokens (masked views, as FLIP trains CLIP), standardized per modality by a batch norm before the
-    projection. With hierarchical modality encoders their levels and α ride along (``Predictions.levels``, ``alpha``).
+    projection. With hierarchical modality encoders their levels and α ride along (``Predictions.hierarchies``).
     The loss is the term list of :func:`~prob_jepa.hypermodal.objectives.hypermodal_terms`::
 
         Σ_kind w_kind · mean_{τ of kind} head.loss(cond_τ, sg[target_τ])
@@ -55,7 +55,7 @@ class HypermodalJEPA(ContextTargetPair):
         m3: the model trains M3 tasks (adds the projection of pooled predictions).
         cross_scale, sigreg: JIN's cross-scale predictors (eq. 2-3) and SIGReg over the levels of the hierarchical
             modality encoders (:class:`~jin.encoders.HierarchicalModalityEncoder`: the image's, and audio's, video's
-            or points' when they have one; :func:`hierarchy_levels`), or ``None``.
+            or points' when they have one; each term averages over them), or ``None``.
     """
 
     def __init__(self, encoder: HypermodalEncoder, predictor: Predictor, head: Head, embed_dim: int, m3: bool = False,
@@ -159,16 +159,6 @@ class HypermodalJEPA(ContextTargetPair):
                 for task, cond in zip(tasks, conds)
             ]
         pooled = {m: self.align(m, c.features.mean(1)) for m, c in ctx.items()} if align and len(names) > 1 else {}
-        levels, alpha = hierarchy_levels([c.levels for c in ctx.values() if c.levels])
-        return Predictions(predicted, targets, levels=levels, alpha=alpha, pooled=pooled, balance=balance)
-
-
-def hierarchy_levels(hierarchies: Sequence[Sequence]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The context levels of every hierarchical modality of a step as one hierarchy: per level, the modalities' mask
-    units side by side ``[B, ΣU, T_l, D_l]`` (same widths and tokens per unit: one ``model.*``), and their mean
-    computed fraction α ``[B]`` — what the cross-scale, budget and SIGReg terms read (empty lists: none this step)."""
-    if not hierarchies:
-        return [], []
-    levels = [torch.cat([h[l].features for h in hierarchies], 1) for l in range(len(hierarchies[0]))]
-    alpha = [torch.stack([h[l].alpha for h in hierarchies]).mean(0) for l in range(len(hierarchies[0]))]
-    return levels, alpha
+        hierarchies = [Hierarchy([lv.features for lv in c.levels], [lv.alpha for lv in c.levels])
+                       for c in ctx.values() if c.levels]
+        return Predictions(predicted, targets, hierarchies=hierarchies, pooled=pooled, balance=balance)
