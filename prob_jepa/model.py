@@ -17,7 +17,7 @@ from .ema import ContextTargetPair
 from .heads import Head, build_head
 from .predictor import LevelTokens, Predictor
 from .regularizers import SIGReg
-from .step import Hierarchy, Predicted, Predictions, Term, balance_term, jepa_term, mean_over
+from .step import Predicted, Predictions, Term, balance_term, jepa_term, mean_over
 
 
 class Prediction(NamedTuple):
@@ -130,8 +130,7 @@ class JEPA(ContextTargetPair):
         ys = self.gather_targets(target_all, targets)
         predicted = [Predicted(f"jepa/level{l}", i, c.flatten(1, 2), y.flatten(1, 2))
                      for i, (l, c, y) in enumerate(zip(self.predict_levels, cond, ys))]
-        hierarchy = Hierarchy([lv.features for lv in ctx], [lv.alpha for lv in ctx])
-        return Predictions(predicted, {"level0": target_all[0]}, hierarchies=[hierarchy], balance=balance)
+        return Predictions(predicted, {"level0": target_all[0]}, hierarchies=[ctx], balance=balance)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor, encoder: str = "target") -> torch.Tensor:
@@ -280,13 +279,13 @@ def build_model(cfg: DictConfig) -> JEPA:
 def cross_scale_term(model: nn.Module, p: Predictions) -> torch.Tensor | None:
     """JIN eq. 2-3: every level predicts the next coarser one from the context levels, averaged over the step's
     hierarchies (``None``: none this step, e.g. a hypermodal step without a hierarchical modality)."""
-    return mean_over([model.cross_scale(h.features) for h in p.hierarchies])
+    return mean_over([model.cross_scale([lv.features for lv in h]) for h in p.hierarchies])
 
 
 def sigreg_term(model: nn.Module, p: Predictions) -> torch.Tensor | None:
     """SIGReg (LeJEPA) on the context encoder's last-level tokens, one test per hierarchy (a mixture of modalities
     can look Gaussian when none of them does), averaged (``None``: no hierarchy this step)."""
-    return mean_over([model.sigreg(h.features[-1].flatten(0, 2)) for h in p.hierarchies])
+    return mean_over([model.sigreg(h[-1].features.flatten(0, 2)) for h in p.hierarchies])
 
 
 def budget_term(alpha_targets: Sequence[float]):
@@ -294,7 +293,7 @@ def budget_term(alpha_targets: Sequence[float]):
     modality's surplus cannot pay for another's deficit), averaged (``None``: no hierarchy this step)."""
 
     def measure(model: nn.Module, p: Predictions) -> torch.Tensor | None:
-        return mean_over([budget_loss(h.alpha, alpha_targets) for h in p.hierarchies])
+        return mean_over([budget_loss([lv.alpha for lv in h], alpha_targets) for h in p.hierarchies])
 
     return measure
 
@@ -302,8 +301,8 @@ def budget_term(alpha_targets: Sequence[float]):
 def alpha_logs(p: Predictions) -> dict[str, torch.Tensor]:
     """The mean computed fraction of each level, ``alpha/level{l}`` (over the step's hierarchies: the same keys on
     every step and rank)."""
-    levels = range(len(p.hierarchies[0].alpha)) if p.hierarchies else ()
-    return {f"alpha/level{l}": mean_over([h.alpha[l].float().mean() for h in p.hierarchies]) for l in levels}
+    levels = range(len(p.hierarchies[0])) if p.hierarchies else ()
+    return {f"alpha/level{l}": mean_over([h[l].alpha.float().mean() for h in p.hierarchies]) for l in levels}
 
 
 def hierarchy_terms(cfg: DictConfig, model: nn.Module) -> list[Term]:

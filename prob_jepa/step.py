@@ -13,6 +13,8 @@ from typing import Any, Callable, NamedTuple, Protocol, Sequence
 import torch
 from torch import nn
 
+from jin.encoder import Level
+
 
 @dataclass
 class Predicted:
@@ -26,22 +28,15 @@ class Predicted:
     target: torch.Tensor
 
 
-class Hierarchy(NamedTuple):
-    """One hierarchical encoder's context levels in a step: ``features`` per level ``[B, U, T_l, D_l]`` and the
-    computed fraction ``alpha`` per level ``[B]`` (JIN eq. 4; 1 without adaptive computation)."""
-
-    features: list[torch.Tensor]
-    alpha: list[torch.Tensor]
-
-
 @dataclass
 class Predictions:
     """What a JEPA's forward returns; the loss terms read nothing else.
 
     predicted: every prediction of the step.
-    hierarchies: the context levels of every hierarchical encoder of the step (:class:`Hierarchy`): the image
-        JEPA's one; the hypermodal JEPA's hierarchical modalities present in the step, in the context order; empty
-        otherwise. The cross-scale, budget and SIGReg terms average over them.
+    hierarchies: the context levels of every hierarchical encoder of the step, as the encoder returns them (per
+        level a :class:`~jin.encoder.Level`: features ``[B, U, T_l, D_l]``, coords, computed fraction α ``[B]``): the
+        image JEPA's one; the hypermodal JEPA's hierarchical modalities present in the step, in the context order;
+        empty otherwise. The cross-scale, budget and SIGReg terms average over them.
     pooled: per modality, its mean context token in the alignment space ``[B, E]`` (the hypermodal JEPA, on steps
         that align the modalities; empty otherwise).
     targets: per name, target features for the collapse diagnostics (``feature_std``, ``effective_rank``).
@@ -50,7 +45,7 @@ class Predictions:
 
     predicted: list[Predicted]
     targets: dict[str, torch.Tensor]
-    hierarchies: list[Hierarchy] = field(default_factory=list)
+    hierarchies: list[Sequence[Level]] = field(default_factory=list)
     pooled: dict[str, torch.Tensor] = field(default_factory=dict)
     balance: torch.Tensor | None = None
 

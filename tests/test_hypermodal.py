@@ -409,15 +409,15 @@ def test_the_hierarchy_terms_score_each_hierarchical_modality_and_average():
     from types import SimpleNamespace
 
     from prob_jepa.model import alpha_logs, budget_term, cross_scale_term, sigreg_term
-    from prob_jepa.step import Hierarchy
+    from jin.encoder import Level
 
     g = torch.Generator().manual_seed(0)
-    image = Hierarchy([torch.randn(2, 3, 4, 5, generator=g), torch.randn(2, 3, 1, 7, generator=g)],
-                      [torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0])])
-    audio = Hierarchy([torch.randn(2, 6, 4, 5, generator=g), torch.randn(2, 6, 1, 7, generator=g)],
-                      [torch.tensor([0.8, 0.8]), torch.tensor([0.4, 0.4])])
-    scores = {id(image.features): torch.tensor(1.0), id(audio.features): torch.tensor(3.0)}
-    model = SimpleNamespace(cross_scale=lambda features: scores[id(features)],
+    image = [Level(torch.randn(2, 3, 4, 5, generator=g), None, torch.tensor([1.0, 1.0])),
+             Level(torch.randn(2, 3, 1, 7, generator=g), None, torch.tensor([1.0, 1.0]))]
+    audio = [Level(torch.randn(2, 6, 4, 5, generator=g), None, torch.tensor([0.8, 0.8])),
+             Level(torch.randn(2, 6, 1, 7, generator=g), None, torch.tensor([0.4, 0.4]))]
+    scores = {3: torch.tensor(1.0), 6: torch.tensor(3.0)}  # a planted cross-scale loss per hierarchy (by its units)
+    model = SimpleNamespace(cross_scale=lambda features: scores[features[0].shape[1]],
                             sigreg=lambda tokens: tokens.shape[0] * torch.tensor(1.0))
     both, alone = Predictions([], {}, hierarchies=[image, audio]), Predictions([], {}, hierarchies=[image])
     budget = budget_term([0.9, 0.7])

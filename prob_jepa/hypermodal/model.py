@@ -17,7 +17,7 @@ from ..ema import ContextTargetPair
 from ..heads import Head
 from ..predictor import Predictor, PredictorOutput
 from ..regularizers import SIGReg
-from ..step import Hierarchy, Predicted, Predictions
+from ..step import Predicted, Predictions
 from .masks import ModalityMask
 from .objectives import Task
 
@@ -159,6 +159,5 @@ class HypermodalJEPA(ContextTargetPair):
                 for task, cond in zip(tasks, conds)
             ]
         pooled = {m: self.align(m, c.features.mean(1)) for m, c in ctx.items()} if align and len(names) > 1 else {}
-        hierarchies = [Hierarchy([lv.features for lv in c.levels], [lv.alpha for lv in c.levels])
-                       for c in ctx.values() if c.levels]
+        hierarchies = [c.levels for c in ctx.values() if c.levels]
         return Predictions(predicted, targets, hierarchies=hierarchies, pooled=pooled, balance=balance)
