@@ -11,7 +11,10 @@ from jin.zoom import NoZoom
 from prob_jepa.config import group_options
 from prob_jepa.model import build_model
 
-ROWS = ["full", "no_cross_scale", "no_hierarchy", "no_spatial_attention", "single_scale"]
+ROWS = ["full", "no_cross_scale", "no_hierarchy", "no_spatial_attention", "single_scale"]  # image runs
+HYPERMODAL_ROWS = {  # experiment=hypermodal_shapes with these alignment weights (energy λ2, InfoNCE)
+    "full_hypermodal": (0.1, 1.0), "no_ebm": (0.0, 1.0), "no_alignment": (0.0, 0.0),
+}
 
 
 def built(compose, *overrides):
@@ -20,8 +23,8 @@ def built(compose, *overrides):
         return cfg, build_model(cfg)
 
 
-def test_the_ablation_group_holds_table_3s_image_rows_and_the_sweep_takes_them_all(compose):
-    assert group_options(CONF, "ablation") == ROWS
+def test_the_ablation_group_holds_table_3s_rows_and_the_sweep_takes_them_all(compose):
+    assert group_options(CONF, "ablation") == sorted([*ROWS, *HYPERMODAL_ROWS])
     sweep = OmegaConf.load(CONF / "experiment" / "sweep_jin_ablations.yaml")
     assert sweep.hydra.sweeper.params == {"ablation": "glob(*)"}
     full, default = compose("ablation=full"), compose()
@@ -42,6 +45,19 @@ def test_a_hypermodal_run_refuses_the_image_rows(compose):
 
     with pytest.raises(ConfigError, match="ablation=no_hierarchy .* are image runs"):
         build_hypermodal(compose("experiment=hypermodal_shapes", "ablation=no_hierarchy"))
+
+
+@pytest.mark.parametrize("row", list(HYPERMODAL_ROWS))
+def test_the_multimodal_rows_are_the_hypermodal_run_without_their_alignment_terms(row, compose):
+    from prob_jepa.eval.summary import model_label
+
+    cfg = compose("experiment=sweep_jin_ablations", f"ablation={row}")
+    energy, infonce = HYPERMODAL_ROWS[row]
+    assert (cfg.hypermodal.objectives.energy, cfg.hypermodal.objectives.infonce) == (energy, infonce)
+    assert model_label(cfg) == f"hypermodal+jin_tiny/{row}"
+    cfg.hypermodal.ablation = None
+    cfg.hypermodal.objectives.energy, cfg.hypermodal.objectives.infonce = 0.1, 1.0
+    assert cfg == compose("experiment=hypermodal_shapes")  # and nothing else changes
 
 
 @pytest.mark.parametrize("row", ROWS[1:])

@@ -16,7 +16,7 @@ from prob_jepa.hypermodal import (
     modality_dropout, pair_energy, phase_at, plan_tasks,
 )
 from prob_jepa.hypermodal.evaluate import recall_at_k
-from prob_jepa.eval.summary import markdown, summary_row
+from prob_jepa.eval.summary import markdown, model_label, summary_row
 from prob_jepa.run_dir import RunDir
 from prob_jepa.step import Predictions, StepOutput, TrainingStep
 from prob_jepa.train import pretrain
@@ -284,6 +284,9 @@ def test_hypermodal_run_end_to_end_and_resumes_exactly(compose, tmp_path):
         assert (straight.run_dir / "plots" / png).stat().st_size > 10_000
     row = summary_row(RunDir(straight.run_dir))  # experiments/compare.py's table
     assert row["model"] == "hypermodal" and row["retrieval_mean_R@1"] == metrics["representation"]["mean_R@1"]
+    # the columns an image run fills too: its image modality's probe, the FLOPs of a step (JIN Table 3's columns)
+    assert row["linear_probe"] == metrics["representation"]["linear_probe/image"]
+    assert row["gflops_per_step"] == metrics["cost"]["flops_per_step"] / 1e9 > 0
     assert "retrieval_min_R@1" in markdown([row]) and "nll_per_dim" not in markdown([row])
 
 
@@ -455,14 +458,14 @@ def test_a_modality_hierarchy_needs_jin_s_model_and_an_old_config_had_none(compo
         build_hypermodal(compose(*SMALL, "hypermodal.hierarchy.modalities=[audio]"))
     cfg = compose("experiment=hypermodal_shapes")
     del cfg.hypermodal.hierarchy  # a run saved before modalities other than the image had a hierarchy
+    del cfg.hypermodal.ablation  # and before JIN Table 3 had multimodal rows
     run = RunDir(tmp_path)
     run.save_config(cfg)
     assert list(run.load_config().hypermodal.hierarchy.modalities) == []
+    assert model_label(run.load_config()) == "hypermodal+jin_tiny"  # compare.py's model column
 
 
 def test_the_model_column_names_the_modalities_with_a_hierarchy(compose):
-    from prob_jepa.eval.summary import model_label
-
     assert model_label(compose("experiment=hypermodal_shapes")) == "hypermodal+jin_tiny"
     assert model_label(compose("experiment=hypermodal_hierarchies")) == "hypermodal+jin_tiny+audio,video,points"
     assert model_label(compose("experiment=hypermodal_flat")) == "hypermodal"

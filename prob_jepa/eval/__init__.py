@@ -13,12 +13,11 @@ from ..data import display_images
 from ..data.shapes import Marker
 from ..masks import MaskCollator
 from ..heads import Head
-from ..model import JEPA, build_model, image_terms
+from ..model import JEPA, build_model
 from ..run_dir import RunDir
-from ..step import TrainingStep
 from . import plots
 from .ambiguity import ambiguity_metrics
-from .cost import step_flops, training_cost
+from .cost import first_batch, step_flops, training_cost
 from .heads import EVAL_DRAWS, collect_rows, head_metrics, on_head
 from .representation import ProbeResult, extract_features, knn_accuracy, linear_probe
 from .scale import scale_scores
@@ -203,9 +202,8 @@ def evaluate(
         model, head, cfg, bank_set, val_set, device
     )
 
-    images = first_images(val_set, cfg.trainer.batch_size, device)
-    step = TrainingStep(model, image_terms(cfg, model))
-    metrics["cost"] = {"flops_per_step": step_flops(step, images, collator(len(images), EVAL_DRAWS).to(device))}
+    # every step's masks have the same token counts: one draw measures them all
+    metrics["cost"] = {"flops_per_step": step_flops(cfg, model, first_batch(val_set, cfg.trainer.batch_size))}
     records = run.read_metrics()
     if records:
         metrics["cost"].update(training_cost(records, cfg.trainer.batch_size))

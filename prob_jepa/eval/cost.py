@@ -6,12 +6,17 @@ import time
 from typing import Any, Callable, Sequence
 
 import torch
+from omegaconf import DictConfig
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from jin.zoom import AdaptiveZoom
 
-from ..masks import Masks
+from ..distributed import DistInfo
 from ..model import JEPA
+from ..preflight import forked_rng
+from ..recipes import recipe_of
 from ..step import TrainingStep
 
 
@@ -30,14 +35,39 @@ def micro_batch_flops(trainer, batch) -> int:
     return backward_flops(lambda: trainer.forward_micro(batch, 0).loss, trainer.model)
 
 
-def step_flops(step: TrainingStep, images: torch.Tensor, masks: Masks) -> int:
-    """FLOPs of one training forward + backward of the image JEPA's ``step``, in training mode."""
-    model = step.model
+def step_flops(cfg: DictConfig, model: nn.Module, batch: Any, steps: Sequence[int] = (0,),
+               total_steps: int = 1) -> float:
+    """Mean FLOPs of one training forward + backward of ``model`` over the draws of optimizer steps ``steps``.
+
+    Each draw is what the run's recipe (``cfg.recipe``: its planner and loss terms) trains at that step, on
+    ``batch`` (one batch as the data loader gives it: the global batch as one micro-batch of one process) — the
+    image recipe's masks have the same token counts at every step; a hypermodal step's modalities (modality
+    dropout) and tasks vary. ``total_steps`` places the steps in the curriculum. Counted by
+    ``torch.utils.flop_counter`` (a multiply-add is 2) in training mode, fp32; the model's gradients are cleared,
+    and its buffers (batch-norm statistics), mode and the global RNG left as they were.
+    """
+    recipe = recipe_of(cfg)
+    device = next(model.parameters()).device
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
+    planner = recipe.planner(cfg, model, info, micro=len(batch[1]), accum=1, total_steps=total_steps)
+    step = TrainingStep(model, recipe.build_terms(cfg, model))
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
     was_training = model.training
     model.train()
-    flops = backward_flops(lambda: step(images=images, context=masks.context, targets=masks.targets).loss, model)
-    model.train(was_training)
-    return flops
+    try:
+        with forked_rng(device):
+            flops = [backward_flops(lambda: step(**planner(batch, s, 0)).loss, model) for s in steps]
+    finally:
+        model.train(was_training)
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+    return sum(flops) / len(flops)
+
+
+def first_batch(dataset: Dataset, batch_size: int) -> Any:
+    """The first ``batch_size`` items of ``dataset`` collated as the training loader does (``(inputs, labels)``)."""
+    return next(iter(DataLoader(dataset, batch_size=batch_size)))
 
 
 def training_cost(records: Sequence[dict[str, Any]], batch_size: int) -> dict[str, float]:

@@ -49,6 +49,9 @@ COLUMNS = {  # column: (path in eval.json, format)
     "peak_memory_mb": (("cost", "peak_memory_mb"), ".0f"),
 }
 
+# where a hypermodal run records a column that an image run records elsewhere: its image modality's linear probe
+HYPERMODAL_COLUMNS = {"linear_probe": ("representation", "linear_probe/image")}
+
 
 def _get(tree: dict, path: Sequence[str]) -> Any:
     for key in path:
@@ -76,15 +79,16 @@ def model_label(cfg: DictConfig) -> str:
     """The model column of a table: the preset (``model.name``) of an image run, with its JIN Table 3 row when it is
     one (``jin_tiny/no_hierarchy``); ``hypermodal`` (with a flat image encoder) or ``hypermodal+<preset>`` (JIN's
     hierarchical image encoder, ``hypermodal.image.backbone``), with the other modalities that have the hierarchy
-    too (``hypermodal+jin_tiny+audio,video,points``; ``hypermodal.hierarchy.modalities``)."""
+    too (``hypermodal+jin_tiny+audio,video,points``; ``hypermodal.hierarchy.modalities``) and its JIN Table 3 row
+    (``hypermodal+jin_tiny/no_ebm``; ``hypermodal.ablation``)."""
     if cfg.recipe == "image":
         ablation = cfg.model.get("ablation")
         return cfg.model.name if ablation is None else f"{cfg.model.name}/{ablation}"
-    backbone = cfg.hypermodal.image.backbone
-    if backbone is None:
-        return cfg.recipe
+    backbone, ablation = cfg.hypermodal.image.backbone, cfg.hypermodal.ablation
     hierarchical = list(cfg.hypermodal.hierarchy.modalities)
-    return f"{cfg.recipe}+{backbone}" + (f"+{','.join(hierarchical)}" if hierarchical else "")
+    label = cfg.recipe if backbone is None else f"{cfg.recipe}+{backbone}" + (
+        f"+{','.join(hierarchical)}" if hierarchical else "")
+    return label if ablation is None else f"{label}/{ablation}"
 
 
 def summary_row(run: RunDir) -> dict[str, Any]:
@@ -93,6 +97,8 @@ def summary_row(run: RunDir) -> dict[str, Any]:
            "steps": _get(metrics, ("train", "steps"))}
     for column, (path, _) in COLUMNS.items():
         row[column] = _get(metrics, path)
+        if row[column] is None and column in HYPERMODAL_COLUMNS:
+            row[column] = _get(metrics, HYPERMODAL_COLUMNS[column])
     if row["gflops_per_step"] is not None:
         row["gflops_per_step"] /= 1e9
     return row

@@ -11,13 +11,15 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..eval import evaluation_sets, plots
-from ..eval.cost import training_cost
+from ..eval.cost import first_batch, step_flops, training_cost
 from ..eval.representation import linear_probe
 from ..run_dir import RunDir
 from .model import HypermodalJEPA
 from .objectives import pair_energy
 
 KS = (1, 5, 10)
+# the training steps whose draws (modalities, tasks) the FLOPs per step average, evenly spaced over the run
+COST_STEPS = 4
 
 
 @torch.no_grad()
@@ -138,7 +140,9 @@ def evaluate_hypermodal(
     model: HypermodalJEPA, cfg: DictConfig, train_set: Dataset, val_set: Dataset | None, run: RunDir,
     device: torch.device,
 ) -> dict[str, Any]:
-    """Retrieval R@1/5/10 in each direction, zero-shot transfer, modality dropout, energies, per-modality probes.
+    """Retrieval R@1/5/10 in each direction, zero-shot transfer, modality dropout, energies, per-modality probes,
+    and the FLOPs of a training step (the mean over the draws of ``COST_STEPS`` of the run's steps, spread evenly;
+    a run stopped early by ``trainer.max_steps`` is measured as if its curriculum ended there).
 
     Writes ``eval.json`` and ``plots/retrieval.png``, ``plots/transfer.png``, ``plots/training_curves.png``.
     """
@@ -164,8 +168,12 @@ def evaluate_hypermodal(
         "energy": alignment_energies(val_z),
     }
     records = run.read_metrics()
+    trained = records[-1]["step"] if records else 1
+    steps = sorted({round(s * (trained - 1) / max(COST_STEPS - 1, 1)) for s in range(COST_STEPS)})
+    metrics["cost"] = {"flops_per_step": step_flops(cfg, model, first_batch(val_set, cfg.trainer.batch_size),
+                                                     steps, total_steps=trained)}
     if records:
-        metrics["cost"] = training_cost(records, cfg.trainer.batch_size)
+        metrics["cost"].update(training_cost(records, cfg.trainer.batch_size))
         metrics["train"] = {"final_loss": records[-1]["loss"], "steps": records[-1]["step"]}
         plots.training_curves({run.path.name: records}, run.plots / "training_curves.png")
     metrics["timings"] = {"eval_s": time.perf_counter() - tic}
