@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import copy
 import tempfile
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 from omegaconf import DictConfig
@@ -28,6 +29,21 @@ Evaluate = Callable[[nn.Module, DictConfig, Dataset, "Dataset | None", RunDir, t
 def forked_rng(device: torch.device):
     """The global CPU (and this CUDA device's) RNG state, restored on exit."""
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
+@contextmanager
+def state_kept(model: nn.Module) -> Iterator[None]:
+    """Run forward / backward passes of ``model`` inside; on exit its gradients are cleared and its buffers (e.g.
+    batch-norm statistics) and the global RNG state are as they were on entry."""
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    with forked_rng(next(model.parameters()).device):
+        try:
+            yield
+        finally:
+            model.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for name, b in model.named_buffers():
+                    b.copy_(buffers[name])
 
 
 def preflight_config(cfg: DictConfig) -> DictConfig:
@@ -94,16 +110,9 @@ def check_gradients(model: nn.Module, step: Callable[[], torch.Tensor], allow_un
     Raises:
         ConfigError: a trainable parameter receives no gradient; the message names it.
     """
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
-    with forked_rng(next(model.parameters()).device):
-        try:
-            step().backward()
-            unused = [] if allow_unused else params_without_gradient(model)
-        finally:
-            model.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                for name, b in model.named_buffers():
-                    b.copy_(buffers[name])
+    with state_kept(model):
+        step().backward()
+        unused = [] if allow_unused else params_without_gradient(model)
     if unused:
         shown = ", ".join(unused[:12]) + (f" and {len(unused) - 12} more" if len(unused) > 12 else "")
         raise ConfigError(

@@ -9,6 +9,7 @@ from conftest import CONF
 from jin.layers import SpatialBias
 from jin.zoom import NoZoom
 from prob_jepa.config import group_options
+from prob_jepa.eval.summary import model_label
 from prob_jepa.model import build_model
 
 ROWS = ["full", "no_cross_scale", "no_hierarchy", "no_spatial_attention", "single_scale"]  # image runs
@@ -49,8 +50,6 @@ def test_a_hypermodal_run_refuses_the_image_rows(compose):
 
 @pytest.mark.parametrize("row", list(HYPERMODAL_ROWS))
 def test_the_multimodal_rows_are_the_hypermodal_run_without_their_alignment_terms(row, compose):
-    from prob_jepa.eval.summary import model_label
-
     cfg = compose("experiment=sweep_jin_ablations", f"ablation={row}")
     energy, infonce = HYPERMODAL_ROWS[row]
     assert (cfg.hypermodal.objectives.energy, cfg.hypermodal.objectives.infonce) == (energy, infonce)

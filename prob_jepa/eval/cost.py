@@ -15,7 +15,7 @@ from jin.zoom import AdaptiveZoom
 
 from ..distributed import DistInfo
 from ..model import JEPA
-from ..preflight import forked_rng
+from ..preflight import state_kept
 from ..recipes import recipe_of
 from ..step import TrainingStep
 
@@ -47,21 +47,16 @@ def step_flops(cfg: DictConfig, model: nn.Module, batch: Any, steps: Sequence[in
     and its buffers (batch-norm statistics), mode and the global RNG left as they were.
     """
     recipe = recipe_of(cfg)
-    device = next(model.parameters()).device
-    info = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=next(model.parameters()).device)
     planner = recipe.planner(cfg, model, info, micro=len(batch[1]), accum=1, total_steps=total_steps)
     step = TrainingStep(model, recipe.build_terms(cfg, model))
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
     was_training = model.training
     model.train()
     try:
-        with forked_rng(device):
+        with state_kept(model):
             flops = [backward_flops(lambda: step(**planner(batch, s, 0)).loss, model) for s in steps]
     finally:
         model.train(was_training)
-        with torch.no_grad():
-            for name, b in model.named_buffers():
-                b.copy_(buffers[name])
     return sum(flops) / len(flops)
 
 
