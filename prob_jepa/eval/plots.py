@@ -24,7 +24,7 @@ def save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if fig.get_layout_engine() is None:
         fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # a legend beside the panels stays in the picture
     plt.close(fig)
     return path
 
@@ -38,25 +38,33 @@ def _grid(n: int, width: float = 4.0, height: float = 3.3, cols: int = 4):
     return fig, list(axes.flat)
 
 
+MODALITY_STYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)))  # one line style per modality, in logged order
+
+
 def training_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) -> Path:
-    """Loss, learning rate and collapse diagnostics against the step, one line per run; the diagnostics one line
-    per modality where a run logs them by modality (``feature_std/<modality>``: modality dropout changes which
-    modalities a step has, so their mean jumps from step to step)."""
+    """Loss, learning rate and collapse diagnostics against the step: one colour per run; the diagnostics one line
+    style per modality where a run logs them by modality (``feature_std/<modality>``: modality dropout changes which
+    modalities a step has, so their mean jumps from step to step). One legend beside the panels names the runs
+    (colours) and the modalities (line styles)."""
     keys = ("loss", "lr", "feature_std", "effective_rank")
     fig, axes = _grid(len(keys))
+    colours = dict(zip(runs, sns.color_palette("tab10" if len(runs) <= 10 else "husl", n_colors=max(len(runs), 1))))
+    modalities: list[str] = []
     for ax, key in zip(axes, keys):
         for name, records in runs.items():
             parts = sorted({k.partition("/")[2] for r in records for k in r if k.startswith(f"{key}/")})
+            modalities += [p for p in parts if p not in modalities]
             for part in parts or [None]:
-                series = [(r["step"], r[f"{key}/{part}" if part else key]) for r in records
-                          if (f"{key}/{part}" if part else key) in r]
-                label = " ".join(x for x in (name if len(runs) > 1 else None, part) if x)
-                ax.plot(*zip(*series), lw=1.4, label=label or name)
-            if parts and key == keys[-1]:  # one legend for the modalities, beside the last panel
-                ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+                field = f"{key}/{part}" if part else key
+                series = [(r["step"], r[field]) for r in records if field in r]
+                style = MODALITY_STYLES[modalities.index(part) % len(MODALITY_STYLES)] if part else "-"
+                ax.plot(*zip(*series), lw=1.3, color=colours[name], linestyle=style)
         ax.set(xlabel="step", title=key)
-    if len(runs) > 1:
-        axes[0].legend(fontsize=7)
+    handles = [plt.Line2D([], [], color=c, lw=2, label=name) for name, c in colours.items()] if len(runs) > 1 else []
+    handles += [plt.Line2D([], [], color="0.35", lw=1.3, linestyle=MODALITY_STYLES[i % len(MODALITY_STYLES)], label=m)
+                for i, m in enumerate(modalities)]
+    if handles:  # beside the panels: save keeps it in the picture
+        fig.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 0.98), frameon=False)
     return save(fig, path)
 
 
