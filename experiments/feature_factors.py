@@ -5,9 +5,10 @@
 For the pretrained target encoder and the same encoder at its random initialization (the probe's features:
 average-pooled last-level tokens), prints the held-out R² of a ridge read-out of every scene factor (class
 excluded: that is the probe's job) — shape radius, centre, tilt, hue (as sine and cosine), brightness, background
-colour, texture strength — the share of the features' variance along their five largest principal components, and
-the k-NN accuracy of the class. Factors that the features read with R² near 1 and that fill the top components
-decide which images are nearest neighbours (README, "What the default run shows").
+colour, texture strength, occluder side and decoy (those the world varies) — the share of the features' variance
+along their five largest principal components, and the k-NN accuracy of the class. Factors that the features read
+with R² near 1 and that fill the top components decide which images are nearest neighbours (README, "What the
+default run shows").
 
 Then, from the run's evaluation (``plots/plot_data.json``), the Pearson r of every scene factor with an image's
 mean predictor energy and with the probe being right on it: a factor that moves both is what could make energy
@@ -42,14 +43,16 @@ TOP_COMPONENTS = 5
 
 
 def scalar_factors(ds: ShapesDataset) -> dict[str, torch.Tensor]:
-    """The dataset's scene factors as scalars per image: hue as sine and cosine, background per channel."""
+    """The dataset's scene factors as scalars per image: hue as sine and cosine, background per channel, the
+    occluder's side and whether there is a decoy. A factor the world holds constant (an option it does not use,
+    e.g. ``data.scene.texture=[0.375,0.375]``) is left out: there is nothing to read or correlate."""
     f = ds.factors
     angle = 2 * math.pi * f["hue"]
     out = {k: f[k] for k in ("radius", "cx", "cy", "theta")}
     out.update({"hue_sin": torch.sin(angle), "hue_cos": torch.cos(angle), "value": f["value"]})
     out.update({f"background_{c}": f["background"][:, i] for i, c in enumerate("rgb")})
-    out["texture"] = f["texture"]
-    return out
+    out.update({k: f[k] for k in ("texture", "occluder", "decoy")})
+    return {k: v for k, v in out.items() if v.max() > v.min()}
 
 
 def energy_and_error_drivers(factors: dict[str, torch.Tensor], energy: torch.Tensor, correct: torch.Tensor) -> dict:

@@ -17,6 +17,11 @@ SCENE = Scene(radius=(0.3, 0.38), distractors=0, noise=0.03, gradient=0.0, textu
 PLAIN = Scene(radius=(0.3, 0.38), distractors=0, noise=0.0, gradient=0.0, texture=(0.0, 0.0), texture_block=2, **COLOURS)
 
 
+def scene_config(scene: Scene, **overrides) -> dict:
+    """``scene`` as the ``data.scene`` config node that builds it, with ``overrides``."""
+    return {**{k: list(v) if isinstance(v, tuple) else v for k, v in scene.__dict__.items()}, **overrides}
+
+
 def test_rendering_is_seeded_and_labelled():
     a, la, *_ = render(64, 32, seed=3, marker=MARKER, scene=SCENE)
     b, lb, *_ = render(64, 32, seed=3, marker=MARKER, scene=SCENE)
@@ -136,6 +141,15 @@ def test_default_scene_matches_the_config(compose):
     assert Scene.from_config(cfg.scene) == default
 
 
+def test_the_default_world_draws_what_it_drew_before_occluders_and_decoys(compose):
+    """The README's measurements were made on these scenes: an option that is off draws nothing from the scene's
+    generator (the marker colours, drawn after the pixels, would move first). Pinned at commit 3bbc64f."""
+    cfg = compose().data
+    r = render(40, 64, 0, Marker.from_config(cfg.marker), Scene.from_config(cfg.scene))
+    assert "".join(map(str, r.labels.tolist())) == "4750333713524760042167760151501430356770"
+    assert "".join(map(str, r.marker_choice.tolist())) == "1010000001000011010001000100111110000110"
+
+
 def test_the_rendering_reports_each_scene_s_factors():
     f = render(64, 32, seed=8, marker=MARKER, scene=replace(PLAIN, texture=(0.1, 0.2))).factors
     ds = ShapesDataset(64, 32, seed=0, marker=MARKER, scene=PLAIN, chunk=24)  # factors follow the chunks
@@ -188,5 +202,54 @@ def test_the_parts_layout_draws_the_same_scenes_with_other_classes():
     ds = ShapesDataset(8, 32, seed=0, marker=MARKER, scene=replace(PLAIN, layout="parts"))
     assert len(ds.classes) == 8 and ds.classes[0] == "cir/squ/tri/cro"
     with pytest.raises(ConfigError, match="data.scene.layout must be one of single, parts"):
-        Scene.from_config({"radius": [0.3, 0.38], "distractors": 0, "noise": 0.0, "gradient": 0.0,
-                           "texture": [0.0, 0.0], "texture_block": 2, **COLOURS, "layout": "grid"})
+        Scene.from_config(scene_config(PLAIN, layout="grid"))
+
+
+def test_an_occluder_covers_a_square_of_random_blocks_over_the_object_and_nothing_else():
+    """The occluder's draws come after every other draw of the scene's pixels: outside its square and the marker
+    (whose colour is drawn after the pixels) the image is the one drawn without it, pixel for pixel — so the
+    default world, without one, is the world drawn before the occluder existed."""
+    occluded = replace(SCENE, occluder=(0.2, 0.5), texture_block=4)
+    plain = render(48, 32, seed=9, marker=MARKER, scene=replace(SCENE, texture_block=4))
+    r = render(48, 32, seed=9, marker=MARKER, scene=occluded)
+    assert torch.equal(r.labels, plain.labels) and (plain.factors["occluder"] == 0).all()
+    assert all(torch.equal(r.factors[k], plain.factors[k]) for k in r.factors if k != "occluder")
+    side = r.factors["occluder"]
+    assert ((0.2 <= side) & (side <= 0.5)).all() and side.std() > 0.05
+    differs = (r.images != plain.images).any(1)  # [n, H, W]
+    differs[:, :8, :8] = False  # the marker: drawn over everything, its colour from the next draw
+    grid = (torch.arange(32) + 0.5) / 32
+    for i in range(48):
+        ys, xs = differs[i].nonzero(as_tuple=True)
+        # every changed pixel lies in one square of the drawn side, centred within half a radius of the object
+        assert grid[xs].max() - grid[xs].min() <= side[i] + 1e-6 and grid[ys].max() - grid[ys].min() <= side[i] + 1e-6
+        centre = torch.stack([(grid[xs].max() + grid[xs].min()) / 2, (grid[ys].max() + grid[ys].min()) / 2])
+        reach = side[i] / 2 + 0.5 * r.factors["radius"][i] / 2 + 1 / 32  # a clipped corner may shift the box
+        assert (centre - torch.stack([r.factors["cx"][i], r.factors["cy"][i]])).abs().max() <= reach
+        assert len(xs) >= 0.5 * (side[i] * 32 - 1) ** 2  # most of the square changed (a block may repeat a pixel)
+    covered = r.images.float()[differs[:, None].expand(-1, 3, -1, -1)] / 255
+    assert 0.2 < covered.std() and 0.35 < covered.mean() < 0.65  # random colours in [0, 1], not the scene's
+    with pytest.raises(ConfigError, match=r"data\.scene\.occluder"):
+        Scene.from_config(scene_config(SCENE, occluder=[0.5, 0.2]))
+
+
+def test_a_decoy_is_an_object_of_another_class_over_some_scenes_and_nothing_else_moves():
+    """``decoy``: the share of scenes with a second, smaller object; where there is none, the scene is the one
+    drawn without decoys (pixel for pixel, outside the marker), and a decoy's pixels stay within its own extent."""
+    base = replace(SCENE, texture=(0.0, 0.0), noise=0.0)
+    plain = render(400, 32, seed=2, marker=MARKER, scene=base)
+    r = render(400, 32, seed=2, marker=MARKER, scene=replace(base, decoy=0.5, decoy_radius=(0.15, 0.2)))
+    has = r.factors["decoy"].bool()
+    assert 0.42 < has.float().mean() < 0.58 and (plain.factors["decoy"] == 0).all()
+    differs = (r.images != plain.images).any(1)
+    differs[:, :8, :8] = False  # the marker, whose colour is drawn after the pixels
+    assert not differs[~has].any()
+    assert differs[has].flatten(1).any(1).float().mean() > 0.9  # a decoy shows (it may hide under the marker)
+    for i in has.nonzero().flatten()[:40]:
+        ys, xs = differs[i].nonzero(as_tuple=True)
+        if len(xs):
+            assert xs.max() - xs.min() <= 2 * EXTENT * 0.2 * 32 + 2 and ys.max() - ys.min() <= 2 * EXTENT * 0.2 * 32 + 2
+    assert Scene.from_config(scene_config(SCENE, decoy=0.25, decoy_radius=[0.1, 0.2])) == replace(
+        SCENE, decoy=0.25, decoy_radius=(0.1, 0.2))
+    with pytest.raises(ConfigError, match=r"data\.scene\.decoy"):
+        Scene.from_config(scene_config(SCENE, decoy=1.5))

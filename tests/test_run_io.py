@@ -125,6 +125,23 @@ def test_energy_and_error_drivers_pair_each_factor_with_the_evaluated_images():
     assert out["factors"]["energy_like"]["correct"] == pytest.approx(out["energy_vs_correct"])
 
 
+def test_scene_factors_are_those_the_world_varies():
+    """A world with a fixed texture strength and a decoy in some scenes: the texture is left out (no variance:
+    R² would divide by zero), the decoy and the occluder's side are read where drawn."""
+    from dataclasses import replace
+
+    from prob_jepa.data.shapes import Marker, Scene, ShapesDataset
+
+    marker = Marker(size=8, x=0, y=0, colors=((1.0, 0.1, 0.1), (0.1, 0.3, 1.0)), weights=(0.7, 0.3))
+    scene = Scene(radius=(0.3, 0.38), distractors=0, noise=0.0, gradient=0.0, texture=(0.2, 0.2), texture_block=4,
+                  hue=(0.5, 0.7), value=(0.8, 1.0), background=(0.2, 0.3), decoy=0.5)
+    factors = feature_factors_script.scalar_factors(ShapesDataset(32, 32, 0, marker, scene))
+    assert "texture" not in factors and "occluder" not in factors and set(factors["decoy"].tolist()) == {0.0, 1.0}
+    occluded = feature_factors_script.scalar_factors(
+        ShapesDataset(32, 32, 0, marker, replace(scene, occluder=(0.1, 0.4))))
+    assert "occluder" in occluded and all(f.std() > 0 for f in occluded.values())
+
+
 def test_evaluate_rejects_an_unknown_key_with_the_valid_ones(trained):
     with pytest.raises(SystemExit, match="num_samples"):
         evaluate_script.main([str(trained[0].run_dir), "eval.num_sample=4"])

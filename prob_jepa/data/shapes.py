@@ -75,6 +75,16 @@ class Scene:
         range ([0, 1] intensity units). Texture is detail that no context can predict: a JEPA learns to
         ignore it, while it dominates the pooled statistics a random encoder reads. Its per-image strength
         makes some images harder than others, so there is something for uncertainty to detect.
+    occluder: range of each image's occluder side, a fraction of the image side (``[0, 0]``: none). The
+        occluder is a square of random colour blocks (``texture_block`` pixels each, every channel uniform in
+        [0, 1]) centred within half a radius of the object's centre, drawn over everything but the marker: it
+        hides part of what the class is read from behind pixels no context can predict (README, "The head
+        comparison": what it does to the energy). Its draws follow every other draw of the scene's pixels and
+        are skipped when the range is ``[0, 0]``, so a scene without one is the scene drawn before it existed.
+    decoy: the probability that a scene holds a decoy — a second object of another class (radius drawn from
+        ``decoy_radius``, anywhere it fits, its own tilt, a colour of any hue as the distractors have, the same
+        texture) over the labelled one. Where it lies is not predictable from the rest of the scene,
+        and it is what a probe may mistake for the class. Its draws follow the occluder's and are skipped at 0.
     """
 
     radius: tuple[float, float]
@@ -87,6 +97,9 @@ class Scene:
     value: tuple[float, float]
     background: tuple[float, float]
     layout: str = "single"
+    occluder: tuple[float, float] = (0.0, 0.0)
+    decoy: float = 0.0
+    decoy_radius: tuple[float, float] = (0.15, 0.2)
 
     @classmethod
     def from_config(cls, cfg) -> "Scene":
@@ -106,11 +119,23 @@ class Scene:
             if not 0 <= r_lo <= r_hi <= 1:
                 raise ConfigError(f"data.scene.{key} must be a range 0 <= lo <= hi <= 1, got {[r_lo, r_hi]}")
             ranges[key] = (r_lo, r_hi)
+        o_lo, o_hi = (float(o) for o in cfg["occluder"])
+        if not 0 <= o_lo <= o_hi <= 1:
+            raise ConfigError(
+                f"data.scene.occluder must be a range 0 <= lo <= hi <= 1 (of the image side), got {[o_lo, o_hi]}"
+            )
+        d_lo, d_hi = (float(r) for r in cfg["decoy_radius"])
+        if not 0 <= float(cfg["decoy"]) <= 1 or not 0 < d_lo <= d_hi or d_hi * EXTENT > 0.5:
+            raise ConfigError(
+                f"data.scene.decoy must be a probability and data.scene.decoy_radius a range 0 < lo <= hi <= "
+                f"{0.5 / EXTENT:.3f}, got {cfg['decoy']} and {[d_lo, d_hi]}"
+            )
         if cfg["layout"] not in LAYOUTS:
             raise ConfigError(f"data.scene.layout must be one of {', '.join(LAYOUTS)}, got {cfg['layout']!r}")
         return cls(
             (lo, hi), int(cfg["distractors"]), float(cfg["noise"]), float(cfg["gradient"]), (t_lo, t_hi),
-            int(cfg["texture_block"]), **ranges, layout=str(cfg["layout"]),
+            int(cfg["texture_block"]), **ranges, layout=str(cfg["layout"]), occluder=(o_lo, o_hi),
+            decoy=float(cfg["decoy"]), decoy_radius=(d_lo, d_hi),
         )
 
 
@@ -203,7 +228,9 @@ class Rendering(NamedTuple):
     """What :func:`render` draws: images ``[n, 3, H, W]`` uint8, labels ``[n]``, marker colour index ``[n]``,
     and the nuisance factors of every scene (``[n]`` each unless noted): ``radius`` (fraction of the image side),
     ``cx``, ``cy`` (centre, fractions), ``theta`` (tilt, radians), ``hue`` (fraction of the colour wheel),
-    ``value`` (the shape's brightness), ``background`` (``[n, 3]`` RGB) and ``texture`` (the texture std)."""
+    ``value`` (the shape's brightness), ``background`` (``[n, 3]`` RGB), ``texture`` (the texture std) and
+    ``occluder`` (the occluder's side, a fraction of the image side; 0 without one) and ``decoy`` (1 where the
+    scene holds a decoy, else 0)."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -254,14 +281,17 @@ def object_mask(u: torch.Tensor, v: torch.Tensor, f: dict[str, torch.Tensor], la
 
 def paint(
     f: dict[str, torch.Tensor], g: torch.Generator, size: int, scene: Scene, centre: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Draw scenes ``f`` (:func:`draw_scenes`) as ``size``-pixel images, their nuisance drawn from ``g``.
 
     The background colour, ramp, distractor blobs, pixel noise and texture of :class:`Scene`, then the object
-    (``scene.layout``) in its colour plus texture, centred at ``(cx, cy)`` or at ``centre [n, 2]``.
+    (``scene.layout``) in its colour plus texture, centred at ``(cx, cy)`` or at ``centre [n, 2]``, a decoy
+    over it and an occluder over both (where ``scene`` has them).
 
     Returns:
-        images ``[n, 3, size, size]`` in [0, 1] intensity units, not yet clamped; the texture std of each ``[n]``.
+        images ``[n, 3, size, size]`` in [0, 1] intensity units, not yet clamped; the drawn nuisance of each
+        image, ``[n]`` each: ``texture`` (the texture std), ``occluder`` (its side, a fraction of the image
+        side; 0 without one) and ``decoy`` (1 where the scene holds one, else 0).
     """
     n = len(f["label"])
     coord = (torch.arange(size, dtype=torch.float32) + 0.5) / size
@@ -284,12 +314,60 @@ def paint(
         img = torch.where(inside, blob_col[:, k, :, None, None], img)
 
     cx, cy = (f["cx"], f["cy"]) if centre is None else centre.unbind(-1)
-    dx, dy = xx - cx[:, None, None], yy - cy[:, None, None]
-    cos, sin = torch.cos(f["theta"])[:, None, None], torch.sin(f["theta"])[:, None, None]
-    u, v = dx * cos + dy * sin, -dx * sin + dy * cos  # the object's frame, fractions of the image side
-    inside = object_mask(u, v, f, scene.layout)
+    inside = object_mask(*_object_frame(xx, yy, cx, cy, f["theta"]), f, scene.layout)
     img = torch.where(inside[:, None], f["color"][:, :, None, None] + fg_texture, img)
-    return img, amplitude.flatten()
+    occluder = _draw_occluder(g, f, scene, size, xx, yy, cx, cy)
+    decoy = _draw_decoy(g, f, scene, xx, yy)
+    img = torch.where(decoy["pixels"][:, None], decoy["colour"][:, :, None, None] + fg_texture, img)
+    img = torch.where(occluder["pixels"][:, None], occluder["colours"], img)
+    return img, {"texture": amplitude.flatten(), "occluder": occluder["side"], "decoy": decoy["present"]}
+
+
+def _draw_occluder(g: torch.Generator, f: dict[str, torch.Tensor], scene: Scene, size: int, xx: torch.Tensor,
+                   yy: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The occluder of every scene (:class:`Scene`; no draws without one): its ``side [n]``, the ``pixels`` it
+    covers ``[n, size, size]`` (bool) and its ``colours [n, 3, size, size]``."""
+    n = len(cx)
+    if scene.occluder[1] == 0:
+        return {"side": torch.zeros(n), "pixels": torch.zeros(n, size, size, dtype=torch.bool), "colours": 0.0}
+    side = _uniform(g, (n,), scene.occluder)
+    offset = (torch.rand(n, 2, generator=g) - 0.5) * f["radius"][:, None]
+    blocks = torch.rand(n, 3, -(-size // scene.texture_block), -(-size // scene.texture_block), generator=g)
+    colours = blocks.repeat_interleave(scene.texture_block, 2).repeat_interleave(scene.texture_block, 3)
+    half = side[:, None, None] / 2
+    pixels = ((xx - cx[:, None, None] - offset[:, 0, None, None]).abs() <= half) & (
+        (yy - cy[:, None, None] - offset[:, 1, None, None]).abs() <= half
+    )
+    return {"side": side, "pixels": pixels, "colours": colours[:, :, :size, :size]}
+
+
+def _draw_decoy(g: torch.Generator, f: dict[str, torch.Tensor], scene: Scene, xx: torch.Tensor,
+                yy: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The decoy of every scene (:class:`Scene`; no draws at probability 0): whether it is ``present [n]``
+    (0 / 1), the ``pixels`` it covers ``[n, H, W]`` (bool) and its ``colour [n, 3]``."""
+    n = len(f["label"])
+    if scene.decoy == 0:
+        return {"present": torch.zeros(n), "pixels": torch.zeros(n, *xx.shape, dtype=torch.bool),
+                "colour": torch.zeros(n, 3)}
+    present = torch.rand(n, generator=g) < scene.decoy
+    d = {"label": (f["label"] + torch.randint(1, len(CLASSES), (n,), generator=g)) % len(CLASSES),
+         "radius": _uniform(g, (n,), scene.decoy_radius)}
+    margin = EXTENT * d["radius"]
+    d_cx, d_cy = (margin + (1 - 2 * margin) * torch.rand(n, generator=g) for _ in range(2))
+    d_theta = (torch.rand(n, generator=g) - 0.5) * math.radians(40)
+    colour = _random_colors(g, n, *DISTRACTOR_COLOURS)[0]
+    pixels = object_mask(*_object_frame(xx, yy, d_cx, d_cy, d_theta), d, scene.layout) & present[:, None, None]
+    return {"present": present.float(), "pixels": pixels, "colour": colour}
+
+
+def _object_frame(
+    xx: torch.Tensor, yy: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, theta: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel centres ``xx, yy [H, W]`` in the frame of objects centred at ``cx, cy [n]`` and tilted by ``theta [n]``
+    (radians): ``u, v [n, H, W]``, fractions of the image side."""
+    dx, dy = xx - cx[:, None, None], yy - cy[:, None, None]
+    cos, sin = torch.cos(theta)[:, None, None], torch.sin(theta)[:, None, None]
+    return dx * cos + dy * sin, -dx * sin + dy * cos
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -309,14 +387,14 @@ def render(
     """
     g = torch.Generator().manual_seed(seed)
     f = draw_scenes(n, g, scene)
-    img, texture = paint(f, g, image_size, scene)
+    img, nuisance = paint(f, g, image_size, scene)
     draws = torch.rand(n, generator=g)
     choice = (draws >= marker.weights[0]).long() if marker_choice is None else torch.full((n,), marker_choice)
     colors = torch.tensor(marker.colors)[choice]  # [n, 3]
     ys, xs = slice(marker.y, marker.y + marker.size), slice(marker.x, marker.x + marker.size)
     img[:, :, ys, xs] = colors[:, :, None, None]
     factors = {k: f[k] for k in ("radius", "cx", "cy", "theta", "hue", "value", "background")}
-    return Rendering(to_uint8(img), f["label"], choice, {**factors, "texture": texture})
+    return Rendering(to_uint8(img), f["label"], choice, {**factors, **nuisance})
 
 
 class ShapesDataset(Dataset):
