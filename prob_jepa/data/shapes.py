@@ -228,7 +228,7 @@ class Rendering(NamedTuple):
     """What :func:`render` draws: images ``[n, 3, H, W]`` uint8, labels ``[n]``, marker colour index ``[n]``,
     and the nuisance factors of every scene (``[n]`` each unless noted): ``radius`` (fraction of the image side),
     ``cx``, ``cy`` (centre, fractions), ``theta`` (tilt, radians), ``hue`` (fraction of the colour wheel),
-    ``value`` (the shape's brightness), ``background`` (``[n, 3]`` RGB), ``texture`` (the texture std) and
+    ``value`` (the shape's brightness), ``background`` (``[n, 3]`` RGB), ``texture`` (the texture std),
     ``occluder`` (the occluder's side, a fraction of the image side; 0 without one) and ``decoy`` (1 where the
     scene holds a decoy, else 0)."""
 
