@@ -238,11 +238,22 @@ class Rendering(NamedTuple):
     factors: dict[str, torch.Tensor]
 
 
-def blocky_noise(g: torch.Generator, n: int, size: int, block: int) -> torch.Tensor:
-    """Standard normal colour noise constant over ``block × block`` pixel blocks: ``[n, 3, size, size]``."""
+def blocky_noise(g: torch.Generator, n: int, size: int, block: int, draw=torch.randn) -> torch.Tensor:
+    """Colour noise constant over ``block × block`` pixel blocks, each block's channels drawn by ``draw``
+    (standard normal; ``torch.rand``: uniform in [0, 1]): ``[n, 3, size, size]``."""
     cells = -(-size // block)
-    noise = torch.randn(n, 3, cells, cells, generator=g)
+    noise = draw(n, 3, cells, cells, generator=g)
     return noise.repeat_interleave(block, 2).repeat_interleave(block, 3)[:, :, :size, :size]
+
+
+def _placement(g: torch.Generator, radius: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where objects of ``radius [n]`` (fractions of the image side) sit: centres ``cx, cy [n]`` uniform where the
+    object fits (``EXTENT · radius`` from every edge) and a tilt ``theta [n]`` within ±20° (radians)."""
+    margin = EXTENT * radius
+    cx = margin + (1 - 2 * margin) * torch.rand(len(radius), generator=g)
+    cy = margin + (1 - 2 * margin) * torch.rand(len(radius), generator=g)
+    theta = (torch.rand(len(radius), generator=g) - 0.5) * math.radians(40)
+    return cx, cy, theta
 
 
 def class_names(layout: str) -> tuple[str, ...]:
@@ -257,10 +268,7 @@ def draw_scenes(n: int, g: torch.Generator, scene: Scene) -> dict[str, torch.Ten
     ``background`` colour (``[n, 3]``); ``[n]`` each unless noted. Every modality of the world renders these."""
     label = torch.randint(len(CLASSES), (n,), generator=g)
     radius = _uniform(g, (n,), scene.radius)
-    margin = EXTENT * radius
-    cx = margin + (1 - 2 * margin) * torch.rand(n, generator=g)
-    cy = margin + (1 - 2 * margin) * torch.rand(n, generator=g)
-    theta = (torch.rand(n, generator=g) - 0.5) * math.radians(40)
+    cx, cy, theta = _placement(g, radius)
     color, hue, value = _random_colors(g, n, scene.hue, scene.value)
     background = _uniform(g, (n, 3), scene.background)
     return dict(label=label, radius=radius, cx=cx, cy=cy, theta=theta, color=color, hue=hue, value=value,
@@ -332,13 +340,12 @@ def _draw_occluder(g: torch.Generator, f: dict[str, torch.Tensor], scene: Scene,
         return {"side": torch.zeros(n), "pixels": torch.zeros(n, size, size, dtype=torch.bool), "colours": 0.0}
     side = _uniform(g, (n,), scene.occluder)
     offset = (torch.rand(n, 2, generator=g) - 0.5) * f["radius"][:, None]
-    blocks = torch.rand(n, 3, -(-size // scene.texture_block), -(-size // scene.texture_block), generator=g)
-    colours = blocks.repeat_interleave(scene.texture_block, 2).repeat_interleave(scene.texture_block, 3)
+    colours = blocky_noise(g, n, size, scene.texture_block, torch.rand)
     half = side[:, None, None] / 2
     pixels = ((xx - cx[:, None, None] - offset[:, 0, None, None]).abs() <= half) & (
         (yy - cy[:, None, None] - offset[:, 1, None, None]).abs() <= half
     )
-    return {"side": side, "pixels": pixels, "colours": colours[:, :, :size, :size]}
+    return {"side": side, "pixels": pixels, "colours": colours}
 
 
 def _draw_decoy(g: torch.Generator, f: dict[str, torch.Tensor], scene: Scene, xx: torch.Tensor,
@@ -352,9 +359,7 @@ def _draw_decoy(g: torch.Generator, f: dict[str, torch.Tensor], scene: Scene, xx
     present = torch.rand(n, generator=g) < scene.decoy
     d = {"label": (f["label"] + torch.randint(1, len(CLASSES), (n,), generator=g)) % len(CLASSES),
          "radius": _uniform(g, (n,), scene.decoy_radius)}
-    margin = EXTENT * d["radius"]
-    d_cx, d_cy = (margin + (1 - 2 * margin) * torch.rand(n, generator=g) for _ in range(2))
-    d_theta = (torch.rand(n, generator=g) - 0.5) * math.radians(40)
+    d_cx, d_cy, d_theta = _placement(g, d["radius"])
     colour = _random_colors(g, n, *DISTRACTOR_COLOURS)[0]
     pixels = object_mask(*_object_frame(xx, yy, d_cx, d_cy, d_theta), d, scene.layout) & present[:, None, None]
     return {"present": present.float(), "pixels": pixels, "colour": colour}

@@ -49,7 +49,11 @@ def training_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path)
     keys = ("loss", "lr", "feature_std", "effective_rank")
     fig, axes = _grid(len(keys))
     colours = dict(zip(runs, sns.color_palette("tab10" if len(runs) <= 10 else "husl", n_colors=max(len(runs), 1))))
-    modalities: list[str] = []
+    modalities: list[str] = []  # in the order first logged; each keeps its line style in every panel
+
+    def style(modality: str):
+        return MODALITY_STYLES[modalities.index(modality) % len(MODALITY_STYLES)]
+
     for ax, key in zip(axes, keys):
         for name, records in runs.items():
             parts = sorted({k.partition("/")[2] for r in records for k in r if k.startswith(f"{key}/")})
@@ -57,12 +61,10 @@ def training_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path)
             for part in parts or [None]:
                 field = f"{key}/{part}" if part else key
                 series = [(r["step"], r[field]) for r in records if field in r]
-                style = MODALITY_STYLES[modalities.index(part) % len(MODALITY_STYLES)] if part else "-"
-                ax.plot(*zip(*series), lw=1.3, color=colours[name], linestyle=style)
+                ax.plot(*zip(*series), lw=1.3, color=colours[name], linestyle=style(part) if part else "-")
         ax.set(xlabel="step", title=key)
     handles = [plt.Line2D([], [], color=c, lw=2, label=name) for name, c in colours.items()] if len(runs) > 1 else []
-    handles += [plt.Line2D([], [], color="0.35", lw=1.3, linestyle=MODALITY_STYLES[i % len(MODALITY_STYLES)], label=m)
-                for i, m in enumerate(modalities)]
+    handles += [plt.Line2D([], [], color="0.35", lw=1.3, linestyle=style(m), label=m) for m in modalities]
     if handles:  # beside the panels: save keeps it in the picture
         fig.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 0.98), frameon=False)
     return save(fig, path)
