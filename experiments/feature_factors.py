@@ -5,7 +5,7 @@
 For the pretrained target encoder and the same encoder at its random initialization (the probe's features:
 average-pooled last-level tokens), prints the held-out R² of a ridge read-out of every scene factor (class
 excluded: that is the probe's job) — shape radius, centre, tilt, hue (as sine and cosine), brightness, background
-colour, texture strength, occluder side and decoy (those the world varies) — the share of the features' variance
+colour, texture strength, occluder side and number of decoys (those the world varies) — the share of the features' variance
 along their five largest principal components, and the k-NN accuracy of the class. Factors that the features read
 with R² near 1 and that fill the top components decide which images are nearest neighbours (README, "What the
 default run shows").
@@ -44,7 +44,7 @@ TOP_COMPONENTS = 5
 
 def scalar_factors(ds: ShapesDataset) -> dict[str, torch.Tensor]:
     """The dataset's scene factors as scalars per image: hue as sine and cosine, background per channel, the
-    occluder's side and whether there is a decoy. A factor the world holds constant (an option it does not use,
+    occluder's side and the number of decoys. A factor the world holds constant (an option it does not use,
     e.g. ``data.scene.texture=[0.375,0.375]``) is left out: there is nothing to read or correlate."""
     f = ds.factors
     angle = 2 * math.pi * f["hue"]

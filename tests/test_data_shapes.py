@@ -253,3 +253,24 @@ def test_a_decoy_is_an_object_of_another_class_over_some_scenes_and_nothing_else
         SCENE, decoy=0.25, decoy_radius=(0.1, 0.2))
     with pytest.raises(ConfigError, match=r"data\.scene\.decoy"):
         Scene.from_config(scene_config(SCENE, decoy=1.5))
+
+
+def test_decoys_sets_how_many_decoys_a_scene_with_decoys_holds():
+    """``decoys``: a scene with decoys holds 1 .. ``decoys`` of them, each count equally likely; the scenes without
+    are the scenes drawn without decoys, and more decoys cover more of the scene."""
+    base = replace(SCENE, texture=(0.0, 0.0), noise=0.0)
+    plain = render(800, 32, seed=5, marker=MARKER, scene=base)
+    r = render(800, 32, seed=5, marker=MARKER, scene=replace(base, decoy=0.75, decoys=3))
+    count = r.factors["decoy"].long()
+    assert torch.equal(count.unique(), torch.arange(4))
+    shares = torch.bincount(count, minlength=4) / len(count)
+    assert torch.allclose(shares, torch.full((4,), 0.25), atol=0.05), shares
+    differs = (r.images != plain.images).any(1)
+    differs[:, :8, :8] = False  # the marker, whose colour is drawn after the pixels
+    assert not differs[count == 0].any()
+    covered = torch.stack([differs[count == k].flatten(1).float().mean() for k in (1, 2, 3)])
+    assert covered[0] < covered[1] < covered[2], covered
+    assert Scene.from_config(scene_config(SCENE, decoy=0.5, decoys=2)).decoys == 2
+    for bad in (0, 1.5):
+        with pytest.raises(ConfigError, match=r"data\.scene\.decoys"):
+            Scene.from_config(scene_config(SCENE, decoy=0.5, decoys=bad))

@@ -85,6 +85,10 @@ class Scene:
         ``decoy_radius``, anywhere it fits, its own tilt, a colour of any hue as the distractors have, the same
         texture) over the labelled one. Where it lies is not predictable from the rest of the scene,
         and it is what a probe may mistake for the class. Its draws follow the occluder's and are skipped at 0.
+    decoys: the most decoys a scene with decoys holds; each count from 1 to ``decoys`` is equally likely
+        (``decoy=0.75, decoys=3``: 0, 1, 2 or 3 decoys, a quarter of the scenes each). Each decoy is drawn as
+        above, its class, size and place its own. At 1 the count is not drawn, so ``decoys=1`` is the world
+        drawn before this key existed.
     """
 
     radius: tuple[float, float]
@@ -100,6 +104,7 @@ class Scene:
     occluder: tuple[float, float] = (0.0, 0.0)
     decoy: float = 0.0
     decoy_radius: tuple[float, float] = (0.15, 0.2)
+    decoys: int = 1
 
     @classmethod
     def from_config(cls, cfg) -> "Scene":
@@ -130,12 +135,14 @@ class Scene:
                 f"data.scene.decoy must be a probability and data.scene.decoy_radius a range 0 < lo <= hi <= "
                 f"{0.5 / EXTENT:.3f}, got {cfg['decoy']} and {[d_lo, d_hi]}"
             )
+        if int(cfg["decoys"]) < 1 or int(cfg["decoys"]) != cfg["decoys"]:
+            raise ConfigError(f"data.scene.decoys must be a whole number >= 1 (the most decoys), got {cfg['decoys']}")
         if cfg["layout"] not in LAYOUTS:
             raise ConfigError(f"data.scene.layout must be one of {', '.join(LAYOUTS)}, got {cfg['layout']!r}")
         return cls(
             (lo, hi), int(cfg["distractors"]), float(cfg["noise"]), float(cfg["gradient"]), (t_lo, t_hi),
             int(cfg["texture_block"]), **ranges, layout=str(cfg["layout"]), occluder=(o_lo, o_hi),
-            decoy=float(cfg["decoy"]), decoy_radius=(d_lo, d_hi),
+            decoy=float(cfg["decoy"]), decoy_radius=(d_lo, d_hi), decoys=int(cfg["decoys"]),
         )
 
 
@@ -229,8 +236,8 @@ class Rendering(NamedTuple):
     and the nuisance factors of every scene (``[n]`` each unless noted): ``radius`` (fraction of the image side),
     ``cx``, ``cy`` (centre, fractions), ``theta`` (tilt, radians), ``hue`` (fraction of the colour wheel),
     ``value`` (the shape's brightness), ``background`` (``[n, 3]`` RGB), ``texture`` (the texture std),
-    ``occluder`` (the occluder's side, a fraction of the image side; 0 without one) and ``decoy`` (1 where the
-    scene holds a decoy, else 0)."""
+    ``occluder`` (the occluder's side, a fraction of the image side; 0 without one) and ``decoy`` (how many decoys
+    the scene holds)."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -299,7 +306,7 @@ def paint(
     Returns:
         images ``[n, 3, size, size]`` in [0, 1] intensity units, not yet clamped; the drawn nuisance of each
         image, ``[n]`` each: ``texture`` (the texture std), ``occluder`` (its side, a fraction of the image
-        side; 0 without one) and ``decoy`` (1 where the scene holds one, else 0).
+        side; 0 without one) and ``decoy`` (how many decoys the scene holds).
     """
     n = len(f["label"])
     coord = (torch.arange(size, dtype=torch.float32) + 0.5) / size
@@ -325,10 +332,11 @@ def paint(
     inside = object_mask(*_object_frame(xx, yy, cx, cy, f["theta"]), f, scene.layout)
     img = torch.where(inside[:, None], f["color"][:, :, None, None] + fg_texture, img)
     occluder = _draw_occluder(g, f, scene, size, xx, yy, cx, cy)
-    decoy = _draw_decoy(g, f, scene, xx, yy)
-    img = torch.where(decoy["pixels"][:, None], decoy["colour"][:, :, None, None] + fg_texture, img)
+    decoys = _draw_decoys(g, f, scene, xx, yy)
+    for pixels, colour in zip(decoys["pixels"].unbind(1), decoys["colours"].unbind(1)):
+        img = torch.where(pixels[:, None], colour[:, :, None, None] + fg_texture, img)
     img = torch.where(occluder["pixels"][:, None], occluder["colours"], img)
-    return img, {"texture": amplitude.flatten(), "occluder": occluder["side"], "decoy": decoy["present"]}
+    return img, {"texture": amplitude.flatten(), "occluder": occluder["side"], "decoy": decoys["count"]}
 
 
 def _draw_occluder(g: torch.Generator, f: dict[str, torch.Tensor], scene: Scene, size: int, xx: torch.Tensor,
@@ -348,21 +356,29 @@ def _draw_occluder(g: torch.Generator, f: dict[str, torch.Tensor], scene: Scene,
     return {"side": side, "pixels": pixels, "colours": colours}
 
 
-def _draw_decoy(g: torch.Generator, f: dict[str, torch.Tensor], scene: Scene, xx: torch.Tensor,
-                yy: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The decoy of every scene (:class:`Scene`; no draws at probability 0): whether it is ``present [n]``
-    (0 / 1), the ``pixels`` it covers ``[n, H, W]`` (bool) and its ``colour [n, 3]``."""
+def _draw_decoys(g: torch.Generator, f: dict[str, torch.Tensor], scene: Scene, xx: torch.Tensor,
+                 yy: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The decoys of every scene (:class:`Scene`; no draws at probability 0): how many it holds, ``count [n]``
+    (0 .. ``scene.decoys``), the ``pixels`` each covers ``[n, k, H, W]`` (bool; none beyond the count) and their
+    ``colours [n, k, 3]``, ``k = scene.decoys`` (0 at probability 0)."""
     n = len(f["label"])
     if scene.decoy == 0:
-        return {"present": torch.zeros(n), "pixels": torch.zeros(n, *xx.shape, dtype=torch.bool),
-                "colour": torch.zeros(n, 3)}
+        return {"count": torch.zeros(n), "pixels": torch.zeros(n, 0, *xx.shape, dtype=torch.bool),
+                "colours": torch.zeros(n, 0, 3)}
     present = torch.rand(n, generator=g) < scene.decoy
-    d = {"label": (f["label"] + torch.randint(1, len(CLASSES), (n,), generator=g)) % len(CLASSES),
-         "radius": _uniform(g, (n,), scene.decoy_radius)}
-    d_cx, d_cy, d_theta = _placement(g, d["radius"])
-    colour = _random_colors(g, n, *DISTRACTOR_COLOURS)[0]
-    pixels = object_mask(*_object_frame(xx, yy, d_cx, d_cy, d_theta), d, scene.layout) & present[:, None, None]
-    return {"present": present.float(), "pixels": pixels, "colour": colour}
+    pixels, colours = [], []
+    for _ in range(scene.decoys):
+        d = {"label": (f["label"] + torch.randint(1, len(CLASSES), (n,), generator=g)) % len(CLASSES),
+             "radius": _uniform(g, (n,), scene.decoy_radius)}
+        d_cx, d_cy, d_theta = _placement(g, d["radius"])
+        colours.append(_random_colors(g, n, *DISTRACTOR_COLOURS)[0])
+        pixels.append(object_mask(*_object_frame(xx, yy, d_cx, d_cy, d_theta), d, scene.layout))
+    count = present.long()
+    if scene.decoys > 1:
+        count = count * torch.randint(1, scene.decoys + 1, (n,), generator=g)
+    shown = torch.arange(scene.decoys) < count[:, None]  # [n, k]
+    pixels = torch.stack(pixels, 1) & shown[:, :, None, None]
+    return {"count": count.float(), "pixels": pixels, "colours": torch.stack(colours, 1)}
 
 
 def _object_frame(
