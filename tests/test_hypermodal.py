@@ -469,3 +469,20 @@ def test_the_model_column_names_the_modalities_with_a_hierarchy(compose):
     assert model_label(compose("experiment=hypermodal_shapes")) == "hypermodal+jin_tiny"
     assert model_label(compose("experiment=hypermodal_hierarchies")) == "hypermodal+jin_tiny+audio,video,points"
     assert model_label(compose("experiment=hypermodal_flat")) == "hypermodal"
+
+
+def test_the_point_hierarchy_s_target_blocks_hide_pillars_that_hold_points(compose, scenes):
+    """In ``experiment=hypermodal_hierarchies`` most pillar units of a cloud are empty; the step's target blocks hide
+    units that hold points (the context keeps the rest), not empty space whose token is the same in every cloud."""
+    from prob_jepa.distributed import DistInfo
+    from prob_jepa.hypermodal.planner import HypermodalPlanner
+
+    cfg = compose("experiment=hypermodal_hierarchies", "hypermodal.modality_dropout=0")
+    torch.manual_seed(0)
+    model = build_hypermodal(cfg).eval()
+    planner = HypermodalPlanner(cfg, model, DistInfo(0, 1, 0, torch.device("cpu")), micro=8, accum=1, total_steps=1)
+    inputs = batch(scenes, 8, ["image", "points"])
+    content = model.context_encoder.encoder("points").unit_content(inputs["points"])  # [8, 64]
+    assert 0.2 < (content > 0).float().mean() < 0.6  # most units are empty
+    targets = planner((inputs, None), step=0, micro=0)["masks"]["points"].targets.flatten(1)
+    assert (content.gather(1, targets) > 0).all()

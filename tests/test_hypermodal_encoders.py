@@ -177,6 +177,41 @@ def test_block_masks_are_disjoint_fixed_size_and_follow_the_modality_geometry():
         coordinate_block_masks(video, (1, 1, 0), 4, 16, g)
 
 
+def test_block_masks_with_content_hide_the_units_that_hold_it():
+    """With ``content``, each target block is centred on a unit with content and holds the units with content nearest
+    it; empty units join a block only when fewer than its size hold content."""
+    side = torch.arange(8.0) / 8
+    yy, xx = torch.meshgrid(side, side, indexing="ij")
+    coords = torch.stack([xx.flatten(), yy.flatten(), torch.zeros(64)], -1).expand(32, -1, -1)
+    content = torch.zeros(32, 64)
+    content[:, [9, 10, 17, 18, 19, 26, 27, 45, 46, 53, 54, 60]] = torch.rand(32, 12) + 0.1  # two blobs of content
+    content[0] = 0.0
+    content[0, [5, 63]] = 1.0  # a cloud that fills two units only
+    g = torch.Generator().manual_seed(0)
+    mask = coordinate_block_masks(coords, (1, 1, 0), 2, 4, g, content)
+    held = content.gather(1, mask.targets.flatten(1)) > 0
+    assert held[1:].all() and held[0].sum() == 2 * 2  # each block of cloud 0 holds both units with content
+    for b in range(32):
+        assert not set(mask.context[b].tolist()) & set(mask.targets[b].flatten().tolist())
+    # a block stays compact: within one blob (the blobs are 3 or more units apart)
+    blob = torch.tensor([0 if i in (9, 10, 17, 18, 19, 26, 27) else 1 for i in range(64)])
+    assert (blob[mask.targets[1:]].amin(-1) == blob[mask.targets[1:]].amax(-1)).all()
+
+
+def test_a_point_hierarchy_reports_which_of_its_units_hold_points():
+    """``unit_content`` of the pillar hierarchy: the share of each mask unit's pillars that hold a point (2×2 units of
+    2×2 pillars here); the image's hierarchy has no empty units (``None``)."""
+    from jin.encoders import pillar_occupancy
+
+    backbone = HierarchicalEncoder(4, 1, [12, 24], [1, 1], [2, 2], stem=PillarStem(4, 12))
+    enc = HierarchicalModalityEncoder(backbone, D, cell_content=lambda x: pillar_occupancy(x, 4))
+    cloud = torch.tensor([[[0.1, 0.1, 0.5], [0.3, 0.1, 0.5], [0.9, 0.6, 0.2]],
+                          [[0.6, 0.9, 0.5], [0.6, 0.9, 0.1], [0.6, 0.9, 0.9]]])
+    # units row-major: (x < ½, y < ½), (x ≥ ½, y < ½), (x < ½, y ≥ ½), (x ≥ ½, y ≥ ½)
+    assert enc.unit_content(cloud).tolist() == [[0.5, 0.0, 0.0, 0.25], [0.0, 0.0, 0.0, 0.25]]
+    assert hierarchical("audio").unit_content(inputs()["audio"]) is None
+
+
 def test_video_temporal_levels_cover_the_clip_at_each_resolution():
     torch.manual_seed(0)
     video = VideoEncoder(4, 16, (1, 8), D, num_heads=2, temporal_levels=3)  # tokens of 1, 2 and 4 frames

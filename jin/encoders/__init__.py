@@ -4,12 +4,12 @@ from .audio import AudioEncoder, SpectrogramStem
 from .base import ModalityEncoder, Tokens, gather_tokens
 from .hierarchical import HierarchicalModalityEncoder
 from .image import ImageEncoder
-from .points import PillarStem, PointEncoder, farthest_point_order, farthest_point_sample
+from .points import PillarStem, PointEncoder, farthest_point_order, farthest_point_sample, pillar_occupancy
 from .text import TextEncoder
 from .video import ClipStem, VideoEncoder
 
 __all__ = [
     "AudioEncoder", "ClipStem", "HierarchicalModalityEncoder", "ImageEncoder", "ModalityEncoder", "PillarStem",
     "PointEncoder", "SpectrogramStem", "TextEncoder", "Tokens", "VideoEncoder",
-    "farthest_point_order", "farthest_point_sample", "gather_tokens",
+    "farthest_point_order", "farthest_point_sample", "gather_tokens", "pillar_occupancy",
 ]

@@ -77,6 +77,11 @@ class ModalityEncoder(nn.Module):
         """Indices of the tokens of mask units ``units [..., K]`` among all tokens (here: the units themselves)."""
         return units
 
+    def unit_content(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The share ``[B, U]`` (0 … 1) of each mask unit of ``x`` that holds content, which a block-mask sampler
+        hides first; ``None``: every unit is content (here: every token is part of the input)."""
+        return None
+
     def embed(self, x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         """Content embedding of every token ``[B, N, D]``, in the order of ``coords = token_coords(x)``."""
         raise NotImplementedError

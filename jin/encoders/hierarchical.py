@@ -1,12 +1,13 @@
 """A modality through JIN's hierarchical encoder, as one modality of the hypermodal space (JIN §3.2.1)."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from ..encoder import HierarchicalEncoder
+from ..layers.coords import unit_layout
 from ..layers.init import init_weights
 from .base import ModalityEncoder, Tokens
 
@@ -33,7 +34,9 @@ class HierarchicalModalityEncoder(ModalityEncoder):
     ``Tokens.levels`` for the cross-scale, budget and SIGReg losses.
 
     Masks are drawn over mask units (:meth:`unit_coords`), and a unit's tokens are hidden or kept together
-    (:meth:`unit_tokens`), as the backbone's merges need. Tokens are ordered level by level (as ``levels`` lists
+    (:meth:`unit_tokens`), as the backbone's merges need; where the input leaves cells of the level-0 grid empty
+    (``cell_content``: a point cloud's pillars without a point), a unit's share of content is the mean over its
+    cells (:meth:`unit_content`), and target blocks hide the units with content. Tokens are ordered level by level (as ``levels`` lists
     them), and by unit, then row-major inside the unit, within a level.
 
     Args:
@@ -42,6 +45,8 @@ class HierarchicalModalityEncoder(ModalityEncoder):
         levels: the levels whose tokens join the shared space (0 = finest); default: the coarsest only.
         read_levels: the levels some other loss reads; the output norms of the levels neither in ``levels`` nor in
             ``read_levels`` are frozen (no loss would train them).
+        cell_content: input → ``[B, G, G]`` share of each level-0 cell that holds content (e.g.
+            :func:`~jin.encoders.points.pillar_occupancy`); ``None``: every cell does (an image, a spectrogram, a clip).
 
     Raises:
         ValueError: a level the encoder does not have, or a repeated one.
@@ -50,7 +55,7 @@ class HierarchicalModalityEncoder(ModalityEncoder):
     mask_weights = (1.0, 1.0, 0.0)
 
     def __init__(self, encoder: HierarchicalEncoder, dim: int, levels: Sequence[int] | None = None,
-                 read_levels: set[int] | None = None):
+                 read_levels: set[int] | None = None, cell_content: Callable[[torch.Tensor], torch.Tensor] | None = None):
         nn.Module.__init__(self)  # the backbone's blocks are this modality's own: no extra stage
         top = encoder.levels - 1
         levels = [top] if levels is None else list(levels)
@@ -60,7 +65,7 @@ class HierarchicalModalityEncoder(ModalityEncoder):
             raise ValueError(f"levels {levels}: distinct levels of the encoder's {encoder.levels} (0 … {top})")
         # positions resolve the finest chosen level: about half its tokens per side (ModalityEncoder)
         self.dim, self.max_freq, self.causal = dim, encoder.grid / 2 ** min(levels) / 2, False
-        self.backbone, self.levels = encoder, levels
+        self.backbone, self.levels, self.cell_content = encoder, levels, cell_content
         self.proj = nn.ModuleList(nn.Linear(encoder.dims[level], dim) for level in levels)
         self.proj.apply(init_weights)
         self.register_load_state_dict_pre_hook(_legacy_projection_keys)
@@ -85,6 +90,12 @@ class HierarchicalModalityEncoder(ModalityEncoder):
 
     def token_coords(self, x: torch.Tensor) -> torch.Tensor:
         return self.all_coords.expand(x.shape[0], -1, -1)
+
+    def unit_content(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``[B, U]``: the mean of ``cell_content`` over each mask unit's level-0 cells (``None`` without it)."""
+        if self.cell_content is None:
+            return None
+        return unit_layout(self.cell_content(x)[..., None], self.backbone.unit).mean((-2, -1))
 
     def unit_tokens(self, units: torch.Tensor) -> torch.Tensor:
         """Indices ``[..., K·Σ t_l]`` of the tokens of mask units ``units [..., K]`` among all ``num_tokens``."""

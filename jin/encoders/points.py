@@ -84,6 +84,23 @@ class PointEncoder(ModalityEncoder):
         return self.out(self.point_mlp(self.groups(x, coords)).amax(dim=2))
 
 
+def pillar_index(points: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(column, row)`` pillar of every point of ``points [B, P, 3]`` in ``[0, 1]³`` on a ``grid × grid`` plane,
+    ``[B, P, 2]`` (float), and its index among the batch's ``B · grid²`` pillars ``[B, P]`` (int64, row-major)."""
+    cell = (points[..., :2] * grid).floor().clamp(0, grid - 1)
+    batch = grid * grid * torch.arange(points.shape[0], device=points.device)[:, None]
+    return cell, (cell[..., 1] * grid + cell[..., 0]).long() + batch
+
+
+def pillar_occupancy(points: torch.Tensor, grid: int) -> torch.Tensor:
+    """``[B, grid, grid]``: 1 where a pillar (rows ``y``, columns ``x``) holds a point of ``points [B, P, 3]``, else 0
+    (:class:`PillarStem`'s empty pillars; what a target block of the point hierarchy hides first)."""
+    B = points.shape[0]
+    _, pillar = pillar_index(points, grid)
+    occupied = torch.zeros(B * grid * grid, device=points.device).index_fill(0, pillar.flatten(), 1.0)
+    return occupied.view(B, grid, grid)
+
+
 class PillarStem(nn.Module):
     """Points ``[B, P, 3]`` in ``[0, 1]³`` → level-0 grid ``[B, G, G, D]`` of JIN's hierarchy for 3-D points (JIN
     §3.2.1: "voxel hierarchy").
@@ -109,14 +126,13 @@ class PillarStem(nn.Module):
         """``[B, P, 3]`` → ``[B, G, G, D]`` (rows ``y``, columns ``x``)."""
         B, P, _ = points.shape
         G = self.grid
-        cell = (points[..., :2] * G).floor().clamp(0, G - 1)  # [B, P, 2]: (column, row)
+        cell, pillar = pillar_index(points, G)
         offset = points[..., :2] * G - (cell + 0.5)
         features = self.point_mlp(torch.cat([offset, points[..., 2:] - 0.5], -1))  # [B, P, D]
         D = features.shape[-1]
-        pillar = (cell[..., 1] * G + cell[..., 0]).long() + G * G * torch.arange(B, device=points.device)[:, None]
         pooled = features.new_zeros(B * G * G, D).scatter_reduce(
             0, pillar.flatten()[:, None].expand(-1, D), features.flatten(0, 1), "amax", include_self=False
         )
-        occupied = torch.zeros(B * G * G, dtype=torch.bool, device=points.device).index_fill(0, pillar.flatten(), True)
-        pooled = torch.where(occupied[:, None], pooled, self.empty.to(pooled.dtype))
+        occupied = pillar_occupancy(points, G).view(-1, 1) > 0
+        pooled = torch.where(occupied, pooled, self.empty.to(pooled.dtype))
         return self.norm(pooled).view(B, G, G, D)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 from typing import Callable
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -13,7 +14,7 @@ from jin import HierarchicalEncoder
 from jin.cross_scale import CrossScalePredictors
 from jin.encoders import (
     AudioEncoder, ClipStem, HierarchicalModalityEncoder, ImageEncoder, ModalityEncoder, PillarStem, PointEncoder,
-    SpectrogramStem, TextEncoder, VideoEncoder,
+    SpectrogramStem, TextEncoder, VideoEncoder, pillar_occupancy,
 )
 from jin.hypermodal import HypermodalEncoder
 
@@ -47,19 +48,23 @@ STEMS: dict[str, Callable[[DictConfig, int, int], nn.Module]] = {
                                              cfg.hypermodal.video.tubelet[0], grid, dim),
     "points": lambda cfg, grid, dim: PillarStem(grid, dim),
 }
+# what of a stem's level-0 grid holds content, where not all of it does (a point cloud's empty pillars)
+CELL_CONTENT: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {"points": pillar_occupancy}
 
 
 def _hierarchical(name: str, cfg: DictConfig, **block) -> ModalityEncoder:
     """Modality ``name`` through JIN's hierarchy (JIN §3.2.1: every encoder projects to the same dimensional
     hierarchy): ``model.*``'s widths, heads, attention, spatial bias and adaptive computation, its own stem over a
     ``hypermodal.hierarchy.grid``² level-0 grid and ``hypermodal.hierarchy.depths`` blocks per level; its coarsest
-    level joins the shared space."""
+    level joins the shared space; target blocks hide the units with content (``CELL_CONTENT``)."""
     hierarchy = cfg.hypermodal.hierarchy
     kwargs = encoder_kwargs(cfg)
     grid = int(hierarchy.grid)
     kwargs.update(img_size=grid, patch_size=1, depths=[int(d) for d in hierarchy.depths], zoom_factors=[],
                   stem=STEMS[name](cfg, grid, kwargs["dims"][0]))
-    return HierarchicalModalityEncoder(HierarchicalEncoder(**kwargs), block["dim"], read_levels=_read_levels(cfg))
+    content = functools.partial(CELL_CONTENT[name], grid=grid) if name in CELL_CONTENT else None
+    return HierarchicalModalityEncoder(HierarchicalEncoder(**kwargs), block["dim"], read_levels=_read_levels(cfg),
+                                       cell_content=content)
 
 
 def _audio(cfg: DictConfig, **block) -> ModalityEncoder:

@@ -76,8 +76,9 @@ class HypermodalPlanner:
         for name in present:
             spec = h.mask[name]
             coords = self.model.unit_coords(name, inputs[name])
-            weights = self.model.context_encoder.encoder(name).mask_weights
-            masks[name] = coordinate_block_masks(coords, weights, spec.num_targets, spec.target_size, g)
+            encoder = self.model.context_encoder.encoder(name)
+            masks[name] = coordinate_block_masks(coords, encoder.mask_weights, spec.num_targets, spec.target_size, g,
+                                                 encoder.unit_content(inputs[name]))
         device = self.info.device
         return {"inputs": {n: inputs[n].to(device, non_blocking=True) for n in present},
                 "masks": {n: mk.to(device) for n, mk in masks.items()},
