@@ -5,10 +5,10 @@
 For the pretrained target encoder and the same encoder at its random initialization (the probe's features:
 average-pooled last-level tokens), prints the held-out R² of a ridge read-out of every scene factor (class
 excluded: that is the probe's job) — shape radius, centre, tilt, hue (as sine and cosine), brightness, background
-colour, texture strength, occluder side and number of decoys (those the world varies) — the share of the features' variance
-along their five largest principal components, and the k-NN accuracy of the class. Factors that the features read
-with R² near 1 and that fill the top components decide which images are nearest neighbours (README, "What the
-default run shows").
+colour, texture strength, occluder side and number of decoys (those the world varies) — the share of the features'
+variance along their five largest principal components, and the k-NN accuracy of the class. Factors that the
+features read with R² near 1 and that fill the top components decide which images are nearest neighbours (README,
+"What the default run shows").
 
 Then, from the run's evaluation (``plots/plot_data.json``), the Pearson r of every scene factor with an image's
 mean predictor energy and with the probe being right on it: a factor that moves both is what could make energy

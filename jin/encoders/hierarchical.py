@@ -36,8 +36,8 @@ class HierarchicalModalityEncoder(ModalityEncoder):
     Masks are drawn over mask units (:meth:`unit_coords`), and a unit's tokens are hidden or kept together
     (:meth:`unit_tokens`), as the backbone's merges need; where the input leaves cells of the level-0 grid empty
     (``cell_content``: a point cloud's pillars without a point), a unit's share of content is the mean over its
-    cells (:meth:`unit_content`), and target blocks hide the units with content. Tokens are ordered level by level (as ``levels`` lists
-    them), and by unit, then row-major inside the unit, within a level.
+    cells (:meth:`unit_content`), and target blocks hide the units with content. Tokens are ordered level by level
+    (as ``levels`` lists them), and by unit, then row-major inside the unit, within a level.
 
     Args:
         encoder: the hierarchical encoder (``model.*``; another modality's with its own stem and depths).
@@ -55,7 +55,8 @@ class HierarchicalModalityEncoder(ModalityEncoder):
     mask_weights = (1.0, 1.0, 0.0)
 
     def __init__(self, encoder: HierarchicalEncoder, dim: int, levels: Sequence[int] | None = None,
-                 read_levels: set[int] | None = None, cell_content: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 read_levels: set[int] | None = None,
+                 cell_content: Callable[[torch.Tensor], torch.Tensor] | None = None):
         nn.Module.__init__(self)  # the backbone's blocks are this modality's own: no extra stage
         top = encoder.levels - 1
         levels = [top] if levels is None else list(levels)
