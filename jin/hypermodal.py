@@ -51,25 +51,28 @@ class HypermodalEncoder(nn.Module):
     and norm, so all modalities land in one ``D``-dimensional space where
     predictions and alignment energies compare them. With ``spatial_bias`` the
     shared blocks add JIN's eq. 7-8 bias over the tokens' coordinates, as the
-    image encoder's blocks do.
+    image encoder's blocks do. Without ``shared_blocks`` every modality gets blocks
+    of its own in their place (the separate encoders of late fusion, JIN Table 3): the
+    modalities then share only the output norm's width.
 
     Args:
         encoders: ``{name: ModalityEncoder}``, all of width ``dim``.
-        dim, depth, num_heads, mlp_ratio, drop_path_rate: the shared blocks.
+        dim, depth, num_heads, mlp_ratio, drop_path_rate: the shared blocks (or each modality's).
         spatial_bias, bias_hidden, bias_grid: the bias (:class:`~jin.layers.SpatialBias`: MLP width, tokens per
             unit of coordinate that Δpos is measured in).
+        shared_blocks: one set of blocks for every modality (JIN); ``False``: one per modality.
     """
 
     def __init__(self, encoders: Mapping[str, ModalityEncoder], dim: int, depth: int, num_heads: int,
                  mlp_ratio: float = 4.0, drop_path_rate: float = 0.0, spatial_bias: bool = False,
-                 bias_hidden: int = 16, bias_grid: int = 8):
+                 bias_hidden: int = 16, bias_grid: int = 8, shared_blocks: bool = True):
         super().__init__()
         self.dim = dim
-        rates = drop_path_rates(drop_path_rate, depth)
-        bias = SpatialBias(num_heads, bias_hidden, bias_grid) if spatial_bias else None
-        self.stage = Stage(dim, depth, num_heads, mlp_ratio, rates, bias)
-        self.norm = nn.LayerNorm(dim)
-        self.apply(init_weights)
+        self.block_args = (depth, num_heads, mlp_ratio, drop_path_rates(drop_path_rate, depth), spatial_bias,
+                           bias_hidden, bias_grid)
+        self.stage = self.new_stage() if shared_blocks else None
+        self.modality_stages = nn.ModuleDict()  # without shared blocks: each modality's
+        self.norm = nn.LayerNorm(dim).apply(init_weights)
         self.encoders = nn.ModuleDict()
         self.modality_embed = ModalityTable(dim)
         for name, encoder in encoders.items():
@@ -83,7 +86,8 @@ class HypermodalEncoder(nn.Module):
         """Add a modality at run time; returns its new parameters (give them to the optimizer).
 
         Existing encoders, rows of the modality table and shared blocks are untouched, so
-        every existing modality's output is unchanged.
+        every existing modality's output is unchanged. Without shared blocks the new modality
+        gets blocks of its own (among the returned parameters).
         """
         if not name.isidentifier():
             raise ValueError(f"modality name {name!r} must be an identifier (it names parameters)")
@@ -91,7 +95,20 @@ class HypermodalEncoder(nn.Module):
             raise ValueError(f"encoder for {name!r} has width {encoder.dim}; the shared blocks take {self.dim}")
         row = self.modality_embed.add(name)
         self.encoders[name] = encoder
+        if self.stage is None:
+            self.modality_stages[name] = self.new_stage()
+            return [row, *encoder.parameters(), *self.modality_stages[name].parameters()]
         return [row, *encoder.parameters()]
+
+    def new_stage(self) -> Stage:
+        """A new set of the blocks (the shared ones, or a modality's own), initialized as timm's ViT."""
+        depth, num_heads, mlp_ratio, rates, spatial_bias, bias_hidden, bias_grid = self.block_args
+        bias = SpatialBias(num_heads, bias_hidden, bias_grid) if spatial_bias else None
+        return Stage(self.dim, depth, num_heads, mlp_ratio, rates, bias).apply(init_weights)
+
+    def blocks(self, name: str) -> Stage:
+        """The blocks modality ``name``'s tokens pass after its own encoder: the shared ones, or its own."""
+        return self.stage if self.stage is not None else self.modality_stages[name]
 
     def encoder(self, name: str) -> ModalityEncoder:
         if name not in self.encoders:
@@ -109,7 +126,7 @@ class HypermodalEncoder(nn.Module):
     def forward(self, name: str, x: torch.Tensor, keep: torch.Tensor | None = None) -> Tokens:
         """Tokens ``[B, N, D]`` of modality ``name`` (only those of the mask units ``keep [B, K]`` when given)."""
         tokens = self.encoder(name)(x, keep)
-        features, _ = self.stage(tokens.features + self.modality_embed(name), tokens.coords)
+        features, _ = self.blocks(name)(tokens.features + self.modality_embed(name), tokens.coords)
         return Tokens(self.norm(features), tokens.coords, tokens.levels)
 
     def pooled(self, name: str, x: torch.Tensor) -> torch.Tensor:

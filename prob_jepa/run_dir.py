@@ -48,8 +48,8 @@ class RunDir:
         (null: the flat patch encoder), ``hypermodal.image.levels`` (null: the coarsest),
         ``hypermodal.predictor.drop_path_rate`` (0), ``hypermodal.objectives.energy_loss`` (hinge) and
         ``energy_norm_weight`` (0), ``hypermodal.hierarchy.modalities`` (none: only the image had JIN's hierarchy),
-        ``model.paper_params`` (null: a claim, not a setting), ``model.ablation`` and ``hypermodal.ablation``
-        (null)."""
+        ``hypermodal.shared_blocks`` (true), ``model.paper_params`` (null: a claim, not a setting), ``model.ablation``
+        and ``hypermodal.ablation`` (null)."""
         cfg = OmegaConf.load(self.config)
         hypermodal = cfg.get("hypermodal")
         if "recipe" not in cfg:
@@ -65,6 +65,7 @@ class RunDir:
             hypermodal.objectives.setdefault("energy_norm_weight", 0.0)
             hypermodal.setdefault("hierarchy", {"modalities": []})
             hypermodal.setdefault("ablation", None)
+            hypermodal.setdefault("shared_blocks", True)
         return cfg
 
     def log(self, record: dict[str, Any]) -> None:

@@ -13,8 +13,10 @@ from prob_jepa.eval.summary import model_label
 from prob_jepa.model import build_model
 
 ROWS = ["full", "no_cross_scale", "no_hierarchy", "no_spatial_attention", "single_scale"]  # image runs
-HYPERMODAL_ROWS = {  # experiment=hypermodal_shapes with these alignment weights (energy λ2, InfoNCE)
-    "full_hypermodal": (0.1, 1.0), "no_ebm": (0.0, 1.0), "no_alignment": (0.0, 0.0),
+HYPERMODAL_ROWS = {  # experiment=hypermodal_shapes with these hypermodal.* values
+    "full_hypermodal": {}, "no_ebm": {"objectives.energy": 0}, "no_alignment": {"objectives.energy": 0,
+                                                                                "objectives.infonce": 0},
+    "late_fusion": {"shared_blocks": False, "objectives.cross": 0},  # and joint 0, as the default has it
 }
 
 
@@ -49,14 +51,35 @@ def test_a_hypermodal_run_refuses_the_image_rows(compose):
 
 
 @pytest.mark.parametrize("row", list(HYPERMODAL_ROWS))
-def test_the_multimodal_rows_are_the_hypermodal_run_without_their_alignment_terms(row, compose):
-    cfg = compose("experiment=sweep_jin_ablations", f"ablation={row}")
-    energy, infonce = HYPERMODAL_ROWS[row]
-    assert (cfg.hypermodal.objectives.energy, cfg.hypermodal.objectives.infonce) == (energy, infonce)
+def test_the_multimodal_rows_are_the_hypermodal_run_with_their_changes_only(row, compose):
+    cfg, base = compose("experiment=sweep_jin_ablations", f"ablation={row}"), compose("experiment=hypermodal_shapes")
     assert model_label(cfg) == f"hypermodal+jin_tiny/{row}"
     cfg.hypermodal.ablation = None
-    cfg.hypermodal.objectives.energy, cfg.hypermodal.objectives.infonce = 0.1, 1.0
-    assert cfg == compose("experiment=hypermodal_shapes")  # and nothing else changes
+    for key, value in HYPERMODAL_ROWS[row].items():
+        assert OmegaConf.select(cfg.hypermodal, key) == value != OmegaConf.select(base.hypermodal, key)
+        OmegaConf.update(cfg.hypermodal, key, OmegaConf.select(base.hypermodal, key))
+    assert cfg == base  # and nothing else changes
+
+
+def test_late_fusion_gives_each_modality_blocks_of_its_own_and_predicts_within_modalities_only(compose):
+    """``late_fusion``: a modality's features do not depend on the blocks another modality passes (they do with
+    shared blocks), and the steps make no cross-modal prediction."""
+    from prob_jepa.hypermodal import build_hypermodal
+    from prob_jepa.hypermodal.objectives import plan_tasks
+
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(2, 3, 32, 32, generator=g)
+    for row, shared in (("full_hypermodal", True), ("late_fusion", False)):
+        cfg = compose("experiment=sweep_jin_ablations", f"ablation={row}")
+        torch.manual_seed(0)
+        encoder = build_hypermodal(cfg).context_encoder.eval()
+        before = encoder("image", image).features
+        with torch.no_grad():
+            for p in encoder.blocks("audio").parameters():
+                p.add_(0.1)
+        assert torch.equal(encoder("image", image).features, before) != shared, row
+    tasks = [t for t in plan_tasks(list(cfg.hypermodal.modalities), "full", 0) if cfg.hypermodal.objectives[t.kind] > 0]
+    assert {t.kind for t in tasks} == {"within"} and all(t.sources == (t.target,) for t in tasks)
 
 
 @pytest.mark.parametrize("row", ROWS[1:])

@@ -73,8 +73,9 @@ def loss_of(model, cfg, inputs, masks, tasks, gate=0) -> StepOutput:
     return TrainingStep(model, hypermodal_terms(cfg, model))(inputs=inputs, masks=masks, tasks=tasks, gate=gate)
 
 
-def test_add_modality_at_run_time_leaves_every_existing_output_bit_for_bit(compose, scenes):
-    model, cfg = small_model(compose, "data.modalities=[image,text]")
+@pytest.mark.parametrize("shared", ["true", "false"])
+def test_add_modality_at_run_time_leaves_every_existing_output_bit_for_bit(shared, compose, scenes):
+    model, cfg = small_model(compose, "data.modalities=[image,text]", f"hypermodal.shared_blocks={shared}")
     x = batch(scenes, 8, MODALITIES)
     old = {m: x[m] for m in ("image", "text")}
     masks = masks_for(model, old, cfg)
@@ -93,6 +94,13 @@ def test_add_modality_at_run_time_leaves_every_existing_output_bit_for_bit(compo
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     target_row = model.target_encoder.modality_embed("audio")
     assert torch.equal(target_row, model.context_encoder.modality_embed("audio")) and not target_row.requires_grad
+    if shared == "false":  # blocks of its own: among the new parameters; the target's a frozen copy of them
+        blocks = model.context_encoder.blocks("audio")
+        assert {id(p) for p in blocks.parameters()} <= {id(p) for p in new}
+        assert blocks is not model.context_encoder.blocks("image")
+        target = model.target_encoder.blocks("audio").state_dict()
+        assert all(torch.equal(v, target[k]) for k, v in blocks.state_dict().items())
+        assert not any(p.requires_grad for p in model.target_encoder.blocks("audio").parameters())
 
     # the new modality trains: its parameters join the optimizer and receive gradients
     model.train()

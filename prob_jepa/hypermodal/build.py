@@ -224,6 +224,7 @@ def build_hypermodal(cfg: DictConfig) -> HypermodalJEPA:
     encoder = HypermodalEncoder(
         {m: build_modality_encoder(m, cfg) for m in h.modalities},
         h.dim, h.depth, h.num_heads, h.mlp_ratio, h.drop_path_rate, h.spatial_bias, h.bias_hidden, h.bias_grid,
+        shared_blocks=h.shared_blocks,
     )
     p = h.predictor
     predictor = Predictor(

@@ -86,6 +86,10 @@ class HypermodalJEPA(ContextTargetPair):
         target_copy = copy.deepcopy(encoder).requires_grad_(False).eval()
         new = self.context_encoder.add_modality(name, encoder)
         self.target_encoder.add_modality(name, target_copy)
+        if self.context_encoder.stage is None:  # blocks of its own (no shared blocks): the target's start as a copy
+            target_blocks = self.target_encoder.blocks(name)
+            target_blocks.load_state_dict(self.context_encoder.blocks(name).state_dict())
+            target_blocks.requires_grad_(False)
         self.target_encoder.modality_embed.rows[name].data.copy_(self.context_encoder.modality_embed(name).data)
         self.target_encoder.modality_embed.rows[name].requires_grad_(False)
         self.align_norm[name] = nn.BatchNorm1d(self.context_encoder.dim, affine=False)
