@@ -8,6 +8,41 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+# Scene options added after runs had been saved, at the values that draw nothing new: a run saved without one drew
+# exactly the scenes these values draw (prob_jepa/data/shapes.py: Scene), so it loads, evaluates and resumes with them.
+ADDED_SCENE_OPTIONS = {"occluder": [0.0, 0.0], "decoy": 0.0, "decoy_radius": [0.15, 0.2], "decoys": 1}
+
+
+def with_added_keys(cfg: DictConfig) -> DictConfig:
+    """A saved config (``config.yaml``, or a checkpoint's ``config``), with the keys added since it was saved at the
+    values it was trained with (in place; returns ``cfg``): ``recipe`` (``hypermodal`` for a config with a
+    ``hypermodal`` node, else ``image``), ``hypermodal.image.backbone`` (null: the flat patch encoder),
+    ``hypermodal.image.levels`` (null: the coarsest), ``hypermodal.predictor.drop_path_rate`` (0),
+    ``hypermodal.objectives.energy_loss`` (hinge) and ``energy_norm_weight`` (0), ``hypermodal.hierarchy.modalities``
+    (none: only the image had JIN's hierarchy), ``hypermodal.shared_blocks`` (true), ``model.paper_params`` (null: a
+    claim, not a setting), ``model.ablation`` and ``hypermodal.ablation`` (null), and the scene options of
+    :data:`ADDED_SCENE_OPTIONS`."""
+    hypermodal = cfg.get("hypermodal")
+    if "recipe" not in cfg:
+        cfg.recipe = "image" if hypermodal is None else "hypermodal"
+    scene = cfg.get("data", {}).get("scene")
+    if scene is not None:
+        for key, value in ADDED_SCENE_OPTIONS.items():
+            scene.setdefault(key, value)
+    if cfg.get("model") is not None:
+        cfg.model.setdefault("paper_params", None)
+        cfg.model.setdefault("ablation", None)
+    if hypermodal is not None:
+        hypermodal.image.setdefault("backbone", None)
+        hypermodal.image.setdefault("levels", None)
+        hypermodal.predictor.setdefault("drop_path_rate", 0.0)
+        hypermodal.objectives.setdefault("energy_loss", "hinge")
+        hypermodal.objectives.setdefault("energy_norm_weight", 0.0)
+        hypermodal.setdefault("hierarchy", {"modalities": []})
+        hypermodal.setdefault("ablation", None)
+        hypermodal.setdefault("shared_blocks", True)
+    return cfg
+
 
 class RunDir:
     """``config.yaml``, ``metrics.jsonl``, ``checkpoints/last.pt``, ``eval.json``, ``plots/``."""
@@ -43,30 +78,8 @@ class RunDir:
         OmegaConf.save(cfg, self.config, resolve=True)
 
     def load_config(self) -> DictConfig:
-        """The saved config, with the keys added since it was saved at the values it was trained with: ``recipe``
-        (``hypermodal`` for a config with a ``hypermodal`` node, else ``image``), ``hypermodal.image.backbone``
-        (null: the flat patch encoder), ``hypermodal.image.levels`` (null: the coarsest),
-        ``hypermodal.predictor.drop_path_rate`` (0), ``hypermodal.objectives.energy_loss`` (hinge) and
-        ``energy_norm_weight`` (0), ``hypermodal.hierarchy.modalities`` (none: only the image had JIN's hierarchy),
-        ``hypermodal.shared_blocks`` (true), ``model.paper_params`` (null: a claim, not a setting), ``model.ablation``
-        and ``hypermodal.ablation`` (null)."""
-        cfg = OmegaConf.load(self.config)
-        hypermodal = cfg.get("hypermodal")
-        if "recipe" not in cfg:
-            cfg.recipe = "image" if hypermodal is None else "hypermodal"
-        if cfg.get("model") is not None:
-            cfg.model.setdefault("paper_params", None)
-            cfg.model.setdefault("ablation", None)
-        if hypermodal is not None:
-            hypermodal.image.setdefault("backbone", None)
-            hypermodal.image.setdefault("levels", None)
-            hypermodal.predictor.setdefault("drop_path_rate", 0.0)
-            hypermodal.objectives.setdefault("energy_loss", "hinge")
-            hypermodal.objectives.setdefault("energy_norm_weight", 0.0)
-            hypermodal.setdefault("hierarchy", {"modalities": []})
-            hypermodal.setdefault("ablation", None)
-            hypermodal.setdefault("shared_blocks", True)
-        return cfg
+        """The saved ``config.yaml``, with the keys added since (:func:`with_added_keys`)."""
+        return with_added_keys(OmegaConf.load(self.config))
 
     def log(self, record: dict[str, Any]) -> None:
         with self.metrics.open("a") as f:

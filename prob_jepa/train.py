@@ -30,7 +30,7 @@ from .distributed import DistInfo, any_rank, barrier, gradient_sync, init_distri
 from .eval.diagnostics import effective_rank, feature_std
 from .preflight import check_gradients, preflight_evaluation
 from .recipes import recipe_of
-from .run_dir import RunDir
+from .run_dir import RunDir, with_added_keys
 from .schedules import Schedules
 from .step import StepOutput, TrainingStep
 
@@ -379,7 +379,9 @@ RUN_CONTROL = ("trainer.max_steps", "trainer.progress", "trainer.log_every", "tr
 
 def check_resumable(run: RunDir, cfg: DictConfig) -> None:
     """A run directory holding a checkpoint continues only with ``trainer.resume=true`` and the config it was trained
-    with (up to :data:`RUN_CONTROL` keys), so ``config.yaml`` stays exactly what was trained.
+    with (up to :data:`RUN_CONTROL` keys), so ``config.yaml`` stays exactly what was trained. Without a
+    ``config.yaml`` (removed, or the directory deleted while its run was saving on SIGTERM), the checkpoint's own
+    config is the one it was trained with.
 
     Raises:
         FileExistsError: a checkpoint exists and ``trainer.resume=false``.
@@ -392,9 +394,14 @@ def check_resumable(run: RunDir, cfg: DictConfig) -> None:
             f"{run.checkpoint} exists and trainer.resume=false: nothing is overwritten. "
             f"Pass trainer.resume=true to continue it, or choose another run directory."
         )
-    if not run.config.exists():
-        return
-    saved = flat_keys(OmegaConf.to_container(run.load_config(), resolve=True))
+    if run.config.exists():
+        trained = run.load_config()
+    else:
+        stored = load_checkpoint(run.checkpoint).get("config")
+        if stored is None:  # nothing says what it was trained with
+            return
+        trained = with_added_keys(OmegaConf.create(stored))
+    saved = flat_keys(OmegaConf.to_container(trained, resolve=True))
     now = flat_keys(OmegaConf.to_container(cfg, resolve=True))
     changed = sorted(k for k in saved.keys() | now.keys()
                      if saved.get(k) != now.get(k) and not k.startswith(RUN_CONTROL))

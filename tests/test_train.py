@@ -7,6 +7,7 @@ import signal
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import SMALL_EVAL
@@ -17,7 +18,7 @@ from prob_jepa.eval import evaluation_sets
 from prob_jepa.eval.representation import extract_features, linear_probe
 from prob_jepa.eval.scale import rescale
 from prob_jepa.model import build_model
-from prob_jepa.run_dir import RunDir
+from prob_jepa.run_dir import ADDED_SCENE_OPTIONS, RunDir
 from prob_jepa.run_io import load_run
 from prob_jepa.train import NonFiniteLossError, pretrain
 
@@ -228,5 +229,12 @@ def test_a_refused_resume_leaves_the_run_directory_as_it_was(compose, tiny_overr
         pretrain(compose(*tiny_overrides, "eval.enabled=false", "trainer.resume=false", "predictor=mdn"),
                  run_dir=run.path)
     assert run.config.read_text() == saved
+    old = OmegaConf.load(run.config)  # as saved before the scene options that draw nothing by default existed
+    for key in ADDED_SCENE_OPTIONS:
+        del old.data.scene[key]
+    OmegaConf.save(old, run.config)
     resumed = pretrain(compose(*tiny_overrides, "eval.enabled=false", "trainer.max_steps=4"), run_dir=run.path)
     assert resumed.step == 4  # a run-control key (trainer.max_steps) may change
+    run.config.unlink()  # the checkpoint still knows what it was trained with
+    with pytest.raises(ConfigError, match="optim.lr: 0.002 -> 0.5"):
+        pretrain(compose(*tiny_overrides, "eval.enabled=false", "trainer.max_steps=6", "optim.lr=0.5"), run_dir=run.path)
