@@ -52,8 +52,8 @@ class HypermodalEncoder(nn.Module):
     predictions and alignment energies compare them. With ``spatial_bias`` the
     shared blocks add JIN's eq. 7-8 bias over the tokens' coordinates, as the
     image encoder's blocks do. Without ``shared_blocks`` every modality gets blocks
-    of its own in their place (the separate encoders of late fusion, JIN Table 3): the
-    modalities then share only the output norm's width.
+    of its own in their place (the separate encoders of late fusion, JIN Table 3); the
+    output norm stays one for all.
 
     Args:
         encoders: ``{name: ModalityEncoder}``, all of width ``dim``.
@@ -67,9 +67,10 @@ class HypermodalEncoder(nn.Module):
                  mlp_ratio: float = 4.0, drop_path_rate: float = 0.0, spatial_bias: bool = False,
                  bias_hidden: int = 16, bias_grid: int = 8, shared_blocks: bool = True):
         super().__init__()
-        self.dim = dim
-        self.block_args = (depth, num_heads, mlp_ratio, drop_path_rates(drop_path_rate, depth), spatial_bias,
-                           bias_hidden, bias_grid)
+        self.dim, self.shared_blocks = dim, shared_blocks
+        self.stage_config = {"depth": depth, "num_heads": num_heads, "mlp_ratio": mlp_ratio,
+                             "drop_path": drop_path_rates(drop_path_rate, depth), "spatial_bias": spatial_bias,
+                             "bias_hidden": bias_hidden, "bias_grid": bias_grid}
         self.stage = self.new_stage() if shared_blocks else None
         self.modality_stages = nn.ModuleDict()  # without shared blocks: each modality's
         self.norm = nn.LayerNorm(dim).apply(init_weights)
@@ -82,12 +83,13 @@ class HypermodalEncoder(nn.Module):
     def modalities(self) -> list[str]:
         return list(self.encoders.keys())
 
-    def add_modality(self, name: str, encoder: ModalityEncoder) -> list[nn.Parameter]:
+    def add_modality(self, name: str, encoder: ModalityEncoder, blocks: Stage | None = None) -> list[nn.Parameter]:
         """Add a modality at run time; returns its new parameters (give them to the optimizer).
 
         Existing encoders, rows of the modality table and shared blocks are untouched, so
         every existing modality's output is unchanged. Without shared blocks the new modality
-        gets blocks of its own (among the returned parameters).
+        gets blocks of its own (among the returned parameters): ``blocks`` when given (a target
+        encoder's copy of the context encoder's), else new ones (:meth:`new_stage`).
         """
         if not name.isidentifier():
             raise ValueError(f"modality name {name!r} must be an identifier (it names parameters)")
@@ -95,20 +97,20 @@ class HypermodalEncoder(nn.Module):
             raise ValueError(f"encoder for {name!r} has width {encoder.dim}; the shared blocks take {self.dim}")
         row = self.modality_embed.add(name)
         self.encoders[name] = encoder
-        if self.stage is None:
-            self.modality_stages[name] = self.new_stage()
-            return [row, *encoder.parameters(), *self.modality_stages[name].parameters()]
-        return [row, *encoder.parameters()]
+        if self.shared_blocks:
+            return [row, *encoder.parameters()]
+        self.modality_stages[name] = self.new_stage() if blocks is None else blocks
+        return [row, *encoder.parameters(), *self.modality_stages[name].parameters()]
 
     def new_stage(self) -> Stage:
         """A new set of the blocks (the shared ones, or a modality's own), initialized as timm's ViT."""
-        depth, num_heads, mlp_ratio, rates, spatial_bias, bias_hidden, bias_grid = self.block_args
-        bias = SpatialBias(num_heads, bias_hidden, bias_grid) if spatial_bias else None
-        return Stage(self.dim, depth, num_heads, mlp_ratio, rates, bias).apply(init_weights)
+        c = self.stage_config
+        bias = SpatialBias(c["num_heads"], c["bias_hidden"], c["bias_grid"]) if c["spatial_bias"] else None
+        return Stage(self.dim, c["depth"], c["num_heads"], c["mlp_ratio"], c["drop_path"], bias).apply(init_weights)
 
     def blocks(self, name: str) -> Stage:
         """The blocks modality ``name``'s tokens pass after its own encoder: the shared ones, or its own."""
-        return self.stage if self.stage is not None else self.modality_stages[name]
+        return self.stage if self.shared_blocks else self.modality_stages[name]
 
     def encoder(self, name: str) -> ModalityEncoder:
         if name not in self.encoders:

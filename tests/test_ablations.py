@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from conftest import CONF
 from jin.layers import SpatialBias
 from jin.zoom import NoZoom
-from prob_jepa.config import group_options
+from prob_jepa.config import ConfigError, group_options
 from prob_jepa.eval.summary import model_label
 from prob_jepa.model import build_model
 
@@ -43,7 +43,6 @@ def test_the_one_level_rows_build_from_a_four_level_preset(row, compose):
 
 
 def test_a_hypermodal_run_refuses_the_image_rows(compose):
-    from prob_jepa.config import ConfigError
     from prob_jepa.hypermodal import build_hypermodal
 
     with pytest.raises(ConfigError, match="ablation=no_hierarchy .* are image runs"):
@@ -64,22 +63,29 @@ def test_the_multimodal_rows_are_the_hypermodal_run_with_their_changes_only(row,
 def test_late_fusion_gives_each_modality_blocks_of_its_own_and_predicts_within_modalities_only(compose):
     """``late_fusion``: a modality's features do not depend on the blocks another modality passes (they do with
     shared blocks), and the steps make no cross-modal prediction."""
+    from prob_jepa.distributed import DistInfo
     from prob_jepa.hypermodal import build_hypermodal
-    from prob_jepa.hypermodal.objectives import plan_tasks
+    from prob_jepa.hypermodal.planner import HypermodalPlanner
 
     g = torch.Generator().manual_seed(0)
     image = torch.rand(2, 3, 32, 32, generator=g)
     for row, shared in (("full_hypermodal", True), ("late_fusion", False)):
         cfg = compose("experiment=sweep_jin_ablations", f"ablation={row}")
         torch.manual_seed(0)
-        encoder = build_hypermodal(cfg).context_encoder.eval()
+        model = build_hypermodal(cfg).eval()
+        encoder = model.context_encoder
         before = encoder("image", image).features
         with torch.no_grad():
             for p in encoder.blocks("audio").parameters():
                 p.add_(0.1)
         assert torch.equal(encoder("image", image).features, before) != shared, row
-    tasks = [t for t in plan_tasks(list(cfg.hypermodal.modalities), "full", 0) if cfg.hypermodal.objectives[t.kind] > 0]
-    assert {t.kind for t in tasks} == {"within"} and all(t.sources == (t.target,) for t in tasks)
+    planner = HypermodalPlanner(cfg, model, DistInfo(0, 1, 0, torch.device("cpu")), micro=2, accum=1, total_steps=1)
+    for step in range(4):
+        inputs = {"image": image, "points": torch.rand(2, 256, 3, generator=g)}
+        tasks = planner((inputs, None), step=step, micro=0)["tasks"]
+        assert {t.kind for t in tasks} == {"within"} and all(t.sources == (t.target,) for t in tasks)
+    with pytest.raises(ConfigError, match=r"hypermodal\.shared_blocks='no': true .* or false"):
+        build_hypermodal(compose("experiment=sweep_jin_ablations", "ablation=late_fusion", "hypermodal.shared_blocks=no"))
 
 
 @pytest.mark.parametrize("row", ROWS[1:])

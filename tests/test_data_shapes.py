@@ -271,6 +271,6 @@ def test_decoys_sets_how_many_decoys_a_scene_with_decoys_holds():
     covered = torch.stack([differs[count == k].flatten(1).float().mean() for k in (1, 2, 3)])
     assert covered[0] < covered[1] < covered[2], covered
     assert Scene.from_config(scene_config(SCENE, decoy=0.5, decoys=2)).decoys == 2
-    for bad in (0, 1.5):
+    for bad in (0, 1.5, "2", "abc", None, True):
         with pytest.raises(ConfigError, match=r"data\.scene\.decoys"):
             Scene.from_config(scene_config(SCENE, decoy=0.5, decoys=bad))

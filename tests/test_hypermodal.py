@@ -98,9 +98,9 @@ def test_add_modality_at_run_time_leaves_every_existing_output_bit_for_bit(share
         blocks = model.context_encoder.blocks("audio")
         assert {id(p) for p in blocks.parameters()} <= {id(p) for p in new}
         assert blocks is not model.context_encoder.blocks("image")
-        target = model.target_encoder.blocks("audio").state_dict()
-        assert all(torch.equal(v, target[k]) for k, v in blocks.state_dict().items())
-        assert not any(p.requires_grad for p in model.target_encoder.blocks("audio").parameters())
+        target = model.target_encoder.blocks("audio")
+        assert all(torch.equal(v, target.state_dict()[k]) for k, v in blocks.state_dict().items())
+        assert not any(p.requires_grad for p in target.parameters()) and not any(m.training for m in target.modules())
 
     # the new modality trains: its parameters join the optimizer and receive gradients
     model.train()
@@ -467,9 +467,11 @@ def test_a_modality_hierarchy_needs_jin_s_model_and_an_old_config_had_none(compo
     cfg = compose("experiment=hypermodal_shapes")
     del cfg.hypermodal.hierarchy  # a run saved before modalities other than the image had a hierarchy
     del cfg.hypermodal.ablation  # and before JIN Table 3 had multimodal rows
+    del cfg.hypermodal.shared_blocks  # and before late fusion
     run = RunDir(tmp_path)
     run.save_config(cfg)
     assert list(run.load_config().hypermodal.hierarchy.modalities) == []
+    assert run.load_config().hypermodal.shared_blocks is True
     assert model_label(run.load_config()) == "hypermodal+jin_tiny"  # compare.py's model column
 
 

@@ -196,6 +196,8 @@ def test_block_masks_with_content_hide_the_units_that_hold_it():
     # a block stays compact: within one blob (the blobs are 3 or more units apart)
     blob = torch.tensor([0 if i in (9, 10, 17, 18, 19, 26, 27) else 1 for i in range(64)])
     assert (blob[mask.targets[1:]].amin(-1) == blob[mask.targets[1:]].amax(-1)).all()
+    with pytest.raises(ValueError, match=r"content of shape \[32, 16\] for 32 inputs of 64 tokens"):
+        coordinate_block_masks(coords, (1, 1, 0), 2, 4, g, content[:, :16])
 
 
 def test_a_point_hierarchy_reports_which_of_its_units_hold_points():

@@ -135,8 +135,8 @@ class Scene:
                 f"data.scene.decoy must be a probability and data.scene.decoy_radius a range 0 < lo <= hi <= "
                 f"{0.5 / EXTENT:.3f}, got {cfg['decoy']} and {[d_lo, d_hi]}"
             )
-        if int(cfg["decoys"]) < 1 or int(cfg["decoys"]) != cfg["decoys"]:
-            raise ConfigError(f"data.scene.decoys must be a whole number >= 1 (the most decoys), got {cfg['decoys']}")
+        if type(cfg["decoys"]) is not int or cfg["decoys"] < 1:
+            raise ConfigError(f"data.scene.decoys must be a whole number >= 1 (the most decoys), got {cfg['decoys']!r}")
         if cfg["layout"] not in LAYOUTS:
             raise ConfigError(f"data.scene.layout must be one of {', '.join(LAYOUTS)}, got {cfg['layout']!r}")
         return cls(

@@ -215,6 +215,9 @@ def build_hypermodal(cfg: DictConfig) -> HypermodalJEPA:
     check_heads(f"{predictor_key}.dim", h.predictor.dim, f"{predictor_key}.num_heads", h.predictor.num_heads)
     if h.dim % 6:
         raise ConfigError(f"hypermodal.dim={h.dim} must be divisible by 6: sin-cos of three token coordinates")
+    if not isinstance(h.shared_blocks, bool):
+        raise ConfigError(f"hypermodal.shared_blocks={h.shared_blocks!r}: true (one set of blocks for every modality) or "
+                          f"false (each modality its own: late fusion)")
     check_experts(predictor_key, h.predictor)
     if h.m3.enabled and not h.predictor.moe_experts:
         raise ConfigError(

@@ -41,17 +41,22 @@ def coordinate_block_masks(
     with content (> 0), and a block is the ``Kt`` tokens with content nearest its centre,
     empty ones only when fewer hold content (a point cloud's hierarchy over pillars, most
     of them empty, would otherwise hide empty space and predict the empty token).
+
     Args:
         coords: ``[B, N, 3]`` token coordinates.
         weights: per-axis distance weights (0 ignores an axis).
-        content: ``[B, N]`` share of each token that holds content (``None``: all of it; the draws are then
-            those made before this argument existed).
+        content: ``[B, N]`` share of each token that holds content; ``None``: every token does, drawn as before
+            this argument existed (a ``content`` of ones hides the same kind of blocks from other draws).
     Returns:
         :class:`ModalityMask` with context ``[B, N − M·Kt]`` (sorted) and targets ``[B, M, Kt]``.
+    Raises:
+        ValueError: blocks that leave no context; ``content`` of another shape than ``[B, N]``.
     """
     B, N, _ = coords.shape
     if num_targets * target_size >= N:
         raise ValueError(f"{num_targets} target blocks of {target_size} tokens leave no context among {N} tokens")
+    if content is not None and content.shape != (B, N):
+        raise ValueError(f"content of shape {list(content.shape)} for {B} inputs of {N} tokens: [B, N] = [{B}, {N}]")
     coords = coords.double().cpu()  # float64: the tie-breaking jitter below must not round away
     if content is None:
         centre = torch.randint(N, (B, num_targets), generator=generator)

@@ -85,11 +85,10 @@ class HypermodalJEPA(ContextTargetPair):
         """
         target_copy = copy.deepcopy(encoder).requires_grad_(False).eval()
         new = self.context_encoder.add_modality(name, encoder)
-        self.target_encoder.add_modality(name, target_copy)
-        if self.context_encoder.stage is None:  # blocks of its own (no shared blocks): the target's start as a copy
-            target_blocks = self.target_encoder.blocks(name)
-            target_blocks.load_state_dict(self.context_encoder.blocks(name).state_dict())
-            target_blocks.requires_grad_(False)
+        # without shared blocks the modality has blocks of its own: the target's start as a frozen copy
+        blocks = None if self.context_encoder.shared_blocks else copy.deepcopy(
+            self.context_encoder.blocks(name)).requires_grad_(False).eval()
+        self.target_encoder.add_modality(name, target_copy, blocks)
         self.target_encoder.modality_embed.rows[name].data.copy_(self.context_encoder.modality_embed(name).data)
         self.target_encoder.modality_embed.rows[name].requires_grad_(False)
         self.align_norm[name] = nn.BatchNorm1d(self.context_encoder.dim, affine=False)
