@@ -8,9 +8,14 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-# Scene options added after runs had been saved, at the values that draw nothing new: a run saved without one drew
-# exactly the scenes these values draw (prob_jepa/data/shapes.py: Scene), so it loads, evaluates and resumes with them.
-ADDED_SCENE_OPTIONS = {"occluder": [0.0, 0.0], "decoy": 0.0, "decoy_radius": [0.15, 0.2], "decoys": 1}
+from .data.shapes import Scene
+
+# Scene options added after runs had been saved, at Scene's defaults, which draw nothing new: a run saved without one
+# drew exactly the scenes these values draw, so it loads, evaluates and resumes with them.
+ADDED_SCENE_OPTIONS = {
+    key: list(default) if isinstance(default, tuple) else default
+    for key in ("occluder", "decoy", "decoy_radius", "decoys") for default in [Scene.__dataclass_fields__[key].default]
+}
 
 
 def with_added_keys(cfg: DictConfig) -> DictConfig:

@@ -95,10 +95,13 @@ def pillar_index(points: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.T
 def pillar_occupancy(points: torch.Tensor, grid: int) -> torch.Tensor:
     """``[B, grid, grid]``: 1 where a pillar (rows ``y``, columns ``x``) holds a point of ``points [B, P, 3]``, else 0
     (:class:`PillarStem`'s empty pillars; what a target block of the point hierarchy hides first)."""
-    B = points.shape[0]
     _, pillar = pillar_index(points, grid)
-    occupied = torch.zeros(B * grid * grid, device=points.device).index_fill(0, pillar.flatten(), 1.0)
-    return occupied.view(B, grid, grid)
+    return _occupied(pillar, points.shape[0] * grid * grid).view(-1, grid, grid)
+
+
+def _occupied(pillar: torch.Tensor, count: int) -> torch.Tensor:
+    """``[count]``: 1 at every pillar index in ``pillar`` (any shape, :func:`pillar_index`), else 0."""
+    return torch.zeros(count, device=pillar.device).index_fill(0, pillar.flatten(), 1.0)
 
 
 class PillarStem(nn.Module):
@@ -133,6 +136,6 @@ class PillarStem(nn.Module):
         pooled = features.new_zeros(B * G * G, D).scatter_reduce(
             0, pillar.flatten()[:, None].expand(-1, D), features.flatten(0, 1), "amax", include_self=False
         )
-        occupied = pillar_occupancy(points, G).view(-1, 1) > 0
+        occupied = _occupied(pillar, B * G * G)[:, None] > 0
         pooled = torch.where(occupied, pooled, self.empty.to(pooled.dtype))
         return self.norm(pooled).view(B, G, G, D)
