@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import NamedTuple, Sequence
 
 import torch
-from timm.layers import PatchEmbed
+from timm.layers import PatchEmbed, trunc_normal_
 from torch import nn
 
 from .layers.init import init_weights
@@ -17,8 +17,8 @@ from .zoom import AdaptiveZoom, NoZoom, NoZoomTokens, ZoomTokens
 class Level(NamedTuple):
     """One level's output.
 
-    features: ``[B, U, T, D]`` (U mask units, T tokens per unit at this level),
-    coords: ``[B, U, T, 3]`` (x, y, scale), alpha: ``[B]`` computed fraction.
+    features: ``[B, U, T, D]`` (U mask units, T tokens per unit at this level: its slices × its grid cells),
+    coords: ``[B, U, T, 3]`` (x, y, scale; a cell's slices share them), alpha: ``[B]`` computed fraction.
     """
 
     features: torch.Tensor
@@ -27,18 +27,23 @@ class Level(NamedTuple):
 
 
 class UnitMerge(nn.Module):
-    """2×2 token merge inside each mask unit: linear ``D_l → D_{l+1}``, then max-pool (Hiera)."""
+    """2×2 token merge inside each mask unit: linear ``D_l → D_{l+1}``, then max-pool (Hiera); with ``slices`` > 1
+    at this level (a clip's time steps, a point cloud's height slices) each pair of slices merges too, 2×2×2."""
 
-    def __init__(self, dim_in: int, dim_out: int):
+    def __init__(self, dim_in: int, dim_out: int, slices: int = 1):
         super().__init__()
         self.proj = nn.Linear(dim_in, dim_out)
+        self.slices = slices
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, U, s², D_l]`` → ``[B, U, (s/2)², D_{l+1}]``."""
+        """``[B, U, S·s², D_l]`` (slice-major) → ``[B, U, max(S/2, 1)·(s/2)², D_{l+1}]``."""
         B, U, T, _ = x.shape
-        s = int(round(T**0.5))
-        x = self.proj(x).view(B, U, s // 2, 2, s // 2, 2, -1)
-        return x.amax(dim=(3, 5)).reshape(B, U, T // 4, -1)
+        S = self.slices
+        s = int(round((T // S) ** 0.5))
+        if S == 1:
+            return self.proj(x).view(B, U, s // 2, 2, s // 2, 2, -1).amax(dim=(3, 5)).reshape(B, U, T // 4, -1)
+        x = self.proj(x).view(B, U, S // 2, 2, s // 2, 2, s // 2, 2, -1)
+        return x.amax(dim=(3, 5, 7)).reshape(B, U, T // 8, -1)
 
 
 def attend_within_units(stage: Stage, x: torch.Tensor, coords: torch.Tensor, extra: ZoomTokens | NoZoomTokens,
@@ -89,12 +94,18 @@ class HierarchicalEncoder(nn.Module):
             empty for none.
         zoom_tokens: tokens per side of each zoom crop.
         stem: the tokenizer of the level-0 grid for another modality (``[B, …] → [B, G, G, dims[0]]`` with
-            ``G = img_size / patch_size``: a spectrogram CNN, a clip's 3-D CNN, a point cloud's pillars; JIN
-            §3.2.1); ``None``: timm's ``PatchEmbed`` of ``in_chans``-channel images. Zoom crops images, so it
-            needs the image stem.
+            ``G = img_size / patch_size``, or ``[B, slices, G, G, dims[0]]``: a spectrogram CNN, a clip's 3-D CNN,
+            a point cloud's pillars; JIN §3.2.1); ``None``: timm's ``PatchEmbed`` of ``in_chans``-channel images.
+            Zoom crops images, so it needs the image stem.
+        slices: level-0 slices of the stem's grid along a third axis (a clip's time steps: JIN §3.2.1's temporal
+            z-JEPA levels; a point cloud's height: its voxel hierarchy), a power of 2 up to ``2^(levels-1)``; each
+            merge halves them (2×2×2) until one is left, so the coarsest level has one token per mask unit. A slice
+            has a learned embedding; its tokens share their cell's ``(x, y, scale)``, so the spatial bias is spatial
+            only.
 
     Raises:
-        ValueError: lists of different lengths; a grid the levels cannot merge; zoom with another stem.
+        ValueError: lists of different lengths; a grid the levels cannot merge; zoom with another stem; slices that
+            are not a power of 2 up to ``2^(levels-1)`` or without a stem.
 
     References:
         JIN eq. 1, 4, 7-8; Ryali et al., "Hiera" (arXiv:2306.00989);
@@ -120,6 +131,7 @@ class HierarchicalEncoder(nn.Module):
         zoom_factors: Sequence[float] = (),
         zoom_tokens: int = 2,
         stem: nn.Module | None = None,
+        slices: int = 1,
     ):
         super().__init__()
         if not len(dims) == len(depths) == len(num_heads):
@@ -137,13 +149,18 @@ class HierarchicalEncoder(nn.Module):
         self.global_from = global_from
         if stem is not None and len(zoom_factors):
             raise ValueError(f"zoom_factors {list(zoom_factors)}: zoom crops images, and this encoder has its own stem")
+        if slices < 1 or slices & (slices - 1) or slices > self.unit or (slices > 1 and stem is None):
+            raise ValueError(f"slices={slices} must be a power of 2 up to 2^(levels-1) = {self.unit} (the merges halve "
+                             f"them to one), and more than one needs a stem that makes them")
+        self.slices = [max(slices // 2**level, 1) for level in range(self.levels)]  # per level
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, dims[0], output_fmt="NHWC") if stem is None else stem
 
         coords0 = grid_coords(self.grid)
         self.register_buffer("pos_embed", sincos_embed(coords0[..., :2], dims[0], self.grid / 2), persistent=False)
         for level in range(self.levels):
             side = self.grid // 2**level
-            self.register_buffer(f"coords_{level}", unit_layout(grid_coords(side), side // self.unit_grid), persistent=False)
+            cells = unit_layout(grid_coords(side), side // self.unit_grid)  # [U, cells, 3]
+            self.register_buffer(f"coords_{level}", cells.repeat(1, self.slices[level], 1), persistent=False)
 
         rates = drop_path_rates(drop_path_rate, sum(depths))
         capacity = [1.0] * self.levels if capacity is None else list(capacity)
@@ -154,7 +171,7 @@ class HierarchicalEncoder(nn.Module):
             bias = SpatialBias(heads, bias_hidden, self.grid) if spatial_bias else None
             args = (dim, depth, heads, mlp_ratio, rates[sum(depths[:level]) : sum(depths[: level + 1])], bias, dropout)
             self.stages.append(AdaptiveStage(*args, capacity=capacity[level]) if adaptive else Stage(*args))
-        self.merges = nn.ModuleList(UnitMerge(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.merges = nn.ModuleList(UnitMerge(a, b, s) for a, b, s in zip(dims[:-1], dims[1:], self.slices))
         self.norms = nn.ModuleList(nn.LayerNorm(d) for d in dims)
         self.zoom = (
             AdaptiveZoom(dims[0], self.grid, self.unit_grid, patch_size, zoom_factors, zoom_tokens)
@@ -165,10 +182,17 @@ class HierarchicalEncoder(nn.Module):
         self.apply(init_weights)
         for stage in self.stages:
             stage.init_router()
+        if slices > 1:
+            self.slice_embed = nn.Parameter(torch.zeros(slices, dims[0]))
+            trunc_normal_(self.slice_embed, std=0.02)
 
     @property
     def num_units(self) -> int:
         return self.unit_grid**2
+
+    def tokens_per_unit(self, level: int) -> int:
+        """Tokens of one mask unit at ``level``: its slices × ``(2^(levels-1-level))²`` cells."""
+        return self.slices[level] * 4 ** (self.levels - 1 - level)
 
     def coords(self, level: int, units: torch.Tensor | None = None, batch: int = 1) -> torch.Tensor:
         """Coordinates of level ``level`` tokens: ``[B, U, T, 3]`` for ``units [B, U]`` (all units if ``None``)."""
@@ -190,8 +214,11 @@ class HierarchicalEncoder(nn.Module):
             one :class:`Level` per level, finest first.
         """
         B = images.shape[0]
-        x = self.patch_embed(images) + self.pos_embed.to(images.dtype)  # [B, G, G, D0]
-        x = unit_layout(x, self.unit)  # [B, U_all, u², D0]
+        x = self.patch_embed(images) + self.pos_embed.to(images.dtype)  # [B, G, G, D0] or [B, S, G, G, D0]
+        if self.slices[0] > 1:  # [B, S, U_all, u², D0] → [B, U_all, S·u², D0], slice-major inside a unit
+            x = unit_layout(x + self.slice_embed[:, None, None].to(x.dtype), self.unit).transpose(1, 2).flatten(2, 3)
+        else:
+            x = unit_layout(x, self.unit)  # [B, U_all, u², D0]
         if units is not None:
             x = x[torch.arange(B, device=x.device)[:, None], units]
         extra = self.zoom(images, x, units, self.patch_embed)

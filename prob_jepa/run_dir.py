@@ -24,7 +24,8 @@ def with_added_keys(cfg: DictConfig) -> DictConfig:
     ``hypermodal`` node, else ``image``), ``hypermodal.image.backbone`` (null: the flat patch encoder),
     ``hypermodal.image.levels`` (null: the coarsest), ``hypermodal.predictor.drop_path_rate`` (0),
     ``hypermodal.objectives.energy_loss`` (hinge) and ``energy_norm_weight`` (0), ``hypermodal.hierarchy.modalities``
-    (none: only the image had JIN's hierarchy), ``hypermodal.shared_blocks`` (true), ``model.paper_params`` (null: a
+    (none: only the image had JIN's hierarchy), ``hypermodal.shared_blocks`` (true), ``hypermodal.points.voxel_levels``
+    (1: pillars of full height), ``model.paper_params`` (null: a
     claim, not a setting), ``model.ablation`` and ``hypermodal.ablation`` (null), and the scene options of
     :data:`ADDED_SCENE_OPTIONS`."""
     hypermodal = cfg.get("hypermodal")
@@ -46,6 +47,7 @@ def with_added_keys(cfg: DictConfig) -> DictConfig:
         hypermodal.setdefault("hierarchy", {"modalities": []})
         hypermodal.setdefault("ablation", None)
         hypermodal.setdefault("shared_blocks", True)
+        hypermodal.points.setdefault("voxel_levels", 1)
     return cfg
 
 

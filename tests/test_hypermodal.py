@@ -451,9 +451,14 @@ def test_the_hierarchy_terms_score_each_hierarchical_modality_and_average():
     (["hypermodal.hierarchy.modalities=[audio]", "hypermodal.hierarchy.grid=12"],
      r"hypermodal\.hierarchy\.grid=12: a multiple of 2 .* that divides audio's \(32, 32\)"),
     (["hypermodal.hierarchy.modalities=[video]", "hypermodal.video.tubelet=[3,4]"],
-     r"hypermodal\.video\.tubelet\[0\]=3 frames must divide data\.video_frames=4"),
+     r"hypermodal\.video\.tubelet\[0\]=3 frames × 1 time step\(s\) .* must divide data\.video_frames=4"),
     (["hypermodal.hierarchy.modalities=[video]", "hypermodal.video.tubelet=[1,4]", "hypermodal.video.temporal_levels=3"],
-     r"hypermodal\.video\.temporal_levels=3 are the flat video encoder's levels"),
+     r"hypermodal\.video\.temporal_levels=3: how many of model=jin_tiny's 2 levels .* 1 … 2"),
+    (["hypermodal.hierarchy.modalities=[video]", "hypermodal.video.temporal_levels=2"],
+     r"hypermodal\.video\.tubelet\[0\]=4 frames × 2 time step\(s\) \(2\^\(hypermodal\.video\.temporal_levels-1\)\) "
+     r"must divide data\.video_frames=4"),
+    (["hypermodal.hierarchy.modalities=[points]", "hypermodal.points.voxel_levels=0"],
+     r"hypermodal\.points\.voxel_levels=0: how many of model=jin_tiny's 2 levels of the points hierarchy"),
 ])
 def test_a_modality_hierarchy_that_cannot_be_built_is_rejected_by_name(overrides, named, compose):
     with pytest.raises(ConfigError, match=named):
@@ -468,10 +473,11 @@ def test_a_modality_hierarchy_needs_jin_s_model_and_an_old_config_had_none(compo
     del cfg.hypermodal.hierarchy  # a run saved before modalities other than the image had a hierarchy
     del cfg.hypermodal.ablation  # and before JIN Table 3 had multimodal rows
     del cfg.hypermodal.shared_blocks  # and before late fusion
+    del cfg.hypermodal.points.voxel_levels  # and before voxels
     run = RunDir(tmp_path)
     run.save_config(cfg)
     assert list(run.load_config().hypermodal.hierarchy.modalities) == []
-    assert run.load_config().hypermodal.shared_blocks is True
+    assert run.load_config().hypermodal.shared_blocks is True and run.load_config().hypermodal.points.voxel_levels == 1
     assert model_label(run.load_config()) == "hypermodal+jin_tiny"  # compare.py's model column
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from jin.cross_scale import CrossScalePredictors, children
 from jin.encoder import HierarchicalEncoder
 from jin.encoders import (
     AudioEncoder, ClipStem, HierarchicalModalityEncoder, ImageEncoder, PillarStem, PointEncoder, SpectrogramStem,
-    TextEncoder, VideoEncoder, farthest_point_order, farthest_point_sample, gather_tokens,
+    TextEncoder, VideoEncoder, farthest_point_order, farthest_point_sample, gather_tokens, pillar_occupancy,
 )
 from jin.layers.stage import AdaptiveStage
 from jin.hypermodal import HypermodalEncoder
@@ -318,6 +319,79 @@ def test_every_modality_hierarchy_has_levels_whose_coordinates_carry_the_scale(n
     assert torch.equal(context.coords, gather_tokens(tokens.coords, enc.unit_tokens(torch.tensor([[0, 3]] * B))))
 
 
+SLICED_STEMS = {  # level-0 grids of 2 slices: 1-frame tubelets joined in 2 time steps of 2 frames; half-height voxels
+    "video with temporal levels": lambda: ClipStem(4, 16, 1, 4, 12, slices=2),
+    "points in voxels": lambda: PillarStem(4, 12, slices=2),
+}
+
+
+def sliced(name: str = "video with temporal levels") -> HierarchicalModalityEncoder:
+    """Modality ``name`` through a 2-level hierarchy whose level 0 has 2 slices, merged 2×2×2 into level 1."""
+    torch.manual_seed(0)
+    backbone = HierarchicalEncoder(4, 1, [12, 24], [1, 1], [2, 2], spatial_bias=True, adaptive=True, global_from=1,
+                                   stem=SLICED_STEMS[name](), slices=2)
+    return HierarchicalModalityEncoder(backbone, D).eval()
+
+
+def test_video_has_temporal_levels_that_merge_time_steps_with_the_cells():
+    """JIN §3.2.1, "3D CNN with temporal z-JEPA levels": level 0 holds each cell at two time steps (8 tokens a unit),
+    level 1 one token per unit for the whole clip; a time step's tokens share their cell's (x, y, scale), and the
+    merge and the cross-scale children group the same 2×2×2 blocks."""
+    enc, clip = sliced(), inputs()["video"]
+    backbone = enc.backbone
+    assert backbone.slices == [2, 1] and [backbone.tokens_per_unit(lv) for lv in (0, 1)] == [8, 1]
+    tokens = enc(clip)
+    assert tokens.features.shape == (B, 4, D)  # the coarsest level, one token per unit, joins the shared space
+    level0, level1 = tokens.levels
+    assert level0.features.shape == (B, 4, 8, 12) and level1.features.shape == (B, 4, 1, 24)
+    assert torch.equal(level0.coords[:, :, :4], level0.coords[:, :, 4:])  # the two time steps of the same cells
+    assert (level0.coords[..., 2] == -2).all() and (level1.coords[..., 2] == -1).all()
+    later = clip.clone()
+    later[:, 3] += 1.0  # the last frame: the second time step of every cell
+    stem = backbone.patch_embed
+    changed = (stem(later) - stem(clip)).abs().amax((0, 2, 3, 4)) > 0
+    assert changed.tolist() == [False, True]
+    # the merge takes the max over each 2×2×2 block that children() groups (slice-major tokens inside a unit)
+    merge = backbone.merges[0]
+    fine = torch.randn(B, 4, 8, 12)
+    grouped = children(merge.proj(fine), 2).view(B, 4, 1, 8, 24)
+    torch.testing.assert_close(merge(fine), grouped.amax(3))
+    cross = CrossScalePredictors([12, 24], slices=2)
+    loss = cross([level0.features, level1.features])
+    assert torch.isfinite(loss) and cross.up_sliced[0][0].in_features == 8 * 12
+    with pytest.raises(ValueError, match=r"levels 0 and 1 merge 2×2×2 \(slices\); these predictors were built for 0"):
+        CrossScalePredictors([12, 24])([level0.features, level1.features])
+    with pytest.raises(ValueError, match=r"level\(s\) \[0\] have \[2\] slices .* \(from 1 up\)"):
+        HierarchicalModalityEncoder(backbone, D, levels=[0, 1])
+    for slices, stem in [(3, ClipStem(4, 16, 1, 4, 12, slices=2)), (4, ClipStem(4, 16, 1, 4, 12, slices=4)), (2, None)]:
+        with pytest.raises(ValueError, match=rf"slices={slices} must be a power of 2 up to 2\^\(levels-1\) = 2"):
+            HierarchicalEncoder(4, 1, [12, 24], [1, 1], [2, 2], stem=stem, slices=slices)
+    with pytest.raises(ValueError, match="in 4 time step"):
+        ClipStem(4, 16, 2, 4, 12, slices=4)
+
+
+def test_points_in_voxels_put_each_point_in_the_slice_of_its_height():
+    """JIN §3.2.1's "voxel hierarchy": with 2 slices each pillar is two voxels, the lower and upper half of the
+    height; a point changes only its own voxel, an empty voxel is the learned empty token, and the coarsest level
+    (one pillar per unit) is what joins the shared space."""
+    torch.manual_seed(0)
+    stem = PillarStem(4, 12, slices=2)
+    cloud = torch.tensor([[[0.1, 0.1, 0.2], [0.6, 0.3, 0.7], [0.65, 0.35, 0.9]]])
+    grid = stem(cloud)  # [1, 2, 4, 4, 12]
+    occupied = (grid[0] != stem.norm(stem.empty)).any(-1)
+    assert grid.shape == (1, 2, 4, 4, 12) and occupied.nonzero().tolist() == [[0, 0, 0], [1, 1, 2]]  # slice, y, x
+    moved = cloud.clone()
+    moved[0, 0, 2] = 0.8  # the first point rises into the upper half of its pillar
+    assert ((stem(moved) - grid).abs().amax(-1)[0] > 0).nonzero().tolist() == [[0, 0, 0], [1, 0, 0]]
+    assert torch.equal(stem(cloud[:, [2, 0, 1]]), grid)  # the order of the points does not matter
+    enc, clouds = sliced("points in voxels"), inputs()["points"]
+    tokens = enc(clouds)
+    assert tokens.features.shape == (B, 4, D) and [lv.features.shape[2] for lv in tokens.levels] == [8, 1]
+    voxels = (stem(clouds) != stem.norm(stem.empty)).any(-1)  # [B, 2, 4, 4] voxels that hold a point
+    assert torch.equal(voxels.any(1).float(), pillar_occupancy(clouds, 4))  # a pillar holds one where a voxel does
+    assert voxels.sum() > voxels.any(1).sum()  # and some hold points in both halves
+
+
 def test_the_stems_put_each_input_at_its_coordinates():
     """A token's (x, y) is where its content is: audio (time, frequency), video (x, y) through every frame, points
     the pillar under them — so masks, the spatial bias and the cross-scale children see the input's geometry."""
@@ -345,11 +419,13 @@ def test_the_stems_put_each_input_at_its_coordinates():
         HierarchicalEncoder(4, 1, [12, 24], [1, 1], [2, 2], zoom_factors=[0.5], stem=PillarStem(4, 12))
 
 
-@pytest.mark.parametrize("name", list(STEMS))
+@pytest.mark.parametrize("name", [*STEMS, *SLICED_STEMS])
 def test_a_context_never_reads_the_input_of_a_hidden_unit(name):
     """Masks hide whole mask units; what a stem makes of the kept units must not depend on the hidden ones' input
     (the 3×3 convolution of the spectrogram stem read across patch edges before it was applied patch by patch)."""
-    enc, x = hierarchical(name), inputs()[name]
+    enc = sliced(name) if name in SLICED_STEMS else hierarchical(name)
+    name = name.split()[0]  # the modality
+    x = inputs()[name]
     edited = x.clone()
     if name == "audio":  # [B, 8, 16]: unit 3 = the bottom-right quarter, mels 4-7, frames 8-15
         edited[:, 4:, 8:] += torch.randn(B, 4, 8)

@@ -31,7 +31,10 @@ class HierarchicalModalityEncoder(ModalityEncoder):
     the mask units a mask keeps. Each chosen level, projected to the shared width ``dim`` and given the sin-cos
     position of its coordinates ``(x, y, scale)`` (the scale tells the levels apart), joins the shared space:
     the coarsest level has one token per mask unit, level ``l`` below it ``4^(L−1−l)``. Every level rides along in
-    ``Tokens.levels`` for the cross-scale, budget and SIGReg losses.
+    ``Tokens.levels`` for the cross-scale, budget and SIGReg losses. A backbone whose stem makes slices along a third
+    axis (a clip's time steps, a point cloud's height: the encoder's ``slices``) has ``slices_l`` times as many tokens
+    at the levels below the one that merges them; those share their cell's ``(x, y, scale)``, so they ride along in
+    ``Tokens.levels`` but cannot join the shared space.
 
     Masks are drawn over mask units (:meth:`unit_coords`), and a unit's tokens are hidden or kept together
     (:meth:`unit_tokens`), as the backbone's merges need; where the input leaves cells of the level-0 grid empty
@@ -49,7 +52,8 @@ class HierarchicalModalityEncoder(ModalityEncoder):
             :func:`~jin.encoders.points.pillar_occupancy`); ``None``: every cell does (an image, a spectrogram, a clip).
 
     Raises:
-        ValueError: a level the encoder does not have, or a repeated one.
+        ValueError: a level the encoder does not have, a repeated one, or one of several slices (a clip's time steps
+            below the level that merges them: their tokens share coordinates).
     """
 
     mask_weights = (1.0, 1.0, 0.0)
@@ -64,6 +68,11 @@ class HierarchicalModalityEncoder(ModalityEncoder):
             type(level) is int and 0 <= level <= top for level in levels
         ):
             raise ValueError(f"levels {levels}: distinct levels of the encoder's {encoder.levels} (0 … {top})")
+        sliced = [level for level in levels if encoder.slices[level] > 1]
+        if sliced:
+            raise ValueError(f"levels {levels}: level(s) {sliced} have {[encoder.slices[lv] for lv in sliced]} slices "
+                             f"(a clip's time steps) whose tokens share their cell's (x, y, scale); only levels of one "
+                             f"slice (from {encoder.slices.index(1)} up) join the shared space")
         # positions resolve the finest chosen level: about half its tokens per side (ModalityEncoder)
         self.dim, self.max_freq, self.causal = dim, encoder.grid / 2 ** min(levels) / 2, False
         self.backbone, self.levels, self.cell_content = encoder, levels, cell_content
@@ -73,7 +82,7 @@ class HierarchicalModalityEncoder(ModalityEncoder):
         for level in range(encoder.levels):
             if level not in set(levels) | (read_levels or set()):
                 encoder.norms[level].requires_grad_(False)
-        self.per_unit = [4 ** (top - level) for level in levels]  # tokens of each chosen level in one unit
+        self.per_unit = [encoder.tokens_per_unit(level) for level in levels]  # tokens of each chosen level in one unit
         self.register_buffer("unit_centres", encoder.coords(top)[0, :, 0], persistent=False)  # [U, 3]
         all_coords = [encoder.coords(level)[0].flatten(0, 1) for level in levels]  # [U·t_l, 3] each
         self.register_buffer("all_coords", torch.cat(all_coords), persistent=False)

@@ -105,37 +105,42 @@ def _occupied(pillar: torch.Tensor, count: int) -> torch.Tensor:
 
 
 class PillarStem(nn.Module):
-    """Points ``[B, P, 3]`` in ``[0, 1]³`` → level-0 grid ``[B, G, G, D]`` of JIN's hierarchy for 3-D points (JIN
-    §3.2.1: "voxel hierarchy").
+    """Points ``[B, P, 3]`` in ``[0, 1]³`` → level-0 grid of JIN's hierarchy for 3-D points (JIN §3.2.1: "voxel
+    hierarchy"): ``[B, G, G, D]``, or ``[B, slices, G, G, D]`` with voxels.
 
-    The voxels are pillars (PointPillars, Lang et al., arXiv:1812.05784): the ``G × G`` cells of the ``(x, y)`` plane,
-    each the full height. Every point's offset from its pillar's centre (in pillar widths) and its height ``z − ½``
-    pass through a point-wise MLP and are max-pooled per pillar; an empty pillar is a learned token; a LayerNorm
-    brings both to the scale of the position embedding added next (the MLP's small initial weights alone leave its
-    output ~1e-3 of it, and every cloud looked the same to the encoder at the start). The
-    hierarchy's 2×2 merges make pillars of 2, 4, … cells, so its levels are voxels of growing width at the
-    project's three coordinates ``(x, y, scale)``; a cubic voxel hierarchy would need a fourth (``z``). Vectorized:
-    one ``scatter_reduce`` for the batch. The order of the points does not matter.
+    The cells are pillars (PointPillars, Lang et al., arXiv:1812.05784): the ``G × G`` cells of the ``(x, y)`` plane,
+    each the full height, or with ``slices`` > 1 cut into that many voxels of ``1 / slices`` of the height. Every
+    point's offset from its cell's centre (in cell widths and heights) passes through a point-wise MLP and is
+    max-pooled per cell; an empty cell is a learned token; a LayerNorm brings both to the scale of the position
+    embedding added next (the MLP's small initial weights alone leave its output ~1e-3 of it, and every cloud looked
+    the same to the encoder at the start). The hierarchy's 2×2 merges make pillars of 2, 4, … cells; with voxels its
+    merges also join pairs of height slices (2×2×2, :class:`~jin.HierarchicalEncoder`'s ``slices``) until one pillar
+    spans the height, so the coarsest level has the project's three coordinates ``(x, y, scale)``. Vectorized: one
+    ``scatter_reduce`` for the batch. The order of the points does not matter.
     """
 
-    def __init__(self, grid: int, dim: int, hidden: int = 64):
+    def __init__(self, grid: int, dim: int, hidden: int = 64, slices: int = 1):
         super().__init__()
-        self.grid = grid
+        self.grid, self.slices = grid, slices
         self.point_mlp = nn.Sequential(nn.Linear(3, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.empty = nn.Parameter(torch.zeros(dim))
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
-        """``[B, P, 3]`` → ``[B, G, G, D]`` (rows ``y``, columns ``x``)."""
+        """``[B, P, 3]`` → ``[B, G, G, D]`` (rows ``y``, columns ``x``), or ``[B, slices, G, G, D]`` (``z`` first)."""
         B, P, _ = points.shape
-        G = self.grid
+        G, S = self.grid, self.slices
         cell, pillar = pillar_index(points, G)
-        offset = points[..., :2] * G - (cell + 0.5)
-        features = self.point_mlp(torch.cat([offset, points[..., 2:] - 0.5], -1))  # [B, P, D]
+        level = (points[..., 2] * S).floor().clamp(0, S - 1)  # the voxel's height slice
+        offset = torch.cat([points[..., :2] * G - (cell + 0.5), points[..., 2:] * S - (level[..., None] + 0.5)], -1)
+        features = self.point_mlp(offset)  # [B, P, D]
         D = features.shape[-1]
-        pooled = features.new_zeros(B * G * G, D).scatter_reduce(
-            0, pillar.flatten()[:, None].expand(-1, D), features.flatten(0, 1), "amax", include_self=False
+        voxel = pillar + (B * G * G) * level.long()  # slice-major: [S, B, G, G]
+        count = S * B * G * G
+        pooled = features.new_zeros(count, D).scatter_reduce(
+            0, voxel.flatten()[:, None].expand(-1, D), features.flatten(0, 1), "amax", include_self=False
         )
-        occupied = _occupied(pillar, B * G * G)[:, None] > 0
+        occupied = _occupied(voxel, count)[:, None] > 0
         pooled = torch.where(occupied, pooled, self.empty.to(pooled.dtype))
-        return self.norm(pooled).view(B, G, G, D)
+        out = self.norm(pooled).view(S, B, G, G, D)
+        return out[0] if S == 1 else out.transpose(0, 1)

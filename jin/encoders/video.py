@@ -73,27 +73,33 @@ class VideoEncoder(ModalityEncoder):
 
 
 class ClipStem(nn.Module):
-    """Clip ``[B, T, C, H, W]`` → level-0 grid ``[B, G, G, D]`` of JIN's hierarchy for video (JIN §3.2.1: "3D CNN").
+    """Clip ``[B, T, C, H, W]`` → level-0 grid of JIN's hierarchy for video (JIN §3.2.1: "3D CNN with temporal
+    z-JEPA levels"): ``[B, G, G, D]``, or ``[B, slices, G, G, D]`` with temporal levels.
 
     A 3-D convolution over tubelets of ``frames_per_tubelet`` frames × ``H/G`` × ``H/G`` pixels (V-JEPA's tubelets),
-    GELU, then a temporal convolution over the ``T / frames_per_tubelet`` tubelets of each place, so a level-0 token
-    is a spatial tube through the whole clip at ``(x, y)`` — the tube a block mask hides (``mask_weights`` ignore
-    time). The hierarchy's levels are spatial: JIN's "temporal z-JEPA levels" would need a fourth coordinate
-    (``x, y, t, scale``) that the project's three (``x, y, scale``) do not have.
+    GELU, then a temporal convolution that joins each run of ``T / (frames_per_tubelet · slices)`` tubelets of a
+    place: a level-0 token is a spatial tube through ``T / slices`` frames at ``(x, y)``. With ``slices = 1`` it runs
+    through the whole clip and the hierarchy's levels are spatial; with more, each of the encoder's merges also
+    joins pairs of time steps (2×2×2) until one spans the clip (:class:`~jin.HierarchicalEncoder`'s ``slices``):
+    temporal z-JEPA levels. Block masks hide spatial tubes through every frame (``mask_weights`` ignore time).
 
     Raises:
-        ValueError: ``grid`` does not divide the frame side, or ``frames_per_tubelet`` the clip.
+        ValueError: ``grid`` does not divide the frame side, or ``frames_per_tubelet · slices`` the clip.
     """
 
-    def __init__(self, frames: int, img_size: int, frames_per_tubelet: int, grid: int, dim: int, in_chans: int = 3):
+    def __init__(self, frames: int, img_size: int, frames_per_tubelet: int, grid: int, dim: int, in_chans: int = 3,
+                 slices: int = 1):
         super().__init__()
-        if img_size % grid or frames % frames_per_tubelet:
-            raise ValueError(f"a {grid}×{grid} grid of {frames_per_tubelet}-frame tubelets must divide the clip "
-                             f"({frames} frames of {img_size} px)")
-        p = img_size // grid
+        tubelets = frames // frames_per_tubelet
+        if img_size % grid or frames % frames_per_tubelet or tubelets % slices:
+            raise ValueError(f"a {grid}×{grid} grid of {frames_per_tubelet}-frame tubelets in {slices} time step(s) "
+                             f"must divide the clip ({frames} frames of {img_size} px)")
+        p, run = img_size // grid, tubelets // slices
+        self.slices = slices
         self.tubelets = nn.Conv3d(in_chans, dim, kernel_size=(frames_per_tubelet, p, p), stride=(frames_per_tubelet, p, p))
-        self.time = nn.Conv3d(dim, dim, kernel_size=(frames // frames_per_tubelet, 1, 1))
+        self.time = nn.Conv3d(dim, dim, kernel_size=(run, 1, 1), stride=(run, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, T, C, H, W]`` → ``[B, G, G, D]``."""
-        return self.time(F.gelu(self.tubelets(x.transpose(1, 2)))).squeeze(2).permute(0, 2, 3, 1)
+        """``[B, T, C, H, W]`` → ``[B, G, G, D]`` (``slices = 1``) or ``[B, slices, G, G, D]``."""
+        out = self.time(F.gelu(self.tubelets(x.transpose(1, 2)))).permute(0, 2, 3, 4, 1)  # [B, S, G, G, D]
+        return out.squeeze(1) if self.slices == 1 else out

@@ -45,9 +45,24 @@ def _read_levels(cfg: DictConfig) -> set[int] | None:
 STEMS: dict[str, Callable[[DictConfig, int, int], nn.Module]] = {
     "audio": lambda cfg, grid, dim: SpectrogramStem(cfg.data.n_mels, cfg.data.audio_frames, grid, dim),
     "video": lambda cfg, grid, dim: ClipStem(cfg.data.video_frames, cfg.data.video_size,
-                                             cfg.hypermodal.video.tubelet[0], grid, dim),
-    "points": lambda cfg, grid, dim: PillarStem(grid, dim),
+                                             cfg.hypermodal.video.tubelet[0], grid, dim,
+                                             slices=hierarchy_slices("video", cfg)),
+    "points": lambda cfg, grid, dim: PillarStem(grid, dim, slices=hierarchy_slices("points", cfg)),
 }
+# the key that makes levels of a modality's hierarchy merge slices of a third axis too (HierarchicalEncoder's slices)
+SLICED_LEVELS = {"video": ("video", "temporal_levels"), "points": ("points", "voxel_levels")}
+
+
+def hierarchy_slices(name: str, cfg: DictConfig) -> int:
+    """Level-0 slices of modality ``name``'s hierarchy: ``2^(n − 1)`` for ``n`` = its ``SLICED_LEVELS`` key
+    (video: ``hypermodal.video.temporal_levels``, the temporal z-JEPA levels: time steps; points:
+    ``hypermodal.points.voxel_levels``: height slices) when ``hypermodal.hierarchy.modalities`` lists it, else 1."""
+    if name not in SLICED_LEVELS or name not in cfg.hypermodal.hierarchy.modalities:
+        return 1
+    group, key = SLICED_LEVELS[name]
+    return 2 ** (cfg.hypermodal[group][key] - 1)
+
+
 # what of a stem's level-0 grid holds content, where not all of it does (a point cloud's empty pillars)
 CELL_CONTENT: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {"points": pillar_occupancy}
 
@@ -61,7 +76,7 @@ def _hierarchical(name: str, cfg: DictConfig, **block) -> ModalityEncoder:
     kwargs = encoder_kwargs(cfg)
     grid = int(hierarchy.grid)
     kwargs.update(img_size=grid, patch_size=1, depths=[int(d) for d in hierarchy.depths], zoom_factors=[],
-                  stem=STEMS[name](cfg, grid, kwargs["dims"][0]))
+                  stem=STEMS[name](cfg, grid, kwargs["dims"][0]), slices=hierarchy_slices(name, cfg))
     content = functools.partial(CELL_CONTENT[name], grid=grid) if name in CELL_CONTENT else None
     return HierarchicalModalityEncoder(HierarchicalEncoder(**kwargs), block["dim"], read_levels=_read_levels(cfg),
                                        cell_content=content)
@@ -194,12 +209,20 @@ def check_hierarchy(cfg: DictConfig, hierarchical: list, levels: int) -> None:
             f"hypermodal.hierarchy.grid={grid}: a multiple of {unit} (the {levels} levels' mask unit)"
             + (f" that divides {', '.join(divides)} (data.n_mels, data.audio_frames, data.video_size)" if divides else "")
         )
-    if "video" in hierarchical and d.video_frames % h.video.tubelet[0]:
-        raise ConfigError(f"hypermodal.video.tubelet[0]={h.video.tubelet[0]} frames must divide "
-                          f"data.video_frames={d.video_frames}")
-    if "video" in hierarchical and h.video.temporal_levels != 1:
-        raise ConfigError(f"hypermodal.video.temporal_levels={h.video.temporal_levels} are the flat video encoder's "
-                          f"levels; with video in hypermodal.hierarchy.modalities its levels are model.*'s: leave it 1")
+    for name in hierarchical:
+        if name in SLICED_LEVELS:
+            group, key = SLICED_LEVELS[name]
+            n = h[group][key]
+            if type(n) is not int or not 1 <= n <= levels:
+                raise ConfigError(f"hypermodal.{group}.{key}={n}: how many of model={h.image.backbone}'s {levels} "
+                                  f"levels of the {name} hierarchy merge slices too (level-0 slices 2^({key}-1), "
+                                  f"halved by each merge), 1 … {levels}")
+    if "video" not in hierarchical:
+        return
+    pt, temporal = h.video.tubelet[0], h.video.temporal_levels
+    if d.video_frames % (pt * 2 ** (temporal - 1)):
+        raise ConfigError(f"hypermodal.video.tubelet[0]={pt} frames × {2 ** (temporal - 1)} time step(s) "
+                          f"(2^(hypermodal.video.temporal_levels-1)) must divide data.video_frames={d.video_frames}")
 
 
 def build_hypermodal(cfg: DictConfig) -> HypermodalJEPA:
@@ -239,6 +262,7 @@ def build_hypermodal(cfg: DictConfig) -> HypermodalJEPA:
     cross = sigreg = None
     if h.image.backbone is not None:  # JIN's hierarchy: its cross-scale predictors and SIGReg, as model.* sets them
         m = cfg.model
-        cross = CrossScalePredictors(level_config(m)["dims"]) if has_cross_scale(m) else None
+        slices = max(hierarchy_slices(name, cfg) for name in SLICED_LEVELS)
+        cross = CrossScalePredictors(level_config(m)["dims"], slices=slices) if has_cross_scale(m) else None
         sigreg = SIGReg(m.sigreg_slices) if m.sigreg_weight > 0 else None
     return HypermodalJEPA(encoder, predictor, head, h.embed_dim, m3=h.m3.enabled, cross_scale=cross, sigreg=sigreg)
