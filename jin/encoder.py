@@ -68,10 +68,11 @@ def attend_globally(stage: Stage, x: torch.Tensor, coords: torch.Tensor, extra: 
 
 
 class HierarchicalEncoder(nn.Module):
-    """JIN hierarchical encoder: L levels, level l+1 tokens are 2×2 merges of level l (JIN eq. 1).
+    """JIN hierarchical encoder: L levels, level l+1 tokens are 2×2 merges of level l (JIN eq. 1; 2×2×2 while a
+    level has several ``slices``).
 
     Tokens are kept grouped by *mask unit* — one token of the coarsest level,
-    ``2^(L-1) × 2^(L-1)`` tokens of the finest — so an encoder given only the
+    ``2^(L-1) × 2^(L-1)`` tokens of the finest (times its slices) — so an encoder given only the
     visible units (``units``) processes only context tokens at every level and
     merges stay inside units (Hiera). Levels below ``global_from`` attend
     within their mask unit only (Hiera's mask-unit attention, which keeps the
@@ -214,7 +215,11 @@ class HierarchicalEncoder(nn.Module):
             one :class:`Level` per level, finest first.
         """
         B = images.shape[0]
-        x = self.patch_embed(images) + self.pos_embed.to(images.dtype)  # [B, G, G, D0] or [B, S, G, G, D0]
+        x = self.patch_embed(images)
+        if x.ndim != (4 if self.slices[0] == 1 else 5):
+            raise ValueError(f"the stem gave {list(x.shape)}; this encoder has slices={self.slices[0]}: "
+                             f"[B, G, G, D] for 1, [B, slices, G, G, D] for more")
+        x = x + self.pos_embed.to(images.dtype)  # [B, G, G, D0] or [B, S, G, G, D0]
         if self.slices[0] > 1:  # [B, S, U_all, u², D0] → [B, U_all, S·u², D0], slice-major inside a unit
             x = unit_layout(x + self.slice_embed[:, None, None].to(x.dtype), self.unit).transpose(1, 2).flatten(2, 3)
         else:

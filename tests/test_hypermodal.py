@@ -457,6 +457,10 @@ def test_the_hierarchy_terms_score_each_hierarchical_modality_and_average():
     (["hypermodal.hierarchy.modalities=[video]", "hypermodal.video.temporal_levels=2"],
      r"hypermodal\.video\.tubelet\[0\]=4 frames × 2 time step\(s\) \(2\^\(hypermodal\.video\.temporal_levels-1\)\) "
      r"must divide data\.video_frames=4"),
+    (["hypermodal.points.voxel_levels=2"], r"hypermodal\.points\.voxel_levels=2 shapes JIN's point hierarchy, and "
+                                           r"hypermodal\.hierarchy\.modalities \(\[\]\) has no points"),
+    (["hypermodal.hierarchy.modalities=[video]", "hypermodal.video.tubelet=[0,4]"],
+     r"hypermodal\.video\.tubelet\[0\]=0: frames per tubelet, a positive integer"),
     (["hypermodal.hierarchy.modalities=[points]", "hypermodal.points.voxel_levels=0"],
      r"hypermodal\.points\.voxel_levels=0: how many of model=jin_tiny's 2 levels of the points hierarchy"),
 ])

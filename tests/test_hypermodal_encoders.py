@@ -368,6 +368,9 @@ def test_video_has_temporal_levels_that_merge_time_steps_with_the_cells():
             HierarchicalEncoder(4, 1, [12, 24], [1, 1], [2, 2], stem=stem, slices=slices)
     with pytest.raises(ValueError, match="in 4 time step"):
         ClipStem(4, 16, 2, 4, 12, slices=4)
+    unsliced = HierarchicalEncoder(4, 1, [12, 24], [1, 1], [2, 2], stem=ClipStem(4, 16, 1, 4, 12, slices=2))
+    with pytest.raises(ValueError, match=r"the stem gave \[3, 2, 4, 4, 12\]; this encoder has slices=1"):
+        unsliced(clip)
 
 
 def test_points_in_voxels_put_each_point_in_the_slice_of_its_height():

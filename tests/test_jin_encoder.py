@@ -230,3 +230,44 @@ def test_mask_unit_attention_keeps_units_independent():
         keep = [0, 1, 3]
         torch.testing.assert_close(a[level].features[:, keep], b[level].features[:, keep])
     assert not torch.allclose(a[2].features[:, 0], b[2].features[:, 0])  # global level mixes units
+
+
+class TaggedSlices(torch.nn.Module):
+    """A stem whose level-0 token at slice ``s``, cell ``(x, y)`` is ``(x, y, s, 0)``: ``[B, S, G, G, 4]``."""
+
+    def __init__(self, grid: int, slices: int):
+        super().__init__()
+        self.grid, self.slices = grid, slices
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cells = grid_coords(self.grid)[..., :2].expand(self.slices, -1, -1, -1)  # [S, G, G, 2]
+        index = torch.arange(self.slices, dtype=torch.float32)[:, None, None, None].expand(-1, self.grid, self.grid, 1)
+        tags = torch.cat([cells, index, torch.zeros_like(index)], -1)
+        return tags.expand(x.shape[0], -1, -1, -1, -1)
+
+
+@pytest.mark.parametrize("levels, slices", [(2, 2), (3, 2), (3, 4), (4, 4)])
+def test_slices_reach_every_level_in_the_order_its_coordinates_say(levels, slices):
+    """With blocks, norms and embeddings that change nothing and merges that only max-pool, each token of every level
+    must read the cells and slices its coordinates and slice position say: its (x, y) tag is the largest child
+    centre, half of ``2^l − 1`` fine cells right of and below its own centre, and its slice tag the last of the
+    ``2^l`` slices it merged — for the context units a mask keeps, in the order the encoder returns them."""
+    grid = 2**levels
+    enc = HierarchicalEncoder(grid, 1, [4] * levels, [0] * levels, [1] * levels, stem=TaggedSlices(grid, slices),
+                              slices=slices)
+    enc.pos_embed.zero_()
+    enc.slice_embed.data.zero_()
+    enc.norms = torch.nn.ModuleList(torch.nn.Identity() for _ in range(levels))
+    for merge in enc.merges:
+        merge.proj.weight.data.copy_(torch.eye(4))
+        merge.proj.bias.data.zero_()
+    units = torch.tensor([[0, 3], [2, 1]])
+    for level, out in enumerate(enc(torch.zeros(2), units)):
+        features, coords = out.features, out.coords
+        assert features.shape[2] == enc.tokens_per_unit(level)
+        shift = (2**level - 1) / (2 * grid)
+        torch.testing.assert_close(features[..., :2] - coords[..., :2], torch.full_like(coords[..., :2], shift))
+        per_slice = features.shape[2] // enc.slices[level]
+        slice_of = torch.arange(features.shape[2]) // per_slice
+        last = ((slice_of + 1) * 2**level).clamp(max=slices) - 1
+        assert torch.equal(features[..., 2], last.float().expand(2, 2, -1))

@@ -71,8 +71,8 @@ class HierarchicalModalityEncoder(ModalityEncoder):
         sliced = [level for level in levels if encoder.slices[level] > 1]
         if sliced:
             raise ValueError(f"levels {levels}: level(s) {sliced} have {[encoder.slices[lv] for lv in sliced]} slices "
-                             f"(a clip's time steps) whose tokens share their cell's (x, y, scale); only levels of one "
-                             f"slice (from {encoder.slices.index(1)} up) join the shared space")
+                             f"(a clip's time steps, a cloud's heights) whose tokens share their cell's (x, y, scale); "
+                             f"only levels of one slice (from {encoder.slices.index(1)} up) join the shared space")
         # positions resolve the finest chosen level: about half its tokens per side (ModalityEncoder)
         self.dim, self.max_freq, self.causal = dim, encoder.grid / 2 ** min(levels) / 2, False
         self.backbone, self.levels, self.cell_content = encoder, levels, cell_content

@@ -97,7 +97,8 @@ class ClipStem(nn.Module):
         p, run = img_size // grid, tubelets // slices
         self.slices = slices
         self.tubelets = nn.Conv3d(in_chans, dim, kernel_size=(frames_per_tubelet, p, p), stride=(frames_per_tubelet, p, p))
-        self.time = nn.Conv3d(dim, dim, kernel_size=(run, 1, 1), stride=(run, 1, 1))
+        # one time step: the kernel spans every tubelet (stride 1, the convolution of before: same arithmetic)
+        self.time = nn.Conv3d(dim, dim, kernel_size=(run, 1, 1), stride=(run, 1, 1) if slices > 1 else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, T, C, H, W]`` → ``[B, G, G, D]`` (``slices = 1``) or ``[B, slices, G, G, D]``."""

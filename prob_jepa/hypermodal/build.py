@@ -215,11 +215,13 @@ def check_hierarchy(cfg: DictConfig, hierarchical: list, levels: int) -> None:
             n = h[group][key]
             if type(n) is not int or not 1 <= n <= levels:
                 raise ConfigError(f"hypermodal.{group}.{key}={n}: how many of model={h.image.backbone}'s {levels} "
-                                  f"levels of the {name} hierarchy merge slices too (level-0 slices 2^({key}-1), "
-                                  f"halved by each merge), 1 … {levels}")
+                                  f"levels of the {name} hierarchy differ in slices (level 0 has 2^({key}-1), each "
+                                  f"merge halves them), 1 … {levels}")
     if "video" not in hierarchical:
         return
     pt, temporal = h.video.tubelet[0], h.video.temporal_levels
+    if type(pt) is not int or pt < 1:
+        raise ConfigError(f"hypermodal.video.tubelet[0]={pt}: frames per tubelet, a positive integer")
     if d.video_frames % (pt * 2 ** (temporal - 1)):
         raise ConfigError(f"hypermodal.video.tubelet[0]={pt} frames × {2 ** (temporal - 1)} time step(s) "
                           f"(2^(hypermodal.video.temporal_levels-1)) must divide data.video_frames={d.video_frames}")
@@ -242,6 +244,10 @@ def build_hypermodal(cfg: DictConfig) -> HypermodalJEPA:
         raise ConfigError(f"hypermodal.shared_blocks={h.shared_blocks!r}: true (one set of blocks for every modality) or "
                           f"false (each modality its own: late fusion)")
     check_experts(predictor_key, h.predictor)
+    if h.points.voxel_levels != 1 and "points" not in h.hierarchy.modalities:
+        raise ConfigError(f"hypermodal.points.voxel_levels={h.points.voxel_levels} shapes JIN's point hierarchy, and "
+                          f"hypermodal.hierarchy.modalities ({list(h.hierarchy.modalities)}) has no points: leave it 1 "
+                          f"or list points (experiment=hypermodal_hierarchies)")
     if h.m3.enabled and not h.predictor.moe_experts:
         raise ConfigError(
             "hypermodal.m3.enabled=true routes each task through its own gate of a mixture of experts: "
