@@ -487,7 +487,10 @@ def test_a_modality_hierarchy_needs_jin_s_model_and_an_old_config_had_none(compo
 
 def test_the_model_column_names_the_modalities_with_a_hierarchy(compose):
     assert model_label(compose("experiment=hypermodal_shapes")) == "hypermodal+jin_tiny"
-    assert model_label(compose("experiment=hypermodal_hierarchies")) == "hypermodal+jin_tiny+audio,video,points"
+    assert (model_label(compose("experiment=hypermodal_hierarchies"))
+            == "hypermodal+jin_tiny+audio,video[2 time steps],points")
+    assert (model_label(compose("experiment=hypermodal_hierarchies", "hypermodal.points.voxel_levels=2"))
+            == "hypermodal+jin_tiny+audio,video[2 time steps],points[2 heights]")
     assert model_label(compose("experiment=hypermodal_flat")) == "hypermodal"
 
 

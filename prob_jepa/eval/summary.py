@@ -79,13 +79,18 @@ def model_label(cfg: DictConfig) -> str:
     """The model column of a table: the preset (``model.name``) of an image run, with its JIN Table 3 row when it is
     one (``jin_tiny/no_hierarchy``); ``hypermodal`` (with a flat image encoder) or ``hypermodal+<preset>`` (JIN's
     hierarchical image encoder, ``hypermodal.image.backbone``), with the other modalities that have the hierarchy
-    too (``hypermodal+jin_tiny+audio,video,points``; ``hypermodal.hierarchy.modalities``) and its JIN Table 3 row
+    too (``hypermodal+jin_tiny+audio,video,points``; ``hypermodal.hierarchy.modalities``; a hierarchy whose level 0
+    has slices says how many: ``video[2 time steps]``, ``points[2 heights]``) and its JIN Table 3 row
     (``hypermodal+jin_tiny/no_ebm``; ``hypermodal.ablation``)."""
     if cfg.recipe == "image":
         ablation = cfg.model.get("ablation")
         return cfg.model.name if ablation is None else f"{cfg.model.name}/{ablation}"
     backbone, ablation = cfg.hypermodal.image.backbone, cfg.hypermodal.ablation
-    hierarchical = list(cfg.hypermodal.hierarchy.modalities)
+    from ..hypermodal.build import hierarchy_slices  # the model's own reading of the keys
+
+    slice_names = {"video": "time steps", "points": "heights"}
+    hierarchical = [m if hierarchy_slices(m, cfg) == 1 else f"{m}[{hierarchy_slices(m, cfg)} {slice_names[m]}]"
+                    for m in cfg.hypermodal.hierarchy.modalities]
     label = cfg.recipe if backbone is None else f"{cfg.recipe}+{backbone}" + (
         f"+{','.join(hierarchical)}" if hierarchical else "")
     return label if ablation is None else f"{label}/{ablation}"
