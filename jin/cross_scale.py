@@ -13,12 +13,10 @@ def children(fine: torch.Tensor, slices: int = 1) -> torch.Tensor:
     (s/2)², 4·D]`` for ``S = 1`` (each 2×2 block), ``[B, U, (S/2)·(s/2)², 8·D]`` for ``S > 1`` (each 2×2×2 block,
     as :class:`~jin.encoder.UnitMerge` merges them)."""
     B, U, T, D = fine.shape
+    pair = min(slices, 2)  # slices merged per coarser token: 1 or 2
     s = int(round((T // slices) ** 0.5))
-    if slices == 1:
-        x = fine.view(B, U, s // 2, 2, s // 2, 2, D).permute(0, 1, 2, 4, 3, 5, 6)
-        return x.reshape(B, U, T // 4, 4 * D)
-    x = fine.view(B, U, slices // 2, 2, s // 2, 2, s // 2, 2, D).permute(0, 1, 2, 4, 6, 3, 5, 7, 8)
-    return x.reshape(B, U, T // 8, 8 * D)
+    x = fine.view(B, U, slices // pair, pair, s // 2, 2, s // 2, 2, D).permute(0, 1, 2, 4, 6, 3, 5, 7, 8)
+    return x.reshape(B, U, T // (4 * pair), 4 * pair * D)
 
 
 def mlp(dim_in: int, dim_out: int, hidden: int) -> nn.Module:

@@ -38,12 +38,10 @@ class UnitMerge(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, U, S·s², D_l]`` (slice-major) → ``[B, U, max(S/2, 1)·(s/2)², D_{l+1}]``."""
         B, U, T, _ = x.shape
-        S = self.slices
+        S, pair = self.slices, min(self.slices, 2)  # slices merged per coarser token: 1 or 2
         s = int(round((T // S) ** 0.5))
-        if S == 1:
-            return self.proj(x).view(B, U, s // 2, 2, s // 2, 2, -1).amax(dim=(3, 5)).reshape(B, U, T // 4, -1)
-        x = self.proj(x).view(B, U, S // 2, 2, s // 2, 2, s // 2, 2, -1)
-        return x.amax(dim=(3, 5, 7)).reshape(B, U, T // 8, -1)
+        x = self.proj(x).view(B, U, S // pair, pair, s // 2, 2, s // 2, 2, -1)
+        return x.amax(dim=(3, 5, 7)).reshape(B, U, T // (4 * pair), -1)
 
 
 def attend_within_units(stage: Stage, x: torch.Tensor, coords: torch.Tensor, extra: ZoomTokens | NoZoomTokens,

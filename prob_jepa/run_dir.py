@@ -25,9 +25,8 @@ def with_added_keys(cfg: DictConfig) -> DictConfig:
     ``hypermodal.image.levels`` (null: the coarsest), ``hypermodal.predictor.drop_path_rate`` (0),
     ``hypermodal.objectives.energy_loss`` (hinge) and ``energy_norm_weight`` (0), ``hypermodal.hierarchy.modalities``
     (none: only the image had JIN's hierarchy), ``hypermodal.shared_blocks`` (true), ``hypermodal.points.voxel_levels``
-    (1: pillars of full height), ``model.paper_params`` (null: a
-    claim, not a setting), ``model.ablation`` and ``hypermodal.ablation`` (null), and the scene options of
-    :data:`ADDED_SCENE_OPTIONS`."""
+    (1: pillars of full height), ``model.paper_params`` (null: a claim, not a setting), ``model.ablation`` and
+    ``hypermodal.ablation`` (null), and the scene options of :data:`ADDED_SCENE_OPTIONS`."""
     hypermodal = cfg.get("hypermodal")
     if "recipe" not in cfg:
         cfg.recipe = "image" if hypermodal is None else "hypermodal"

@@ -131,11 +131,11 @@ class PillarStem(nn.Module):
         B, P, _ = points.shape
         G, S = self.grid, self.slices
         cell, pillar = pillar_index(points, G)
-        level = (points[..., 2] * S).floor().clamp(0, S - 1)  # the voxel's height slice
-        offset = torch.cat([points[..., :2] * G - (cell + 0.5), points[..., 2:] * S - (level[..., None] + 0.5)], -1)
+        height = (points[..., 2] * S).floor().clamp(0, S - 1)  # the voxel's slice
+        offset = torch.cat([points[..., :2] * G - (cell + 0.5), points[..., 2:] * S - (height[..., None] + 0.5)], -1)
         features = self.point_mlp(offset)  # [B, P, D]
         D = features.shape[-1]
-        voxel = pillar + (B * G * G) * level.long()  # slice-major: [S, B, G, G]
+        voxel = pillar + (B * G * G) * height.long()  # slice-major: [S, B, G, G]
         count = S * B * G * G
         pooled = features.new_zeros(count, D).scatter_reduce(
             0, voxel.flatten()[:, None].expand(-1, D), features.flatten(0, 1), "amax", include_self=False

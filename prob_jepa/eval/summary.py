@@ -86,10 +86,9 @@ def model_label(cfg: DictConfig) -> str:
         ablation = cfg.model.get("ablation")
         return cfg.model.name if ablation is None else f"{cfg.model.name}/{ablation}"
     backbone, ablation = cfg.hypermodal.image.backbone, cfg.hypermodal.ablation
-    from ..hypermodal.build import hierarchy_slices  # the model's own reading of the keys
+    from ..hypermodal.build import SLICED_LEVELS, hierarchy_slices  # the model's own reading of the keys
 
-    slice_names = {"video": "time steps", "points": "heights"}
-    hierarchical = [m if hierarchy_slices(m, cfg) == 1 else f"{m}[{hierarchy_slices(m, cfg)} {slice_names[m]}]"
+    hierarchical = [m if hierarchy_slices(m, cfg) == 1 else f"{m}[{hierarchy_slices(m, cfg)} {SLICED_LEVELS[m][1]}]"
                     for m in cfg.hypermodal.hierarchy.modalities]
     label = cfg.recipe if backbone is None else f"{cfg.recipe}+{backbone}" + (
         f"+{','.join(hierarchical)}" if hierarchical else "")

@@ -49,8 +49,9 @@ STEMS: dict[str, Callable[[DictConfig, int, int], nn.Module]] = {
                                              slices=hierarchy_slices("video", cfg)),
     "points": lambda cfg, grid, dim: PillarStem(grid, dim, slices=hierarchy_slices("points", cfg)),
 }
-# the key that makes levels of a modality's hierarchy merge slices of a third axis too (HierarchicalEncoder's slices)
-SLICED_LEVELS = {"video": ("video", "temporal_levels"), "points": ("points", "voxel_levels")}
+# per modality, the key hypermodal.<modality>.<key> of how many levels of its hierarchy differ in slices of a third axis
+# (HierarchicalEncoder's slices), and what a slice is
+SLICED_LEVELS = {"video": ("temporal_levels", "time steps"), "points": ("voxel_levels", "heights")}
 
 
 def hierarchy_slices(name: str, cfg: DictConfig) -> int:
@@ -59,8 +60,7 @@ def hierarchy_slices(name: str, cfg: DictConfig) -> int:
     ``hypermodal.points.voxel_levels``: height slices) when ``hypermodal.hierarchy.modalities`` lists it, else 1."""
     if name not in SLICED_LEVELS or name not in cfg.hypermodal.hierarchy.modalities:
         return 1
-    group, key = SLICED_LEVELS[name]
-    return 2 ** (cfg.hypermodal[group][key] - 1)
+    return 2 ** (cfg.hypermodal[name][SLICED_LEVELS[name][0]] - 1)
 
 
 # what of a stem's level-0 grid holds content, where not all of it does (a point cloud's empty pillars)
@@ -211,10 +211,10 @@ def check_hierarchy(cfg: DictConfig, hierarchical: list, levels: int) -> None:
         )
     for name in hierarchical:
         if name in SLICED_LEVELS:
-            group, key = SLICED_LEVELS[name]
-            n = h[group][key]
+            key = SLICED_LEVELS[name][0]
+            n = h[name][key]
             if type(n) is not int or not 1 <= n <= levels:
-                raise ConfigError(f"hypermodal.{group}.{key}={n}: how many of model={h.image.backbone}'s {levels} "
+                raise ConfigError(f"hypermodal.{name}.{key}={n}: how many of model={h.image.backbone}'s {levels} "
                                   f"levels of the {name} hierarchy differ in slices (level 0 has 2^({key}-1), each "
                                   f"merge halves them), 1 … {levels}")
     if "video" not in hierarchical:
