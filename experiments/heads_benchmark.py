@@ -5,8 +5,9 @@
 For each head and task it prints the held-out NLL, the true conditional
 entropy, the excess NLL (nats per dimension, ``E[log p − log q]`` on the
 held-out samples, which equals NLL − entropy in expectation), mode coverage of
-samples on the bimodal task, and time per training step / per sample / per
-log-prob row; the table is written as JSON and CSV.
+samples on the two-mode tasks (``bimodal``, ``ambiguous``: the smaller share of samples nearer either mode, and
+the share nearer a mode than the midpoint, the head's and the true distribution's), and time per training step /
+per sample / per log-prob row; the table is written as JSON and CSV.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from prob_jepa.config import group_options  # noqa: E402
+from prob_jepa.eval.multimodality import on_mode_share  # noqa: E402
 from prob_jepa.eval.summary import markdown_table  # noqa: E402
 from prob_jepa.heads import build_head  # noqa: E402
 from prob_jepa.synthetic import TASKS, BimodalTask, train_head  # noqa: E402
@@ -68,13 +70,16 @@ def run_one(cfg, head_name: str, task_name: str, dim: int) -> dict:
     excess = (task.log_prob(y, c) - log_prob).mean().item() / dim
     row = {
         "head": head_name, "task": task_name, "dim": dim, "nll": nll, "entropy": entropy, "excess": excess,
-        "mode_share": None, "train_ms_per_step": 1e3 * train_s / steps,
+        "mode_share": None, "on_mode": None, "on_mode_true": None, "train_ms_per_step": 1e3 * train_s / steps,
         "sample_ms": 1e3 * sample_s / (cfg.timing_rows * cfg.num_samples),
         "log_prob_ms": 1e3 * log_prob_s / cfg.test_size, "steps": steps,
     }
     if isinstance(task, BimodalTask):  # the smaller share of samples in either mode (0.5 = both equally)
         share = task.mode_of(samples, c[rows]).float().mean().item()
+        mode = task.centre(c[rows])
         row["mode_share"] = min(share, 1 - share)
+        row["on_mode"] = on_mode_share(samples, mode, -mode)
+        row["on_mode_true"] = on_mode_share(y[rows][None], mode, -mode)
     return row
 
 
@@ -96,8 +101,8 @@ def main() -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    formats = {"nll": ".4f", "entropy": ".4f", "excess": "+.4f", "mode_share": ".3f", "train_ms_per_step": ".2f",
-               "sample_ms": ".4f", "log_prob_ms": ".4f"}
+    formats = {"nll": ".4f", "entropy": ".4f", "excess": "+.4f", "mode_share": ".3f", "on_mode": ".3f",
+               "on_mode_true": ".3f", "train_ms_per_step": ".2f", "sample_ms": ".4f", "log_prob_ms": ".4f"}
     print(markdown_table(rows, formats))
     print(f"written: {out / 'heads_benchmark.json'}, {out / 'heads_benchmark.csv'}")
 

@@ -94,6 +94,19 @@ class BimodalTask(Task):
 
 
 @dataclass
+class AmbiguousTask(BimodalTask):
+    """The bimodal task with the `shapes` marker's weights (0.7 / 0.3) and modes only 5 σ apart (σ = 0.8): along the
+    axis between the modes a sample's coordinate has std 0.2 (modes at 0 and 1), so 90 % of the true draws lie
+    nearer a mode than the midpoint, while in the other D − 1 directions the spread is as large as the gap. A head
+    can fit its likelihood to within 0.01 nats/dim with its samples between the modes (README, "The head
+    comparison"); the on-mode share of :func:`~prob_jepa.eval.multimodality.on_mode_share` tells the two apart."""
+
+    weight: float = 0.7
+    sigma: float = 0.8
+    name: str = field(init=False, default="ambiguous")
+
+
+@dataclass
 class HeteroscedasticTask(Task):
     """``y = m(c) + σ(c) ⊙ ε``; σ grows with c and differs per dimension."""
 
@@ -180,7 +193,7 @@ class HeavyTailedProductTask(HeavyTailedTask):
         return self.dim * torch.distributions.StudentT(float(self.df), 0.0, self.scale).entropy().item()
 
 
-TASKS = {t.name: t for t in (BimodalTask, HeteroscedasticTask, HeavyTailedTask, HeavyTailedProductTask)}
+TASKS = {t.name: t for t in (BimodalTask, AmbiguousTask, HeteroscedasticTask, HeavyTailedTask, HeavyTailedProductTask)}
 
 
 def train_head(

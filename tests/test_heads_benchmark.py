@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from omegaconf import OmegaConf
 
 from conftest import HEAD_CONFIGS, load_experiment
@@ -22,3 +23,16 @@ def test_a_head_without_a_per_head_entry_runs_with_the_defaults():
     del cfg.per_head["mdn"]
     row = hb.run_one(cfg, "mdn", "bimodal", 2)
     assert row["steps"] == 3 and math.isfinite(row["nll"]) and 0 <= row["mode_share"] <= 0.5
+
+
+def test_two_mode_tasks_report_where_the_samples_sit_and_where_the_truth_does():
+    hb = load_experiment("heads_benchmark")
+    cfg = OmegaConf.merge(OmegaConf.load(hb.CONF / "heads_benchmark.yaml"),
+                          {"steps": 300, "test_size": 512, "timing_rows": 256, "num_samples": 16,
+                           "per_head": {"mdn": {"steps": 300}, "deterministic": {"steps": 300}}})
+    mdn, point = hb.run_one(cfg, "mdn", "ambiguous", 64), hb.run_one(cfg, "deterministic", "ambiguous", 64)
+    assert mdn["on_mode_true"] == point["on_mode_true"] == pytest.approx(0.894, abs=0.03)
+    assert mdn["on_mode"] > 0.75 and abs(mdn["mode_share"] - 0.3) < 0.06
+    # the deterministic head's samples are its mean (0.7 along the axis) plus isotropic noise as wide as the gap
+    assert point["on_mode"] < 0.65
+    assert hb.run_one(OmegaConf.merge(cfg, {"steps": 2}), "mdn", "heteroscedastic", 2)["on_mode"] is None

@@ -35,3 +35,15 @@ def test_heavy_tailed_rows_share_one_scale_and_product_rows_do_not():
         # a common χ² makes |y_i − m_i| positively correlated across coordinates
         corr = torch.corrcoef(r.T.log())[0, 1:].mean().item()
         assert (corr > 0.1) == shared, (name, corr)
+
+
+def test_ambiguous_task_puts_nine_in_ten_true_draws_on_a_mode_at_the_marker_weights():
+    # modes 5 σ apart: a draw's axis coordinate is N(0 or 1, 0.2²), on a mode iff it is below 0.25 or above 0.75
+    from prob_jepa.eval.multimodality import on_mode_share
+    from prob_jepa.synthetic import AmbiguousTask
+
+    task = AmbiguousTask(dim=64)
+    c, _, y = task.sample(20_000, torch.Generator().manual_seed(0))
+    mode = task.centre(c)
+    assert on_mode_share(y[None], mode, -mode) == pytest.approx(0.894, abs=0.01)  # Φ(0.25 / 0.2)
+    assert task.mode_of(y, c).float().mean().item() == pytest.approx(0.3, abs=0.01)
