@@ -23,10 +23,11 @@ def with_added_keys(cfg: DictConfig) -> DictConfig:
     values it was trained with (in place; returns ``cfg``): ``recipe`` (``hypermodal`` for a config with a
     ``hypermodal`` node, else ``image``), ``hypermodal.image.backbone`` (null: the flat patch encoder),
     ``hypermodal.image.levels`` (null: the coarsest), ``hypermodal.predictor.drop_path_rate`` (0),
-    ``hypermodal.objectives.energy_loss`` (hinge) and ``energy_norm_weight`` (0), ``hypermodal.hierarchy.modalities``
-    (none: only the image had JIN's hierarchy), ``hypermodal.shared_blocks`` (true), ``hypermodal.points.voxel_levels``
-    (1: pillars of full height), ``model.paper_params`` (null: a claim, not a setting), ``model.ablation`` and
-    ``hypermodal.ablation`` (null), and the scene options of :data:`ADDED_SCENE_OPTIONS`."""
+    ``hypermodal.objectives.energy_loss`` (hinge) and ``energy_norm_weight`` (0),
+    ``hypermodal.hierarchy.modalities`` (none: only the image had JIN's hierarchy), ``hypermodal.shared_blocks``
+    (true), ``hypermodal.points.voxel_levels`` (1: pillars of full height), ``optim.head_lr_scale`` (1),
+    ``model.paper_params`` (null: a claim, not a setting), ``model.ablation`` and ``hypermodal.ablation`` (null),
+    and the scene options of :data:`ADDED_SCENE_OPTIONS`."""
     hypermodal = cfg.get("hypermodal")
     if "recipe" not in cfg:
         cfg.recipe = "image" if hypermodal is None else "hypermodal"
@@ -34,6 +35,8 @@ def with_added_keys(cfg: DictConfig) -> DictConfig:
     if scene is not None:
         for key, value in ADDED_SCENE_OPTIONS.items():
             scene.setdefault(key, value)
+    if cfg.get("optim") is not None:
+        cfg.optim.setdefault("head_lr_scale", 1.0)
     if cfg.get("model") is not None:
         cfg.model.setdefault("paper_params", None)
         cfg.model.setdefault("ablation", None)

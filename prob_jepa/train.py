@@ -73,13 +73,26 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-def param_groups(model: nn.Module) -> list[dict]:
-    """Weight decay on matrices only; biases, norms, embeddings and scalars are exempt (I-JEPA)."""
-    decay, exempt = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else exempt).append(p)
-    return [{"params": decay}, {"params": exempt, "weight_decay": 0.0, "exempt": True}]
+def param_groups(model: nn.Module, head_lr_scale: float = 1.0) -> list[dict]:
+    """Weight decay on matrices only; biases, norms, embeddings and scalars are exempt (I-JEPA). With
+    ``head_lr_scale ≠ 1`` the heads' parameters (``model.heads``) form groups of their own whose learning rate is
+    ``lr_scale`` times the schedule's (at 1 the groups are the two of before, so optimizer states load as they did).
+
+    Raises:
+        ConfigError: ``head_lr_scale`` (``optim.head_lr_scale``) is not positive.
+    """
+    if not head_lr_scale > 0:
+        raise ConfigError(f"optim.head_lr_scale={head_lr_scale} must be > 0 (the heads' lr is this times optim.lr)")
+    heads = {id(p) for p in model.heads.parameters()} if head_lr_scale != 1.0 else set()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = []
+    for scale, params in ((1.0, [p for p in trainable if id(p) not in heads]),
+                          (head_lr_scale, [p for p in trainable if id(p) in heads])):
+        if params or not groups:
+            groups += [{"params": [p for p in params if p.ndim >= 2], "lr_scale": scale},
+                       {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "exempt": True,
+                        "lr_scale": scale}]
+    return groups
 
 
 def accumulation(global_batch: int, micro_batch: int | None, world_size: int) -> tuple[int, int]:
@@ -199,7 +212,8 @@ class Trainer:
         self.wrapped = wrap_model(self.training_step, info, tc.strategy, find_unused_parameters=partial)
         # fused: one kernel for every parameter's update (CPU and CUDA); same state dict as the for-each AdamW
         self.optimizer = torch.optim.AdamW(
-            param_groups(self.model), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), fused=True
+            param_groups(self.model, cfg.optim.head_lr_scale), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+            fused=True,
         )
         # A parameter that has had no gradient yet (a modality left out of every step so far) has no AdamW state.
         self.optimizer_load_options = StateDictOptions(full_state_dict=True, strict=not partial)
@@ -280,7 +294,7 @@ class Trainer:
         """One optimizer step over ``accum`` micro-batches; returns the averaged loss terms."""
         lr, wd, momentum = self.schedules(self.step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # optimizer states saved before head_lr_scale lack it
             if not group.get("exempt"):
                 group["weight_decay"] = wd
         torch.manual_seed(seed_for(self.cfg.seed, self.info.rank, self.step))  # dropout / drop-path

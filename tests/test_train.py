@@ -238,3 +238,24 @@ def test_a_refused_resume_leaves_the_run_directory_as_it_was(compose, tiny_overr
     run.config.unlink()  # the checkpoint still knows what it was trained with
     with pytest.raises(ConfigError, match="optim.lr: 0.002 -> 0.5"):
         pretrain(compose(*tiny_overrides, "eval.enabled=false", "trainer.max_steps=6", "optim.lr=0.5"), run_dir=run.path)
+
+
+def test_head_lr_scale_gives_the_heads_and_only_them_a_multiple_of_the_schedules_lr(compose, tiny_overrides, tmp_path):
+    from prob_jepa.train import param_groups
+
+    cfg = compose(*tiny_overrides, "eval.enabled=false", "predictor=mdn", "trainer.max_steps=2",
+                  "optim.head_lr_scale=5")
+    model = build_model(cfg)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    heads = {id(p) for p in model.heads.parameters()}
+    assert [len(g["params"]) > 0 for g in param_groups(model)] == [True, True]  # the two groups of before
+    groups = param_groups(model, 5.0)
+    assert sorted(id(p) for g in groups for p in g["params"]) == sorted(trainable)
+    assert {id(p) for g in groups if g["lr_scale"] == 5.0 for p in g["params"]} == heads
+    with pytest.raises(ConfigError, match="optim.head_lr_scale=0"):
+        param_groups(model, 0.0)
+
+    pretrain(cfg, run_dir=tmp_path / "run")
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["optimizer"]["param_groups"]
+    lrs = {g["lr_scale"]: g["lr"] for g in saved}
+    assert lrs[5.0] == pytest.approx(5 * lrs[1.0]) and lrs[1.0] > 0
