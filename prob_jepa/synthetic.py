@@ -95,11 +95,12 @@ class BimodalTask(Task):
 
 @dataclass
 class AmbiguousTask(BimodalTask):
-    """The bimodal task with the `shapes` marker's weights (0.7 / 0.3) and modes only 5 σ apart (σ = 0.8): along the
-    axis between the modes a sample's coordinate has std 0.2 (modes at 0 and 1), so 90 % of the true draws lie
-    nearer a mode than the midpoint, while in the other D − 1 directions the spread is as large as the gap. A head
-    can fit its likelihood to within 0.01 nats/dim with its samples between the modes (README, "The head
-    comparison"); the on-mode share of :func:`~prob_jepa.eval.multimodality.on_mode_share` tells the two apart."""
+    """The bimodal task with the `shapes` marker's weights (0.7 / 0.3) and modes only 5 σ apart (σ = 0.8, gap 4):
+    along the axis between the modes a sample's coordinate has std 0.2 (modes at 0 and 1), so Φ(1.25) = 89.4 % of
+    the true draws lie nearer a mode than the midpoint, while the spread over the other D − 1 directions,
+    0.8·√(D − 1), exceeds the gap from D = 27 on. A head can fit its likelihood to within 0.01 nats/dim with its
+    samples between the modes (README, "The head comparison"); the on-mode share of
+    :func:`~prob_jepa.eval.multimodality.on_mode_share` tells the two apart."""
 
     weight: float = 0.7
     sigma: float = 0.8

@@ -1,6 +1,7 @@
 """Pre-training: ``pretrain(cfg, train_set=None, val_set=None, run_dir=None)``."""
 from __future__ import annotations
 
+import math
 import resource
 import signal
 import threading
@@ -76,13 +77,17 @@ class StopSignal:
 def param_groups(model: nn.Module, head_lr_scale: float = 1.0) -> list[dict]:
     """Weight decay on matrices only; biases, norms, embeddings and scalars are exempt (I-JEPA). With
     ``head_lr_scale ≠ 1`` the heads' parameters (``model.heads``) form groups of their own whose learning rate is
-    ``lr_scale`` times the schedule's (at 1 the groups are the two of before, so optimizer states load as they did).
+    ``head_lr_scale`` times the schedule's (their ``lr_scale``; at 1 the groups are the two of before, so optimizer
+    states load as they did).
 
     Raises:
-        ConfigError: ``head_lr_scale`` (``optim.head_lr_scale``) is not positive.
+        ConfigError: ``head_lr_scale`` (``optim.head_lr_scale``) is not a finite positive number.
     """
-    if not head_lr_scale > 0:
-        raise ConfigError(f"optim.head_lr_scale={head_lr_scale} must be > 0 (the heads' lr is this times optim.lr)")
+    if isinstance(head_lr_scale, bool) or not isinstance(head_lr_scale, (int, float)) or not (
+        math.isfinite(head_lr_scale) and head_lr_scale > 0
+    ):
+        raise ConfigError(f"optim.head_lr_scale={head_lr_scale!r} must be a finite number > 0 (the heads' learning "
+                          f"rate is this times the schedule's)")
     heads = {id(p) for p in model.heads.parameters()} if head_lr_scale != 1.0 else set()
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = []

@@ -25,6 +25,7 @@ def test_a_head_without_a_per_head_entry_runs_with_the_defaults():
     assert row["steps"] == 3 and math.isfinite(row["nll"]) and 0 <= row["mode_share"] <= 0.5
 
 
+@pytest.mark.slow
 def test_two_mode_tasks_report_where_the_samples_sit_and_where_the_truth_does():
     hb = load_experiment("heads_benchmark")
     cfg = OmegaConf.merge(OmegaConf.load(hb.CONF / "heads_benchmark.yaml"),

@@ -252,8 +252,9 @@ def test_head_lr_scale_gives_the_heads_and_only_them_a_multiple_of_the_schedules
     groups = param_groups(model, 5.0)
     assert sorted(id(p) for g in groups for p in g["params"]) == sorted(trainable)
     assert {id(p) for g in groups if g["lr_scale"] == 5.0 for p in g["params"]} == heads
-    with pytest.raises(ConfigError, match="optim.head_lr_scale=0"):
-        param_groups(model, 0.0)
+    for bad in (0.0, -1, float("inf"), "5", None, True):
+        with pytest.raises(ConfigError, match="optim.head_lr_scale="):
+            param_groups(model, bad)
 
     pretrain(cfg, run_dir=tmp_path / "run")
     saved = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["optimizer"]["param_groups"]
