@@ -34,6 +34,6 @@ def test_two_mode_tasks_report_where_the_samples_sit_and_where_the_truth_does():
     mdn, point = hb.run_one(cfg, "mdn", "ambiguous", 64), hb.run_one(cfg, "deterministic", "ambiguous", 64)
     assert mdn["on_mode_true"] == point["on_mode_true"] == pytest.approx(0.894, abs=0.03)
     assert mdn["on_mode"] > 0.75 and abs(mdn["mode_share"] - 0.3) < 0.06
-    # the deterministic head's samples are its mean (0.7 along the axis) plus isotropic noise as wide as the gap
+    # the deterministic head's samples are its mean (0.7 along the axis) plus one isotropic noise: one hump
     assert point["on_mode"] < 0.65
     assert hb.run_one(OmegaConf.merge(cfg, {"steps": 2}), "mdn", "heteroscedastic", 2)["on_mode"] is None
