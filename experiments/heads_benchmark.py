@@ -76,11 +76,11 @@ def run_one(cfg, head_name: str, task_name: str, dim: int) -> dict:
     }
     if isinstance(task, BimodalTask):  # the smaller share of samples in either mode (0.5 = both equally)
         share = task.mode_of(samples, c[rows]).float().mean().item()
-        mode = task.centre(c[rows])
+        mode = task.centre(c)
         row["mode_share"] = min(share, 1 - share)
-        row["on_mode"] = on_mode_share(samples, mode, -mode)
-        every = task.centre(c)  # the truth's share over every test row: the reference should not be the noisy part
-        row["on_mode_true"] = on_mode_share(y[None], every, -every)
+        row["on_mode"] = on_mode_share(samples, mode[rows], -mode[rows])
+        # the truth's share over every test row: the reference should not be the noisy part
+        row["on_mode_true"] = on_mode_share(y[None], mode, -mode)
     return row
 
 

@@ -88,16 +88,18 @@ def param_groups(model: nn.Module, head_lr_scale: float = 1.0) -> list[dict]:
     ):
         raise ConfigError(f"optim.head_lr_scale={head_lr_scale!r} must be a finite number > 0 (the heads' learning "
                           f"rate is this times the schedule's)")
-    heads = {id(p) for p in model.heads.parameters()} if head_lr_scale != 1.0 else set()
+
+    def decay_and_exempt(params: list[nn.Parameter], scale: float) -> list[dict]:
+        return [{"params": [p for p in params if p.ndim >= 2], "lr_scale": scale},
+                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "exempt": True, "lr_scale": scale}]
+
     trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = []
-    for scale, params in ((1.0, [p for p in trainable if id(p) not in heads]),
-                          (head_lr_scale, [p for p in trainable if id(p) in heads])):
-        if params or not groups:
-            groups += [{"params": [p for p in params if p.ndim >= 2], "lr_scale": scale},
-                       {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "exempt": True,
-                        "lr_scale": scale}]
-    return groups
+    if head_lr_scale == 1.0:
+        return decay_and_exempt(trainable, 1.0)
+    heads = {id(p) for p in model.heads.parameters()}
+    own = [p for p in trainable if id(p) in heads]
+    rest = decay_and_exempt([p for p in trainable if id(p) not in heads], 1.0)
+    return (rest + decay_and_exempt(own, head_lr_scale)) if own else rest
 
 
 def accumulation(global_batch: int, micro_batch: int | None, world_size: int) -> tuple[int, int]:
