@@ -20,12 +20,15 @@ from jin.encoder import Level
 class Predicted:
     """One prediction of a step: ``cond [B, N, C]`` of ``N`` target tokens, their regression targets
     ``target [B, N, D]`` (layer-normed EMA target-encoder features), the loss term it belongs to
-    (``"jepa/level0"``, ``"jepa/cross"``) and the index of its head in ``model.heads``."""
+    (``"jepa/level0"``, ``"jepa/cross"``) and the index of its head in ``model.heads``. ``parts``: for a prediction
+    of several levels' tokens (a hierarchical modality with ``levels=[0, 1]``), each level's positions among the
+    ``N`` tokens (``{level: [N_l]}``); ``None``: the tokens are of one level."""
 
     term: str
     head: int
     cond: torch.Tensor
     target: torch.Tensor
+    parts: dict[int, torch.Tensor] | None = None
 
 
 @dataclass
@@ -79,14 +82,28 @@ class StepOutput(NamedTuple):
     targets: dict[str, torch.Tensor]
 
 
-def jepa_term(term: str) -> Measure:
+def jepa_term(term: str, level_weights: Sequence[float] | None = None) -> Measure:
     """The JEPA regression term ``term``: the mean, over the step's predictions of that term, of their head's loss
-    (NLL in nats/dim for the probabilistic heads, MSE for the deterministic one) on ``sg[target]``."""
+    (NLL in nats/dim for the probabilistic heads, MSE for the deterministic one) on ``sg[target]``.
+
+    A prediction of several levels' tokens (``Predicted.parts``) scores each level apart and weighs them by
+    ``level_weights[level]``, normalized over its levels (``Σ_l w_l · loss_l / Σ_l w_l``: the levels share the
+    prediction's weight in the mean, and one level alone is scored as before); ``None``: every level's tokens
+    alike (the mean over all ``N``). JIN eq. 9's level weights ``w_l``, for a model that predicts its levels in one
+    task (the hypermodal JEPA's hierarchical image).
+    """
+
+    def loss(model: nn.Module, x: Predicted) -> torch.Tensor:
+        head = model.heads[x.head]
+        if x.parts is None or level_weights is None:
+            return head(x.cond.flatten(0, 1), x.target.flatten(0, 1))
+        weights = {level: float(level_weights[level]) for level in x.parts}
+        total = sum(weights.values())
+        return sum(w / total * head(x.cond[:, x.parts[level]].flatten(0, 1), x.target[:, x.parts[level]].flatten(0, 1))
+                   for level, w in weights.items() if w > 0)
 
     def measure(model: nn.Module, p: Predictions) -> torch.Tensor | None:
-        values = [model.heads[x.head](x.cond.flatten(0, 1), x.target.flatten(0, 1)) for x in p.predicted
-                  if x.term == term]
-        return mean_over(values)
+        return mean_over([loss(model, x) for x in p.predicted if x.term == term])
 
     return measure
 

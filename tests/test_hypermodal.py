@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import CONF, paired_scene
+from conftest import CONF, paired_scene, shrunk_model
 from jin.encoders import HierarchicalModalityEncoder
 from prob_jepa.config import ConfigError, compose_config
 from prob_jepa.data.multimodal import MultimodalSpec, PairedShapes
@@ -360,6 +360,41 @@ def test_the_hierarchical_image_backbone_is_composed_with_its_model_or_rejected_
                                      "hypermodal.image.levels=[0]"))
     norms = model.context_encoder.encoder("image").backbone.norms
     assert norms[0].weight.requires_grad and norms[1].weight.requires_grad
+
+
+HIERARCHICAL = [  # jin_tiny, shrunk, as the image encoder beside text (experiment=hypermodal_shapes)
+    "experiment=hypermodal_shapes", *[o for o in SMALL[1:] if not o.startswith("hypermodal.predictor.")],
+    *[o for o in shrunk_model("jin_tiny") if not o.startswith(("mask.", "data.marker", "data.train_size",
+                                                                 "data.val_size"))],
+    "data.modalities=[image,text]", "model.predictor.levels=1", "hypermodal.mask.image.num_targets=2",
+    "hypermodal.mask.image.target_size=2",
+]
+
+
+def test_model_level_weights_share_an_image_prediction_between_its_levels(compose, scenes):
+    """JIN eq. 9's level weights in the hypermodal model: with hypermodal.image.levels=[0,1] the image's JEPA term
+    is Σ_l w_l · loss_l / Σ_l w_l — linear in the normalized weights, not the mean over the 4 + 1 tokens of a unit;
+    with the coarsest level alone the weights change nothing; weights without a positive sum are refused by name."""
+    x = batch(scenes, 4, ["image", "text"])
+
+    def image_term(*overrides: str) -> torch.Tensor:
+        cfg = compose(*HIERARCHICAL, *overrides)
+        torch.manual_seed(0)
+        model = build_hypermodal(cfg).eval()
+        masks = masks_for(model, x, cfg)
+        return loss_of(model, cfg, x, masks, plan_tasks(["image"], "single", step=0)).terms["jepa/within"]
+
+    levels = "hypermodal.image.levels=[0,1]"
+    only0, only1 = image_term(levels, "model.level_weights=[1.0,0.0]"), image_term(levels, "model.level_weights=[0,1]")
+    assert abs(only0 - only1) > 1e-3 * only0.abs()
+    torch.testing.assert_close(image_term(levels, "model.level_weights=[3.0,1.0]"), 0.75 * only0 + 0.25 * only1)
+    assert torch.equal(image_term("model.level_weights=[1.0,0.5]"), image_term("model.level_weights=[0.2,3.0]"))
+    for weights, levels_ in (("[1.0,0.0]", "null"), ("[0.0,0.0]", "[0,1]"), ("[-1.0,2.0]", "[0,1]")):
+        with pytest.raises(ConfigError, match=r"model\.level_weights=.*sum over hypermodal\.image\.levels="):
+            build_hypermodal(compose(*HIERARCHICAL, f"model.level_weights={weights}",
+                                     f"hypermodal.image.levels={levels_}"))
+    with pytest.raises(ConfigError, match=r"model\.level_weights=\[1\.0\] must give a weight for each of the "):
+        build_hypermodal(compose(*HIERARCHICAL, "model.level_weights=[1.0]"))
 
 
 def test_a_hypermodal_mask_that_leaves_no_context_fails_before_step_1(compose):

@@ -280,6 +280,22 @@ def test_the_hierarchical_image_defaults_to_its_coarsest_level_and_loads_checkpo
         hierarchical_image([0.9])
 
 
+def test_level_positions_find_each_level_s_tokens_among_a_mask_s_target_tokens():
+    """The loss weighs an image prediction's levels apart (model.level_weights): each level's positions among
+    ``unit_tokens(targets).flatten(1)`` must hold exactly that level's tokens, every position once."""
+    targets = torch.tensor([[[0, 5, 15], [3, 6, 9]], [[1, 2, 14], [4, 7, 8]]])  # [B, M, K]: 2 blocks of 3 units
+    for levels, first in (([0, 1], {0: 0, 1: 64}), ([1, 0], {1: 0, 0: 16})):
+        enc = hierarchical_image(levels)
+        tokens = enc.unit_tokens(targets).flatten(1)  # [B, 2 · 3 · 5], indices among the 80 tokens
+        parts = enc.level_positions(targets)
+        assert sorted(torch.cat(list(parts.values())).tolist()) == list(range(30))
+        for level, per_unit in ((0, 4), (1, 1)):
+            span = range(first[level], first[level] + 16 * per_unit)  # where the encoder puts that level's tokens
+            assert len(parts[level]) == 2 * 3 * per_unit
+            assert all(int(t) in span for t in tokens[:, parts[level]].flatten())
+    assert hierarchical_image().level_positions(targets) is None  # one level
+
+
 def test_the_hierarchical_image_positions_resolve_its_finest_chosen_level():
     assert hierarchical_image().max_freq == 2 and hierarchical_image([0, 1]).max_freq == 4  # 4 units, 8 tokens a side
 

@@ -77,6 +77,11 @@ class ModalityEncoder(nn.Module):
         """Indices of the tokens of mask units ``units [..., K]`` among all tokens (here: the units themselves)."""
         return units
 
+    def level_positions(self, units: torch.Tensor) -> dict[int, torch.Tensor] | None:
+        """Where each level's tokens lie among the tokens of mask units ``units [B, M, K]`` (``unit_tokens(units)
+        .flatten(1)``): ``{level: [N_l]}``; ``None``: the tokens are of one level (here: every token is a unit)."""
+        return None
+
     def unit_content(self, x: torch.Tensor) -> torch.Tensor | None:
         """The share ``[B, U]`` (0 … 1) of each mask unit of ``x`` that holds content, which a block-mask sampler
         hides first; ``None``: every unit is content (here: every token is part of the input)."""

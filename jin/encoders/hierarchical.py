@@ -116,6 +116,20 @@ class HierarchicalModalityEncoder(ModalityEncoder):
             offset += self.num_units * t
         return torch.cat(parts, -1)
 
+    def level_positions(self, units: torch.Tensor) -> dict[int, torch.Tensor] | None:
+        """Each chosen level's positions ``[M·K·t_l]`` among the ``M·K·Σ t_l`` tokens of the target units
+        ``units [B, M, K]`` (:meth:`unit_tokens` order: per block, level by level); ``None`` with one level."""
+        if len(self.levels) == 1:
+            return None
+        blocks, k = units.shape[-2:]
+        per_block = k * sum(self.per_unit)
+        start = torch.arange(blocks, device=units.device)[:, None] * per_block
+        parts, offset = {}, 0
+        for level, t in zip(self.levels, self.per_unit):
+            parts[level] = (start + offset + torch.arange(k * t, device=units.device)).flatten()
+            offset += k * t
+        return parts
+
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> Tokens:
         """Tokens of the mask units at ``keep [B, K]`` (all when ``None``): ``[B, K·Σ t_l, D]``, coords
         ``[B, K·Σ t_l, 3]``, in the order of :meth:`unit_tokens`."""

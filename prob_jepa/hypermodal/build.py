@@ -170,6 +170,13 @@ def check_composition(cfg: DictConfig) -> None:
     ):
         raise ConfigError(f"hypermodal.image.levels={chosen}: a list of distinct levels of model={backbone}'s "
                           f"{count} (0 … {count - 1}), e.g. [0, {count - 1}], or null for the coarsest")
+    weights = lv["level_weights"]
+    scored = [weights[level] for level in chosen or [count - 1]]
+    if min(scored) < 0 or sum(scored) <= 0:
+        levels = "null (the coarsest)" if chosen is None else list(chosen)
+        raise ConfigError(f"model.level_weights={list(cfg.model.level_weights)}: weights ≥ 0 whose sum over "
+                          f"hypermodal.image.levels={levels} is positive (an image prediction's levels share its "
+                          f"weight in proportion to them)")
     check_hierarchy(cfg, hierarchical, len(lv["dims"]))
     if lv["predict_levels"] != [len(lv["dims"]) - 1]:
         raise ConfigError(

@@ -158,7 +158,8 @@ class HypermodalJEPA(ContextTargetPair):
             conds, balance = self.predict(ctx, {m: t.coords for m, t in full.items()}, masks, tasks, gate)
             predicted = [
                 Predicted(f"jepa/{task.kind}", 0, cond,
-                          gather_tokens(targets[task.target], self.target_tokens(task.target, masks[task.target])))
+                          gather_tokens(targets[task.target], self.target_tokens(task.target, masks[task.target])),
+                          self.context_encoder.encoder(task.target).level_positions(masks[task.target].targets))
                 for task, cond in zip(tasks, conds)
             ]
         pooled = {m: self.align(m, c.features.mean(1)) for m, c in ctx.items()} if align and len(names) > 1 else {}

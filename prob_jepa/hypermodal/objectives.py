@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from ..config import ConfigError
-from ..model import hierarchy_terms
+from ..model import hierarchy_terms, level_config
 from ..step import Measure, Predictions, Term, balance_term, jepa_term
 
 PHASES = ("single", "cross", "full")
@@ -211,12 +211,16 @@ def hypermodal_terms(cfg: DictConfig, model: nn.Module) -> list[Term]:
     ``α`` = ``hypermodal.m3.alpha`` and their contrastive term at ``1 − α``), with a hierarchical image encoder
     (``hypermodal.image.backbone``) the hierarchy's terms (:func:`~prob_jepa.model.hierarchy_terms`), the energy
     alignment (λ2 = ``hypermodal.objectives.energy``, the pair loss :func:`energy_loss`), InfoNCE (``infonce``,
-    ``temperature``) and, with experts, their balance (``hypermodal.predictor.moe_balance_weight``)."""
+    ``temperature``) and, with experts, their balance (``hypermodal.predictor.moe_balance_weight``). A prediction of
+    the hierarchical image's tokens of several levels (``hypermodal.image.levels``) weighs its levels by
+    ``model.level_weights`` (JIN eq. 9), normalized over them (:func:`~prob_jepa.step.jepa_term`)."""
     h = cfg.hypermodal
     o = h.objectives
-    terms = [Term(f"jepa/{kind}", o[kind], jepa_term(f"jepa/{kind}")) for kind in ("within", "cross", "joint")]
+    level_weights = None if h.image.backbone is None else level_config(cfg.model)["level_weights"]
+    terms = [Term(f"jepa/{kind}", o[kind], jepa_term(f"jepa/{kind}", level_weights))
+             for kind in ("within", "cross", "joint")]
     if h.m3.enabled:
-        terms += [Term("jepa/m3", h.m3.alpha, jepa_term("jepa/m3")),
+        terms += [Term("jepa/m3", h.m3.alpha, jepa_term("jepa/m3", level_weights)),
                   Term("m3/contrastive", 1 - h.m3.alpha, m3_contrastive_term(o.temperature))]
     if h.image.backbone is not None:
         terms += hierarchy_terms(cfg, model)
