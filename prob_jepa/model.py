@@ -169,8 +169,8 @@ def level_config(model_cfg: DictConfig) -> dict:
     if len(capacity) < L or not all(0.0 < float(c) <= 1.0 for c in capacity):
         raise ConfigError(f"model.capacity={list(model_cfg.capacity)} must give a fraction in (0, 1] for each of the "
                           f"model.levels={L} levels")
-    if len(model_cfg.level_weights) < L:
-        raise ConfigError(f"model.level_weights={list(model_cfg.level_weights)} must give a weight for each of the "
+    if not OmegaConf.is_list(model_cfg.level_weights) or len(model_cfg.level_weights) < L:
+        raise ConfigError(f"model.level_weights={model_cfg.level_weights} must give a weight for each of the "
                           f"model.levels={L} levels")
     depths = [sum(depths[: drop + 1])] + depths[drop + 1 :]
     return {

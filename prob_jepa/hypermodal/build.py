@@ -4,6 +4,7 @@ audio, video and points through the hierarchy too when ``hypermodal.hierarchy.mo
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable
 
 import torch
@@ -171,10 +172,10 @@ def check_composition(cfg: DictConfig) -> None:
         raise ConfigError(f"hypermodal.image.levels={chosen}: a list of distinct levels of model={backbone}'s "
                           f"{count} (0 … {count - 1}), e.g. [0, {count - 1}], or null for the coarsest")
     weights = lv["level_weights"]
-    scored = [weights[level] for level in chosen or [count - 1]]
-    if min(scored) < 0 or sum(scored) <= 0:
+    valid = all(type(w) in (int, float) and math.isfinite(w) and w >= 0 for w in weights)
+    if not valid or sum(weights[level] for level in chosen or [count - 1]) <= 0:
         levels = "null (the coarsest)" if chosen is None else list(chosen)
-        raise ConfigError(f"model.level_weights={list(cfg.model.level_weights)}: weights ≥ 0 whose sum over "
+        raise ConfigError(f"model.level_weights={list(cfg.model.level_weights)}: finite numbers ≥ 0 whose sum over "
                           f"hypermodal.image.levels={levels} is positive (an image prediction's levels share its "
                           f"weight in proportion to them)")
     check_hierarchy(cfg, hierarchical, len(lv["dims"]))
