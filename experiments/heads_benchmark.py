@@ -84,8 +84,27 @@ def run_one(cfg, head_name: str, task_name: str, dim: int) -> dict:
     return row
 
 
+def load_config(overrides: list[str]):
+    """``experiments/conf/heads_benchmark.yaml`` with ``key=value`` overrides (``per_head.<head>.<key>`` may add a
+    head's options, ``steps`` or ``lr``).
+
+    Raises:
+        ValueError: a top-level key the file does not have (``step=``, Hydra's ``+key=``), naming the valid keys.
+    """
+    base = OmegaConf.load(CONF / "heads_benchmark.yaml")
+    given = OmegaConf.from_dotlist(overrides)
+    unknown = [str(key) for key in given if key not in base]
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(unknown)}; valid: {', '.join(map(str, base))} "
+                         f"(write key=value, without '+'; per_head.<head>.<key> sets a head's options, steps or lr)")
+    return OmegaConf.merge(base, given)
+
+
 def main() -> None:
-    cfg = OmegaConf.merge(OmegaConf.load(CONF / "heads_benchmark.yaml"), OmegaConf.from_dotlist(sys.argv[1:]))
+    try:
+        cfg = load_config(sys.argv[1:])
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     rows = []
     for head_name in head_names(cfg):

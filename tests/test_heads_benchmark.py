@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 from omegaconf import OmegaConf
@@ -23,6 +24,15 @@ def test_a_head_without_a_per_head_entry_runs_with_the_defaults():
     del cfg.per_head["mdn"]
     row = hb.run_one(cfg, "mdn", "bimodal", 2)
     assert row["steps"] == 3 and math.isfinite(row["nll"]) and 0 <= row["mode_share"] <= 0.5
+
+
+def test_an_unknown_key_is_refused_by_name_and_a_head_s_options_are_not():
+    hb = load_experiment("heads_benchmark")
+    cfg = hb.load_config(["per_head.flow.num_layers=4", "per_head.sixth.steps=3", "steps=7"])
+    assert cfg.per_head.flow.num_layers == 4 and cfg.per_head.sixth.steps == 3 and cfg.steps == 7
+    for override, key in (("+per_head.flow.num_layers=4", "+per_head"), ("step=3", "step")):
+        with pytest.raises(ValueError, match=rf"unknown key\(s\) {re.escape(key)}; valid: heads, tasks, dims"):
+            hb.load_config([override])
 
 
 @pytest.mark.slow
