@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -23,6 +24,12 @@ BASIC_SWEEPER = f"{BasicSweeper.__module__}.{BasicSweeper.__name__}"
 
 class ConfigError(ValueError):
     """A configuration that cannot train and evaluate to the end; raised before step 1, naming its keys."""
+
+
+def is_finite_number(value: object) -> bool:
+    """``value`` is a finite int or float (not a bool, a string, None, NaN or ±inf): what a numeric config value
+    must be before it is compared or summed."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class ConfigKeyError(KeyError):

@@ -1,7 +1,6 @@
 """Pre-training: ``pretrain(cfg, train_set=None, val_set=None, run_dir=None)``."""
 from __future__ import annotations
 
-import math
 import resource
 import signal
 import threading
@@ -25,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import ConfigError
+from .config import ConfigError, is_finite_number
 from .data import GlobalBatchSampler, SeededDataset, build_datasets, seed_for
 from .distributed import DistInfo, any_rank, barrier, gradient_sync, init_distributed, mean_over_ranks, wrap_model
 from .eval.diagnostics import effective_rank, feature_std
@@ -83,9 +82,7 @@ def param_groups(model: nn.Module, head_lr_scale: float = 1.0) -> list[dict]:
     Raises:
         ConfigError: ``head_lr_scale`` (``optim.head_lr_scale``) is not a finite positive number.
     """
-    if isinstance(head_lr_scale, bool) or not isinstance(head_lr_scale, (int, float)) or not (
-        math.isfinite(head_lr_scale) and head_lr_scale > 0
-    ):
+    if not (is_finite_number(head_lr_scale) and head_lr_scale > 0):
         raise ConfigError(f"optim.head_lr_scale={head_lr_scale!r} must be a finite number > 0 (the heads' learning "
                           f"rate is this times the schedule's)")
 

@@ -156,10 +156,11 @@ class HypermodalJEPA(ContextTargetPair):
         predicted, balance = [], None
         if tasks:  # a phase may make no prediction and train the alignment only
             conds, balance = self.predict(ctx, {m: t.coords for m, t in full.items()}, masks, tasks, gate)
+            parts = {m: self.context_encoder.encoder(m).level_positions(masks[m].targets) for m in names}
             predicted = [
                 Predicted(f"jepa/{task.kind}", 0, cond,
                           gather_tokens(targets[task.target], self.target_tokens(task.target, masks[task.target])),
-                          self.context_encoder.encoder(task.target).level_positions(masks[task.target].targets))
+                          parts[task.target])
                 for task, cond in zip(tasks, conds)
             ]
         pooled = {m: self.align(m, c.features.mean(1)) for m, c in ctx.items()} if align and len(names) > 1 else {}
