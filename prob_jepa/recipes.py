@@ -6,6 +6,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from omegaconf import DictConfig
 from torch import nn
 
@@ -31,7 +32,8 @@ class Recipe:
     (composed by ``experiment=`` / the defaults). strategies: the ``trainer.strategy``
     values it trains with on several ranks. every_step_trains_every_parameter: false when a step may leave
     parameters without gradient by design (modality dropout); DDP then looks for them, and an optimizer state
-    may lack them.
+    may lack them. frozen_features: model → ``(images [B, 3, H, W] → [B, D])``, what a probe during training reads
+    (``eval.probe_curve``); ``None``: the recipe has none.
     """
 
     build_model: Callable[[DictConfig], nn.Module]
@@ -41,6 +43,7 @@ class Recipe:
     requires: tuple[str, ...]
     strategies: tuple[str, ...] = STRATEGIES
     every_step_trains_every_parameter: bool = True
+    frozen_features: Callable[[nn.Module], Callable[[torch.Tensor], torch.Tensor]] | None = None
 
     def evaluate(self) -> Evaluate:
         module, _, name = self.evaluation.partition(":")
@@ -48,7 +51,8 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
-    "image": Recipe(build_model, image_terms, ImagePlanner, "prob_jepa.eval:evaluate", requires=("model", "mask")),
+    "image": Recipe(build_model, image_terms, ImagePlanner, "prob_jepa.eval:evaluate", requires=("model", "mask"),
+                    frozen_features=lambda model: model.features),
     "hypermodal": Recipe(build_hypermodal, hypermodal_terms, HypermodalPlanner,
                          "prob_jepa.hypermodal.evaluate:evaluate_hypermodal", requires=("hypermodal",),
                          strategies=("ddp",), every_step_trains_every_parameter=False),

@@ -28,6 +28,7 @@ from .config import ConfigError, is_finite_number
 from .data import GlobalBatchSampler, SeededDataset, build_datasets, seed_for
 from .distributed import DistInfo, any_rank, barrier, gradient_sync, init_distributed, mean_over_ranks, wrap_model
 from .eval.diagnostics import effective_rank, feature_std
+from .eval.probe_curve import ProbeCurve, probe_curve
 from .preflight import check_gradients, preflight_evaluation
 from .recipes import recipe_of
 from .run_dir import RunDir, with_added_keys
@@ -266,8 +267,11 @@ class Trainer:
         return model.to(self.info.device)
 
     def resume(self) -> None:
-        """Continue from ``checkpoints/last.pt`` when it exists (``trainer.resume=true``)."""
+        """Continue from ``checkpoints/last.pt`` when it exists (``trainer.resume=true``); without one, start afresh
+        (the records of an attempt that stopped before its first checkpoint are dropped)."""
         if not self.run.checkpoint.exists():
+            if self.info.is_main and self.run.metrics.exists():
+                self.run.truncate_metrics(-1)
             return
         state = load_checkpoint(self.run.checkpoint)
         load = StateDictOptions(full_state_dict=True)
@@ -345,6 +349,12 @@ class Trainer:
                 f"{self.run.checkpoint} is kept. Lower optim.lr or raise trainer.clip_grad."
             )
 
+    def probe(self, curve: ProbeCurve) -> dict[str, float]:
+        """``curve``'s point for the current weights (``linear_probe``, ``knn``) on rank 0; ``{}`` on the others.
+        Collective under FSDP (every rank calls it)."""
+        model = self.full_model()
+        return curve(self.recipe.frozen_features(model)) if model is not None and self.info.is_main else {}
+
     def record(self, terms: dict[str, torch.Tensor], images_per_s: float) -> dict[str, Any]:
         """A ``metrics.jsonl`` line: loss terms averaged over the ranks that have them (matched by name), throughput,
         memory, collapse diagnostics."""
@@ -355,10 +365,17 @@ class Trainer:
         return rec
 
     # ------------------------------------------------------------------ fit
-    def fit(self) -> str:
-        """Train until the schedule ends or ``trainer.max_steps``; returns the status."""
+    def fit(self, curve: ProbeCurve | None = None) -> str:
+        """Train until the schedule ends or ``trainer.max_steps``; returns the status. With ``curve``, its points at
+        step 0 (a run that starts afresh), every ``curve.every`` steps and the schedule's last step join
+        ``metrics.jsonl`` (a run stopped early by ``trainer.max_steps`` or a signal and resumed draws the curve of a
+        run that was not)."""
         tc = self.cfg.trainer
         stop_at = min(self.total_steps, tc.max_steps if tc.max_steps is not None else self.total_steps)
+        if curve is not None and self.step == 0:
+            point = self.probe(curve)
+            if self.info.is_main:
+                self.run.log({"step": 0, "epoch": 0.0, **point})
         self.net.train()
         bar = tqdm(total=stop_at, initial=self.step, desc="pretrain", disable=not (self.info.is_main and tc.progress))
         tic, seen, status = time.perf_counter(), 0, "completed" if stop_at == self.total_steps else "stopped"
@@ -368,7 +385,8 @@ class Trainer:
                 self.step += 1
                 seen += tc.batch_size
                 bar.update(1)
-                log = self.step % tc.log_every == 0 or self.step == stop_at
+                probe = curve is not None and (curve.due(self.step) or self.step == self.total_steps)
+                log = self.step % tc.log_every == 0 or self.step == stop_at or probe
                 save = self.step % tc.checkpoint_every == 0
                 # ranks agree on a stop at logging / checkpoint steps only: the collective is a host sync
                 interrupted = any_rank(stop.requested, self.info) if log or save or not self.info.distributed else False
@@ -376,6 +394,8 @@ class Trainer:
                     self.check_finite()
                 if log:
                     rec = self.record(terms, seen / (time.perf_counter() - tic))
+                    if probe:
+                        rec.update(self.probe(curve))
                     if self.info.is_main:
                         self.run.log(rec)
                         bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
@@ -451,13 +471,14 @@ def pretrain(
     Returns:
         :class:`TrainResult` with the run directory and the evaluation metrics.
     """
-    recipe_of(cfg)  # a recipe without the nodes it reads fails before anything is written
+    recipe = recipe_of(cfg)  # a recipe without the nodes it reads fails before anything is written
     info = init_distributed(cfg.trainer.device)
     run = RunDir(run_dir if run_dir is not None else Path("runs") / time.strftime("%Y-%m-%d_%H-%M-%S"))
     probe_set = train_set
     if train_set is None:
         train_set, default_val, probe_set = build_datasets(cfg.data, ("train", "val", "train_eval"))
         val_set = default_val if val_set is None else val_set
+    curve = probe_curve(cfg, recipe.frozen_features, probe_set, val_set, info.device)
     check_resumable(run, cfg)  # before config.yaml is written: a refused resume leaves the run as it was
     if info.is_main:
         run.create()
@@ -469,7 +490,7 @@ def pretrain(
     if cfg.eval.enabled:
         preflight_evaluation(evaluate, trainer.build_model, cfg, probe_set, val_set, info)
     trainer.resume()
-    status = trainer.fit()
+    status = trainer.fit(curve)
 
     metrics: dict[str, Any] = {}
     if status != "interrupted" and cfg.eval.enabled:

@@ -205,9 +205,13 @@ def evaluate(
     # every step's masks have the same token counts: one draw measures them all
     metrics["cost"] = {"flops_per_step": step_flops(cfg, model, first_batch(val_set, cfg.trainer.batch_size))}
     records = run.read_metrics()
-    if records:
-        metrics["cost"].update(training_cost(records, cfg.trainer.batch_size))
-        metrics["train"] = {"final_loss": records[-1]["loss"], "steps": records[-1]["step"]}
+    steps = [r for r in records if "loss" in r]  # without the probe curve's step 0
+    if steps:
+        metrics["cost"].update(training_cost(steps, cfg.trainer.batch_size))
+        metrics["train"] = {"final_loss": steps[-1]["loss"], "steps": steps[-1]["step"]}
+        curve = [r for r in records if "linear_probe" in r]
+        if curve:
+            metrics["train"]["probe_curve"] = {k: [r[k] for r in curve] for k in ("step", "linear_probe", "knn")}
     metrics["cost"].update(metrics["head"]["timings"])
     metrics["timings"] = {"eval_s": time.perf_counter() - tic}
     metrics["eval_config"] = OmegaConf.to_container(e, resolve=True)  # what this evaluation ran with

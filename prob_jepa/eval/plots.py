@@ -42,11 +42,13 @@ MODALITY_STYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)))  # one line st
 
 
 def training_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) -> Path:
-    """Loss, learning rate and collapse diagnostics against the step: one colour per run; the diagnostics one line
+    """Loss, learning rate and collapse diagnostics against the step, and the probe curve's linear probe and k-NN
+    accuracy where a run logged them (``eval.probe_curve``): one colour per run; the diagnostics one line
     style per modality where a run logs them by modality (``feature_std/<modality>``: modality dropout changes which
     modalities a step has, so their mean jumps from step to step). One legend beside the panels names the runs
     (colours) and the modalities (line styles)."""
-    keys = ("loss", "lr", "feature_std", "effective_rank")
+    curve = tuple(k for k in ("linear_probe", "knn") if any(k in r for records in runs.values() for r in records))
+    keys = ("loss", "lr", "feature_std", "effective_rank", *curve)
     fig, axes = _grid(len(keys))
     colours = dict(zip(runs, sns.color_palette("tab10" if len(runs) <= 10 else "husl", n_colors=max(len(runs), 1))))
     modalities: list[str] = []  # in the order first logged; each keeps its line style in every panel
@@ -61,7 +63,9 @@ def training_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path)
             for part in parts or [None]:
                 field = f"{key}/{part}" if part else key
                 series = [(r["step"], r[field]) for r in records if field in r]
-                ax.plot(*zip(*series), lw=1.3, color=colours[name], linestyle=style(part) if part else "-")
+                if series:
+                    ax.plot(*zip(*series), lw=1.3, color=colours[name], linestyle=style(part) if part else "-",
+                            marker="o" if key in curve else None, ms=3)
         ax.set(xlabel="step", title=key)
     handles = [plt.Line2D([], [], color=c, lw=2, label=name) for name, c in colours.items()] if len(runs) > 1 else []
     handles += [plt.Line2D([], [], color="0.35", lw=1.3, linestyle=style(m), label=m) for m in modalities]
