@@ -2,8 +2,10 @@
 
 Overrides change existing keys of the run's saved config for this evaluation only (``eval.num_samples=128``,
 ``eval.probe_train_size=1000``, ``data.val_size=2000``, ``data.scene.noise=0.1`` for another image set);
-``eval.json`` and ``plots/`` of the run are rewritten, ``config.yaml`` (what was trained) is not. ``eval.*`` and
-``data.*`` keys added to ``experiments/conf`` after the run trained take their current defaults.
+``eval.json`` (which lists them under ``overrides``) and ``plots/`` of the run are rewritten, ``config.yaml`` (what
+was trained) is not. Only ``eval.*`` and ``data.*`` keys may change: the model comes from the checkpoint, and any
+other key would change the random-initialization reference it is compared with. ``eval.*`` and ``data.*`` keys
+added to ``experiments/conf`` after the run trained take their current defaults.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from prob_jepa.recipes import recipe_of  # noqa: E402
 from prob_jepa.run_io import load_run, override  # noqa: E402
 
 CONF = Path(__file__).resolve().parent / "conf"
+EVALUATION_KEYS = ("eval.", "data.")  # what an evaluation may change
 
 
 # Data keys added after runs had been saved, at the values that reproduce those runs' images (the defaults of
@@ -49,6 +52,11 @@ def main(argv: list[str]) -> dict:
     if not argv or argv[0] in ("-h", "--help"):
         sys.exit(__doc__)
     run = RunDir(argv[0])
+    fixed = [item for item in argv[1:] if not item.lstrip("+~").startswith(EVALUATION_KEYS)]
+    if fixed:
+        sys.exit(f"error: {', '.join(fixed)}: an evaluation may change {' and '.join(k + '*' for k in EVALUATION_KEYS)} "
+                 f"keys only (the model is the checkpoint's; other keys would change the random-initialization "
+                 f"reference); train another run for the rest")
     try:
         model, cfg = load_run(run.path)
         cfg = override(with_current_defaults(cfg), argv[1:])
@@ -58,9 +66,12 @@ def main(argv: list[str]) -> dict:
     probe_set, val_set = build_datasets(cfg.data, ("train_eval", "val"))
     device = next(model.parameters()).device
     try:
-        return evaluate(model, cfg, probe_set, val_set, run, device)  # checks its eval.* keys before any work
+        metrics = evaluate(model, cfg, probe_set, val_set, run, device)  # checks its eval.* keys before any work
     except ConfigError as e:
         sys.exit(f"error: {e}")
+    metrics["overrides"] = list(argv[1:])
+    run.write_eval(metrics)
+    return metrics
 
 
 if __name__ == "__main__":

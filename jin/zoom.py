@@ -117,7 +117,9 @@ class AdaptiveZoom(nn.Module):
         """
         B = images.shape[0]
         n, p = self.tokens_per_side, self.patch_size
-        centre = self.roi_centre(level0)
+        # A diverged run's NaN weights must reach the trainer's NaN guard: grid_sample's CPU backward crashes the
+        # process (segmentation fault, torch 2.14) on a NaN grid. Finite centres pass unchanged.
+        centre = torch.nan_to_num(self.roi_centre(level0), nan=0.5)
         if units is not None:
             images = images * self.pixel_visibility(units, images.shape[-1]).to(images.dtype)
         tokens, coords = [], []

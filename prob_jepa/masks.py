@@ -64,9 +64,10 @@ class MaskCollator:
         seed: base seed.
 
     Raises:
-        ValueError: ``context_quantile`` outside (0, 1] (a :class:`~prob_jepa.config.ConfigError`), no block of
-            ``target_aspect`` fits the grid, or (on a draw) some image cannot
-            keep ``K_c`` context units after :attr:`max_redraws` redraws.
+        ValueError: ``context_quantile`` outside (0, 1], ``num_targets`` below 1, a scale range outside (0, 1] or
+            reversed, an aspect range not positive or reversed (each a :class:`~prob_jepa.config.ConfigError`), no
+            block of ``target_aspect`` fits the grid, or (on a draw) some image cannot keep ``K_c`` context units
+            after :attr:`max_redraws` redraws.
 
     References:
         Assran et al., "Self-Supervised Learning from Images with a Joint-Embedding
@@ -90,6 +91,14 @@ class MaskCollator:
     ):
         if not 0 < context_quantile <= 1:
             raise ConfigError(f"mask.context_quantile={context_quantile} must lie in (0, 1]")
+        if isinstance(num_targets, bool) or not isinstance(num_targets, int) or num_targets < 1:
+            raise ConfigError(f"mask.num_targets={num_targets!r} must be a positive number of target blocks")
+        for key, (low, high), top in (("target_scale", target_scale, 1.0), ("context_scale", context_scale, 1.0),
+                                      ("target_aspect", target_aspect, math.inf),
+                                      ("context_aspect", context_aspect, math.inf)):
+            if not 0 < low <= high <= top:
+                raise ConfigError(f"mask.{key}=[{low}, {high}] must be a range [low, high] with 0 < low <= high"
+                                  + (" <= 1 (a share of the image)" if top == 1.0 else " (heights / widths)"))
         self.grid = grid
         self.num_targets = num_targets
         self.target_scale, self.target_aspect = tuple(target_scale), tuple(target_aspect)

@@ -12,7 +12,7 @@ from jin import HierarchicalEncoder
 from jin.cross_scale import CrossScalePredictors
 from jin.layers import budget_loss
 
-from .config import ConfigError
+from .config import ConfigError, is_finite_number
 from .ema import ContextTargetPair
 from .heads import Head, build_head
 from .predictor import LevelTokens, Predictor
@@ -169,9 +169,17 @@ def level_config(model_cfg: DictConfig) -> dict:
     if len(capacity) < L or not all(0.0 < float(c) <= 1.0 for c in capacity):
         raise ConfigError(f"model.capacity={list(model_cfg.capacity)} must give a fraction in (0, 1] for each of the "
                           f"model.levels={L} levels")
-    if not OmegaConf.is_list(model_cfg.level_weights) or len(model_cfg.level_weights) < L:
-        raise ConfigError(f"model.level_weights={model_cfg.level_weights} must give a weight for each of the "
+    weights = model_cfg.level_weights
+    if not OmegaConf.is_list(weights) or len(weights) < L or not all(
+        is_finite_number(w) and w >= 0 for w in list(weights)[:L]
+    ):
+        raise ConfigError(f"model.level_weights={weights} must give a finite weight >= 0 for each of the "
                           f"model.levels={L} levels")
+    if not (is_finite_number(model_cfg.sigreg_weight) and model_cfg.sigreg_weight >= 0):
+        raise ConfigError(f"model.sigreg_weight={model_cfg.sigreg_weight!r} must be a finite number >= 0 (0: no SIGReg)")
+    slices = model_cfg.sigreg_slices
+    if model_cfg.sigreg_weight > 0 and (isinstance(slices, bool) or not isinstance(slices, int) or slices < 1):
+        raise ConfigError(f"model.sigreg_slices={slices!r} must be a positive number of projections")
     depths = [sum(depths[: drop + 1])] + depths[drop + 1 :]
     return {
         "dims": dims[drop:],
@@ -326,8 +334,16 @@ def hierarchy_terms(cfg: DictConfig, model: nn.Module) -> list[Term]:
 def image_terms(cfg: DictConfig, model: JEPA) -> list[Term]:
     """The image JEPA's loss terms (JIN eq. 9), in the order they are summed: the JEPA term of every predicted
     level (weight ``model.level_weights[l]``), :func:`hierarchy_terms`, and the experts' balance
-    (``model.predictor.moe_balance_weight``) when the predictor has experts (the keys are ``cfg``'s)."""
+    (``model.predictor.moe_balance_weight``) when the predictor has experts (the keys are ``cfg``'s).
+
+    Raises:
+        ConfigError: ``model.level_weights`` is zero on every predicted level (nothing would train the predictor).
+    """
     m, lv = cfg.model, level_config(cfg.model)
+    if sum(lv["level_weights"][l] for l in model.predict_levels) <= 0:
+        raise ConfigError(f"model.level_weights={list(m.level_weights)} weighs the predicted levels "
+                          f"{model.predict_levels} (model.predictor.levels={m.predictor.levels}) by 0: nothing trains "
+                          f"the predictor; give one of them a positive weight")
     terms = [Term(f"jepa/level{l}", lv["level_weights"][l], jepa_term(f"jepa/level{l}")) for l in model.predict_levels]
     terms += hierarchy_terms(cfg, model)
     if m.predictor.moe_experts:

@@ -4,6 +4,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from omegaconf import OmegaConf
+
+from .config import ConfigError, is_finite_number
+
 
 def warmup_cosine(step: int, warmup: int, total: int, start: float, peak: float, final: float) -> float:
     """Linear warm-up ``start → peak`` over ``warmup`` steps, then cosine ``peak → final`` (I-JEPA)."""
@@ -40,6 +44,13 @@ class Schedules:
 
     @classmethod
     def from_config(cls, optim, total: int, steps_per_epoch: int) -> "Schedules":
+        """The schedules of ``cfg.optim``.
+
+        Raises:
+            ConfigError: a learning rate, weight decay or warm-up that is not a finite number ≥ 0 (``optim.lr``
+                > 0), or ``optim.ema`` that is not two momenta in [0, 1]; the message names the key.
+        """
+        check_optim(optim)
         return cls(
             total=total,
             warmup=int(round(optim.warmup_epochs * steps_per_epoch)),
@@ -59,3 +70,17 @@ class Schedules:
             cosine(step, self.total, self.weight_decay, self.final_weight_decay),
             linear(step, self.total, self.ema_start, self.ema_end),
         )
+
+
+def check_optim(optim) -> None:
+    """Raise :class:`ConfigError` for ``optim.*`` schedule values no run can train with (see
+    :meth:`Schedules.from_config`)."""
+    for key in ("lr", "start_lr", "final_lr", "weight_decay", "final_weight_decay", "warmup_epochs"):
+        value = optim[key]
+        if not (is_finite_number(value) and value >= 0) or (key == "lr" and value == 0):
+            raise ConfigError(f"optim.{key}={value!r} must be a finite number {'> 0' if key == 'lr' else '>= 0'}")
+    ema = optim.ema
+    if not (OmegaConf.is_list(ema) or isinstance(ema, (list, tuple))) or len(ema) != 2 or not all(
+        is_finite_number(m) and 0 <= m <= 1 for m in ema
+    ):
+        raise ConfigError(f"optim.ema={ema!r} must be [first, last]: two target-encoder EMA momenta in [0, 1]")

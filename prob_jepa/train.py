@@ -112,13 +112,21 @@ def accumulation(global_batch: int, micro_batch: int | None, world_size: int) ->
     return micro, accum
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
 def check_trainer(tc: DictConfig) -> None:
-    """Raise :class:`ConfigError` for logging / checkpoint intervals that the loop cannot use, or a
-    ``trainer.compile_backend`` that ``torch.compile`` does not have."""
+    """Raise :class:`ConfigError` for logging / checkpoint intervals that the loop cannot use, a precision it does not
+    know, a clipping norm that is not a finite positive number, or a ``trainer.compile_backend`` that
+    ``torch.compile`` does not have."""
     for key in ("log_every", "checkpoint_every"):
         value = tc.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"trainer.{key}={value} must be a positive number of steps")
+    if tc.precision not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={tc.precision!r}; valid: {', '.join(PRECISIONS)}")
+    if not (is_finite_number(tc.clip_grad) and tc.clip_grad > 0):
+        raise ConfigError(f"trainer.clip_grad={tc.clip_grad!r} must be a finite gradient norm > 0")
     if tc.compile:
         backends = torch._dynamo.list_backends(exclude_tags=())
         if tc.compile_backend not in backends:
@@ -203,6 +211,9 @@ class Trainer:
         self.nonfinite_step = torch.zeros((), dtype=torch.long, device=info.device)  # first bad step; 0: none
         self.nonfinite_terms: dict[str, torch.Tensor] = {}  # the loss terms of that step
         self.last_targets: dict[str, torch.Tensor] = {}
+        if tc.precision == "bf16" and info.device.type != "cuda":
+            raise ConfigError(f"trainer.precision=bf16 on {info.device.type}: bf16 autocast is for CUDA only (CPU bf16 "
+                              f"matmuls run hundreds of times slower than fp32); use auto or fp32")
         bf16 = tc.precision == "bf16" or (tc.precision == "auto" and info.device.type == "cuda")
         self.autocast = lambda: torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=bf16)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -77,6 +78,7 @@ def test_evaluate_rewrites_eval_json_with_new_settings_and_the_same_model(traine
     after = evaluate_script.main([str(run.path), "eval.num_samples=4"])
     written = json.loads(run.eval.read_text())
     assert written["eval_config"]["num_samples"] == 4 == after["eval_config"]["num_samples"]
+    assert written["overrides"] == ["eval.num_samples=4"]
     assert written["representation"] == before["representation"]  # the same weights, the same probe
     assert run.load_config().eval.num_samples == 16  # config.yaml still says what was trained
 
@@ -158,6 +160,10 @@ def test_evaluate_refuses_impossible_eval_values_before_any_work(trained):
         evaluate_script.main([str(run.path), "eval.scales=[0.5,-2.0]"])
     with pytest.raises(SystemExit, match=r"eval.scales=2 must be a list of positive factors"):
         evaluate_script.main([str(run.path), "eval.scales=2"])
+    # the model is the checkpoint's: a model / predictor / seed key would only rebuild the random-init reference
+    for fixed in ("model.depths=[1,1]", "predictor=mdn", "seed=3"):
+        with pytest.raises(SystemExit, match=re.escape(f"{fixed}: an evaluation may change eval.* and data.* keys")):
+            evaluate_script.main([str(run.path), "eval.num_samples=4", fixed])
     assert run.eval.read_text() == before
 
 
@@ -188,3 +194,18 @@ def test_readme_python_example_runs_on_a_trained_run(trained):
     scope = {"images": images(2)}
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["features"].shape == (2, 32) and scope["samples"].shape[0] == 16
+
+
+def test_compare_finds_runs_behind_links(tmp_path):
+    """A folder of links to runs (picked from several sweeps) is a set of runs, as a multirun folder is."""
+    from prob_jepa.eval.summary import find_runs
+
+    for name in ("a", "b"):
+        (tmp_path / "sweep" / name).mkdir(parents=True)
+        (tmp_path / "sweep" / name / "eval.json").write_text("{}")
+    (tmp_path / "picked").mkdir()
+    (tmp_path / "picked" / "b").symlink_to(tmp_path / "sweep" / "b", target_is_directory=True)
+    assert [r.path.name for r in find_runs([tmp_path / "picked"])] == ["b"]
+    assert [r.path.name for r in find_runs([tmp_path / "sweep"])] == ["a", "b"]
+    with pytest.raises(FileNotFoundError, match="holds none"):
+        find_runs([tmp_path / "picked" / "b" / "nothing"])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,10 +22,14 @@ COLUMNS = {  # column: (path in eval.json, format)
     "cov50": (("head", "calibration", "before", "coverage", "0.5"), ".3f"),
     "cov80": (("head", "calibration", "before", "coverage", "0.8"), ".3f"),
     "cov95": (("head", "calibration", "before", "coverage", "0.95"), ".3f"),
+    "cov50_calibrated": (("head", "calibration", "after", "coverage", "0.5"), ".3f"),  # after the sample temperature
+    "cov80_calibrated": (("head", "calibration", "after", "coverage", "0.8"), ".3f"),
+    "cov95_calibrated": (("head", "calibration", "after", "coverage", "0.95"), ".3f"),
     "pit_ks": (("head", "calibration", "before", "pit_ks"), ".3f"),
     "pit_ks_calibrated": (("head", "calibration", "after", "pit_ks"), ".3f"),
     "sample_temperature": (("head", "calibration", "temperature"), ".2f"),
-    "mode_share_a": (("multimodality", "samples", "share_a"), ".3f"),
+    "mode_share_a": (("multimodality", "samples", "share_a"), ".3f"),  # the majority mode's (true weight 0.7)
+    "minority_share": (("multimodality", "samples", "share_b"), ".3f"),  # the minority mode's (true weight 0.3)
     "on_mode_samples": (("multimodality", "samples", "on_mode"), ".3f"),
     "axis_position_mean": (("multimodality", "mean", "axis_position"), ".3f"),
     "sharpness_samples": (("multimodality", "samples", "sharpness"), ".3f"),
@@ -62,13 +67,14 @@ def _get(tree: dict, path: Sequence[str]) -> Any:
 
 
 def find_runs(paths: Sequence[str | Path]) -> list[RunDir]:
-    """Run directories among ``paths``: each path is a run (has ``eval.json``) or holds runs (a multirun dir)."""
+    """Run directories among ``paths``: each path is a run (has ``eval.json``) or holds runs (a multirun dir, or a
+    folder of links to runs: links are followed)."""
     runs = []
     for p in map(Path, paths):
         if (p / "eval.json").exists():
             runs.append(RunDir(p))
         else:
-            found = sorted({q.parent for q in p.rglob("eval.json")})
+            found = sorted(Path(root) for root, _, files in os.walk(p, followlinks=True) if "eval.json" in files)
             if not found:
                 raise FileNotFoundError(f"{p} is not a run directory and holds none (no eval.json below it)")
             runs += [RunDir(q) for q in found]

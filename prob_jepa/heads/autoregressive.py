@@ -12,7 +12,7 @@ from torch import nn
 
 from . import register_head
 from .base import Head, fp32
-from .layers import mlp
+from .layers import is_positive_int, mlp
 
 # Uniform draws are clamped away from 0 so the logistic inverse CDF stays finite
 # (torch.rand returns exactly 0 with probability 2⁻²⁴ per draw).
@@ -81,6 +81,10 @@ class AutoregressiveHead(Head):
         widths = [hidden] if isinstance(hidden, int) else list(hidden)
         if not widths:
             raise ValueError("autoregressive head needs at least one MADE hidden layer (hidden)")
+        if not all(is_positive_int(w) for w in widths):
+            raise ValueError(f"hidden={hidden!r}: positive MADE layer widths")
+        if not is_positive_int(num_components):
+            raise ValueError(f"num_components={num_components!r}: a positive number of mixture components")
         widths = [max(w, dim) for w in widths]  # MADE needs >= D units per layer (one per degree)
         self.log_f, self.draw = FAMILIES[distribution]
         self.num_components, self.min_scale = num_components, min_scale

@@ -10,7 +10,7 @@ from torch.distributions import Categorical, Independent, MixtureSameFamily, Nor
 
 from . import register_head
 from .base import Head, fp32
-from .layers import mlp
+from .layers import is_positive_int, mlp
 
 
 @register_head("mdn")
@@ -49,6 +49,8 @@ class MDNHead(Head):
         min_scale: float = 1e-3,
     ):
         super().__init__(dim, cond_dim)
+        if not is_positive_int(num_components):
+            raise ValueError(f"num_components={num_components!r}: a positive number of mixture components")
         self.num_components, self.min_scale = num_components, min_scale
         self.net = mlp(cond_dim, hidden, num_components * (1 + 2 * dim))
         out = self.net[-1]

@@ -18,7 +18,7 @@ from jin.encoders import (
 )
 from jin.hypermodal import HypermodalEncoder
 
-from ..config import ConfigError, is_finite_number
+from ..config import ConfigError
 from ..model import (
     build_configured_head, build_encoder, check_experts, check_heads, encoder_kwargs, has_cross_scale, level_config,
 )
@@ -170,9 +170,8 @@ def check_composition(cfg: DictConfig) -> None:
     ):
         raise ConfigError(f"hypermodal.image.levels={chosen}: a list of distinct levels of model={backbone}'s "
                           f"{count} (0 … {count - 1}), e.g. [0, {count - 1}], or null for the coarsest")
-    weights = lv["level_weights"]
-    valid = all(is_finite_number(w) and w >= 0 for w in weights)
-    if not valid or sum(weights[level] for level in chosen or [count - 1]) <= 0:
+    weights = lv["level_weights"]  # finite and >= 0 (level_config)
+    if sum(weights[level] for level in chosen or [count - 1]) <= 0:
         levels = "null (the coarsest)" if chosen is None else list(chosen)
         raise ConfigError(f"model.level_weights={list(cfg.model.level_weights)}: finite numbers ≥ 0 whose sum over "
                           f"hypermodal.image.levels={levels} is positive (an image prediction's levels share its "

@@ -1,0 +1,75 @@
+"""A configuration no run can train with fails before step 1 with a ConfigError naming its key (found by a new
+user trying values by hand), and a diverging run of the default backbone reaches the NaN guard."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conftest import shrunk_model
+
+from prob_jepa.config import ConfigError
+from prob_jepa.train import pretrain
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=-0.001", "optim.lr=-0.001 must be a finite number > 0"),
+    ("optim.lr=0", "optim.lr=0 must be a finite number > 0"),
+    ("optim.lr=nan", "optim.lr=nan"),
+    ("optim.start_lr=nan", "optim.start_lr=nan must be a finite number >= 0"),
+    ("optim.final_lr=-1", "optim.final_lr=-1"),
+    ("optim.weight_decay=-1", "optim.weight_decay=-1"),
+    ("optim.final_weight_decay=inf", "optim.final_weight_decay=inf"),
+    ("optim.ema=[1.5,1.5]", r"optim.ema=\[1.5, 1.5\] must be \[first, last\]"),
+    ("optim.ema=[0.98]", r"optim.ema=\[0.98\] must be \[first, last\]"),
+    ("trainer.precision=fp16", "trainer.precision='fp16'; valid: auto, fp32, bf16"),
+    ("trainer.precision=bf16", "trainer.precision=bf16 on cpu: bf16 autocast is for CUDA only"),
+    ("trainer.clip_grad=-1", "trainer.clip_grad=-1 must be a finite gradient norm > 0"),
+    ("mask.num_targets=0", "mask.num_targets=0 must be a positive number of target blocks"),
+    ("mask.target_scale=[0.3,0.1]", r"mask.target_scale=\[0.3, 0.1\] must be a range"),
+    ("mask.target_aspect=[0,0]", r"mask.target_aspect=\[0, 0\] must be a range"),
+    ("model.level_weights=[nan]", r"model.level_weights=\[nan\] must give a finite weight >= 0"),
+    ("model.level_weights=[-1]", r"model.level_weights=\[-1\] must give a finite weight >= 0"),
+    ("model.level_weights=[abc]", r"model.level_weights=\['abc'\] must give a finite weight >= 0"),
+    ("model.sigreg_weight=-1", "model.sigreg_weight=-1 must be a finite number >= 0"),
+    ("model.sigreg_weight=0.1 model.sigreg_slices=0", "model.sigreg_slices=0 must be a positive number"),
+    ("model.level_weights=[0]", r"weighs the predicted levels \[0\] .* by 0"),
+    ("predictor=mdn predictor.num_components=0", "predictor.num_components=0|num_components=0: a positive number"),
+    ("predictor=mdn predictor.hidden=-5", "hidden=-5: positive layer widths"),
+    ("predictor=autoregressive predictor.num_components=0", "num_components=0: a positive number"),
+    ("predictor=autoregressive predictor.hidden=[-5]", r"hidden=\[-5\]: positive MADE layer widths"),
+])
+def test_a_value_no_run_can_train_with_is_named_before_anything_is_trained(compose, tiny_overrides, tmp_path,
+                                                                          override, message):
+    with pytest.raises(ConfigError, match=message):
+        pretrain(compose(*tiny_overrides, "eval.enabled=false", *override.split()), run_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_a_diverging_default_backbone_stops_at_the_nan_guard_instead_of_crashing(tmp_path):
+    """jin_tiny's zoom samples crops with grid_sample, whose CPU backward crashes the process (segmentation fault)
+    on a NaN grid; NaN weights reach it between the NaN guard's checks (logging steps), so the ROI centre is kept
+    finite. Run in a child process: a crash must fail this test, not end the test session."""
+    overrides = [*shrunk_model("jin_tiny"), "data.image_size=32", "data.train_size=64", "data.val_size=32",
+                 "data.marker.size=8", "trainer.batch_size=16", "trainer.max_steps=6", "trainer.log_every=5",
+                 "trainer.progress=false", "eval.enabled=false", "optim.lr=1e8", "optim.start_lr=1e8"]
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(ROOT / "tests")!r})
+        from conftest import CONF
+        from prob_jepa.config import compose_config
+        from prob_jepa.train import NonFiniteLossError, pretrain
+        try:
+            pretrain(compose_config(CONF, {overrides!r}), run_dir={str(tmp_path / "run")!r})
+        except NonFiniteLossError as e:
+            print("NonFiniteLossError:", e)
+    """)
+    child = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0, f"exit {child.returncode}\n{child.stderr[-2000:]}"
+    assert "NonFiniteLossError: loss became non-finite at step" in child.stdout, child.stdout + child.stderr[-2000:]
