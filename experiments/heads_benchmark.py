@@ -89,7 +89,10 @@ def load_config(overrides: list[str]):
     head's options, ``steps`` or ``lr``).
 
     Raises:
-        ValueError: a top-level key the file does not have (``step=``, Hydra's ``+key=``), naming the valid keys.
+        ValueError: before any head trains — a top-level key the file does not have (``step=``, Hydra's ``+key=``),
+            a head without a config in ``experiments/conf/predictor``, a ``per_head`` entry for such a head, a task
+            not in :data:`~prob_jepa.synthetic.TASKS`, no head / task / dimension, or steps (top-level or a head's)
+            that are not a positive integer; each names the valid values.
     """
     base = OmegaConf.load(CONF / "heads_benchmark.yaml")
     given = OmegaConf.from_dotlist(overrides)
@@ -97,7 +100,20 @@ def load_config(overrides: list[str]):
     if unknown:
         raise ValueError(f"unknown key(s) {', '.join(unknown)}; valid: {', '.join(map(str, base))} "
                          f"(write key=value, without '+'; per_head.<head>.<key> sets a head's options, steps or lr)")
-    return OmegaConf.merge(base, given)
+    cfg = OmegaConf.merge(base, given)
+    known = group_options(CONF, "predictor")
+    for key, names, valid in (("heads", head_names(cfg), known), ("per_head", list(cfg.per_head), known),
+                              ("tasks", list(cfg.tasks), list(TASKS))):
+        wrong = [str(n) for n in names if n not in valid]
+        if wrong or (key != "per_head" and not names):
+            raise ValueError(f"{key}: {', '.join(wrong) or 'none'}; valid: {', '.join(valid)}")
+    if not cfg.dims or not all(isinstance(d, int) and d >= 1 for d in cfg.dims):
+        raise ValueError(f"dims={list(cfg.dims)}: a list of positive target dimensions")
+    for where, steps in [("steps", cfg.steps)] + [(f"per_head.{h}.steps", o.steps) for h, o in cfg.per_head.items()
+                                                  if o and "steps" in o]:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"{where}={steps!r}: a positive number of training steps")
+    return cfg
 
 
 def main() -> None:

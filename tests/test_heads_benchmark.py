@@ -28,11 +28,25 @@ def test_a_head_without_a_per_head_entry_runs_with_the_defaults():
 
 def test_an_unknown_key_is_refused_by_name_and_a_head_s_options_are_not():
     hb = load_experiment("heads_benchmark")
-    cfg = hb.load_config(["per_head.flow.num_layers=4", "per_head.sixth.steps=3", "steps=7"])
-    assert cfg.per_head.flow.num_layers == 4 and cfg.per_head.sixth.steps == 3 and cfg.steps == 7
+    cfg = hb.load_config(["per_head.flow.num_layers=4", "per_head.mdn.steps=3", "steps=7"])
+    assert cfg.per_head.flow.num_layers == 4 and cfg.per_head.mdn.steps == 3 and cfg.steps == 7
     for override, key in (("+per_head.flow.num_layers=4", "+per_head"), ("step=3", "step")):
         with pytest.raises(ValueError, match=rf"unknown key\(s\) {re.escape(key)}; valid: heads, tasks, dims"):
             hb.load_config([override])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("heads=[mdnx]", "heads: mdnx; valid: autoregressive, deterministic, diffusion, flow, mdn"),
+    ("per_head.mdnx.steps=5", "per_head: mdnx; valid:"),
+    ("tasks=[foo]", "tasks: foo; valid: bimodal"),
+    ("tasks=[]", "tasks: none; valid:"),
+    ("dims=[0]", r"dims=\[0\]: a list of positive target dimensions"),
+    ("per_head.mdn.steps=0", "per_head.mdn.steps=0: a positive number of training steps"),
+    ("steps=-1", "steps=-1: a positive number of training steps"),
+])
+def test_a_benchmark_that_cannot_run_is_refused_before_any_head_trains(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_experiment("heads_benchmark").load_config([override])
 
 
 @pytest.mark.slow
