@@ -40,6 +40,9 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as e:  # raised before step 1: the message is the whole story, not the traceback
         sys.exit(f"error: {e}")
     print(f"run directory: {result.run_dir}  (status: {result.status}, step {result.step})")
+    if result.status == "interrupted":  # a non-zero exit, so a job scheduler does not count the run as done
+        sys.exit(f"interrupted at step {result.step}: {result.run_dir}/checkpoints/last.pt is saved; run the same "
+                 f"command again to continue")
     if result.metrics:
         print(json.dumps(result.metrics.get("representation", {}), indent=2))
 

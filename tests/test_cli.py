@@ -76,3 +76,25 @@ def test_five_head_sweep_then_compare(tiny_overrides, tmp_path):
                 "tradeoffs.png", "training_curves.png"):
         assert Image.open(out / png).size[0] > 200, png
     assert (out / "comparison.csv").read_text().count("\n") == 6
+
+
+@pytest.mark.slow
+def test_a_terminated_run_saves_and_exits_non_zero(tmp_path):
+    """SIGTERM (preemption) saves the checkpoint; the exit status says the run is not done, so a scheduler requeues
+    it rather than counting it a success."""
+    import os
+    import signal
+    import time
+
+    from conftest import TINY
+
+    proc = subprocess.Popen([sys.executable, "experiments/run.py", *TINY, "eval.enabled=false", "trainer.epochs=50",
+                             f"hydra.run.dir={tmp_path}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "metrics.jsonl").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode not in (0, None) and "interrupted at step" in err, (proc.returncode, err[-2000:])
+    assert (tmp_path / "checkpoints" / "last.pt").exists()
