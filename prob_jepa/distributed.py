@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -28,13 +30,21 @@ class DistInfo:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The device of ``trainer.device`` (``auto``: CUDA when there is one; ``cuda``: this rank's GPU).
+
+    Raises:
+        ConfigError: ``cuda`` without a CUDA device, or a name torch has no device for.
+    """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("trainer.device=cuda but no CUDA device is available; use trainer.device=cpu or auto")
+            raise ConfigError("trainer.device=cuda but no CUDA device is available; use trainer.device=cpu or auto")
         return torch.device("cuda", local_rank)
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"trainer.device={name!r}; valid: auto, cpu, cuda") from e
 
 
 def init_distributed(device: str) -> DistInfo:

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ("optim.ema=[1.5,1.5]", r"optim.ema=\[1.5, 1.5\] must be \[first, last\]"),
     ("optim.ema=[0.98]", r"optim.ema=\[0.98\] must be \[first, last\]"),
     ("trainer.precision=fp16", "trainer.precision='fp16'; valid: auto, fp32, bf16"),
+    ("trainer.device=tpu", "trainer.device='tpu'; valid: auto, cpu, cuda"),
     ("trainer.precision=bf16", "trainer.precision=bf16 on cpu: bf16 autocast is for CUDA only"),
     ("trainer.clip_grad=-1", "trainer.clip_grad=-1 must be a finite gradient norm > 0"),
     ("mask.num_targets=0", "mask.num_targets=0 must be a positive number of target blocks"),
