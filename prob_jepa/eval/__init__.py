@@ -146,6 +146,9 @@ def check_evaluation(cfg: DictConfig, unit_grid: int) -> None:
     for key in ("map_images", "bank_images", "head_images", "ambiguity_pairs"):
         if e[key] < 1:
             problems.append(f"eval.{key}={e[key]} must be at least 1")
+    for key, low in (("probe_train_size", 10), ("probe_val_size", 1)):  # 10: the probe's penalty needs held-out rows
+        if e[key] is not None and e[key] < low:
+            problems.append(f"eval.{key}={e[key]} must be at least {low} (or null: every image)")
     scales = e.scales
     if not (OmegaConf.is_list(scales) and all(isinstance(s, (int, float)) and s > 0 for s in scales)):
         shown = list(scales) if OmegaConf.is_list(scales) else scales
