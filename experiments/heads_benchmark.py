@@ -23,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from prob_jepa.config import group_options  # noqa: E402
+from prob_jepa.config import group_options, is_count  # noqa: E402
 from prob_jepa.eval.multimodality import on_mode_share  # noqa: E402
 from prob_jepa.eval.summary import markdown_table  # noqa: E402
 from prob_jepa.heads import build_head  # noqa: E402
@@ -111,7 +111,7 @@ def load_config(overrides: list[str]):
         raise ValueError(f"dims={list(cfg.dims)}: a list of positive target dimensions")
     for where, steps in [("steps", cfg.steps)] + [(f"per_head.{h}.steps", o.steps) for h, o in cfg.per_head.items()
                                                   if o and "steps" in o]:
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        if not is_count(steps):
             raise ValueError(f"{where}={steps!r}: a positive number of training steps")
     return cfg
 

@@ -32,6 +32,11 @@ def is_finite_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def is_count(value: object, low: int = 1) -> bool:
+    """``value`` is an int (not a bool) ``>= low``: a number of steps, blocks, components or layers."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
 class ConfigKeyError(KeyError):
     """An override names a key the config does not have."""
 

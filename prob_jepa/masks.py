@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from .config import ConfigError
+from .config import ConfigError, is_count
 from .distributed import DistInfo
 
 
@@ -91,7 +91,7 @@ class MaskCollator:
     ):
         if not 0 < context_quantile <= 1:
             raise ConfigError(f"mask.context_quantile={context_quantile} must lie in (0, 1]")
-        if isinstance(num_targets, bool) or not isinstance(num_targets, int) or num_targets < 1:
+        if not is_count(num_targets):
             raise ConfigError(f"mask.num_targets={num_targets!r} must be a positive number of target blocks")
         for key, (low, high), top in (("target_scale", target_scale, 1.0), ("context_scale", context_scale, 1.0),
                                       ("target_aspect", target_aspect, math.inf),

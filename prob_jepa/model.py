@@ -12,7 +12,7 @@ from jin import HierarchicalEncoder
 from jin.cross_scale import CrossScalePredictors
 from jin.layers import budget_loss
 
-from .config import ConfigError, is_finite_number
+from .config import ConfigError, is_count, is_finite_number
 from .ema import ContextTargetPair
 from .heads import Head, build_head
 from .predictor import LevelTokens, Predictor
@@ -178,7 +178,7 @@ def level_config(model_cfg: DictConfig) -> dict:
     if not (is_finite_number(model_cfg.sigreg_weight) and model_cfg.sigreg_weight >= 0):
         raise ConfigError(f"model.sigreg_weight={model_cfg.sigreg_weight!r} must be a finite number >= 0 (0: no SIGReg)")
     slices = model_cfg.sigreg_slices
-    if model_cfg.sigreg_weight > 0 and (isinstance(slices, bool) or not isinstance(slices, int) or slices < 1):
+    if model_cfg.sigreg_weight > 0 and not is_count(slices):
         raise ConfigError(f"model.sigreg_slices={slices!r} must be a positive number of projections")
     depths = [sum(depths[: drop + 1])] + depths[drop + 1 :]
     return {

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import ConfigError, is_finite_number
+from .config import ConfigError, is_count, is_finite_number
 from .data import GlobalBatchSampler, SeededDataset, build_datasets, seed_for
 from .distributed import DistInfo, any_rank, barrier, gradient_sync, init_distributed, mean_over_ranks, wrap_model
 from .eval.diagnostics import effective_rank, feature_std
@@ -121,7 +121,7 @@ def check_trainer(tc: DictConfig) -> None:
     ``torch.compile`` does not have."""
     for key in ("log_every", "checkpoint_every"):
         value = tc.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not is_count(value):
             raise ConfigError(f"trainer.{key}={value} must be a positive number of steps")
     if tc.precision not in PRECISIONS:
         raise ConfigError(f"trainer.precision={tc.precision!r}; valid: {', '.join(PRECISIONS)}")

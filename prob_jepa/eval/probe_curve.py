@@ -7,7 +7,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
-from ..config import ConfigError
+from ..config import ConfigError, is_count
 from . import first, with_validation
 from .representation import extract_features, knn_accuracy, linear_probe
 
@@ -70,7 +70,7 @@ def probe_curve(cfg: DictConfig, features: Callable | None, train_set: Dataset, 
         return None
     for key, low in (("every", 1), ("train_size", 10), ("val_size", 1)):
         value = c[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        if not is_count(value, low):
             raise ConfigError(f"eval.probe_curve.{key}={value!r}: an integer ≥ {low}"
                               + (" (or eval.probe_curve.every=null: no probe during training)" if key == "every" else ""))
     if features is None:

@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from pyro.nn import ConditionalAutoRegressiveNN
 from torch import nn
 
+from ..config import is_count
 from . import register_head
 from .base import Head, fp32
-from .layers import is_positive_int, mlp
+from .layers import mlp
 
 # Uniform draws are clamped away from 0 so the logistic inverse CDF stays finite
 # (torch.rand returns exactly 0 with probability 2⁻²⁴ per draw).
@@ -81,9 +82,9 @@ class AutoregressiveHead(Head):
         widths = [hidden] if isinstance(hidden, int) else list(hidden)
         if not widths:
             raise ValueError("autoregressive head needs at least one MADE hidden layer (hidden)")
-        if not all(is_positive_int(w) for w in widths):
+        if not all(is_count(w) for w in widths):
             raise ValueError(f"hidden={hidden!r}: positive MADE layer widths")
-        if not is_positive_int(num_components):
+        if not is_count(num_components):
             raise ValueError(f"num_components={num_components!r}: a positive number of mixture components")
         widths = [max(w, dim) for w in widths]  # MADE needs >= D units per layer (one per degree)
         self.log_f, self.draw = FAMILIES[distribution]

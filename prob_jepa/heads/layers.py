@@ -5,9 +5,7 @@ from typing import Sequence
 
 from torch import nn
 
-
-def is_positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+from ..config import is_count
 
 
 def mlp(in_dim: int, hidden: int | Sequence[int] | None, out_dim: int) -> nn.Sequential:
@@ -19,7 +17,7 @@ def mlp(in_dim: int, hidden: int | Sequence[int] | None, out_dim: int) -> nn.Seq
         ValueError: a width in a list that is not a positive integer.
     """
     widths = [] if not hidden else [hidden] if isinstance(hidden, int) else list(hidden)
-    if not all(is_positive_int(w) for w in widths):
+    if not all(is_count(w) for w in widths):
         raise ValueError(f"hidden={hidden!r}: positive layer widths (or 0 / null / [] for one linear map)")
     dims = [in_dim, *widths, out_dim]
     layers: list[nn.Module] = []

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
+from ..config import is_count
 from . import register_head
 from .base import Head, fp32
-from .layers import is_positive_int, mlp
+from .layers import mlp
 
 
 @register_head("mdn")
@@ -49,7 +50,7 @@ class MDNHead(Head):
         min_scale: float = 1e-3,
     ):
         super().__init__(dim, cond_dim)
-        if not is_positive_int(num_components):
+        if not is_count(num_components):
             raise ValueError(f"num_components={num_components!r}: a positive number of mixture components")
         self.num_components, self.min_scale = num_components, min_scale
         self.net = mlp(cond_dim, hidden, num_components * (1 + 2 * dim))
