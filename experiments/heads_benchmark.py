@@ -107,7 +107,7 @@ def load_config(overrides: list[str]):
         wrong = [str(n) for n in names if n not in valid]
         if wrong or (key != "per_head" and not names):
             raise ValueError(f"{key}: {', '.join(wrong) or 'none'}; valid: {', '.join(valid)}")
-    if not cfg.dims or not all(isinstance(d, int) and d >= 1 for d in cfg.dims):
+    if not cfg.dims or not all(is_count(d) for d in cfg.dims):
         raise ValueError(f"dims={list(cfg.dims)}: a list of positive target dimensions")
     for where, steps in [("steps", cfg.steps)] + [(f"per_head.{h}.steps", o.steps) for h, o in cfg.per_head.items()
                                                   if o and "steps" in o]:
