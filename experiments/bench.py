@@ -42,7 +42,7 @@ from prob_jepa.eval.cost import (  # noqa: E402
     level_report, matmul_peak_flops, micro_batch_flops, moe_vs_dense, time_steps,
 )
 from prob_jepa.eval.summary import markdown_table, model_label  # noqa: E402
-from prob_jepa.masks import MaskCollator  # noqa: E402
+from prob_jepa.masks import build_mask_specs  # noqa: E402
 from prob_jepa.model import build_model  # noqa: E402
 from prob_jepa.run_dir import RunDir  # noqa: E402
 from prob_jepa.train import Trainer, peak_memory_mb  # noqa: E402
@@ -134,13 +134,15 @@ def adaptive_flops(overrides: list[str]) -> dict | None:
 
 def trunk_tokens(overrides: list[str]) -> tuple[int, int, int]:
     """(trunk width, MLP hidden width, tokens per step) of the predictor trunk: every image's context tokens and
-    every target block's tokens at each predicted level."""
+    every target block's tokens at each predicted level, summed over the mask specs (one predictor pass each)."""
     cfg = compose_config(CONF, overrides)
     with torch.device("meta"):
         model = build_model(cfg)
-    enc, collator = model.context_encoder, MaskCollator(model.context_encoder.unit_grid, **cfg.mask)
+    enc = model.context_encoder
+    specs = build_mask_specs(cfg.mask.image, "mask.image", enc.num_units, enc.unit_grid)
     per_unit = sum((enc.unit // 2**l) ** 2 for l in model.predict_levels)
-    tokens = cfg.trainer.batch_size * per_unit * (collator.num_context + cfg.mask.num_targets * collator.num_target_units)
+    units = sum(spec.num_context + spec.num_targets * spec.num_target_units for spec in specs)
+    tokens = cfg.trainer.batch_size * per_unit * units
     p = cfg.model.predictor
     return p.dim, int(p.dim * p.mlp_ratio), tokens
 

@@ -3,7 +3,7 @@
     python experiments/bench_ijepa.py --ijepa /tmp/ijepa [--rounds 3 --steps 12 --warmup 3 --batch 64 --threads 2]
     python experiments/bench_ijepa.py --ijepa /tmp/ijepa --compile   # ours also with trainer.compile=true
     python experiments/bench_ijepa.py --ijepa /tmp/ijepa --check   # both steps train: loss over 20 steps, no timing
-    python experiments/bench_ijepa.py --ijepa /tmp/ijepa mask.context_quantile=0.0154   # overrides for ours
+    python experiments/bench_ijepa.py --ijepa /tmp/ijepa mask.image.0.context_quantile=0.0154   # overrides for ours
 
 ``--ijepa`` is a checkout of facebookresearch/ijepa; its modules are imported from there at run time, never copied.
 
@@ -15,7 +15,7 @@ calls is imported): lr / wd schedule steps; target encoder forward under ``no_gr
 ``apply_masks`` + ``repeat_interleave_batch``; context encoder on the context masks; predictor; smooth-L1 (through
 ``AllReduce``); backward; ``optimizer.step()``; ``grad_logger``; ``zero_grad``; the per-parameter EMA loop with their
 momentum schedule (``optimization.ema`` of their ``configs/in1k_vith14_ep300.yaml``: 0.996 → 1.0); ``float(loss)``.
-Their ``MaskCollator`` (enc scale, pred scale, aspect, 4 pred masks, 1 enc mask, min_keep from our ``mask``
+Their ``MaskCollator`` (enc scale, pred scale, aspect, 4 pred masks, 1 enc mask, min_keep from our ``mask.image.0``
 config) runs in their DataLoader workers, outside their timer, so it is called before the timer here too; its time is
 reported apart (``official_masks_ms``).
 
@@ -53,6 +53,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 import yaml
+from omegaconf import OmegaConf
 
 from bench import CONF, build_trainer
 from prob_jepa.config import compose_config
@@ -93,7 +94,11 @@ class OfficialStep:
         official = yaml.safe_load((checkout / "configs" / "in1k_vith14_ep300.yaml").read_text())["optimization"]
         ema, ipe_scale = official["ema"], official["ipe_scale"]
 
-        m, p, mask, optim = cfg.model, cfg.model.predictor, cfg.mask, cfg.optim
+        m, p, optim = cfg.model, cfg.model.predictor, cfg.optim
+        if len(cfg.mask.image) != 1 or cfg.mask.image[0].kind != "multiblock":
+            raise ValueError(f"mask.image={OmegaConf.to_container(cfg.mask.image)}: their collator draws one "
+                             f"multi-block spec; give one (kind: multiblock)")
+        mask = cfg.mask.image[0]
         torch.manual_seed(cfg.seed)
         self.encoder, self.predictor = init_model(
             device=torch.device("cpu"), patch_size=m.patch_size, crop_size=cfg.data.image_size,
@@ -229,7 +234,7 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help=f"print both losses over {CHECK_STEPS} steps, no timing")
     parser.add_argument("--out", type=Path, default=Path("bench_ijepa.json"))
     parser.add_argument("overrides", nargs="*", help="config overrides for our side (the official collator reads "
-                        "mask.* from the same config), e.g. mask.context_quantile=0.0154")
+                        "mask.image.0.* from the same config), e.g. mask.image.0.context_quantile=0.0154")
     args = parser.parse_args()
     if not (args.ijepa / "src" / "train.py").exists():
         parser.error(f"--ijepa {args.ijepa}: no src/train.py (expected a facebookresearch/ijepa checkout)")

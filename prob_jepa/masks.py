@@ -1,20 +1,26 @@
-"""I-JEPA multi-block masks on the mask-unit grid, vectorized and seeded per draw."""
+"""Masks of every modality: per modality a list of mask specs (V-JEPA's convention), each a sampler that draws
+context and target mask units from the modality's unit geometry — I-JEPA's multi-block masks on a square grid of
+units (``kind: multiblock``, :class:`MaskCollator`) or blocks of the units nearest a random centre under a weighted
+L∞ distance of their coordinates (``kind: blocks``, :class:`CoordinateBlocks`). Vectorized, seeded per draw."""
 from __future__ import annotations
 
+import inspect
 import math
-from dataclasses import dataclass
+from typing import NamedTuple, Protocol, Sequence
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError, is_count
 from .distributed import DistInfo
 
+EMPTY_DISTANCE = 1e3  # added to an empty unit's distance: beyond every weighted L∞ distance of coordinates in [0, 1]
 
-@dataclass
-class Masks:
-    """Index sets of one batch, in mask units (row-major on the unit grid).
+
+class Masks(NamedTuple):
+    """Index sets of one batch, in mask units (a unit is a token or a group of tokens of its modality:
+    :meth:`~jin.encoders.ModalityEncoder.unit_tokens`; on a grid, row-major).
 
     context: ``[B, Kc]`` int64, sorted, disjoint from every target block.
     targets: ``[B, M, Kt]`` int64, one row of ``Kt`` units per target block.
@@ -26,12 +32,47 @@ class Masks:
     def to(self, device: torch.device | str) -> "Masks":
         return Masks(self.context.to(device, non_blocking=True), self.targets.to(device, non_blocking=True))
 
-    def __getitem__(self, rows: slice) -> "Masks":
-        return Masks(self.context[rows], self.targets[rows])
+    def rows(self, start: int, stop: int) -> "Masks":
+        """The masks of inputs ``start … stop − 1``."""
+        return Masks(self.context[start:stop], self.targets[start:stop])
+
+
+class MaskUnits(NamedTuple):
+    """A modality's mask units in one batch — what a mask spec draws from; it depends on the data only.
+
+    coords: ``[B, U, 3]`` unit coordinates in ``[0, 1]``. weights: per-axis weights of the L∞ distance between
+    units (0 ignores an axis: a clip's time for a tube). grid: units per side when the ``U`` units tile a square
+    grid row-major (``None``: they do not). content: ``[B, U]`` share of each unit that holds content (``None``:
+    every unit does).
+    """
+
+    coords: torch.Tensor
+    weights: Sequence[float]
+    grid: int | None = None
+    content: torch.Tensor | None = None
+
+
+class MaskSpec(Protocol):
+    """One entry of a modality's mask list: ``sample`` draws :class:`Masks` of static sizes — ``num_context``
+    context units, ``num_targets`` blocks of ``num_target_units`` units — from one generator."""
+
+    num_targets: int
+    num_target_units: int
+    num_context: int
+
+    def sample(self, units: MaskUnits, generator: torch.Generator) -> Masks: ...
+
+
+def mask_generator(seed: int, draw: int, spec: int = 0) -> torch.Generator:
+    """The generator of draw ``draw`` of mask spec ``spec`` (its index in the modality's list) under ``seed``."""
+    keys = [seed, draw] + ([spec] if spec else [])
+    state = np.random.SeedSequence(keys).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 class MaskCollator:
-    """Multi-block masking of I-JEPA: one large context block, M target blocks, no overlap.
+    """Multi-block masking of I-JEPA (``kind: multiblock``): one large context block, M target blocks, no overlap,
+    on a square grid of mask units.
 
     Token counts are **static per run** (one compiled graph serves every step):
     every target block has the same area, ``K_t`` = the integer area nearest
@@ -48,8 +89,9 @@ class MaskCollator:
     ``K_c`` visible units are redrawn (I-JEPA instead truncates to each batch's
     smallest context, so the count changes with every batch).
 
-    Randomness comes only from ``draw``: ``collator(batch_size, draw)`` is a pure
-    function, so a batch can be replayed and a resumed run continues exactly.
+    Randomness comes only from the generator: ``collator(batch_size, draw)`` (the generator of
+    :func:`mask_generator` for ``seed`` and ``draw``) is a pure function, so a batch can be replayed and a resumed
+    run continues exactly; :meth:`sample` is the :class:`MaskSpec` form (units of this grid, any generator).
 
     Args:
         grid: mask units per side.
@@ -61,7 +103,8 @@ class MaskCollator:
             default run keeps 0.1 (about 10 % of images redrawn); I-JEPA's truncation to each batch's
             smallest context is about the 1 / (B + 1) quantile (0.016 at a batch of 64: fewer context
             units, a harder task and a cheaper step).
-        seed: base seed.
+        seed: base seed (of ``collator(batch_size, draw)``).
+        key: the config key of these options, named by errors (``mask.image.0``).
 
     Raises:
         ValueError: ``context_quantile`` outside (0, 1], ``num_targets`` below 1, a scale range outside (0, 1] or
@@ -88,16 +131,17 @@ class MaskCollator:
         min_keep: int = 4,
         context_quantile: float = 0.1,
         seed: int = 0,
+        key: str = "mask",
     ):
         if not 0 < context_quantile <= 1:
-            raise ConfigError(f"mask.context_quantile={context_quantile} must lie in (0, 1]")
+            raise ConfigError(f"{key}.context_quantile={context_quantile} must lie in (0, 1]")
         if not is_count(num_targets):
-            raise ConfigError(f"mask.num_targets={num_targets!r} must be a positive number of target blocks")
-        for key, (low, high), top in (("target_scale", target_scale, 1.0), ("context_scale", context_scale, 1.0),
+            raise ConfigError(f"{key}.num_targets={num_targets!r} must be a positive number of target blocks")
+        for name, (low, high), top in (("target_scale", target_scale, 1.0), ("context_scale", context_scale, 1.0),
                                       ("target_aspect", target_aspect, math.inf),
                                       ("context_aspect", context_aspect, math.inf)):
             if not 0 < low <= high <= top:
-                raise ConfigError(f"mask.{key}=[{low}, {high}] must be a range [low, high] with 0 < low <= high"
+                raise ConfigError(f"{key}.{name}=[{low}, {high}] must be a range [low, high] with 0 < low <= high"
                                   + (" <= 1 (a share of the image)" if top == 1.0 else " (heights / widths)"))
         self.grid = grid
         self.num_targets = num_targets
@@ -134,8 +178,7 @@ class MaskCollator:
         return min(self.target_shapes, key=lambda hw: abs(math.log(hw[0] / hw[1] / ratio)))
 
     def generator(self, draw: int) -> torch.Generator:
-        state = np.random.SeedSequence([self.seed, draw]).generate_state(2, dtype=np.uint32)
-        return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+        return mask_generator(self.seed, draw)
 
     def block_size(self, g: torch.Generator, scale: tuple[float, float], aspect: tuple[float, float]) -> tuple[int, int]:
         """(h, w) of a block with area fraction in ``scale`` and aspect ratio h/w in ``aspect``."""
@@ -166,7 +209,25 @@ class MaskCollator:
         return (rows[..., :, None] * self.grid + cols[..., None, :]).flatten(-2)
 
     def __call__(self, batch_size: int, draw: int) -> Masks:
-        g = self.generator(draw)
+        return self.draw(batch_size, self.generator(draw))
+
+    def sample(self, units: MaskUnits, generator: torch.Generator) -> Masks:
+        """:class:`MaskSpec`: masks of ``units`` (their ``grid`` must be this collator's).
+
+        Raises:
+            ValueError: the units do not tile this grid.
+        """
+        if units.grid != self.grid:
+            raise ValueError(f"multi-block masks on a {self.grid}×{self.grid} grid of units drawn for units of grid "
+                             f"{units.grid}")
+        return self.draw(units.coords.shape[0], generator)
+
+    def draw(self, batch_size: int, g: torch.Generator) -> Masks:
+        """Masks of ``batch_size`` images from generator ``g``.
+
+        Raises:
+            ValueError: some image cannot keep ``K_c`` context units after :attr:`max_redraws` redraws.
+        """
         th, tw = self.target_shape(g)
         ch, cw = self.block_size(g, self.context_scale, self.context_aspect)
         M = self.num_targets
@@ -234,16 +295,188 @@ def hide(hidden: torch.Tensor, num_units: int) -> tuple[torch.Tensor, torch.Tens
     return context, hidden[:, None]
 
 
-class ImagePlanner:
-    """The image JEPA's :class:`~prob_jepa.step.StepPlanner`: I-JEPA multi-block masks on the mask-unit grid.
+def coordinate_block_masks(
+    coords: torch.Tensor,
+    weights: Sequence[float],
+    num_targets: int,
+    target_size: int,
+    generator: torch.Generator,
+    content: torch.Tensor | None = None,
+) -> Masks:
+    """I-JEPA's multi-block masking for tokens that only have coordinates.
 
-    Draw ``step · accum + micro`` is one global micro-batch of masks (``micro × world size`` images, seeded by
-    ``cfg.seed`` and the draw), of which each rank takes its own rows: the masks do not depend on the number of
-    ranks a global batch is split over.
+    Each of the ``M`` target blocks is the ``Kt`` tokens nearest to a random centre token
+    under the weighted L∞ distance ``max_k w_k |c_k − c'_k|`` — a square patch of an
+    image, a time-frequency rectangle of a spectrogram (A-JEPA), a span of text
+    (``w = (1, 0, 0)``), a tube through a clip (``w = (1, 1, 0)`` on ``(x, y, t)``, V-JEPA)
+    or a ball-like patch of a point cloud. The context is every other token, less a random
+    few when blocks overlap, so that its size ``N − M·Kt`` is the same for every sample.
+    Vectorized over the batch and the blocks.
+
+    With ``content``, blocks hide what the input holds: centres are drawn among the tokens
+    with content (> 0), and a block is the ``Kt`` tokens with content nearest its centre,
+    empty ones only when fewer hold content (a point cloud's hierarchy over pillars, most
+    of them empty, would otherwise hide empty space and predict the empty token).
+
+    Args:
+        coords: ``[B, N, 3]`` token coordinates.
+        weights: per-axis distance weights (0 ignores an axis).
+        content: ``[B, N]`` share of each token that holds content; ``None``: every token does, drawn as before
+            this argument existed (a ``content`` of ones hides the same kind of blocks from other draws).
+    Returns:
+        :class:`Masks` with context ``[B, N − M·Kt]`` (sorted) and targets ``[B, M, Kt]``.
+    Raises:
+        ValueError: blocks that leave no context; ``content`` of another shape than ``[B, N]``.
+    """
+    B, N, _ = coords.shape
+    if num_targets * target_size >= N:
+        raise ValueError(f"{num_targets} target blocks of {target_size} tokens leave no context among {N} tokens")
+    if content is not None and content.shape != (B, N):
+        raise ValueError(f"content of shape {list(content.shape)} for {B} inputs of {N} tokens: [B, N] = [{B}, {N}]")
+    coords = coords.double().cpu()  # float64: the tie-breaking jitter below must not round away
+    if content is None:
+        centre = torch.randint(N, (B, num_targets), generator=generator)
+    else:
+        empty = content.cpu() <= 0
+        chance = (~empty | empty.all(1, keepdim=True)).double()  # an input without content: any token
+        centre = torch.multinomial(chance, num_targets, replacement=True, generator=generator)
+    c = coords.gather(1, centre[..., None].expand(-1, -1, 3))  # [B, M, 3]
+    w = torch.tensor([float(v) for v in weights], dtype=torch.float64)
+    dist = ((coords[:, None] - c[:, :, None]).abs() * w).amax(-1)  # [B, M, N]
+    # Random order among equidistant tokens, the same for tokens that differ only along an ignored axis
+    # (a tube's frames), so a block of k·frames tokens is k whole tubes.
+    seen = coords * (w > 0)
+    direction = torch.rand(B, num_targets, 1, 3, generator=generator, dtype=torch.float64)
+    jitter = ((seen[:, None] * direction).sum(-1) * 1e3).frac()
+    dist = dist + 1e-6 * jitter
+    if content is not None:
+        dist = dist + EMPTY_DISTANCE * empty[:, None].double()  # every token with content is nearer
+    targets = dist.topk(target_size, dim=-1, largest=False).indices
+    hidden = torch.zeros(B, N).scatter_(1, targets.flatten(1), 1.0)
+    score = torch.rand(B, N, generator=generator) + 2 * hidden  # hidden tokens rank last
+    context = score.topk(N - num_targets * target_size, dim=1, largest=False).indices.sort(1).values
+    return Masks(context, targets)
+
+
+class CoordinateBlocks:
+    """Blocks of the units nearest random centres (``kind: blocks``) from any modality's unit coordinates:
+    :func:`coordinate_block_masks` with the static sizes ``num_targets`` blocks of ``target_size`` units and a
+    context of every other unit (``U − M·Kt``).
+
+    Args:
+        num_units: ``U``, the modality's mask units.
+        num_targets, target_size: ``M`` blocks of ``Kt`` units.
+        key: the config key of these options, named by errors.
+
+    Raises:
+        ConfigError: ``num_targets`` or ``target_size`` not a positive count, or blocks that leave no context.
+    """
+
+    def __init__(self, num_units: int, num_targets: int, target_size: int, key: str = "mask"):
+        for name, value in (("num_targets", num_targets), ("target_size", target_size)):
+            if not is_count(value):
+                raise ConfigError(f"{key}.{name}={value!r} must be a positive number of "
+                                  + ("target blocks" if name == "num_targets" else "mask units per block"))
+        if num_targets * target_size >= num_units:
+            raise ConfigError(f"{key}: {num_targets} target blocks (num_targets) of {target_size} mask units "
+                              f"(target_size) leave no context among the modality's {num_units} mask units")
+        self.num_targets, self.num_target_units = num_targets, target_size
+        self.num_context = num_units - num_targets * target_size
+
+    def sample(self, units: MaskUnits, generator: torch.Generator) -> Masks:
+        return coordinate_block_masks(units.coords, units.weights, self.num_targets, self.num_target_units,
+                                      generator, units.content)
+
+
+MASK_KINDS: dict[str, type] = {"multiblock": MaskCollator, "blocks": CoordinateBlocks}
+
+
+def build_mask_specs(specs, key: str, num_units: int, grid: int | None, seed: int = 0) -> list[MaskSpec]:
+    """The mask specs of one modality's config list (``mask.<modality>``), in order.
+
+    Args:
+        specs: a list of mappings, each with ``kind`` (a key of :data:`MASK_KINDS`) and that kind's options.
+        key: the config key of the list (``mask.image``); errors name ``{key}.{i}.<option>``.
+        num_units, grid: the modality's mask units, and units per side when they tile a square grid (``None``:
+            they do not, and ``multiblock`` cannot draw them).
+        seed: the run's seed (``MaskCollator(batch_size, draw)``).
+
+    Raises:
+        ConfigError: not a non-empty list; an entry without a known ``kind``; options the kind does not take
+            (naming the valid ones); ``multiblock`` for units without a grid; options the kind rejects.
+    """
+    if not (OmegaConf.is_list(specs) or isinstance(specs, (list, tuple))) or len(specs) == 0:
+        raise ConfigError(f"{key}={specs!r} must be a non-empty list of mask specs, e.g. [{{kind: blocks, "
+                          f"num_targets: 4, target_size: 4}}]; kinds: {', '.join(MASK_KINDS)}")
+    built = []
+    for i, spec in enumerate(specs):
+        at = f"{key}.{i}"
+        options = OmegaConf.to_container(spec, resolve=True) if OmegaConf.is_config(spec) else spec
+        if not isinstance(options, dict) or options.get("kind") not in MASK_KINDS:
+            kind = options.get("kind") if isinstance(options, dict) else options
+            raise ConfigError(f"{at}.kind={kind!r}; valid: {', '.join(MASK_KINDS)}")
+        options = dict(options)
+        kind = options.pop("kind")
+        cls = MASK_KINDS[kind]
+        valid = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "key", "seed", "grid",
+                                                                                     "num_units")]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ConfigError(f"{at}: kind {kind} takes no option(s) {unknown}; valid: {', '.join(valid)}")
+        if cls is MaskCollator:
+            if grid is None:
+                raise ConfigError(f"{at}.kind=multiblock needs mask units on a square grid, which this modality's "
+                                  f"encoder does not have; valid here: blocks")
+            try:
+                built.append(MaskCollator(grid=grid, seed=seed, key=at, **options))
+            except ConfigError:  # already names its key
+                raise
+            except ValueError as e:  # no block of the aspect range fits the grid
+                raise ConfigError(f"{at}: {e}") from e
+        else:
+            built.append(CoordinateBlocks(num_units, key=at, **options))
+    return built
+
+
+class ImageMasks:
+    """The image JEPA's masks: the specs of ``mask.image`` on its context encoder's grid of mask units (their
+    centres; distance in x and y). ``masks(batch_size, draw)`` is draw ``draw`` of every spec, spec ``s`` from
+    :func:`mask_generator` of (``cfg.seed``, ``draw``, ``s``): a pure function of its arguments.
+
+    Raises:
+        ConfigError: ``mask`` has entries for modalities other than ``image`` (this recipe would not read them), or
+            ``mask.image`` is not a valid list of specs (:func:`build_mask_specs`).
+    """
+
+    def __init__(self, cfg: DictConfig, model):
+        other = [k for k in cfg.mask if k != "image"]
+        if other or "image" not in cfg.mask:
+            raise ConfigError(f"mask has entries for {other or 'no image'}: the image recipe reads mask.image only "
+                              f"(a list of mask specs); leave the others out")
+        enc = model.context_encoder
+        self.specs = build_mask_specs(cfg.mask.image, "mask.image", enc.num_units, enc.unit_grid, seed=cfg.seed)
+        self.seed, self.grid = cfg.seed, enc.unit_grid
+        self.centres = enc.coords(enc.levels - 1)[0, :, 0].detach().cpu()  # [U, 3]: the top-level token of each unit
+
+    def __call__(self, batch_size: int, draw: int) -> list[Masks]:
+        """One :class:`Masks` per spec for ``batch_size`` images, on the CPU."""
+        units = MaskUnits(self.centres.expand(batch_size, -1, -1), (1.0, 1.0, 0.0), self.grid)
+        return [spec.sample(units, mask_generator(self.seed, draw, s)) for s, spec in enumerate(self.specs)]
+
+
+class ImagePlanner:
+    """The image JEPA's :class:`~prob_jepa.step.StepPlanner`: every step one :class:`Masks` per spec of
+    ``mask.image`` (:class:`ImageMasks`), which the model predicts in turn.
+
+    Draw ``step · accum + micro`` is one global micro-batch of masks (``micro × world size`` images), of which each
+    rank takes its own rows: the masks do not depend on the number of ranks a global batch is split over.
+
+    Raises:
+        ConfigError: as :class:`ImageMasks`.
     """
 
     def __init__(self, cfg: DictConfig, model, info: DistInfo, micro: int, accum: int, total_steps: int):
-        self.collator = MaskCollator(grid=model.context_encoder.unit_grid, seed=cfg.seed, **cfg.mask)
+        self.masks = ImageMasks(cfg, model)
         self.info, self.micro, self.accum, self.total_steps = info, micro, accum, total_steps
 
     def check(self, max_draws: int = 2000) -> None:
@@ -251,20 +484,20 @@ class ImagePlanner:
         run, are drawn now.
 
         Raises:
-            ConfigError: naming the ``mask.*`` keys and the step whose draw fails.
+            ConfigError: naming the ``mask.image`` keys and the step whose draw fails.
         """
         draws = self.total_steps * self.accum
         for draw in sorted({int(i) for i in torch.linspace(0, draws - 1, min(draws, max_draws)).tolist()}):
             try:
-                self.collator(self.micro * self.info.world_size, draw)
+                self.masks(self.micro * self.info.world_size, draw)
             except ValueError as e:
-                raise ConfigError(f"the masks of step {draw // self.accum + 1} cannot be drawn (mask.*): {e}") from e
+                step = draw // self.accum + 1
+                raise ConfigError(f"the masks of step {step} cannot be drawn (mask.image): {e}") from e
 
-    def __call__(self, batch, step: int, micro: int) -> dict[str, torch.Tensor]:
-        """``{"images": [B, C, H, W], "context": [B, Kc], "targets": [B, M, Kt]}`` on the training device."""
+    def __call__(self, batch, step: int, micro: int) -> dict:
+        """``{"images": [B, C, H, W], "masks": [Masks per spec]}`` on the training device."""
         images, _ = batch
-        rank = self.info.rank
-        masks = self.collator(self.micro * self.info.world_size, step * self.accum + micro)
-        masks = masks[rank * self.micro:(rank + 1) * self.micro].to(self.info.device)
-        return {"images": images.to(self.info.device, non_blocking=True), "context": masks.context,
-                "targets": masks.targets}
+        start = self.info.rank * self.micro
+        masks = [m.rows(start, start + self.micro).to(self.info.device)
+                 for m in self.masks(self.micro * self.info.world_size, step * self.accum + micro)]
+        return {"images": images.to(self.info.device, non_blocking=True), "masks": masks}

@@ -15,6 +15,7 @@ from jin.layers import budget_loss
 from .config import ConfigError, is_count, is_finite_number
 from .ema import ContextTargetPair
 from .heads import Head, build_head
+from .masks import Masks
 from .predictor import LevelTokens, Predictor
 from .regularizers import SIGReg
 from .step import Predicted, Predictions, Term, balance_term, jepa_term, mean_over
@@ -116,21 +117,27 @@ class JEPA(ContextTargetPair):
         cond, balance = self.predictor(seen, self.target_coords(targets))
         return Prediction(ctx, cond, balance)
 
-    def forward(self, images: torch.Tensor, context: torch.Tensor, targets: torch.Tensor) -> Predictions:
-        """One JEPA step's predictions: per predicted level ``l``, ``cond [B, M·N_l, C]`` and the layer-normed
-        target-encoder features at the target units ``[B, M·N_l, D_l]``; the context levels and their α.
+    def forward(self, images: torch.Tensor, masks: Sequence[Masks]) -> Predictions:
+        """One JEPA step's predictions: for each mask set and predicted level ``l``, ``cond [B, M·N_l, C]`` and the
+        layer-normed target-encoder features at the target units ``[B, M·N_l, D_l]``; each set's context levels and
+        their α (the target encoder runs once; each set encodes its own context, as V-JEPA's several masks).
 
         Args:
             images: ``[B, C, H, W]``.
-            context: ``[B, Kc]`` context unit indices.
-            targets: ``[B, M, Kt]`` target unit indices.
+            masks: one :class:`~prob_jepa.masks.Masks` per mask spec (``mask.image``): context unit indices
+                ``[B, Kc]``, target unit indices ``[B, M, Kt]``.
         """
         target_all = self.target_features(images)
-        ctx, cond, balance = self.predict(images, context, targets)
-        ys = self.gather_targets(target_all, targets)
-        predicted = [Predicted(f"jepa/level{l}", i, c.flatten(1, 2), y.flatten(1, 2))
-                     for i, (l, c, y) in enumerate(zip(self.predict_levels, cond, ys))]
-        return Predictions(predicted, {"level0": target_all[0]}, hierarchies=[ctx], balance=balance)
+        predicted, hierarchies, balances = [], [], []
+        for m in masks:
+            ctx, cond, balance = self.predict(images, m.context, m.targets)
+            ys = self.gather_targets(target_all, m.targets)
+            predicted += [Predicted(f"jepa/level{l}", i, c.flatten(1, 2), y.flatten(1, 2))
+                          for i, (l, c, y) in enumerate(zip(self.predict_levels, cond, ys))]
+            hierarchies.append(ctx)
+            balances.append(balance)
+        balance = mean_over(balances) if balances[0] is not None else None
+        return Predictions(predicted, {"level0": target_all[0]}, hierarchies=hierarchies, balance=balance)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor, encoder: str = "target") -> torch.Tensor:

@@ -54,7 +54,7 @@ RECIPES: dict[str, Recipe] = {
     "image": Recipe(build_model, image_terms, ImagePlanner, "prob_jepa.eval:evaluate", requires=("model", "mask"),
                     frozen_features=lambda model: model.features),
     "hypermodal": Recipe(build_hypermodal, hypermodal_terms, HypermodalPlanner,
-                         "prob_jepa.hypermodal.evaluate:evaluate_hypermodal", requires=("hypermodal",),
+                         "prob_jepa.hypermodal.evaluate:evaluate_hypermodal", requires=("hypermodal", "mask"),
                          strategies=("ddp",), every_step_trains_every_parameter=False),
 }
 

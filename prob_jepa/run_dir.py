@@ -27,10 +27,19 @@ def with_added_keys(cfg: DictConfig) -> DictConfig:
     ``hypermodal.hierarchy.modalities`` (none: only the image had JIN's hierarchy), ``hypermodal.shared_blocks``
     (true), ``hypermodal.points.voxel_levels`` (1: pillars of full height), ``optim.head_lr_scale`` (1),
     ``model.paper_params`` (null: a claim, not a setting), ``model.ablation`` and ``hypermodal.ablation`` (null),
-    and the scene options of :data:`ADDED_SCENE_OPTIONS`."""
+    and the scene options of :data:`ADDED_SCENE_OPTIONS`; masks saved before every modality had a list of mask specs
+    (``mask.<modality>``) become that list: the image run's one ``mask`` node ``[{kind: multiblock, …}]`` as
+    ``mask.image``, the hypermodal run's ``hypermodal.mask.<modality>`` ``[{kind: blocks, …}]`` as
+    ``mask.<modality>``."""
     hypermodal = cfg.get("hypermodal")
     if "recipe" not in cfg:
         cfg.recipe = "image" if hypermodal is None else "hypermodal"
+    mask = cfg.get("mask")
+    if mask is not None and "num_targets" in mask:
+        cfg.mask = {"image": [{"kind": "multiblock", **OmegaConf.to_container(mask)}]}
+    if hypermodal is not None and "mask" in hypermodal:
+        cfg.mask = {m: [{"kind": "blocks", **OmegaConf.to_container(spec)}] for m, spec in hypermodal.mask.items()}
+        del hypermodal["mask"]
     scene = cfg.get("data", {}).get("scene")
     if scene is not None:
         for key, value in ADDED_SCENE_OPTIONS.items():

@@ -109,10 +109,11 @@ def jepa_term(term: str, level_weights: Sequence[float] | None = None) -> Measur
 
 
 def mean_over(values: Sequence[torch.Tensor]) -> torch.Tensor | None:
-    """The mean of scalar ``values`` (the one value itself when there is one; ``None`` when there are none)."""
+    """The element-wise mean of same-shaped ``values`` (the one value itself when there is one; ``None`` when there
+    are none)."""
     if not values:
         return None
-    return values[0] if len(values) == 1 else torch.stack(values).mean()
+    return values[0] if len(values) == 1 else torch.stack(values).mean(0)
 
 
 def balance_term(model: nn.Module, p: Predictions) -> torch.Tensor | None:

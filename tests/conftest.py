@@ -71,7 +71,7 @@ TINY = [
     "model.predictor.dim=24",
     "model.predictor.depth=1",
     "model.predictor.num_heads=2",
-    "mask.min_keep=2",
+    "mask.image.0.min_keep=2",
     "trainer.batch_size=16",
     "trainer.epochs=2",
     "trainer.log_every=1",
@@ -109,6 +109,6 @@ def shrunk_model(name: str) -> list[str]:
         f"model={name}", f"data.image_size={size}", f"data.marker.size={size // 4}", f"model.patch_size={patch}",
         f"model.dims=[{','.join(map(str, dims))}]", f"model.depths=[{','.join(['1'] * levels)}]",
         "model.predictor.dim=24", "model.predictor.depth=1", "model.predictor.num_heads=2",
-        "data.train_size=64", "data.val_size=32", "mask.min_keep=2", "trainer.batch_size=8",
+        "data.train_size=64", "data.val_size=32", "mask.image.0.min_keep=2", "trainer.batch_size=8",
         "trainer.log_every=1", "trainer.progress=false", "eval.batch_size=64",
     ]

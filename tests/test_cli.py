@@ -37,7 +37,7 @@ def test_impossible_combination_fails_before_step_1_without_a_traceback(tmp_path
 
 @pytest.mark.parametrize("override, message", [
     ("data.scene.hue=[0.5,1.5]", "data.scene.hue must be a range 0 <= lo <= hi <= 1"),
-    ("mask.context_quantile=0", "mask.context_quantile=0 must lie in (0, 1]"),
+    ("mask.image.0.context_quantile=0", "mask.image.0.context_quantile=0 must lie in (0, 1]"),
 ])
 def test_an_out_of_range_value_fails_before_step_1_without_a_traceback(override, message, tmp_path):
     proc = run("experiments/run.py", override, f"hydra.run.dir={tmp_path}")

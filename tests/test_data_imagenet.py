@@ -239,7 +239,7 @@ def test_a_run_on_tiny_imagenet_evaluates_end_to_end(tiny_root, tmp_path):
     cfg = compose_config(CONF, [
         "data=tiny_imagenet_100", f"data.root={tiny_root}", "data.num_classes=5", "data.image_size=32",
         "model=vit_tiny", "model.patch_size=4", "model.dims=[32]", "model.depths=[1]", "model.num_heads=[2]",
-        "model.predictor.dim=24", "model.predictor.depth=1", "model.predictor.num_heads=2", "mask.min_keep=2",
+        "model.predictor.dim=24", "model.predictor.depth=1", "model.predictor.num_heads=2", "mask.image.0.min_keep=2",
         "trainer.batch_size=5", "trainer.max_steps=2", "trainer.progress=false", "eval.knn_k=3",
         "eval.head_images=4", "eval.head_rows=64", "eval.sample_rows=16", "eval.num_samples=8", "eval.map_images=2",
         "eval.retrieval_queries=8",

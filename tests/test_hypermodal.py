@@ -11,11 +11,12 @@ from jin.encoders import HierarchicalModalityEncoder
 from prob_jepa.config import ConfigError, compose_config
 from prob_jepa.data.multimodal import MultimodalSpec, PairedShapes
 from prob_jepa.hypermodal import (
-    build_hypermodal, build_modality_encoder, coordinate_block_masks, energy_alignment, hypermodal_terms,
+    build_hypermodal, build_modality_encoder, energy_alignment, hypermodal_terms,
     jin_energy_alignment, m3_tasks,
     modality_dropout, pair_energy, phase_at, plan_tasks,
 )
 from prob_jepa.hypermodal.evaluate import recall_at_k
+from prob_jepa.masks import coordinate_block_masks
 from prob_jepa.eval.summary import markdown, model_label, summary_row
 from prob_jepa.run_dir import RunDir
 from prob_jepa.step import Predictions, StepOutput, TrainingStep
@@ -56,7 +57,7 @@ def masks_for(model, inputs, cfg, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     out = {}
     for m, x in inputs.items():
-        spec = cfg.hypermodal.mask[m]
+        spec = cfg.mask[m][0]
         weights = model.context_encoder.encoder(m).mask_weights
         out[m] = coordinate_block_masks(model.unit_coords(m, x), weights, spec.num_targets, spec.target_size, g)
     return out
@@ -70,7 +71,8 @@ def small_model(compose, *overrides):
 
 def loss_of(model, cfg, inputs, masks, tasks, gate=0) -> StepOutput:
     """The training step's loss terms (:func:`hypermodal_terms`) on the model's predictions."""
-    return TrainingStep(model, hypermodal_terms(cfg, model))(inputs=inputs, masks=masks, tasks=tasks, gate=gate)
+    sets = {m: [mask] for m, mask in masks.items()}  # one mask set
+    return TrainingStep(model, hypermodal_terms(cfg, model))(inputs=inputs, masks=sets, tasks=tasks, gate=gate)
 
 
 @pytest.mark.parametrize("shared", ["true", "false"])
@@ -115,13 +117,13 @@ def test_add_modality_at_run_time_leaves_every_existing_output_bit_for_bit(share
 
 
 def test_the_config_holds_only_what_the_hypermodal_model_reads(compose):
-    """config.yaml describes what was trained: no image-model or image-mask keys, and passing them is an error."""
+    """config.yaml describes what was trained: no image-model keys (passing them is an error), and one list of
+    mask specs per modality."""
     cfg = compose("experiment=hypermodal_flat")
-    assert "model" not in cfg and "mask" not in cfg
+    assert "model" not in cfg and set(cfg.mask) == set(cfg.hypermodal.modalities)
+    assert all(spec.kind == "blocks" for specs in cfg.mask.values() for spec in specs)
     with pytest.raises(ConfigError, match=r"model\.\* is not read by the hypermodal model.*hypermodal\.image"):
         build_hypermodal(compose(*SMALL, "model=vit_tiny"))
-    with pytest.raises(ConfigError, match=r"model\.\* and mask\.\* are not read"):
-        build_hypermodal(compose(*SMALL, "model=jin_tiny", "mask=multiblock"))
 
 
 def test_two_identical_steps_give_bit_identical_gradients(compose, scenes):
@@ -330,7 +332,7 @@ def test_the_hierarchical_image_backbone_is_composed_with_its_model_or_rejected_
     """experiment=hypermodal_shapes puts model.* (JIN's encoder, with its spatial bias) in the image modality;
     every other combination names the keys that would not be read."""
     cfg = compose("model=jin_tiny", "experiment=hypermodal_shapes")
-    assert cfg.hypermodal.image.backbone == cfg.model.name == "jin_tiny" and "mask" not in cfg
+    assert cfg.hypermodal.image.backbone == cfg.model.name == "jin_tiny"
     assert cfg.hypermodal.predictor == cfg.model.predictor  # the predictor is model.predictor
     image = build_hypermodal(cfg).context_encoder.encoder("image")
     assert isinstance(image, HierarchicalModalityEncoder) and image.backbone.levels == 2
@@ -342,8 +344,6 @@ def test_the_hierarchical_image_backbone_is_composed_with_its_model_or_rejected_
         build_hypermodal(compose(*SMALL, "hypermodal.image.backbone=jin_tiny"))
     with pytest.raises(ConfigError, match=r"model\.predictor\.levels=2.*must be 1"):
         build_hypermodal(compose("experiment=hypermodal_shapes", "model.predictor.levels=2"))
-    with pytest.raises(ConfigError, match=r"mask\.\* is not read"):
-        build_hypermodal(compose("experiment=hypermodal_shapes", "mask=multiblock"))
     for levels in ("1", "[0.5]", "[]", "[1,1]", "[2]", "[[0]]"):
         with pytest.raises(ConfigError, match=r"hypermodal\.image\.levels=.*a list of distinct levels.*\(0 … 1\)"):
             build_hypermodal(compose("experiment=hypermodal_shapes", f"hypermodal.image.levels={levels}"))
@@ -366,8 +366,8 @@ HIERARCHICAL = [  # jin_tiny, shrunk, as the image encoder beside text (experime
     "experiment=hypermodal_shapes", *[o for o in SMALL[1:] if not o.startswith("hypermodal.predictor.")],
     *[o for o in shrunk_model("jin_tiny") if not o.startswith(("mask.", "data.marker", "data.train_size",
                                                                  "data.val_size"))],
-    "data.modalities=[image,text]", "model.predictor.levels=1", "hypermodal.mask.image.num_targets=2",
-    "hypermodal.mask.image.target_size=2",
+    "data.modalities=[image,text]", "model.predictor.levels=1", "mask.image.0.num_targets=2",
+    "mask.image.0.target_size=2",
 ]
 
 
@@ -402,10 +402,9 @@ def test_a_hypermodal_mask_that_leaves_no_context_fails_before_step_1(compose):
     from prob_jepa.distributed import DistInfo
     from prob_jepa.hypermodal.planner import HypermodalPlanner
 
-    model, cfg = small_model(compose, "hypermodal.mask.text.num_targets=20")
-    planner = HypermodalPlanner(cfg, model, DistInfo(0, 1, 0, torch.device("cpu")), micro=8, accum=1, total_steps=1)
-    with pytest.raises(ConfigError, match=r"hypermodal\.mask\.text: 20 target blocks .* leave no context"):
-        planner.check()
+    model, cfg = small_model(compose, "mask.text.0.num_targets=20")
+    with pytest.raises(ConfigError, match=r"mask\.text\.0: 20 target blocks .* leave no context"):
+        HypermodalPlanner(cfg, model, DistInfo(0, 1, 0, torch.device("cpu")), micro=8, accum=1, total_steps=1)
 
 
 def test_a_hypermodal_run_saved_before_recipes_and_the_heads_list_still_loads(compose, tmp_path):
@@ -440,7 +439,7 @@ def test_a_recipe_without_its_config_nodes_fails_naming_them(compose, tmp_path):
 
     with pytest.raises(ConfigError, match=r"recipe=hypermodal reads hypermodal\.\*.*experiment=hypermodal_\*"):
         recipe_of(compose("recipe=hypermodal"))
-    with pytest.raises(ConfigError, match=r"recipe=image reads model\.\*, mask\.\*"):
+    with pytest.raises(ConfigError, match=r"recipe=image reads model\.\*, which"):
         recipe_of(compose("experiment=hypermodal_flat", "recipe=image"))
     with pytest.raises(ConfigError, match=r"recipe='video'; valid: image, hypermodal"):
         recipe_of(compose("recipe=video"))
@@ -543,5 +542,5 @@ def test_the_point_hierarchy_s_target_blocks_hide_pillars_that_hold_points(compo
     inputs = batch(scenes, 8, ["image", "points"])
     content = model.context_encoder.encoder("points").unit_content(inputs["points"])  # [8, 64]
     assert 0.2 < (content > 0).float().mean() < 0.6  # most units are empty
-    targets = planner((inputs, None), step=0, micro=0)["masks"]["points"].targets.flatten(1)
+    targets = planner((inputs, None), step=0, micro=0)["masks"]["points"][0].targets.flatten(1)
     assert (content.gather(1, targets) > 0).all()

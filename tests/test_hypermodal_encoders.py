@@ -12,7 +12,7 @@ from jin.encoders import (
 )
 from jin.layers.stage import AdaptiveStage
 from jin.hypermodal import HypermodalEncoder
-from prob_jepa.hypermodal import coordinate_block_masks
+from prob_jepa.masks import coordinate_block_masks
 
 D, B = 24, 3
 

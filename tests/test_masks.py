@@ -74,9 +74,9 @@ def test_impossible_min_keep_fails_with_a_clear_message():
         collator(grid=4, min_keep=15)(8, draw=0)
 
 
-def test_slicing_selects_rows():
+def test_rows_selects_rows():
     m = collator()(8, draw=0)
-    part = m[2:5]
+    part = m.rows(2, 5)
     assert torch.equal(part.context, m.context[2:5]) and torch.equal(part.targets, m.targets[2:5])
 
 

@@ -8,7 +8,7 @@ from conftest import MODEL_PRESETS, shrunk_model
 from jin.cross_scale import CrossScalePredictors, children
 from prob_jepa.data import build_datasets
 from prob_jepa.distributed import DistInfo
-from prob_jepa.masks import MaskCollator
+from prob_jepa.masks import ImageMasks
 from prob_jepa.model import build_model, image_terms, level_config
 from prob_jepa.predictor import LevelTokens, Predictor
 from prob_jepa.run_dir import RunDir
@@ -54,9 +54,9 @@ def test_ema_update_moves_target_by_one_minus_momentum(compose, tiny_overrides):
 def test_loss_is_finite_and_reaches_every_trainable_parameter(compose, tiny_overrides):
     cfg = compose(*tiny_overrides)
     model = build_model(cfg)
-    masks = MaskCollator(model.context_encoder.unit_grid, seed=0, **cfg.mask)(4, 0)
+    masks = ImageMasks(cfg, model)(4, 0)
     step = TrainingStep(model, image_terms(cfg, model))
-    out = step(images=torch.randn(4, 3, 32, 32), context=masks.context, targets=masks.targets)
+    out = step(images=torch.randn(4, 3, 32, 32), masks=masks)
     assert torch.isfinite(out.loss) and set(out.terms) >= {"loss", "jepa", "jepa/level0"}
     out.loss.backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
@@ -67,15 +67,15 @@ def test_sigreg_term_is_weighted_into_the_loss(compose, tiny_overrides):
     assert compose().model.sigreg_weight == 0.1  # the default run's recipe (model=jin_tiny)
     cfg = compose(*tiny_overrides, "model.sigreg_weight=0.5")
     model = build_model(cfg)
-    masks = MaskCollator(model.context_encoder.unit_grid, seed=0, **cfg.mask)(4, 0)
+    masks = ImageMasks(cfg, model)(4, 0)
     images = torch.randn(4, 3, 32, 32)
     terms = image_terms(cfg, model)
     assert [t.name for t in terms if t.name == "sigreg"] == ["sigreg"]
     torch.manual_seed(0)
-    out = TrainingStep(model, terms)(images=images, context=masks.context, targets=masks.targets)
+    out = TrainingStep(model, terms)(images=images, masks=masks)
     torch.manual_seed(0)
     plain = TrainingStep(model, [t for t in terms if t.name != "sigreg"])(
-        images=images, context=masks.context, targets=masks.targets)
+        images=images, masks=masks)
     assert out.terms["sigreg"] > 0
     torch.testing.assert_close(out.loss - plain.loss, 0.5 * out.terms["sigreg"])
     assert build_model(compose(*tiny_overrides, "model.sigreg_weight=0")).sigreg is None

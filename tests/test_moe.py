@@ -82,16 +82,15 @@ def test_gates_route_independently_and_a_bad_gate_is_named():
 
 
 def test_a_moe_trunk_trains_inside_the_jepa(compose, tiny_overrides):
-    from prob_jepa.masks import MaskCollator
+    from prob_jepa.masks import ImageMasks
     from prob_jepa.model import build_model, image_terms
     from prob_jepa.step import TrainingStep
 
     cfg = compose(*tiny_overrides, "model.predictor.moe_experts=4", "model.predictor.moe_top_k=2")
     torch.manual_seed(0)
     model = build_model(cfg)
-    masks = MaskCollator(model.context_encoder.unit_grid, seed=0, **cfg.mask)(4, 0)
     images = torch.randn(4, 3, cfg.data.image_size, cfg.data.image_size)
-    inputs = {"images": images, "context": masks.context, "targets": masks.targets}
+    inputs = {"images": images, "masks": ImageMasks(cfg, model)(4, 0)}
     terms = image_terms(cfg, model)
     out = TrainingStep(model, terms)(**inputs)
     without = TrainingStep(model, [t for t in terms if t.name != "moe_balance"])(**inputs).loss

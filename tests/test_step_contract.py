@@ -29,7 +29,7 @@ def with_text(name: str) -> list[str]:
     image = [o for o in shrunk_model(name) if not o.startswith(unread)]
     flat = [o for o in HYPERMODAL if not o.startswith("hypermodal.predictor.")]  # the predictor is model.predictor
     return [*flat, "experiment=hypermodal_shapes", *image, "data.modalities=[image,text]",
-            "model.predictor.levels=1", "hypermodal.mask.image.num_targets=2", "hypermodal.mask.image.target_size=2"]
+            "model.predictor.levels=1", "mask.image.0.num_targets=2", "mask.image.0.target_size=2"]
 
 
 CASES = {f"image-{name}": shrunk_model(name) for name in MODEL_PRESETS}
@@ -38,9 +38,15 @@ CASES["image+text-jin_tiny-every-level"] = [*with_text("jin_tiny"), "hypermodal.
 CASES["every-modality-hierarchy"] = [  # JIN §3.2.1: audio, video and points through JIN's hierarchy too
     *[o if o != "experiment=hypermodal_shapes" else "experiment=hypermodal_hierarchies" for o in with_text("jin_tiny")
       if not o.startswith("data.modalities")],
-    "data.modalities=[image,audio,video,points]", "hypermodal.hierarchy.grid=8", *[f"hypermodal.mask.{m}.{k}=2" for m in ("audio", "video", "points")
+    "data.modalities=[image,audio,video,points]", "hypermodal.hierarchy.grid=8", *[f"mask.{m}.0.{k}=2" for m in ("audio", "video", "points")
                                      for k in ("num_targets", "target_size")],
 ]
+CASES["image-two-mask-specs"] = [  # V-JEPA's convention: a list of mask specs, each predicted from its own context
+    *shrunk_model("jin_tiny"), "mask.image=[{kind: multiblock, min_keep: 2}, {kind: blocks, num_targets: 2, "
+    "target_size: 4}]"]
+CASES["image+text-multiblock-two-mask-sets"] = [  # I-JEPA's masks on the hierarchical image inside the hypermodal model
+    *with_text("jin_tiny"), "mask.image=[{kind: multiblock, num_targets: 2, min_keep: 2}]",
+    "mask.text=[{kind: blocks, num_targets: 2, target_size: 3}, {kind: blocks, num_targets: 1, target_size: 2}]"]
 CASES["hypermodal"] = HYPERMODAL
 CASES["hypermodal-m3"] = [*HYPERMODAL, "experiment=hypermodal_m3"]
 

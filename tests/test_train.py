@@ -208,7 +208,8 @@ def test_preflight_leaves_training_unchanged(compose, tiny_overrides, tmp_path, 
 @pytest.mark.parametrize("overrides, named", [
     (["trainer.log_every=0"], "trainer.log_every=0"),
     (["trainer.checkpoint_every=null"], "trainer.checkpoint_every=None"),
-    (["mask.min_keep=56", "trainer.max_steps=10"], "mask.*"),  # 4 target blocks of 12 of 64 units leave at most 52
+    # 4 target blocks of 12 of 64 units leave at most 52
+    (["mask.image.0.min_keep=56", "trainer.max_steps=10"], "mask.image"),
     (["data.marker.x=30"], "data.marker"),  # 8 px marker at x=30 in a 32 px image
 ])
 def test_settings_found_by_a_new_user_fail_before_step_1(overrides, named, compose, tiny_overrides, tmp_path):

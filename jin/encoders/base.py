@@ -40,7 +40,8 @@ class ModalityEncoder(nn.Module):
     token is a unit; :class:`~jin.encoders.HierarchicalModalityEncoder` groups a unit's tokens of several levels
     (:meth:`unit_tokens`). ``mask_weights`` tells a block-mask sampler how to measure distance between units
     (weighted L∞ over the three axes; 0 ignores an axis): ``(1, 1, 0)`` on video makes
-    tubes through time (V-JEPA), ``(1, 0, 0)`` on text makes spans.
+    tubes through time (V-JEPA), ``(1, 0, 0)`` on text makes spans. ``unit_grid``: units per side when the units
+    tile a square grid row-major (I-JEPA's multi-block masks need one); ``None`` here.
 
     Args:
         dim: token width ``D`` (divisible by 6: three coordinates, sin and cos).
@@ -50,6 +51,7 @@ class ModalityEncoder(nn.Module):
     """
 
     mask_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    unit_grid: int | None = None
 
     def __init__(self, dim: int, depth: int, num_heads: int, mlp_ratio: float, max_freq: float, causal: bool = False):
         super().__init__()

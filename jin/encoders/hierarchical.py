@@ -92,6 +92,10 @@ class HierarchicalModalityEncoder(ModalityEncoder):
         return self.backbone.num_units
 
     @property
+    def unit_grid(self) -> int:
+        return self.backbone.unit_grid
+
+    @property
     def num_tokens(self) -> int:
         return self.num_units * sum(self.per_unit)
 

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset, Subset
 from ..config import ConfigError
 from ..data import display_images
 from ..data.shapes import Marker
-from ..masks import MaskCollator
+from ..masks import ImageMasks
 from ..heads import Head
 from ..model import JEPA, build_model
 from ..run_dir import RunDir
@@ -180,9 +180,8 @@ def evaluate(
     metrics["representation"], logits, labels = representation_metrics(model, cfg, train_set, val_set, device)
     plot_data: dict[str, Any] = {"representation": metrics["representation"]}
 
-    collator = MaskCollator(grid=model.context_encoder.unit_grid, seed=cfg.seed, **cfg.mask)
     head = model.heads[-1]
-    rows = collect_rows(model, val_set, collator, e.head_images, e.batch_size, device)
+    rows = collect_rows(model, val_set, ImageMasks(cfg, model), e.head_images, e.batch_size, device)
     metrics["head"], candidate_energy = head_metrics(head, rows, e)
     n = min(e.head_images, len(labels))
     per_image = rows.first_per_image(e.energy_tokens_per_image)

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
 from ..heads import Head
-from ..masks import MaskCollator
+from ..masks import ImageMasks
 from ..model import JEPA
 from .calibration import (
     apply_temperature,
@@ -51,18 +51,18 @@ class Rows:
 
 @torch.no_grad()
 def collect_rows(
-    model: JEPA, dataset: Dataset, collator: MaskCollator, num_images: int, batch_size: int, device: torch.device
+    model: JEPA, dataset: Dataset, masks: ImageMasks, num_images: int, batch_size: int, device: torch.device
 ) -> Rows:
-    """Mask the first ``num_images`` images (evaluation draws) and gather ``cond`` / target rows of the
-    coarsest predicted level — the level the probes read, of the same width for every backbone."""
+    """Mask the first ``num_images`` images (evaluation draws of the first mask spec) and gather ``cond`` / target
+    rows of the coarsest predicted level — the level the probes read, of the same width for every backbone."""
     conds, targets, images = [], [], []
     loader = DataLoader(torch.utils.data.Subset(dataset, range(min(num_images, len(dataset)))), batch_size=batch_size)
     for b, (x, _) in enumerate(loader):
         x = x.to(device)
-        masks = collator(len(x), EVAL_DRAWS + b).to(device)
+        m = masks(len(x), EVAL_DRAWS + b)[0].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            cond = model.predict(x, masks.context, masks.targets).cond
-            y = model.gather_targets(model.target_features(x), masks.targets)
+            cond = model.predict(x, m.context, m.targets).cond
+            y = model.gather_targets(model.target_features(x), m.targets)
         c, t = cond[-1].float(), y[-1].float()  # [B, M, N, C], [B, M, N, D]
         conds.append(c.flatten(0, 2).cpu())
         targets.append(t.flatten(0, 2).cpu())

@@ -1,6 +1,5 @@
 """Hypermodal JIN: several modalities in one embedding space, cross-modal JEPA and alignment."""
 from .build import ENCODERS, build_hypermodal, build_modality_encoder
-from .masks import ModalityMask, coordinate_block_masks
 from .model import HypermodalJEPA
 from .objectives import (
     PHASES, Task, energy_alignment, hypermodal_terms, info_nce, jin_energy_alignment, m3_tasks, modality_dropout,
@@ -8,8 +7,8 @@ from .objectives import (
 )
 
 __all__ = [
-    "ENCODERS", "PHASES", "HypermodalJEPA", "ModalityMask", "Task",
-    "build_hypermodal", "build_modality_encoder", "coordinate_block_masks", "energy_alignment", "hypermodal_terms",
+    "ENCODERS", "PHASES", "HypermodalJEPA", "Task",
+    "build_hypermodal", "build_modality_encoder", "energy_alignment", "hypermodal_terms",
     "info_nce", "jin_energy_alignment",
     "m3_tasks", "modality_dropout", "pair_energy", "phase_at", "plan_tasks",
 ]

@@ -121,24 +121,20 @@ def build_modality_encoder(name: str, cfg: DictConfig) -> ModalityEncoder:
 
 
 def check_composition(cfg: DictConfig) -> None:
-    """``model.*`` is composed exactly when ``hypermodal.image.backbone`` names it, and ``mask.*`` never (each
-    modality's masks are ``hypermodal.mask.<modality>``), so a run's ``config.yaml`` claims only what it trained.
+    """``model.*`` is composed exactly when ``hypermodal.image.backbone`` names it, so a run's ``config.yaml`` claims
+    only what it trained.
 
     Raises:
         ConfigError: naming the keys.
     """
-    backbone = cfg.hypermodal.image.backbone
-    composed = [key for key in ("model", "mask") if key in cfg]
-    unread = [f"{key}.*" for key in composed if key == "mask" or backbone is None]
-    if unread:
+    backbone, model = cfg.hypermodal.image.backbone, cfg.get("model")
+    if model is not None and backbone is None:
         raise ConfigError(
-            f"{' and '.join(unread)} {'is' if len(unread) == 1 else 'are'} not read by the hypermodal model: its "
-            f"masks are hypermodal.mask.<modality>, and its image encoder is "
-            + ("the flat patch encoder (hypermodal.image.patch_size, hypermodal.dim, hypermodal.encoder_depth) while "
-               "hypermodal.image.backbone is null; experiment=hypermodal_shapes sets it to JIN's hierarchical encoder "
-               "(model=…)" if backbone is None else f"model={backbone}")
-            + ". Leave the others out. (A run saved before hypermodal configs dropped them holds them in its "
-              "config.yaml and was trained without the spatial bias: this version cannot rebuild it.)"
+            "model.* is not read by the hypermodal model: its image encoder is the flat patch encoder "
+            "(hypermodal.image.patch_size, hypermodal.dim, hypermodal.encoder_depth) while hypermodal.image.backbone "
+            "is null; experiment=hypermodal_shapes sets it to JIN's hierarchical encoder (model=…). Leave it out. (A "
+            "run saved before hypermodal configs dropped it holds it in its config.yaml and was trained without the "
+            "spatial bias: this version cannot rebuild it.)"
         )
     hierarchical = list(cfg.hypermodal.hierarchy.modalities)
     if backbone is None:
@@ -152,9 +148,9 @@ def check_composition(cfg: DictConfig) -> None:
         return
     if "image" not in cfg.hypermodal.modalities:
         raise ConfigError(f"hypermodal.image.backbone={backbone} but hypermodal.modalities has no image")
-    if "model" not in composed or cfg.model.name != backbone:
-        found = cfg.model.name if "model" in composed else None
-        raise ConfigError(f"hypermodal.image.backbone={backbone} needs model={backbone} composed (it is {found}): "
+    if model is None or model.name != backbone:
+        raise ConfigError(f"hypermodal.image.backbone={backbone} needs model={backbone} composed (it is "
+                          f"{None if model is None else model.name}): "
                           f"experiment=hypermodal_shapes does both")
     if cfg.model.get("ablation") is not None:
         raise ConfigError(f"ablation={cfg.model.ablation} (model.ablation) rows are image runs: in a hypermodal run the "

@@ -15,10 +15,10 @@ from jin.layers import Stage
 
 from ..ema import ContextTargetPair
 from ..heads import Head
+from ..masks import Masks
 from ..predictor import Predictor, PredictorOutput
 from ..regularizers import SIGReg
-from ..step import Predicted, Predictions
-from .masks import ModalityMask
+from ..step import Predicted, Predictions, mean_over
 from .objectives import Task
 
 
@@ -119,12 +119,12 @@ class HypermodalJEPA(ContextTargetPair):
         """Frozen representation ``[B, D]``: the target encoder's mean token (as I-JEPA probes)."""
         return self.target_encoder.pooled(name, x)
 
-    def target_tokens(self, name: str, mask: ModalityMask) -> torch.Tensor:
+    def target_tokens(self, name: str, mask: Masks) -> torch.Tensor:
         """``[B, T]``: indices of the tokens of ``mask``'s target units among all tokens of modality ``name``."""
         return self.context_encoder.encoder(name).unit_tokens(mask.targets).flatten(1)
 
     def predict(self, context: Mapping[str, Tokens], coords: Mapping[str, torch.Tensor],
-                masks: Mapping[str, ModalityMask], tasks: Sequence[Task], gate: int) -> PredictorOutput:
+                masks: Mapping[str, Masks], tasks: Sequence[Task], gate: int) -> PredictorOutput:
         """``cond [B, T, P]`` of every task's target tokens (:meth:`target_tokens`), in one predictor pass, and its
         MoE balance loss."""
         names = list(context)
@@ -137,32 +137,42 @@ class HypermodalJEPA(ContextTargetPair):
             sources[t, [names.index(s) for s in task.sources]] = True
         return self.predictor(list(context.values()), queries, sources, gate=gate)
 
-    def forward(self, inputs: Mapping[str, torch.Tensor], masks: Mapping[str, ModalityMask],
+    def forward(self, inputs: Mapping[str, torch.Tensor], masks: Mapping[str, Sequence[Masks]],
                 tasks: Sequence[Task], gate: int = 0, align: bool = True) -> Predictions:
         """One step's predictions.
 
         Args:
             inputs: ``{modality: batch}`` of the present modalities.
-            masks: ``{modality: ModalityMask}`` for the same modalities (the order is the context order).
-            tasks: the predictions to make (term ``jepa/<task.kind>``); align: the step aligns the modalities
-                (``Predictions.pooled`` holds each modality's ``z [B, E]``; empty otherwise).
+            masks: ``{modality: [Masks, …]}`` for the same modalities (the order is the context order), one per
+                mask set: set ``s`` encodes every modality's context ``s`` and makes every task on its targets ``s``
+                (V-JEPA's several masks of one input; the target encoder runs once).
+            tasks: the predictions to make in each set (term ``jepa/<task.kind>``); align: the step aligns the
+                modalities (``Predictions.pooled`` holds each modality's ``z [B, E]`` of its mean context token,
+                averaged over the sets; empty otherwise).
             gate: the mixture-of-experts gate that routes this step's predictions.
         """
         names = list(masks)
         with torch.no_grad():
             full = {m: self.target_encoder(m, inputs[m]) for m in names}
         targets = {m: F.layer_norm(t.features, t.features.shape[-1:]) for m, t in full.items()}
-        ctx = {m: self.context_encoder(m, inputs[m], masks[m].context) for m in names}
-        predicted, balance = [], None
-        if tasks:  # a phase may make no prediction and train the alignment only
-            conds, balance = self.predict(ctx, {m: t.coords for m, t in full.items()}, masks, tasks, gate)
-            parts = {m: self.context_encoder.encoder(m).level_positions(masks[m].targets) for m in names}
-            predicted = [
-                Predicted(f"jepa/{task.kind}", 0, cond,
-                          gather_tokens(targets[task.target], self.target_tokens(task.target, masks[task.target])),
-                          parts[task.target])
-                for task, cond in zip(tasks, conds)
-            ]
-        pooled = {m: self.align(m, c.features.mean(1)) for m, c in ctx.items()} if align and len(names) > 1 else {}
-        hierarchies = [c.levels for c in ctx.values() if c.levels]
+        coords = {m: t.coords for m, t in full.items()}
+        predicted, balances, hierarchies, means = [], [], [], {m: [] for m in names}
+        for s in range(len(next(iter(masks.values())))):
+            sets = {m: masks[m][s] for m in names}
+            ctx = {m: self.context_encoder(m, inputs[m], sets[m].context) for m in names}
+            if tasks:  # a phase may make no prediction and train the alignment only
+                conds, balance = self.predict(ctx, coords, sets, tasks, gate)
+                balances.append(balance)
+                parts = {m: self.context_encoder.encoder(m).level_positions(sets[m].targets) for m in names}
+                predicted += [
+                    Predicted(f"jepa/{task.kind}", 0, cond,
+                              gather_tokens(targets[task.target], self.target_tokens(task.target, sets[task.target])),
+                              parts[task.target])
+                    for task, cond in zip(tasks, conds)
+                ]
+            hierarchies += [c.levels for c in ctx.values() if c.levels]
+            for m, c in ctx.items():
+                means[m].append(c.features.mean(1))
+        pooled = {m: self.align(m, mean_over(z)) for m, z in means.items()} if align and len(names) > 1 else {}
+        balance = mean_over(balances) if balances and balances[0] is not None else None
         return Predictions(predicted, targets, hierarchies=hierarchies, pooled=pooled, balance=balance)

@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 from ..config import ConfigError
 from ..data import seed_for
 from ..distributed import DistInfo
-from .masks import coordinate_block_masks
+from ..masks import MaskCollator, MaskSpec, MaskUnits, build_mask_specs
 from .model import HypermodalJEPA
 from .objectives import check_curriculum, m3_tasks, modality_dropout, phase_at, plan_tasks
 
@@ -18,7 +18,10 @@ class HypermodalPlanner:
     """The hypermodal JEPA's :class:`~prob_jepa.step.StepPlanner`.
 
     Each micro-batch draws, from one generator seeded by (seed, rank, step, micro-batch): the modalities that take
-    part (modality dropout, in the ``full`` phase), then a block mask per modality from its token coordinates. The
+    part (modality dropout, in the ``full`` phase), then each modality's masks from its mask units
+    (:class:`~prob_jepa.masks.MaskUnits`: coordinates, grid, content), one per spec of ``mask.<modality>``. Mask set
+    ``s`` of the step takes spec ``s mod len(mask.<modality>)`` of every modality; there are as many sets as the
+    longest list of the present modalities has specs. The
     curriculum phase (``hypermodal.curriculum``) decides which predictions are made and whether the modalities are
     aligned; with ``hypermodal.m3`` the step instead trains M3-JEPA's directional task ``step mod gates`` through
     its gate. A task whose term is weighted 0 is not made (it would cost compute and train nothing).
@@ -28,27 +31,46 @@ class HypermodalPlanner:
                  total_steps: int):
         self.cfg, self.model, self.info = cfg, model, info
         self.micro, self.total_steps = micro, total_steps
+        self.specs = self.mask_specs()
 
-    def check(self) -> None:
-        """Every step of the run can be computed: each modality has a mask that leaves a context, each curriculum
-        phase has a loss, and the micro-batch feeds the alignment's batch norm. (Masks need no draw ahead: each
-        step's blocks come from the tokens' coordinates, with sizes fixed by ``hypermodal.mask`` and no redraw that
-        could give up.)
+    def mask_specs(self) -> dict[str, list[MaskSpec]]:
+        """Every modality's mask specs (``mask.<modality>``), built on its encoder's units.
 
         Raises:
-            ConfigError: naming the ``hypermodal.*`` / ``trainer.*`` keys.
+            ConfigError: a modality of ``hypermodal.modalities`` without an entry in ``mask``, or an invalid list
+                (:func:`~prob_jepa.masks.build_mask_specs`).
+        """
+        modalities, mask = list(self.cfg.hypermodal.modalities), self.cfg.get("mask") or {}
+        missing = [m for m in modalities if m not in mask]
+        if missing:
+            raise ConfigError(f"mask has no entry for {missing} (a list of mask specs per modality of "
+                              f"hypermodal.modalities); it has {', '.join(mask) or 'none'}")
+        specs = {}
+        for name in modalities:
+            encoder = self.model.context_encoder.encoder(name)
+            specs[name] = build_mask_specs(mask[name], f"mask.{name}", encoder.num_units, encoder.unit_grid,
+                                           seed=self.cfg.seed)
+        return specs
+
+    def check(self, multiblock_draws: int = 200) -> None:
+        """Every step of the run can be computed: each modality's mask specs leave a context (checked when they
+        were built), each curriculum phase has a loss, and the micro-batch feeds the alignment's batch norm. A
+        ``blocks`` spec has static sizes and no redraw that could give up; a ``multiblock`` spec redraws images
+        whose context is too small, and its draws here share one generator with the modality dropout, so
+        ``multiblock_draws`` draws of its own stand in for the run's.
+
+        Raises:
+            ConfigError: naming the ``mask.*`` / ``hypermodal.*`` / ``trainer.*`` keys.
         """
         h = self.cfg.hypermodal
-        missing = [m for m in h.modalities if m not in h.mask]
-        if missing:
-            raise ConfigError(f"hypermodal.mask has no entry for {missing}; it has {', '.join(h.mask)}")
-        for name in h.modalities:
-            spec, units = h.mask[name], self.model.context_encoder.encoder(name).num_units
-            if spec.num_targets * spec.target_size >= units:
-                raise ConfigError(
-                    f"hypermodal.mask.{name}: {spec.num_targets} target blocks (num_targets) of {spec.target_size} "
-                    f"mask units (target_size) leave no context among the modality's {units} mask units"
-                )
+        for name, specs in self.specs.items():
+            for s, spec in enumerate(specs):
+                if isinstance(spec, MaskCollator):
+                    for draw in range(multiblock_draws):
+                        try:
+                            spec(self.micro, draw)
+                        except ValueError as e:
+                            raise ConfigError(f"mask.{name}.{s}: {e}") from e
         if not h.m3.enabled:
             check_curriculum(h.curriculum, h.objectives)
         if self.micro < 2:
@@ -58,7 +80,7 @@ class HypermodalPlanner:
             )
 
     def __call__(self, batch, step: int, micro: int) -> dict[str, Any]:
-        """``{"inputs": {modality: batch}, "masks": {modality: ModalityMask}, "tasks", "gate", "align"}`` on the
+        """``{"inputs": {modality: batch}, "masks": {modality: [Masks per set]}, "tasks", "gate", "align"}`` on the
         training device (the keyword inputs of :meth:`HypermodalJEPA.forward`)."""
         inputs, _ = batch
         h = self.cfg.hypermodal
@@ -73,13 +95,14 @@ class HypermodalPlanner:
             tasks, gate = plan_tasks(present, phase, step), 0
             tasks = [t for t in tasks if h.objectives[t.kind] > 0]
         masks = {}
+        sets = max((len(self.specs[n]) for n in present), default=0)
         for name in present:
-            spec = h.mask[name]
-            coords = self.model.unit_coords(name, inputs[name])
             encoder = self.model.context_encoder.encoder(name)
-            masks[name] = coordinate_block_masks(coords, encoder.mask_weights, spec.num_targets, spec.target_size, g,
-                                                 encoder.unit_content(inputs[name]))
+            units = MaskUnits(self.model.unit_coords(name, inputs[name]), encoder.mask_weights, encoder.unit_grid,
+                              encoder.unit_content(inputs[name]))
+            specs = self.specs[name]
+            masks[name] = [specs[s % len(specs)].sample(units, g) for s in range(sets)]
         device = self.info.device
         return {"inputs": {n: inputs[n].to(device, non_blocking=True) for n in present},
-                "masks": {n: mk.to(device) for n, mk in masks.items()},
+                "masks": {n: [mk.to(device) for mk in sets_] for n, sets_ in masks.items()},
                 "tasks": tasks, "gate": gate, "align": phase != "single"}
