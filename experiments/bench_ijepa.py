@@ -58,6 +58,7 @@ from omegaconf import OmegaConf
 from bench import CONF, build_trainer
 from prob_jepa.config import compose_config
 from prob_jepa.eval.summary import markdown_table
+from prob_jepa.masks import complete_mask_specs
 
 CHECK_STEPS = 20
 
@@ -98,7 +99,7 @@ class OfficialStep:
         if len(cfg.mask.image) != 1 or cfg.mask.image[0].kind != "multiblock":
             raise ValueError(f"mask.image={OmegaConf.to_container(cfg.mask.image)}: their collator draws one "
                              f"multi-block spec; give one (kind: multiblock)")
-        mask = cfg.mask.image[0]
+        mask = complete_mask_specs(cfg).mask.image[0]  # every option, defaults included
         torch.manual_seed(cfg.seed)
         self.encoder, self.predictor = init_model(
             device=torch.device("cpu"), patch_size=m.patch_size, crop_size=cfg.data.image_size,

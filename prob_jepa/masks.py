@@ -10,9 +10,9 @@ from typing import NamedTuple, Protocol, Sequence
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .config import ConfigError, is_count
+from .config import ConfigError, is_count, is_finite_number
 from .distributed import DistInfo
 
 EMPTY_DISTANCE = 1e3  # added to an empty unit's distance: beyond every weighted L∞ distance of coordinates in [0, 1]
@@ -63,10 +63,13 @@ class MaskSpec(Protocol):
     def sample(self, units: MaskUnits, generator: torch.Generator) -> Masks: ...
 
 
-def mask_generator(seed: int, draw: int, spec: int = 0) -> torch.Generator:
-    """The generator of draw ``draw`` of mask spec ``spec`` (its index in the modality's list) under ``seed``."""
-    keys = [seed, draw] + ([spec] if spec else [])
-    state = np.random.SeedSequence(keys).generate_state(2, dtype=np.uint32)
+def mask_generator(seed: int, draw: int, *keys: int) -> torch.Generator:
+    """The generator of draw ``draw`` under ``seed`` and further ``keys`` (a spec's index in its modality's list, the
+    modality's index); trailing zero keys are dropped, so spec 0 of the image draws as before specs had an index."""
+    keys = list(keys)
+    while keys and keys[-1] == 0:
+        keys.pop()
+    state = np.random.SeedSequence([seed, draw, *keys]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
@@ -107,8 +110,9 @@ class MaskCollator:
         key: the config key of these options, named by errors (``mask.image.0``).
 
     Raises:
-        ValueError: ``context_quantile`` outside (0, 1], ``num_targets`` below 1, a scale range outside (0, 1] or
-            reversed, an aspect range not positive or reversed (each a :class:`~prob_jepa.config.ConfigError`), no
+        ValueError: ``context_quantile`` not a number in (0, 1], ``num_targets`` or ``min_keep`` not a positive
+            count, a scale range not two numbers in (0, 1] or reversed, an aspect range not two positive numbers or
+            reversed (each a :class:`~prob_jepa.config.ConfigError` naming ``key``), no
             block of ``target_aspect`` fits the grid, or (on a draw) some image cannot keep ``K_c`` context units
             after :attr:`max_redraws` redraws.
 
@@ -133,15 +137,17 @@ class MaskCollator:
         seed: int = 0,
         key: str = "mask",
     ):
-        if not 0 < context_quantile <= 1:
-            raise ConfigError(f"{key}.context_quantile={context_quantile} must lie in (0, 1]")
-        if not is_count(num_targets):
-            raise ConfigError(f"{key}.num_targets={num_targets!r} must be a positive number of target blocks")
-        for name, (low, high), top in (("target_scale", target_scale, 1.0), ("context_scale", context_scale, 1.0),
-                                      ("target_aspect", target_aspect, math.inf),
-                                      ("context_aspect", context_aspect, math.inf)):
-            if not 0 < low <= high <= top:
-                raise ConfigError(f"{key}.{name}=[{low}, {high}] must be a range [low, high] with 0 < low <= high"
+        if not (is_finite_number(context_quantile) and 0 < context_quantile <= 1):
+            raise ConfigError(f"{key}.context_quantile={context_quantile!r} must lie in (0, 1]")
+        for name, value, what in (("num_targets", num_targets, "target blocks"), ("min_keep", min_keep, "context units")):
+            if not is_count(value):
+                raise ConfigError(f"{key}.{name}={value!r} must be a positive number of {what}")
+        for name, bounds, top in (("target_scale", target_scale, 1.0), ("context_scale", context_scale, 1.0),
+                                  ("target_aspect", target_aspect, math.inf),
+                                  ("context_aspect", context_aspect, math.inf)):
+            if not is_range(bounds, top):
+                shown = f"[{', '.join(map(str, bounds))}]" if isinstance(bounds, (list, tuple)) else repr(bounds)
+                raise ConfigError(f"{key}.{name}={shown} must be a range [low, high] with 0 < low <= high"
                                   + (" <= 1 (a share of the image)" if top == 1.0 else " (heights / widths)"))
         self.grid = grid
         self.num_targets = num_targets
@@ -260,6 +266,12 @@ class MaskCollator:
     def _context(self, t_top, t_left, th, tw, c_top, c_left, ch, cw) -> torch.Tensor:
         targets = self.block_mask(t_top, t_left, th, tw).any(dim=1)
         return self.block_mask(c_top, c_left, ch, cw) & ~targets
+
+
+def is_range(bounds: object, top: float) -> bool:
+    """``bounds`` is ``[low, high]``: two finite numbers with ``0 < low <= high <= top``."""
+    return (isinstance(bounds, (list, tuple)) and len(bounds) == 2 and all(is_finite_number(b) for b in bounds)
+            and 0 < bounds[0] <= bounds[1] <= top)
 
 
 def block_shapes(grid: int, scale: tuple[float, float], aspect: tuple[float, float]) -> list[tuple[int, int]]:
@@ -391,19 +403,26 @@ class CoordinateBlocks:
 MASK_KINDS: dict[str, type] = {"multiblock": MaskCollator, "blocks": CoordinateBlocks}
 
 
+def spec_options(kind: str) -> dict[str, inspect.Parameter]:
+    """The options a spec of ``kind`` takes in a config (its constructor's parameters less the geometry and the key)."""
+    params = inspect.signature(MASK_KINDS[kind].__init__).parameters
+    return {n: p for n, p in params.items() if n not in ("self", "key", "seed", "grid", "num_units")}
+
+
 def build_mask_specs(specs, key: str, num_units: int, grid: int | None, seed: int = 0) -> list[MaskSpec]:
     """The mask specs of one modality's config list (``mask.<modality>``), in order.
 
     Args:
-        specs: a list of mappings, each with ``kind`` (a key of :data:`MASK_KINDS`) and that kind's options.
+        specs: a list of mappings, each with ``kind`` (a key of :data:`MASK_KINDS`) and that kind's options (an
+            option with a default may be left out: :func:`complete_mask_specs` writes it into the run's config).
         key: the config key of the list (``mask.image``); errors name ``{key}.{i}.<option>``.
         num_units, grid: the modality's mask units, and units per side when they tile a square grid (``None``:
             they do not, and ``multiblock`` cannot draw them).
         seed: the run's seed (``MaskCollator(batch_size, draw)``).
 
     Raises:
-        ConfigError: not a non-empty list; an entry without a known ``kind``; options the kind does not take
-            (naming the valid ones); ``multiblock`` for units without a grid; options the kind rejects.
+        ConfigError: not a non-empty list; an entry without a known ``kind``; options the kind does not take or
+            lacks (naming the valid ones); ``multiblock`` for units without a grid; a value the kind rejects.
     """
     if not (OmegaConf.is_list(specs) or isinstance(specs, (list, tuple))) or len(specs) == 0:
         raise ConfigError(f"{key}={specs!r} must be a non-empty list of mask specs, e.g. [{{kind: blocks, "
@@ -412,30 +431,49 @@ def build_mask_specs(specs, key: str, num_units: int, grid: int | None, seed: in
     for i, spec in enumerate(specs):
         at = f"{key}.{i}"
         options = OmegaConf.to_container(spec, resolve=True) if OmegaConf.is_config(spec) else spec
-        if not isinstance(options, dict) or options.get("kind") not in MASK_KINDS:
-            kind = options.get("kind") if isinstance(options, dict) else options
+        kind = options.get("kind") if isinstance(options, dict) else options
+        if not isinstance(kind, str) or kind not in MASK_KINDS:
             raise ConfigError(f"{at}.kind={kind!r}; valid: {', '.join(MASK_KINDS)}")
-        options = dict(options)
-        kind = options.pop("kind")
-        cls = MASK_KINDS[kind]
-        valid = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "key", "seed", "grid",
-                                                                                     "num_units")]
+        options = {k: v for k, v in options.items() if k != "kind"}
+        valid = spec_options(kind)
         unknown = sorted(set(options) - set(valid))
-        if unknown:
-            raise ConfigError(f"{at}: kind {kind} takes no option(s) {unknown}; valid: {', '.join(valid)}")
-        if cls is MaskCollator:
-            if grid is None:
-                raise ConfigError(f"{at}.kind=multiblock needs mask units on a square grid, which this modality's "
-                                  f"encoder does not have; valid here: blocks")
-            try:
-                built.append(MaskCollator(grid=grid, seed=seed, key=at, **options))
-            except ConfigError:  # already names its key
-                raise
-            except ValueError as e:  # no block of the aspect range fits the grid
-                raise ConfigError(f"{at}: {e}") from e
-        else:
-            built.append(CoordinateBlocks(num_units, key=at, **options))
+        missing = [n for n, p in valid.items() if p.default is inspect.Parameter.empty and n not in options]
+        if unknown or missing:
+            raise ConfigError(f"{at}: kind {kind} " + (f"takes no option(s) {unknown}" if unknown else
+                                                       f"needs option(s) {missing}")
+                              + f"; valid: {', '.join(valid)}")
+        if kind == "multiblock" and grid is None:
+            raise ConfigError(f"{at}.kind=multiblock needs mask units on a square grid, which this modality's "
+                              f"encoder does not have; valid here: blocks")
+        geometry = {"grid": grid, "seed": seed} if kind == "multiblock" else {"num_units": num_units}
+        try:
+            built.append(MASK_KINDS[kind](**geometry, key=at, **options))
+        except ConfigError:  # already names its option
+            raise
+        except (TypeError, ValueError) as e:  # e.g. no block of the aspect range fits the grid
+            raise ConfigError(f"{at}: {e}") from e
     return built
+
+
+def complete_mask_specs(cfg: DictConfig) -> DictConfig:
+    """Write the default of every option a mask spec of ``cfg.mask`` leaves out into ``cfg`` (in place; returns it),
+    so that the run's ``config.yaml`` holds every number its masks were drawn with. Entries that are not specs of a
+    known kind are left for :func:`build_mask_specs` to refuse by name."""
+    mask = cfg.get("mask")
+    if mask is None:
+        return cfg
+    with open_dict(cfg):
+        for specs in mask.values():
+            if not OmegaConf.is_list(specs):
+                continue
+            for spec in specs:
+                if not OmegaConf.is_dict(spec) or not isinstance(spec.get("kind"), str) or spec.kind not in MASK_KINDS:
+                    continue
+                for name, param in spec_options(spec.kind).items():
+                    if name not in spec and param.default is not inspect.Parameter.empty:
+                        default = param.default
+                        spec[name] = list(default) if isinstance(default, tuple) else default
+    return cfg
 
 
 class ImageMasks:
@@ -459,9 +497,19 @@ class ImageMasks:
         self.centres = enc.coords(enc.levels - 1)[0, :, 0].detach().cpu()  # [U, 3]: the top-level token of each unit
 
     def __call__(self, batch_size: int, draw: int) -> list[Masks]:
-        """One :class:`Masks` per spec for ``batch_size`` images, on the CPU."""
+        """One :class:`Masks` per spec for ``batch_size`` images, on the CPU.
+
+        Raises:
+            ValueError: a multi-block spec gave up redrawing (naming ``mask.image.<index>``).
+        """
         units = MaskUnits(self.centres.expand(batch_size, -1, -1), (1.0, 1.0, 0.0), self.grid)
-        return [spec.sample(units, mask_generator(self.seed, draw, s)) for s, spec in enumerate(self.specs)]
+        masks = []
+        for s, spec in enumerate(self.specs):
+            try:
+                masks.append(spec.sample(units, mask_generator(self.seed, draw, s)))
+            except ValueError as e:  # a multi-block draw that gave up redrawing
+                raise ValueError(f"mask.image.{s}: {e}") from e
+        return masks
 
 
 class ImagePlanner:
@@ -492,7 +540,7 @@ class ImagePlanner:
                 self.masks(self.micro * self.info.world_size, draw)
             except ValueError as e:
                 step = draw // self.accum + 1
-                raise ConfigError(f"the masks of step {step} cannot be drawn (mask.image): {e}") from e
+                raise ConfigError(f"the masks of step {step} cannot be drawn: {e}") from e
 
     def __call__(self, batch, step: int, micro: int) -> dict:
         """``{"images": [B, C, H, W], "masks": [Masks per spec]}`` on the training device."""

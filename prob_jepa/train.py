@@ -29,6 +29,7 @@ from .data import GlobalBatchSampler, SeededDataset, build_datasets, seed_for
 from .distributed import DistInfo, any_rank, barrier, gradient_sync, init_distributed, mean_over_ranks, wrap_model
 from .eval.diagnostics import effective_rank, feature_std
 from .eval.probe_curve import ProbeCurve, probe_curve
+from .masks import complete_mask_specs
 from .preflight import check_gradients, preflight_evaluation
 from .recipes import recipe_of
 from .run_dir import RunDir, with_added_keys
@@ -463,9 +464,11 @@ def check_resumable(run: RunDir, cfg: DictConfig) -> None:
 
 
 def flat_keys(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` → ``{"a.b": 1}``; lists and scalars are values."""
+    """``{"a": {"b": 1}, "c": [{"d": 2}]}`` → ``{"a.b": 1, "c.0.d": 2}``; other lists and scalars are values."""
     if isinstance(tree, dict) and tree:
         return {k: v for key, child in tree.items() for k, v in flat_keys(child, f"{prefix}{key}.").items()}
+    if isinstance(tree, list) and tree and all(isinstance(item, dict) for item in tree):  # a list of mask specs
+        return {k: v for i, child in enumerate(tree) for k, v in flat_keys(child, f"{prefix}{i}.").items()}
     return {prefix[:-1]: tree}
 
 
@@ -483,6 +486,7 @@ def pretrain(
         :class:`TrainResult` with the run directory and the evaluation metrics.
     """
     recipe = recipe_of(cfg)  # a recipe without the nodes it reads fails before anything is written
+    complete_mask_specs(cfg)  # config.yaml holds every option of every mask spec it trains with
     info = init_distributed(cfg.trainer.device)
     run = RunDir(run_dir if run_dir is not None else Path("runs") / time.strftime("%Y-%m-%d_%H-%M-%S"))
     probe_set = train_set

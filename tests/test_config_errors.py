@@ -40,6 +40,13 @@ ROOT = Path(__file__).resolve().parents[1]
      r"mask\.image\.0: kind blocks takes no option\(s\) \['scale'\]; valid: num_targets, target_size"),
     ("mask.image=[{kind:multiblock},{kind:blocks,num_targets:8,target_size:8}]",
      r"mask\.image\.1: 8 target blocks .* of 8 mask units .* leave no context among the modality's 64 mask units"),
+    ("mask.image=[{kind:blocks}]",
+     r"mask\.image\.0: kind blocks needs option\(s\) \['num_targets', 'target_size'\]; valid: num_targets, target_size"),
+    ("mask.image.0.target_scale=0.2", r"mask\.image\.0\.target_scale=0\.2 must be a range \[low, high\]"),
+    ("mask.image.0.target_scale=[0.1,0.2,0.3]", r"mask\.image\.0\.target_scale=\[0\.1, 0\.2, 0\.3\] must be a range"),
+    ("mask.image.0.context_quantile=abc", r"mask\.image\.0\.context_quantile='abc' must lie in \(0, 1\]"),
+    ("mask.image.0.kind=[a]", r"mask\.image\.0\.kind=\['a'\]; valid: multiblock, blocks"),
+    ("mask.image.0.min_keep=0", r"mask\.image\.0\.min_keep=0 must be a positive number of context units"),
     ("+mask.audio=[{kind:blocks,num_targets:1,target_size:1}]", r"mask has entries for \['audio'\]: the image recipe "
      r"reads mask\.image only"),
     ("model.level_weights=[nan]", r"model.level_weights=\[nan\] must give a finite weight >= 0"),

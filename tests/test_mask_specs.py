@@ -151,3 +151,41 @@ def test_a_run_saved_before_mask_lists_reads_its_masks_as_a_one_spec_list():
         "text": [{"kind": "blocks", "num_targets": 2, "target_size": 3}]}
     current = with_added_keys(OmegaConf.create({"mask": {"image": [{"kind": "multiblock"}]}}))
     assert OmegaConf.to_container(current.mask) == {"image": [{"kind": "multiblock"}]}
+
+
+def test_the_run_saves_every_option_of_a_short_spec_and_a_resume_names_the_changed_one(tiny_overrides, compose,
+                                                                                          tmp_path):
+    """``{kind: multiblock}`` trains with MaskCollator's defaults, which equal conf/mask/multiblock.yaml's numbers;
+    config.yaml holds them, and a resume that changes one option of the second spec is refused naming it."""
+    from omegaconf import OmegaConf
+
+    from prob_jepa.masks import complete_mask_specs, spec_options
+    from prob_jepa.run_dir import RunDir
+    from prob_jepa.train import pretrain
+
+    default = OmegaConf.to_container(compose().mask.image[0])
+    short = OmegaConf.to_container(complete_mask_specs(compose("mask.image=[{kind:multiblock}]")).mask.image[0])
+    assert short == default and set(default) == {"kind", *spec_options("multiblock")}
+    two = "mask.image=[{kind:multiblock,min_keep:2},{kind:blocks,num_targets:2,target_size:3}]"
+    run = tmp_path / "run"
+    pretrain(compose(*tiny_overrides, two, "trainer.max_steps=1", "eval.enabled=false"), run_dir=run)
+    saved = RunDir(run).load_config().mask.image
+    assert OmegaConf.to_container(saved[0]) == {**default, "min_keep": 2} and saved[1].target_size == 3
+    changed = two.replace("target_size:3", "target_size:4")
+    with pytest.raises(ConfigError, match=r"mask\.image\.1\.target_size: 3 -> 4"):
+        pretrain(compose(*tiny_overrides, changed, "trainer.max_steps=2", "eval.enabled=false"), run_dir=run)
+
+
+def test_hypermodal_mask_entries_name_modalities_and_multiblock_draws_are_checked_before_step_1(compose):
+    """A typo in a modality's name is refused, listing the modalities; a multi-block spec whose contexts cannot be
+    drawn fails in the planner's check (its draws have a generator of their own, replayed there)."""
+    with pytest.raises(ConfigError, match=r"\['imgae'\] are no modality; valid: image, audio"):
+        hypermodal_planner(compose, "+mask.imgae=[{kind:blocks,num_targets:1,target_size:1}]")
+    planner, _, _ = hypermodal_planner(compose, "mask.image=[{kind:multiblock,num_targets:2,min_keep:60}]")
+    with pytest.raises(ConfigError, match=r"the masks of step 1 cannot be drawn: mask\.image\.0: .*redraws"):
+        planner.check()
+    planner, _, _ = hypermodal_planner(compose, "mask.image=[{kind:multiblock,num_targets:2,min_keep:2}]")
+    planner.check()
+    first = planner.multiblock("image", 0, step=3, micro=0)
+    assert torch.equal(first.targets, planner.multiblock("image", 0, step=3, micro=0).targets)
+    assert not torch.equal(first.targets, planner.multiblock("image", 0, step=4, micro=0).targets)
