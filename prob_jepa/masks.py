@@ -139,7 +139,8 @@ class MaskCollator:
     ):
         if not (is_finite_number(context_quantile) and 0 < context_quantile <= 1):
             raise ConfigError(f"{key}.context_quantile={context_quantile!r} must lie in (0, 1]")
-        for name, value, what in (("num_targets", num_targets, "target blocks"), ("min_keep", min_keep, "context units")):
+        counts = (("num_targets", num_targets, "target blocks"), ("min_keep", min_keep, "context units"))
+        for name, value, what in counts:
             if not is_count(value):
                 raise ConfigError(f"{key}.{name}={value!r} must be a positive number of {what}")
         for name, bounds, top in (("target_scale", target_scale, 1.0), ("context_scale", context_scale, 1.0),

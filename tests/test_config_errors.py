@@ -41,7 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
     ("mask.image=[{kind:multiblock},{kind:blocks,num_targets:8,target_size:8}]",
      r"mask\.image\.1: 8 target blocks .* of 8 mask units .* leave no context among the modality's 64 mask units"),
     ("mask.image=[{kind:blocks}]",
-     r"mask\.image\.0: kind blocks needs option\(s\) \['num_targets', 'target_size'\]; valid: num_targets, target_size"),
+     r"mask\.image\.0: kind blocks needs option\(s\) \['num_targets', 'target_size'\]; valid: num_targets, "
+     r"target_size"),
     ("mask.image.0.target_scale=0.2", r"mask\.image\.0\.target_scale=0\.2 must be a range \[low, high\]"),
     ("mask.image.0.target_scale=[0.1,0.2,0.3]", r"mask\.image\.0\.target_scale=\[0\.1, 0\.2, 0\.3\] must be a range"),
     ("mask.image.0.context_quantile=abc", r"mask\.image\.0\.context_quantile='abc' must lie in \(0, 1\]"),
