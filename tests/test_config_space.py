@@ -21,7 +21,7 @@ HEAD_KNOBS: dict[str, dict[str, list]] = {
     "autoregressive": {"distribution": ["gaussian", "logistic"], "num_components": [1, 3], "hidden": ["[16]", "[32,32]"]},
     "flow": {"transform": ["spline", "affine"], "num_layers": [1, 2], "hidden": [16, 32], "num_bins": [3, 5]},
     "diffusion": {"timesteps": [20, 100], "sampling_steps": [4, 50], "depth": [1, 2],
-                  "beta_schedule": ["linear", "squaredcos_cap_v2"]},
+                  "beta_schedule": ["linear", "squaredcos_cap_v2"], "prediction_type": ["v_prediction", "epsilon"]},
 }
 IMAGE_KNOBS = {
     "model.cross_scale": ["true", "false"],
