@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+from prob_jepa.config import ConfigError
 from prob_jepa.eval.multimodality import axis_coordinates
 from prob_jepa.heads.diffusion import TRAINING_TARGETS, DiffusionHead
+from prob_jepa.run_dir import RunDir
+from prob_jepa.run_io import load_run
 from prob_jepa.synthetic import TASKS, train_head
+from prob_jepa.train import pretrain
 
 
 class GaussianOracle(DiffusionHead):
@@ -98,3 +103,20 @@ def test_diffusion_samples_spread_like_the_data_after_short_training():
     mode = task.centre(c)
     minority = (axis_coordinates(samples, mode, -mode) < 0.5).double().mean().item()
     assert abs(minority - (1 - task.weight)) < 0.1, f"minority-mode share {minority:.2f}, true {1 - task.weight}"
+
+
+def test_a_diffusion_run_saved_before_prediction_type_loads_as_the_epsilon_head_it_was(compose, tiny_overrides,
+                                                                                         tmp_path):
+    run = RunDir(tmp_path / "run")
+    cfg = compose(*tiny_overrides, "predictor=diffusion", "eval.enabled=false", "trainer.max_steps=1")
+    pretrain(cfg, run_dir=run.path)
+    assert load_run(run.path)[0].heads[0].ddpm.config.prediction_type == "v_prediction"
+    old = OmegaConf.load(run.config)
+    del old.predictor.prediction_type
+    OmegaConf.save(old, run.config)
+    model, trained = load_run(run.path)
+    assert trained.predictor.prediction_type == "epsilon"
+    assert model.heads[0].ddpm.config.prediction_type == "epsilon"
+    with pytest.raises(ConfigError, match="predictor.prediction_type: 'epsilon' -> 'v_prediction'"):
+        pretrain(compose(*tiny_overrides, "predictor=diffusion", "eval.enabled=false", "trainer.max_steps=2"),
+                 run_dir=run.path)
