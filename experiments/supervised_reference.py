@@ -4,11 +4,13 @@
 
 Trains the configuration's context encoder (``model=``, at ``seed``) and a linear classifier on its
 average-pooled last-level tokens with cross-entropy on the labels — no masks, no predictor, no EMA target — for
-the run's own steps (``trainer.epochs`` × steps per epoch, ``trainer.batch_size``) and schedules (``optim.*``:
-warm-up + cosine lr, cosine weight decay, ``trainer.clip_grad``), then scores the frozen encoder exactly as a run
+the run's own steps (``trainer.epochs`` × steps per epoch, ``trainer.batch_size``; ``trainer.max_steps`` stops it
+early, as it stops a run, without changing the schedules) and schedules (``optim.*``: warm-up + cosine lr, cosine
+weight decay, ``trainer.clip_grad``), then scores the frozen encoder exactly as a run
 scores its target encoder (:func:`prob_jepa.eval.frozen_feature_scores`: the same linear probe and k-NN on the
 same images). It prints and writes the probe, the k-NN accuracy, the trained classifier's own validation accuracy and
 the random-initialization reference: what a self-supervised run's probe can be compared with on this data.
+It writes no run directory (``--out`` names the JSON file), so ``hydra.*`` overrides are refused.
 """
 from __future__ import annotations
 
@@ -56,13 +58,16 @@ def train_supervised(
     cfg: DictConfig, train_set, num_classes: int, progress: bool = True
 ) -> tuple[PooledClassifier, int]:
     """The context encoder of ``build_model(cfg)`` (seeded as the trainer seeds it) and a linear classifier,
-    trained with cross-entropy for the run's steps and schedules; returns it in eval mode and the steps taken."""
+    trained with cross-entropy for the run's steps and schedules (up to ``trainer.max_steps``); returns it in eval
+    mode and the steps taken."""
     torch.manual_seed(cfg.seed)
     model = PooledClassifier(build_model(cfg).context_encoder, num_classes)
     loader = DataLoader(train_set, batch_size=cfg.trainer.batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(cfg.seed))
     total = int(cfg.trainer.epochs * len(loader))
     schedules = Schedules.from_config(cfg.optim, total, len(loader))
+    if cfg.trainer.max_steps is not None:
+        total = min(total, int(cfg.trainer.max_steps))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
     model.train()
     bar = tqdm(total=total, desc="supervised", disable=not progress)
@@ -109,6 +114,10 @@ def main(argv: list[str]) -> dict[str, float]:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of experiments/conf/config.yaml")
     parser.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON here")
     args = parser.parse_args(argv)
+    run_dir_keys = [o for o in args.overrides if o.lstrip("+~").startswith("hydra.")]
+    if run_dir_keys:
+        sys.exit(f"error: {', '.join(run_dir_keys)}: supervised_reference.py writes no run directory; "
+                 f"--out FILE writes its numbers as JSON")
     cfg = compose_config(CONF, args.overrides)
     try:
         result = supervised_reference(cfg, progress=cfg.trainer.progress)

@@ -27,3 +27,13 @@ def test_a_dataset_without_labelled_images_is_refused():
     module = load_experiment("supervised_reference")
     with pytest.raises(ValueError, match="paired_shapes yields dict items"):
         module.supervised_reference(compose_config(CONF, ["experiment=hypermodal_shapes"]), progress=False)
+
+
+def test_max_steps_stops_it_early_and_hydra_keys_are_refused(tmp_path):
+    module = load_experiment("supervised_reference")
+    result = module.main(TINY + ["trainer.max_steps=3", "trainer.progress=false", "eval.probe_train_size=32",
+                                 "eval.probe_val_size=16", "--out", str(tmp_path / "ref.json")])
+    assert result["steps"] == 3
+    assert (tmp_path / "ref.json").exists()
+    with pytest.raises(SystemExit, match="hydra.run.dir=x: supervised_reference.py writes no run directory"):
+        module.main(TINY + ["hydra.run.dir=x"])
