@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -33,12 +35,27 @@ def sweep_job_name(num: int) -> str:
 OmegaConf.register_new_resolver("sweep_job_name", sweep_job_name)
 
 
+# Hydra's record of the command that trained the run (config, hydra.yaml, overrides.yaml). Hydra writes each
+# attempt's record to hydra.output_subdir (conf/config.yaml) before the run starts; it becomes the run's record
+# only if the run is accepted, so a refused resume leaves the record of the run that is there.
+RECORD = ".hydra"
+
+
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    attempt = None if hc.output_subdir is None or hc.output_subdir == RECORD else run_dir / hc.output_subdir
     try:
-        result = pretrain(cfg, run_dir=HydraConfig.get().runtime.output_dir)
-    except ConfigError as e:  # raised before step 1: the message is the whole story, not the traceback
+        result = pretrain(cfg, run_dir=run_dir)
+    except (ConfigError, FileExistsError) as e:  # before step 1: the message is the whole story, not the traceback
+        if attempt is not None:
+            shutil.rmtree(attempt, ignore_errors=True)
         sys.exit(f"error: {e}")
+    finally:
+        if attempt is not None and attempt.exists():  # accepted: trained, interrupted or failed while training
+            shutil.rmtree(run_dir / RECORD, ignore_errors=True)
+            attempt.replace(run_dir / RECORD)
     print(f"run directory: {result.run_dir}  (status: {result.status}, step {result.step})")
     if result.status == "interrupted":  # a non-zero exit, so a job scheduler does not count the run as done
         sys.exit(f"interrupted at step {result.step}: {result.run_dir}/checkpoints/last.pt is saved; run the same "

@@ -98,3 +98,24 @@ def test_a_terminated_run_saves_and_exits_non_zero(tmp_path):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode not in (0, None) and "interrupted at step" in err, (proc.returncode, err[-2000:])
     assert (tmp_path / "checkpoints" / "last.pt").exists()
+
+
+def test_a_refused_resume_leaves_the_hydra_record_as_it_was(tmp_path):
+    """Hydra writes each attempt's record before the run starts; only an accepted run's record replaces the old one."""
+    from conftest import TINY
+
+    common = ["experiments/run.py", *TINY, "eval.enabled=false", f"hydra.run.dir={tmp_path}"]
+    first = run(*common, "trainer.max_steps=1")
+    assert first.returncode == 0, first.stderr[-2000:]
+    record = (tmp_path / ".hydra" / "overrides.yaml").read_text()
+    assert "trainer.max_steps=1" in record and not (tmp_path / ".hydra-attempt").exists()
+    refusals = {"optim.lr=0.5": "optim.lr: 0.002 -> 0.5", "trainer.resume=false": "nothing is overwritten"}
+    for override, message in refusals.items():
+        refused = run(*common, "trainer.max_steps=2", override)
+        assert refused.returncode != 0 and message in refused.stderr and "Traceback" not in refused.stderr, \
+            refused.stderr[-2000:]
+        assert (tmp_path / ".hydra" / "overrides.yaml").read_text() == record
+        assert not (tmp_path / ".hydra-attempt").exists()
+    resumed = run(*common, "trainer.max_steps=2")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "trainer.max_steps=2" in (tmp_path / ".hydra" / "overrides.yaml").read_text()
