@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from prob_jepa.config import ConfigError
 from prob_jepa.eval.multimodality import axis_coordinates
-from prob_jepa.heads.diffusion import TRAINING_TARGETS, DiffusionHead
+from prob_jepa.heads.diffusion import PREDICTION_TYPES, DiffusionHead
 from prob_jepa.run_dir import RunDir
 from prob_jepa.run_io import load_run
 from prob_jepa.synthetic import TASKS, train_head
@@ -58,7 +58,7 @@ def correlated(dim: int, scale: float) -> torch.Tensor:
 
 
 # μ = 0 keeps the t = 1 marginal at N(0, I − ᾱ(1)(I − Σ)), so the head's prior N(0, I) is exact to ~ᾱ(1)
-@pytest.mark.parametrize("prediction_type", TRAINING_TARGETS)
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 @pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
 def test_diffusion_ode_log_prob_is_exact_for_the_true_score(beta_schedule, prediction_type):
     head = GaussianOracle(0.0, correlated(2, 0.4), beta_schedule=beta_schedule, prediction_type=prediction_type,
@@ -78,7 +78,7 @@ def test_diffusion_hutchinson_log_prob_is_unbiased_and_deterministic():
     torch.testing.assert_close(head.log_prob(y, torch.zeros(512, 3)), lp)
 
 
-@pytest.mark.parametrize("prediction_type", TRAINING_TARGETS)
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 def test_diffusion_ddim_samples_and_mean_match_the_gaussian(prediction_type):
     head = GaussianOracle(0.7, 0.4**2 * torch.eye(3), sampling_steps=200, prediction_type=prediction_type)
     torch.manual_seed(0)

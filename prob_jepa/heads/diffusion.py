@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -38,11 +38,16 @@ def eps_from_velocity(output: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor
     return (1 - sigma**2).sqrt() * output + sigma * x
 
 
-TRAINING_TARGETS: dict[str, Callable[[DDPMScheduler, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "epsilon": noise_target, "v_prediction": velocity_target,
-}
-EPS_FROM_OUTPUT: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "epsilon": eps_from_eps, "v_prediction": eps_from_velocity,
+class Parametrization(NamedTuple):
+    """What the network is trained to predict, and how ε̂ is read from its output."""
+
+    training_target: Callable[[DDPMScheduler, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    eps_from_output: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+PREDICTION_TYPES: dict[str, Parametrization] = {
+    "epsilon": Parametrization(noise_target, eps_from_eps),
+    "v_prediction": Parametrization(velocity_target, eps_from_velocity),
 }
 
 
@@ -152,8 +157,8 @@ class DiffusionHead(Head):
         super().__init__(dim, cond_dim)
         if beta_schedule not in BETA_SCHEDULES:
             raise ValueError(f"beta_schedule {beta_schedule!r}; valid: {', '.join(BETA_SCHEDULES)}")
-        if prediction_type not in TRAINING_TARGETS:
-            raise ValueError(f"prediction_type {prediction_type!r}; valid: {', '.join(TRAINING_TARGETS)}")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type {prediction_type!r}; valid: {', '.join(PREDICTION_TYPES)}")
         if not 1 <= sampling_steps <= timesteps:
             raise ValueError(
                 f"sampling_steps={sampling_steps} must be between 1 and timesteps={timesteps}: "
@@ -164,7 +169,7 @@ class DiffusionHead(Head):
         self.timesteps, self.sampling_steps, self.time_scale = timesteps, sampling_steps, time_scale
         self.rtol, self.atol, self.t_min = rtol, atol, t_min
         self.exact_divergence_max_dim, self.mean_samples, self.seed = exact_divergence_max_dim, mean_samples, seed
-        self.training_target, self.eps_from_output = TRAINING_TARGETS[prediction_type], EPS_FROM_OUTPUT[prediction_type]
+        self.parametrization = PREDICTION_TYPES[prediction_type]
         schedule = dict(num_train_timesteps=timesteps, beta_schedule=beta_schedule, clip_sample=False,
                         prediction_type=prediction_type)
         self.ddpm = DDPMScheduler(**schedule)
@@ -204,7 +209,7 @@ class DiffusionHead(Head):
 
     def _eps(self, x: torch.Tensor, mod: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """ε̂ ``[..., N, D]`` at noise level ``σ`` (a scalar tensor), whatever the network predicts."""
-        return self.eps_from_output(self._denoiser(x, mod), x, sigma)
+        return self.parametrization.eps_from_output(self._denoiser(x, mod), x, sigma)
 
     def _vp(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(β(t), σ(t))`` of the continuous VP SDE at ``t ∈ [0, 1]`` (any shape)."""
@@ -222,7 +227,7 @@ class DiffusionHead(Head):
         noisy = self.ddpm.add_noise(target, noise, k)
         t = (k + 1).to(target.device, torch.float32) / self.timesteps
         prediction = self._denoiser(noisy, self._modulation(t, self.c_embed(cond)))
-        return F.mse_loss(prediction, self.training_target(self.ddpm, target, noise, k))
+        return F.mse_loss(prediction, self.parametrization.training_target(self.ddpm, target, noise, k))
 
     @fp32
     @torch.no_grad()
