@@ -26,7 +26,8 @@ def with_added_keys(cfg: DictConfig) -> DictConfig:
     ``hypermodal.objectives.energy_loss`` (hinge) and ``energy_norm_weight`` (0),
     ``hypermodal.hierarchy.modalities`` (none: only the image had JIN's hierarchy), ``hypermodal.shared_blocks``
     (true), ``hypermodal.points.voxel_levels`` (1: pillars of full height), ``optim.head_lr_scale`` (1),
-    ``predictor.prediction_type`` of the diffusion head (``epsilon``), ``model.paper_params`` (null: a claim, not a
+    ``predictor.prediction_type`` of the diffusion head (``epsilon``), ``predictor.num_components`` of the flow
+    head (1: one flow), ``model.paper_params`` (null: a claim, not a
     setting), ``model.ablation`` and ``hypermodal.ablation`` (null),
     and the scene options of :data:`ADDED_SCENE_OPTIONS`; masks saved before every modality had a list of mask specs
     (``mask.<modality>``) become that list: the image run's one ``mask`` node ``[{kind: multiblock, …}]`` as
@@ -49,6 +50,8 @@ def with_added_keys(cfg: DictConfig) -> DictConfig:
         cfg.optim.setdefault("head_lr_scale", 1.0)
     if cfg.get("predictor", {}).get("name") == "diffusion":
         cfg.predictor.setdefault("prediction_type", "epsilon")
+    if cfg.get("predictor", {}).get("name") == "flow":
+        cfg.predictor.setdefault("num_components", 1)
     if cfg.get("model") is not None:
         cfg.model.setdefault("paper_params", None)
         cfg.model.setdefault("ablation", None)

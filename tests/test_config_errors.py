@@ -60,6 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ("predictor=mdn predictor.hidden=-5", "hidden=-5: positive layer widths"),
     ("predictor=autoregressive predictor.num_components=0", "num_components=0: a positive number"),
     ("predictor=autoregressive predictor.hidden=[-5]", r"hidden=\[-5\]: positive MADE layer widths"),
+    ("predictor=flow predictor.num_components=0", "predictor=flow: .*num_components=0: a positive number of flows"),
 ])
 def test_a_value_no_run_can_train_with_is_named_before_anything_is_trained(compose, tiny_overrides, tmp_path,
                                                                           override, message):

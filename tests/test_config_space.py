@@ -19,7 +19,8 @@ HEAD_KNOBS: dict[str, dict[str, list]] = {
     "deterministic": {"point_loss": ["smooth_l1", "l2"]},
     "mdn": {"num_components": [1, 3], "hidden": ["[32]", "0"]},
     "autoregressive": {"distribution": ["gaussian", "logistic"], "num_components": [1, 3], "hidden": ["[16]", "[32,32]"]},
-    "flow": {"transform": ["spline", "affine"], "num_layers": [1, 2], "hidden": [16, 32], "num_bins": [3, 5]},
+    "flow": {"transform": ["spline", "affine"], "num_layers": [1, 2], "hidden": [16, 32], "num_bins": [3, 5],
+             "num_components": [1, 2, 3]},
     "diffusion": {"timesteps": [20, 100], "sampling_steps": [4, 50], "depth": [1, 2],
                   "beta_schedule": ["linear", "squaredcos_cap_v2"], "prediction_type": ["v_prediction", "epsilon"]},
 }

@@ -1,17 +1,25 @@
 """Flow-head behaviour beyond the contract: the affine variant's scale, 1-D splines, a reproducible mean,
-our bins-first spline coupling against nflows' own."""
+our bins-first spline coupling against nflows' own, the mixture of flows (a density, its samples, the modes),
+old runs' one flow."""
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from nflows.nn.nets import ResidualNet
 from nflows.transforms import PiecewiseRationalQuadraticCouplingTransform
+from omegaconf import OmegaConf
 
 from conftest import HEAD_CONFIGS
+from prob_jepa.config import ConfigError
+from prob_jepa.eval.multimodality import axis_coordinates
 from prob_jepa.heads import build_head
 from prob_jepa.heads.flow import _SplineCoupling
-from prob_jepa.synthetic import BimodalTask, cond_features, train_head
+from prob_jepa.run_dir import RunDir
+from prob_jepa.run_io import load_run
+from prob_jepa.synthetic import TASKS, BimodalTask, cond_features, train_head
+from prob_jepa.train import pretrain
 
 
 def make(dim: int, cond_dim: int = 8, **overrides):
@@ -80,3 +88,68 @@ def test_spline_coupling_matches_nflows_inside_and_outside_the_tail_bound():
     x_back, lad_inv = ours.inverse(y, c)
     torch.testing.assert_close(x_back, x, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(lad_inv, -lad, atol=1e-4, rtol=1e-4)
+
+
+def test_a_mixture_of_flows_integrates_to_one_and_samples_its_own_density():
+    """K = 2 in 1-D with planted weights (0.38 / 0.65 / 0.997 on the first component in the three rows) and planted
+    components (means ≈ 1.6–2.4 and ≈ 0, std ≈ 1.1–1.3 and 0.35): ``exp(log_prob)`` integrates to 1 on a grid,
+    and each row's samples follow the integral of its density (KS distance below 0.02 at 20000 draws, measured
+    0.005–0.007; the first row's draws against the last row's density, 0.64)."""
+    head = make(dim=1, cond_dim=3, num_components=2, tail_bound=3.0)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in head.parameters():
+            torch.nn.init.normal_(p, std=0.1)
+        head.flow._embedding_net[0].weight[:, -2:].normal_(std=3.0)  # the index: components apart
+        first, last = head.weights[0], head.weights[-1]
+        for p in (*first.parameters(), *last.parameters()):
+            p.zero_()
+        first.weight[0, 0] = 1.0  # logits ±SiLU(c_0)
+        last.weight[:, 0] = torch.tensor([1.0, -1.0])
+    cond = torch.randn(3, 3)
+    cond[:, 0] = torch.tensor([-2.0, 0.5, 3.0])
+    size = 20001
+    grid, step = torch.linspace(-25, 25, size)[:, None], 50 / (size - 1)
+    with torch.no_grad():
+        weights = head._log_weights(cond).exp()
+        density = torch.stack([head.log_prob(grid, c.expand(len(grid), -1)).exp() for c in cond])  # [3, G]
+        samples = head.sample(cond, 20000)[..., 0]  # [S, 3]
+    torch.testing.assert_close(weights[:, 0], torch.tensor([0.383, 0.651, 0.997]), atol=1e-3, rtol=0)
+    torch.testing.assert_close(density.sum(-1) * step, torch.ones(3), atol=1e-3, rtol=0)
+    cdf = torch.cumsum(density, -1).double() * step
+    for row in range(3):
+        empirical = (samples[:, row, None] <= grid[:, 0]).double().mean(0)
+        assert (empirical - cdf[row]).abs().max() < 0.02, row
+
+
+def test_two_flows_put_their_samples_on_the_modes_after_short_training():
+    """The 64-D ``ambiguous`` task (modes 5 σ apart, weights 0.7 / 0.3) under a condition as wide as the JEPA
+    predictor's (192), 300 steps: a mixture of two flows puts ≥ 0.75 of its samples nearer a mode than
+    the midpoint, with the minority weight within 0.05 (measured on seeds 0–4: on-mode 0.83–0.87, minority share
+    0.31–0.33, truth 0.90 / 0.30; one flow, ``num_components=1``: 0.51; two flows whose index enters the context
+    embedding at nn.Linear's default scale: 0.52, seed 0)."""
+    task = TASKS["ambiguous"](dim=64, cond_dim=192, seed=0)
+    head = make(dim=64, cond_dim=192, num_components=2)
+    train_head(head, task, steps=300, batch_size=256, lr=3e-3, seed=0)
+    c, cond, _ = task.sample(256, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        samples = head.sample(cond, 64)
+    mode = task.centre(c)
+    x = axis_coordinates(samples, mode, -mode)
+    assert ((x < 0.25) | (x > 0.75)).double().mean() >= 0.75
+    assert abs((x < 0.5).double().mean().item() - (1 - task.weight)) < 0.05
+
+
+def test_a_flow_run_saved_before_num_components_loads_and_resumes_as_the_one_flow_it_was(compose, tiny_overrides,
+                                                                                        tmp_path):
+    run = RunDir(tmp_path / "run")
+    flow = (*tiny_overrides, "predictor=flow", "eval.enabled=false")
+    pretrain(compose(*flow, "trainer.max_steps=1"), run_dir=run.path)
+    old = OmegaConf.load(run.config)
+    del old.predictor.num_components
+    OmegaConf.save(old, run.config)
+    model, trained = load_run(run.path)
+    assert trained.predictor.num_components == 1 and model.heads[0].weights is None
+    with pytest.raises(ConfigError, match="predictor.num_components: 1 -> 2"):
+        pretrain(compose(*flow, "trainer.max_steps=2", "predictor.num_components=2"), run_dir=run.path)
+    assert pretrain(compose(*flow, "trainer.max_steps=2"), run_dir=run.path).step == 2
