@@ -234,15 +234,11 @@ class FlowHead(Head):
             nn.init.zeros_(self.weights[-1].bias)
 
     def _log_weights(self, cond: torch.Tensor) -> torch.Tensor:
-        """``log π(c)`` ``[N, K]`` (``K = 1``: zeros)."""
-        if self.weights is None:
-            return cond.new_zeros(len(cond), 1)
+        """``log π(c)`` ``[N, K]`` of a mixture (``K > 1``)."""
         return self.weights(cond).log_softmax(-1)
 
     def _context(self, cond: torch.Tensor, component: torch.Tensor) -> torch.Tensor:
-        """The flow's context of rows ``cond [M, C]`` in components ``[M]``: ``[M, C + K]`` (``K = 1``: ``cond``)."""
-        if self.weights is None:
-            return cond
+        """A mixture's flow context of rows ``cond [M, C]`` in components ``[M]``: ``[M, C + K]``."""
         return torch.cat([cond, F.one_hot(component, self.num_components).to(cond.dtype)], -1)
 
     @fp32
@@ -252,6 +248,8 @@ class FlowHead(Head):
     @fp32
     def log_prob(self, target: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """``[N]`` nats: ``logsumexp_k (log π_k(c) + log p_f(y | c, k))``, the ``K`` flow passes as one batch."""
+        if self.weights is None:  # one flow: no copies of the rows, no logsumexp
+            return self.flow.log_prob(target, context=cond)
         K, N = self.num_components, len(cond)
         component = torch.arange(K, device=cond.device).repeat_interleave(N)
         log_p = self.flow.log_prob(target.repeat(K, 1), context=self._context(cond.repeat(K, 1), component))
