@@ -8,7 +8,9 @@ import argparse
 from pathlib import Path
 
 from prob_jepa.eval import plots
-from prob_jepa.eval.summary import find_runs, summary_row, write_table
+from prob_jepa.eval.summary import find_runs, head_presets, summary_row, write_table
+
+CONF = Path(__file__).resolve().parent / "conf"
 
 
 def main() -> None:
@@ -18,7 +20,9 @@ def main() -> None:
     args = parser.parse_args()
 
     runs = find_runs(args.runs)
-    rows = [summary_row(r) for r in runs]
+    # a head's column names the options in which a run differs from the head's preset (flow(num_components=2))
+    presets = head_presets(CONF)
+    rows = [summary_row(r, presets) for r in runs]
     md, csv_path = write_table(rows, args.out)
     records = {r.path.name: r.read_metrics() for r in runs}
     # the figures of the image heads; hypermodal runs have their own plots/ (retrieval, transfer)

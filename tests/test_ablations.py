@@ -9,7 +9,7 @@ from conftest import CONF
 from jin.layers import SpatialBias
 from jin.zoom import NoZoom
 from prob_jepa.config import ConfigError, group_options
-from prob_jepa.eval.summary import model_label
+from prob_jepa.eval.summary import head_label, head_presets, model_label
 from prob_jepa.model import build_model
 
 ROWS = ["full", "no_cross_scale", "no_hierarchy", "no_spatial_attention", "single_scale"]  # image runs
@@ -101,3 +101,16 @@ def test_each_ablation_removes_its_component_and_nothing_else(row, compose):
     assert isinstance(enc.zoom, NoZoom) == (row == "single_scale")
     assert enc.unit_grid == full.context_encoder.unit_grid  # the same mask units: the same masks
     assert model.sigreg is not None and cfg.predictor.name == "deterministic" and cfg.model.ablation == row
+
+
+def test_the_head_column_names_a_head_s_options_that_differ_from_its_preset(compose):
+    """``compare.py`` labels a run's head by its name and the options that differ from the head's preset, so a
+    two-flow run or an ε-diffusion run is not shown as the preset head."""
+    presets = head_presets(CONF)
+    for name in presets:
+        assert head_label(compose(f"predictor={name}").predictor, presets) == name
+    assert head_label(compose("predictor=flow", "predictor.num_components=2").predictor, presets) == \
+        "flow(num_components=2)"
+    cfg = compose("predictor=diffusion", "predictor.prediction_type=epsilon", "predictor.depth=2")
+    assert head_label(cfg.predictor, presets) == "diffusion(depth=2,prediction_type=epsilon)"
+    assert head_label(cfg.predictor) == "diffusion"  # without presets: the name

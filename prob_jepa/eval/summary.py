@@ -6,8 +6,9 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from ..config import group_options
 from ..run_dir import RunDir
 
 COLUMNS = {  # column: (path in eval.json, format)
@@ -101,9 +102,31 @@ def model_label(cfg: DictConfig) -> str:
     return label if ablation is None else f"{label}/{ablation}"
 
 
-def summary_row(run: RunDir) -> dict[str, Any]:
+def head_presets(config_dir: str | Path) -> dict[str, DictConfig]:
+    """Every head's preset under ``config_dir`` (``experiments/conf``): ``{name: predictor/<name>.yaml}``."""
+    return {name: OmegaConf.load(Path(config_dir) / "predictor" / f"{name}.yaml")
+            for name in group_options(config_dir, "predictor")}
+
+
+def head_label(predictor: DictConfig, presets: dict[str, DictConfig] | None = None) -> str:
+    """The head column of a table: the head's name (``predictor.name``), followed by the options in which the run
+    differs from that head's preset (``presets[name]``, ``experiments/conf/predictor/<name>.yaml``), so two
+    variants of one head do not share a label: ``flow(num_components=2)``, ``diffusion(prediction_type=epsilon)``
+    (a run made before the preset moved to v). The name alone when it has no preset or matches it."""
+    name = predictor.name
+    preset = (presets or {}).get(name)
+    if preset is None:
+        return name
+    run, default = OmegaConf.to_container(predictor, resolve=True), OmegaConf.to_container(preset, resolve=True)
+    changed = [f"{key}={value}" for key, value in run.items() if key != "name" and default.get(key, object()) != value]
+    return f"{name}({','.join(changed)})" if changed else name
+
+
+def summary_row(run: RunDir, presets: dict[str, DictConfig] | None = None) -> dict[str, Any]:
+    """One table row of ``run``: its name, head (:func:`head_label` against ``presets``), model, steps and the
+    :data:`COLUMNS` of its ``eval.json`` (``None`` where it has none)."""
     metrics, cfg = run.read_eval(), run.load_config()
-    row = {"run": run.path.name, "head": cfg.predictor.name, "model": model_label(cfg),
+    row = {"run": run.path.name, "head": head_label(cfg.predictor, presets), "model": model_label(cfg),
            "steps": _get(metrics, ("train", "steps"))}
     for column, (path, _) in COLUMNS.items():
         row[column] = _get(metrics, path)
