@@ -11,8 +11,6 @@ per sample / per log-prob row; the table is written as JSON and CSV.
 """
 from __future__ import annotations
 
-import csv
-import json
 import os
 import sys
 import time
@@ -23,9 +21,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from prob_jepa.config import group_options, is_count  # noqa: E402
+from prob_jepa.config import group_options, is_count, load_head_trials  # noqa: E402
 from prob_jepa.eval.multimodality import on_mode_share  # noqa: E402
-from prob_jepa.eval.summary import markdown_table  # noqa: E402
+from prob_jepa.eval.summary import write_results  # noqa: E402
 from prob_jepa.heads import build_head  # noqa: E402
 from prob_jepa.synthetic import TASKS, BimodalTask, train_head  # noqa: E402
 
@@ -94,25 +92,12 @@ def load_config(overrides: list[str]):
             not in :data:`~prob_jepa.synthetic.TASKS`, no head / task / dimension, or steps (top-level or a head's)
             that are not a positive integer; each names the valid values.
     """
-    base = OmegaConf.load(CONF / "heads_benchmark.yaml")
-    given = OmegaConf.from_dotlist(overrides)
-    unknown = [str(key) for key in given if key not in base]
-    if unknown:
-        raise ValueError(f"unknown key(s) {', '.join(unknown)}; valid: {', '.join(map(str, base))} "
-                         f"(write key=value, without '+'; per_head.<head>.<key> sets a head's options, steps or lr)")
-    cfg = OmegaConf.merge(base, given)
-    known = group_options(CONF, "predictor")
-    for key, names, valid in (("heads", head_names(cfg), known), ("per_head", list(cfg.per_head), known),
-                              ("tasks", list(cfg.tasks), list(TASKS))):
-        wrong = [str(n) for n in names if n not in valid]
-        if wrong or (key != "per_head" and not names):
-            raise ValueError(f"{key}: {', '.join(wrong) or 'none'}; valid: {', '.join(valid)}")
+    cfg = load_head_trials(CONF / "heads_benchmark.yaml", overrides, CONF)
+    wrong = [str(n) for n in cfg.tasks if n not in TASKS]
+    if wrong or not cfg.tasks:
+        raise ValueError(f"tasks: {', '.join(wrong) or 'none'}; valid: {', '.join(TASKS)}")
     if not cfg.dims or not all(is_count(d) for d in cfg.dims):
         raise ValueError(f"dims={list(cfg.dims)}: a list of positive target dimensions")
-    for where, steps in [("steps", cfg.steps)] + [(f"per_head.{h}.steps", o.steps) for h, o in cfg.per_head.items()
-                                                  if o and "steps" in o]:
-        if not is_count(steps):
-            raise ValueError(f"{where}={steps!r}: a positive number of training steps")
     return cfg
 
 
@@ -130,18 +115,9 @@ def main() -> None:
                 r = rows[-1]
                 print(f"{head_name:>14} {task_name:>15} D={dim:<3} excess {r['excess']:+.4f} nats/dim "
                       f"({r['train_ms_per_step'] * r['steps'] / 1e3:.1f} s)", file=sys.stderr, flush=True)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "heads_benchmark.json").write_text(json.dumps(rows, indent=2))
-    with (out / "heads_benchmark.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
     formats = {"nll": ".4f", "entropy": ".4f", "excess": "+.4f", "mode_share": ".3f", "on_mode": ".3f",
                "on_mode_true": ".3f", "train_ms_per_step": ".2f", "sample_ms": ".4f", "log_prob_ms": ".4f"}
-    print(markdown_table(rows, formats))
-    print(f"written: {out / 'heads_benchmark.json'}, {out / 'heads_benchmark.csv'}")
-
+    print(write_results(rows, Path(cfg.out), "heads_benchmark", formats))
 
 if __name__ == "__main__":
     main()

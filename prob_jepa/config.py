@@ -57,6 +57,35 @@ def group_options(config_dir: str | Path, group: str) -> list[str]:
     return sorted(p.stem for p in (Path(config_dir) / group).glob("*.yaml"))
 
 
+def load_head_trials(file: str | Path, overrides: Sequence[str], config_dir: str | Path) -> DictConfig:
+    """A config of heads trained outside the JEPA (``experiments/conf/heads_benchmark.yaml``,
+    ``retrain_head.yaml``) with ``key=value`` overrides: ``heads`` (null: every head config in
+    ``config_dir/predictor``), ``steps``, and ``per_head.<head>.<key>`` (a head's options, ``steps`` or ``lr``).
+
+    Raises:
+        ValueError: a top-level key the file does not have (``step=``, Hydra's ``+key=``), a head without a config in
+            ``config_dir/predictor`` (in ``heads`` or ``per_head``), no head, or steps (top-level or a head's) that
+            are not a positive integer; each names the valid values.
+    """
+    base = OmegaConf.load(file)
+    given = OmegaConf.from_dotlist(list(overrides))
+    unknown = [str(key) for key in given if key not in base]
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(unknown)}; valid: {', '.join(map(str, base))} "
+                         f"(write key=value, without '+'; per_head.<head>.<key> sets a head's options, steps or lr)")
+    cfg = OmegaConf.merge(base, given)
+    known = group_options(config_dir, "predictor")
+    for key, names in (("heads", list(cfg.heads or known)), ("per_head", list(cfg.per_head))):
+        wrong = [str(n) for n in names if n not in known]
+        if wrong or (key == "heads" and not names):
+            raise ValueError(f"{key}: {', '.join(wrong) or 'none'}; valid: {', '.join(known)}")
+    for where, steps in [("steps", cfg.steps)] + [(f"per_head.{h}.steps", o.steps) for h, o in cfg.per_head.items()
+                                                  if o and "steps" in o]:
+        if not is_count(steps):
+            raise ValueError(f"{where}={steps!r}: a positive number of training steps")
+    return cfg
+
+
 def check_argv(
     argv: Sequence[str], app_file: str | Path, config_path: str = "conf", config_name: str = "config"
 ) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -153,6 +154,18 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
     """The comparison table in markdown, without the columns no run has (the CSV keeps every column)."""
     shown = [c for c in rows[0] if any(r[c] is not None for r in rows)]
     return markdown_table([{c: r[c] for c in shown} for r in rows], {c: f for c, (_, f) in COLUMNS.items()})
+
+
+def write_results(rows: Sequence[dict[str, Any]], folder: Path, name: str, formats: dict[str, str]) -> str:
+    """``rows`` (dicts with the same keys) as ``folder/<name>.json`` and ``folder/<name>.csv``; returns the markdown
+    table (``formats``: column → format spec) followed by a line naming both files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(list(rows), indent=2))
+    with (folder / f"{name}.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return f"{markdown_table(rows, formats)}\nwritten: {folder / f'{name}.json'}, {folder / f'{name}.csv'}"
 
 
 def write_table(rows: Sequence[dict[str, Any]], folder: Path) -> tuple[Path, Path]:

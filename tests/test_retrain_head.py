@@ -1,0 +1,64 @@
+"""experiments/retrain_head.py: heads trained from scratch on a finished run's frozen predictor outputs."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import CONF, SMALL_EVAL, TINY, load_experiment
+from prob_jepa.config import compose_config
+from prob_jepa.eval.heads import Rows
+from prob_jepa.train import pretrain
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("runs") / "tiny"
+    pretrain(compose_config(CONF, [*TINY, *SMALL_EVAL, "predictor=mdn"]), run_dir=path)
+    return path
+
+
+@pytest.mark.slow
+def test_the_run_s_own_head_scores_as_in_eval_json_and_retrained_heads_are_scored_alike(tiny_run, tmp_path):
+    """The first row re-scores the run's head on the evaluation's rows and pairs: its NLL (no sampling) must be
+    eval.json's to the last digit, so the retrained heads below it are scored on the same rows; its sample-based
+    numbers come from the tool's own seed (eval.json's depend on what the evaluation drew before them)."""
+    rh = load_experiment("retrain_head")
+    argv = [str(tiny_run), "heads=[mdn,flow]", "steps=3", "train_images=16", "batch_size=64",
+            "per_head.flow.num_components=2", f"out={tmp_path}"]
+    rows = rh.main(argv)
+    metrics = json.loads((tiny_run / "eval.json").read_text())
+    own = rows[0]
+    assert own["head"] == "mdn (the run's)"
+    assert own["nll_per_dim"] == metrics["head"]["likelihood"]["nll_per_dim"]
+    assert abs(own["on_mode"] - metrics["multimodality"]["samples"]["on_mode"]) < 0.15
+    assert [r["head"] for r in rows[1:]] == ["mdn", "flow(num_components=2)"]
+    assert all(r["steps"] == 3 and math.isfinite(r["nll_per_dim"]) and 0 <= r["on_mode"] <= 1 for r in rows[1:])
+    assert json.loads((tmp_path / "retrained_heads.json").read_text()) == json.loads(json.dumps(rows))
+    assert (tmp_path / "retrained_heads.csv").read_text().count("\n") == 1 + 3  # header, the run's head, two retrained
+    again = rh.main(argv)  # seeded: the same rows, heads and scores
+    assert [{k: v for k, v in r.items() if k != "train_s"} for r in again] == \
+        [{k: v for k, v in r.items() if k != "train_s"} for r in rows]
+
+
+def test_training_rows_keep_each_condition_with_its_own_target():
+    cond = torch.arange(100.0)[:, None].repeat(1, 3)
+    rows = Rows(cond, 2 * cond[:, :2], torch.zeros(100, dtype=torch.long))
+    _, c, y = load_experiment("retrain_head").RowSampler(rows).sample(64, torch.Generator().manual_seed(0))
+    assert c.shape == (64, 3) and torch.equal(y, 2 * c[:, :2]) and len(c.unique(dim=0)) > 32
+
+
+@pytest.mark.parametrize("override, message", [
+    ("step=3", r"unknown key\(s\) step; valid: heads, train_images, steps"),
+    ("heads=[mdnx]", "heads: mdnx; valid: autoregressive, deterministic, diffusion, flow, mdn"),
+    ("per_head.mdnx.steps=5", "per_head: mdnx; valid:"),
+    ("steps=0", "steps=0: a positive number of training steps"),
+    ("per_head.flow.steps=1.5", r"per_head.flow.steps=1.5: a positive number of training steps"),
+    ("batch_size=0", "batch_size=0: a positive integer"),
+    ("train_images=-1", "train_images=-1: a positive integer"),
+])
+def test_a_wrong_key_or_value_is_refused_before_any_work(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_experiment("retrain_head").load_config([override])
