@@ -119,5 +119,6 @@ def main() -> None:
                "on_mode_true": ".3f", "train_ms_per_step": ".2f", "sample_ms": ".4f", "log_prob_ms": ".4f"}
     print(write_results(rows, Path(cfg.out), "heads_benchmark", formats))
 
+
 if __name__ == "__main__":
     main()

@@ -9,7 +9,10 @@ the same validation rows and ambiguity pairs as the run's head in ``eval.json``:
 temperature, and the share of samples for the hidden marker nearer a mode than the midpoint (on-mode) and in the
 minority mode (true weight 0.3). A head costs minutes here instead of a JEPA run, and every head sees the same
 ``cond``: whether a head's samples miss the modes because of the head or because of what the predictor gives it
-is one command (README, "The head comparison"). The first row is the run's own head, trained with the JEPA.
+is one command (README, "The head comparison"). The first row is the run's own head, trained with the JEPA: for a
+run evaluated on the CPU its NLL is ``eval.json``'s (the same rows: the run's config with the keys added since and
+the overrides of its last ``experiments/evaluate.py``); its sample-based numbers come from this tool's seed. Every
+head is built from its options before any row is collected, so a rejected option costs no time.
 """
 from __future__ import annotations
 
@@ -23,18 +26,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from prob_jepa.config import ConfigError, group_options, is_count, load_head_trials  # noqa: E402
+from prob_jepa.config import ConfigError, is_count, load_head_trials  # noqa: E402
 from prob_jepa.data import build_datasets  # noqa: E402
+from prob_jepa.eval import evaluation_sets, with_validation  # noqa: E402
 from prob_jepa.eval.ambiguity import ambiguity_metrics  # noqa: E402
 from prob_jepa.eval.heads import EVAL_DRAWS, Rows, collect_rows, head_metrics  # noqa: E402
 from prob_jepa.eval.summary import head_label, head_presets, write_results  # noqa: E402
 from prob_jepa.masks import ImageMasks  # noqa: E402
 from prob_jepa.model import build_configured_head  # noqa: E402
-from prob_jepa.run_io import load_run  # noqa: E402
+from prob_jepa.run_dir import RunDir  # noqa: E402
+from prob_jepa.run_io import load_run, override  # noqa: E402
 from prob_jepa.synthetic import train_head  # noqa: E402
 
+from evaluate import with_current_defaults  # noqa: E402  (experiments/, the script's folder)
+
 CONF = Path(__file__).resolve().parent / "conf"
-FORMATS = {"nll_per_dim": ".3f", "cov50": ".2f", "cov80": ".2f", "cov95": ".2f", "sample_temperature": ".2f",
+FORMATS = {"lr": ".0e", "nll_per_dim": ".3f", "cov50": ".2f", "cov80": ".2f", "cov95": ".2f", "sample_temperature": ".2f",
            "on_mode": ".3f", "minority_share": ".3f", "axis_position": ".2f", "train_s": ".0f"}
 
 
@@ -82,48 +89,69 @@ def scores(head, model, run_cfg, rows: Rows, device: torch.device) -> dict:
     return row
 
 
+def configured_heads(cfg, presets: dict, dim: int, cond_dim: int) -> list[tuple[str, dict, object]]:
+    """Each head of ``cfg.heads`` as ``(label, training settings {steps, lr}, head)``, built (seeded) from its preset
+    and ``per_head`` options for ``dim``-dimensional targets under ``cond_dim``-wide conditions.
+
+    Raises:
+        ValueError: a head rejects its options, naming the ``per_head.<head>.*`` keys (before any row is collected).
+    """
+    heads = []
+    for name in cfg.heads:
+        settings = dict(OmegaConf.to_container(cfg.per_head, resolve=True).get(name) or {})
+        training = {"steps": settings.pop("steps", cfg.steps), "lr": settings.pop("lr", cfg.lr)}
+        if settings.get("name", name) != name:
+            raise ValueError(f"per_head.{name}.name={settings['name']}: a head's name is its per_head key")
+        options = OmegaConf.merge(presets[name], settings)
+        torch.manual_seed(cfg.seed)
+        try:
+            head = build_configured_head(options, dim=dim, cond_dim=cond_dim)
+        except ConfigError as e:
+            raise ValueError(f"per_head.{name}.*: {e}") from e
+        heads.append((head_label(options, presets), training, head))
+    return heads
+
+
 def main(argv: list[str]) -> list[dict]:
     if not argv or argv[0] in ("-h", "--help"):
-        sys.exit(__doc__)
+        print(__doc__)
+        sys.exit(0 if argv else 2)
+    run = RunDir(argv[0])
     try:
         cfg = load_config(argv[1:])
-        model, run_cfg = load_run(argv[0], "cpu")
+        model, run_cfg = load_run(run.path, "cpu")
+        # as experiments/evaluate.py scores it: keys added since the run, and the overrides of its last evaluation
+        evaluated = run.read_eval().get("overrides", []) if run.eval.exists() else []
+        run_cfg = override(with_current_defaults(run_cfg), evaluated)
+        if run_cfg.recipe != "image":
+            raise ValueError(f"{run.path} is a recipe={run_cfg.recipe} run; heads are retrained on image runs")
+        presets = head_presets(CONF)
+        heads = configured_heads(cfg, presets, model.heads[-1].dim, model.heads[-1].cond_dim)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    if run_cfg.recipe != "image":
-        sys.exit(f"error: {argv[0]} is a recipe={run_cfg.recipe} run; heads are retrained on image runs' predictors")
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     device = torch.device("cpu")
-    train_set, val_set = build_datasets(run_cfg.data, ("train_eval", "val"))
-    masks = ImageMasks(run_cfg, model)
     e = run_cfg.eval
-    train = collect_rows(model, train_set, masks, cfg.train_images, e.batch_size, device)
+    bank_set, val_set = with_validation(*build_datasets(run_cfg.data, ("train_eval", "val")))
+    _, val_set = evaluation_sets(bank_set, val_set, e)  # the validation images the run's evaluation scores
+    masks = ImageMasks(run_cfg, model)
+    train = collect_rows(model, bank_set, masks, cfg.train_images, e.batch_size, device)
     held_out = collect_rows(model, val_set, masks, e.head_images, e.batch_size, device)
     print(f"{len(train)} training rows, {len(held_out)} validation rows (D={train.target.shape[1]}, "
           f"C={train.cond.shape[1]})", file=sys.stderr, flush=True)
 
-    presets = head_presets(CONF)
-    reference = {"head": f"{head_label(run_cfg.predictor, presets)} (the run's)", "steps": None, "train_s": None}
+    reference = {"head": f"{head_label(run_cfg.predictor, presets)} (the run's)", "steps": None, "lr": None,
+                 "train_s": None}
     results = [{**reference, **scores(model.heads[-1], model, run_cfg, held_out, device)}]
-    for name in cfg.heads or group_options(CONF, "predictor"):
-        settings = dict(OmegaConf.to_container(cfg.per_head, resolve=True).get(name) or {})
-        steps, lr = settings.pop("steps", cfg.steps), settings.pop("lr", cfg.lr)
-        options = OmegaConf.merge(presets[name], settings)
-        torch.manual_seed(cfg.seed)
-        try:
-            head = build_configured_head(options, dim=train.target.shape[1], cond_dim=train.cond.shape[1])
-        except ConfigError as err:
-            sys.exit(f"error: {err}")
+    for label, training, head in heads:
         tic = time.perf_counter()
-        train_head(head, RowSampler(train), steps=steps, batch_size=cfg.batch_size, lr=lr, seed=cfg.seed)
-        row = {"head": head_label(options, presets), "steps": steps, "train_s": time.perf_counter() - tic}
+        train_head(head, RowSampler(train), batch_size=cfg.batch_size, seed=cfg.seed, **training)
+        row = {"head": label, **training, "train_s": time.perf_counter() - tic}
         results.append({**row, **scores(head, model, run_cfg, held_out, device)})
-        print(f"{row['head']:>28}: on-mode {results[-1].get('on_mode')} ({row['train_s']:.0f} s)", file=sys.stderr,
+        print(f"{label:>28}: on-mode {results[-1].get('on_mode')} ({row['train_s']:.0f} s)", file=sys.stderr,
               flush=True)
-    print(write_results(results, Path(cfg.out) if cfg.out else Path(argv[0]) / "retrained_heads", "retrained_heads",
+    print(write_results(results, Path(cfg.out) if cfg.out else run.path / "retrained_heads", "retrained_heads",
                         FORMATS))
     return results
-
 
 if __name__ == "__main__":
     main(sys.argv[1:])

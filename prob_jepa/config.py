@@ -60,12 +60,15 @@ def group_options(config_dir: str | Path, group: str) -> list[str]:
 def load_head_trials(file: str | Path, overrides: Sequence[str], config_dir: str | Path) -> DictConfig:
     """A config of heads trained outside the JEPA (``experiments/conf/heads_benchmark.yaml``,
     ``retrain_head.yaml``) with ``key=value`` overrides: ``heads`` (null: every head config in
-    ``config_dir/predictor``), ``steps``, and ``per_head.<head>.<key>`` (a head's options, ``steps`` or ``lr``).
+    ``config_dir/predictor``; else a non-empty list of them), ``steps``, ``lr``, ``seed``, and
+    ``per_head.<head>.<key>`` (a head's options, ``steps`` or ``lr``). ``heads`` comes back as the list of heads.
 
     Raises:
-        ValueError: a top-level key the file does not have (``step=``, Hydra's ``+key=``), a head without a config in
-            ``config_dir/predictor`` (in ``heads`` or ``per_head``), no head, or steps (top-level or a head's) that
-            are not a positive integer; each names the valid values.
+        ValueError: a top-level key the file does not have (``step=``, Hydra's ``+key=``), ``heads`` not a non-empty
+            list of head configs of ``config_dir/predictor`` (or null), a ``per_head`` entry that is not a mapping or
+            names no head config, steps (top-level or a head's) that are not a positive integer, a learning rate
+            that is not a finite positive number, or a seed that is not an integer; each names the key and the
+            valid values.
     """
     base = OmegaConf.load(file)
     given = OmegaConf.from_dotlist(list(overrides))
@@ -75,14 +78,27 @@ def load_head_trials(file: str | Path, overrides: Sequence[str], config_dir: str
                          f"(write key=value, without '+'; per_head.<head>.<key> sets a head's options, steps or lr)")
     cfg = OmegaConf.merge(base, given)
     known = group_options(config_dir, "predictor")
-    for key, names in (("heads", list(cfg.heads or known)), ("per_head", list(cfg.per_head))):
+    if cfg.heads is not None and (not OmegaConf.is_list(cfg.heads) or not cfg.heads):
+        raise ValueError(f"heads={cfg.heads}: a non-empty list, e.g. heads=[mdn,flow], or null for every head; "
+                         f"valid: {', '.join(known)}")
+    cfg.heads = list(cfg.heads or known)
+    for key, names in (("heads", list(cfg.heads)), ("per_head", list(cfg.per_head))):
         wrong = [str(n) for n in names if n not in known]
-        if wrong or (key == "heads" and not names):
-            raise ValueError(f"{key}: {', '.join(wrong) or 'none'}; valid: {', '.join(known)}")
-    for where, steps in [("steps", cfg.steps)] + [(f"per_head.{h}.steps", o.steps) for h, o in cfg.per_head.items()
-                                                  if o and "steps" in o]:
+        if wrong:
+            raise ValueError(f"{key}: {', '.join(wrong)}; valid: {', '.join(known)}")
+    settings = [(h, o) for h, o in cfg.per_head.items() if o is not None]
+    not_mappings = [h for h, o in settings if not OmegaConf.is_dict(o)]
+    if not_mappings:
+        raise ValueError(f"per_head.{not_mappings[0]}={cfg.per_head[not_mappings[0]]}: a head's settings are keys, "
+                         f"e.g. per_head.{not_mappings[0]}.steps=500")
+    for where, steps in [("steps", cfg.steps)] + [(f"per_head.{h}.steps", o.steps) for h, o in settings if "steps" in o]:
         if not is_count(steps):
             raise ValueError(f"{where}={steps!r}: a positive number of training steps")
+    for where, lr in [("lr", cfg.lr)] + [(f"per_head.{h}.lr", o.lr) for h, o in settings if "lr" in o]:
+        if not (is_finite_number(lr) and lr > 0):
+            raise ValueError(f"{where}={lr!r}: a finite learning rate > 0")
+    if not (isinstance(cfg.seed, int) and not isinstance(cfg.seed, bool)):
+        raise ValueError(f"seed={cfg.seed!r}: an integer")
     return cfg
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -31,7 +32,10 @@ def paired_scene() -> "Scene":
 
 
 def load_experiment(name: str) -> ModuleType:
-    """The script ``experiments/<name>.py`` imported as a module (its ``main`` not run)."""
+    """The script ``experiments/<name>.py`` imported as a module (its ``main`` not run), with ``experiments/`` on the
+    import path as when the script runs (a script may import another: ``from evaluate import …``)."""
+    if str(ROOT / "experiments") not in sys.path:
+        sys.path.append(str(ROOT / "experiments"))
     spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -43,6 +43,14 @@ def test_the_run_s_own_head_scores_as_in_eval_json_and_retrained_heads_are_score
         [{k: v for k, v in r.items() if k != "train_s"} for r in rows]
 
 
+@pytest.mark.slow
+def test_a_head_option_the_head_rejects_stops_the_command_before_any_row_is_collected(tiny_run, tmp_path, capsys):
+    rh = load_experiment("retrain_head")
+    with pytest.raises(SystemExit, match=r"error: per_head.flow.\*: predictor=flow: invalid predictor.\* options"):
+        rh.main([str(tiny_run), "heads=[mdn,flow]", "per_head.flow.bogus=1", f"out={tmp_path}"])
+    assert "training rows" not in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
 def test_training_rows_keep_each_condition_with_its_own_target():
     cond = torch.arange(100.0)[:, None].repeat(1, 3)
     rows = Rows(cond, 2 * cond[:, :2], torch.zeros(100, dtype=torch.long))
@@ -58,6 +66,12 @@ def test_training_rows_keep_each_condition_with_its_own_target():
     ("per_head.flow.steps=1.5", r"per_head.flow.steps=1.5: a positive number of training steps"),
     ("batch_size=0", "batch_size=0: a positive integer"),
     ("train_images=-1", "train_images=-1: a positive integer"),
+    ("lr=-1", "lr=-1: a finite learning rate > 0"),
+    ("per_head.mdn.lr=abc", "per_head.mdn.lr='abc': a finite learning rate > 0"),
+    ("seed=abc", "seed='abc': an integer"),
+    ("per_head.flow=3", "per_head.flow=3: a head's settings are keys"),
+    ("heads=mdn", "heads=mdn: a non-empty list"),
+    ("heads=[]", r"heads=\[\]: a non-empty list"),
 ])
 def test_a_wrong_key_or_value_is_refused_before_any_work(override, message):
     with pytest.raises(ValueError, match=message):
