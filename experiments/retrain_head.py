@@ -41,8 +41,9 @@ from prob_jepa.synthetic import train_head  # noqa: E402
 from evaluate import with_current_defaults  # noqa: E402  (experiments/, the script's folder)
 
 CONF = Path(__file__).resolve().parent / "conf"
-FORMATS = {"lr": ".0e", "nll_per_dim": ".3f", "cov50": ".2f", "cov80": ".2f", "cov95": ".2f", "sample_temperature": ".2f",
-           "on_mode": ".3f", "minority_share": ".3f", "axis_position": ".2f", "train_s": ".0f"}
+FORMATS = {"lr": ".0e", "nll_per_dim": ".3f", "cov50": ".2f", "cov80": ".2f", "cov95": ".2f",
+           "sample_temperature": ".2f", "on_mode": ".3f", "minority_share": ".3f", "axis_position": ".2f",
+           "train_s": ".0f"}
 
 
 class RowSampler:

@@ -91,7 +91,8 @@ def load_head_trials(file: str | Path, overrides: Sequence[str], config_dir: str
     if not_mappings:
         raise ValueError(f"per_head.{not_mappings[0]}={cfg.per_head[not_mappings[0]]}: a head's settings are keys, "
                          f"e.g. per_head.{not_mappings[0]}.steps=500")
-    for where, steps in [("steps", cfg.steps)] + [(f"per_head.{h}.steps", o.steps) for h, o in settings if "steps" in o]:
+    for where, steps in [("steps", cfg.steps)] + [(f"per_head.{h}.steps", o.steps) for h, o in settings
+                                                  if "steps" in o]:
         if not is_count(steps):
             raise ValueError(f"{where}={steps!r}: a positive number of training steps")
     for where, lr in [("lr", cfg.lr)] + [(f"per_head.{h}.lr", o.lr) for h, o in settings if "lr" in o]:
