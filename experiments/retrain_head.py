@@ -97,9 +97,9 @@ def configured_heads(cfg, presets: dict, dim: int, cond_dim: int) -> list[tuple[
     Raises:
         ValueError: a head rejects its options, naming the ``per_head.<head>.*`` keys (before any row is collected).
     """
-    heads = []
+    heads, per_head = [], OmegaConf.to_container(cfg.per_head, resolve=True)
     for name in cfg.heads:
-        settings = dict(OmegaConf.to_container(cfg.per_head, resolve=True).get(name) or {})
+        settings = dict(per_head.get(name) or {})
         training = {"steps": settings.pop("steps", cfg.steps), "lr": settings.pop("lr", cfg.lr)}
         if settings.get("name", name) != name:
             raise ValueError(f"per_head.{name}.name={settings['name']}: a head's name is its per_head key")

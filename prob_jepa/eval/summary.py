@@ -161,19 +161,21 @@ def write_results(rows: Sequence[dict[str, Any]], folder: Path, name: str, forma
     table (``formats``: column → format spec) followed by a line naming both files."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{name}.json").write_text(json.dumps(list(rows), indent=2))
-    with (folder / f"{name}.csv").open("w", newline="") as f:
+    write_csv(rows, folder / f"{name}.csv")
+    return f"{markdown_table(rows, formats)}\nwritten: {folder / f'{name}.json'}, {folder / f'{name}.csv'}"
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """``rows`` (dicts with the same keys) as a CSV file with a header line."""
+    with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    return f"{markdown_table(rows, formats)}\nwritten: {folder / f'{name}.json'}, {folder / f'{name}.csv'}"
 
 
 def write_table(rows: Sequence[dict[str, Any]], folder: Path) -> tuple[Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     md, csv_path = folder / "comparison.md", folder / "comparison.csv"
     md.write_text(markdown(rows) + "\n")
-    with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, csv_path)
     return md, csv_path
