@@ -16,8 +16,10 @@ $(VENV)/.installed: pyproject.toml prob_jepa/__init__.py  # the editable install
 run: $(VENV)/.installed  ## pre-train + evaluate on the embedded shapes data (ARGS="predictor=flow ...")
 	$(PY) experiments/run.py $(ARGS)
 
+# one pytest-xdist worker per core, each test file on one worker (its module fixtures built once); ARGS="-n 0" runs
+# in this process (a debugger, pdb)
 test: $(VENV)/.installed  ## the whole test suite, slow end-to-end tests included
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n auto --dist loadfile $(ARGS)
 
 bench: $(VENV)/.installed  ## training-step speed, memory, FLOPs, MFU (ARGS="model=hiera_b ...")
 	$(PY) experiments/bench.py $(ARGS)
