@@ -11,7 +11,8 @@ minority mode (true weight 0.3). A head costs minutes here instead of a JEPA run
 ``cond``: whether a head's samples miss the modes because of the head or because of what the predictor gives it
 is one command (README, "The head comparison"). The first row is the run's own head, trained with the JEPA: for a
 run evaluated on the CPU its NLL is ``eval.json``'s (the same rows: the run's config with the keys added since and
-the overrides of its last ``experiments/evaluate.py``); its sample-based numbers come from this tool's seed. Every
+the overrides of its last ``experiments/evaluate.py``), and so are its sample-based numbers (the evaluation seeds its
+head samples; a run evaluated before 2026-12-04 drew them after the representation metrics' draws). Every
 head is built from its options before any row is collected, so a rejected option costs no time.
 """
 from __future__ import annotations
@@ -82,6 +83,7 @@ def scores(head, model, run_cfg, rows: Rows, device: torch.device) -> dict:
            **{f"cov{round(100 * float(level))}": value for level, value in after.items()},
            "sample_temperature": metrics["calibration"]["temperature"]}
     if "marker" in run_cfg.data:
+        torch.manual_seed(run_cfg.seed + EVAL_DRAWS)
         ambiguity, _ = ambiguity_metrics(model, head, run_cfg.data, e.ambiguity_pairs, e.num_samples, device,
                                          seed=run_cfg.data.seed + EVAL_DRAWS)
         samples = ambiguity.get("samples", {})

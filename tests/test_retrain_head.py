@@ -22,9 +22,8 @@ def tiny_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_the_run_s_own_head_scores_as_in_eval_json_and_retrained_heads_are_scored_alike(tiny_run, tmp_path):
-    """The first row re-scores the run's head on the evaluation's rows and pairs: its NLL (no sampling) must be
-    eval.json's to the last digit, so the retrained heads below it are scored on the same rows; its sample-based
-    numbers come from the tool's own seed (eval.json's depend on what the evaluation drew before them)."""
+    """The first row re-scores the run's head on the evaluation's rows, pairs and head samples: every number must be
+    eval.json's to the last digit, so the retrained heads below it are scored as the run's head was."""
     rh = load_experiment("retrain_head")
     argv = [str(tiny_run), "heads=[mdn,flow]", "steps=3", "train_images=16", "batch_size=64",
             "per_head.flow.num_components=2", f"out={tmp_path}"]
@@ -32,8 +31,12 @@ def test_the_run_s_own_head_scores_as_in_eval_json_and_retrained_heads_are_score
     metrics = json.loads((tiny_run / "eval.json").read_text())
     own = rows[0]
     assert own["head"] == "mdn (the run's)"
+    calibration, samples = metrics["head"]["calibration"], metrics["multimodality"]["samples"]
     assert own["nll_per_dim"] == metrics["head"]["likelihood"]["nll_per_dim"]
-    assert abs(own["on_mode"] - metrics["multimodality"]["samples"]["on_mode"]) < 0.15
+    assert own["sample_temperature"] == calibration["temperature"]
+    assert [own[f"cov{round(100 * float(level))}"] for level in calibration["after"]["coverage"]] == \
+        list(calibration["after"]["coverage"].values())
+    assert (own["on_mode"], own["minority_share"]) == (samples["on_mode"], samples["share_b"])
     assert [r["head"] for r in rows[1:]] == ["mdn", "flow(num_components=2)"]
     assert all(r["steps"] == 3 and math.isfinite(r["nll_per_dim"]) and 0 <= r["on_mode"] <= 1 for r in rows[1:])
     assert json.loads((tmp_path / "retrained_heads.json").read_text()) == json.loads(json.dumps(rows))

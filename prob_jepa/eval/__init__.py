@@ -182,6 +182,7 @@ def evaluate(
 
     head = model.heads[-1]
     rows = collect_rows(model, val_set, ImageMasks(cfg, model), e.head_images, e.batch_size, device)
+    torch.manual_seed(cfg.seed + EVAL_DRAWS)  # the head samples: not whatever the representation metrics drew
     metrics["head"], candidate_energy = head_metrics(head, rows, e)
     n = min(e.head_images, len(labels))
     per_image = rows.first_per_image(e.energy_tokens_per_image)
@@ -195,6 +196,7 @@ def evaluate(
         energy={**candidate_energy, "image": probe_plot["image"], "image_correct": probe_plot["image_correct"]},
     )
     if "marker" in cfg.data:
+        torch.manual_seed(cfg.seed + EVAL_DRAWS)  # the head samples: not whatever the energies drew
         metrics["multimodality"], plot_data["ambiguity"] = ambiguity_metrics(
             model, head, cfg.data, e.ambiguity_pairs, e.num_samples, device, seed=cfg.data.seed + EVAL_DRAWS
         )
