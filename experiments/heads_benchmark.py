@@ -19,36 +19,20 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
-from prob_jepa.config import group_options, is_count, load_head_trials  # noqa: E402
+from prob_jepa.config import is_count, load_head_trials  # noqa: E402
 from prob_jepa.eval.multimodality import on_mode_share  # noqa: E402
-from prob_jepa.eval.summary import write_results  # noqa: E402
-from prob_jepa.heads import build_head  # noqa: E402
+from prob_jepa.eval.summary import head_presets, write_results  # noqa: E402
+from prob_jepa.model import build_trial_head  # noqa: E402
 from prob_jepa.synthetic import TASKS, BimodalTask, train_head  # noqa: E402
 
 CONF = Path(__file__).resolve().parent / "conf"
 
 
-def head_options(name: str, overrides: dict) -> dict:
-    options = OmegaConf.to_container(OmegaConf.load(CONF / "predictor" / f"{name}.yaml"), resolve=True)
-    options.pop("name")
-    options.update(overrides)
-    return options
-
-
-def head_names(cfg) -> list[str]:
-    """``cfg.heads``, or (null) every head config in ``experiments/conf/predictor``: a new head is benchmarked
-    by existing, with this file's defaults where ``per_head`` has no entry for it."""
-    return list(cfg.heads or group_options(CONF, "predictor"))
-
-
 def run_one(cfg, head_name: str, task_name: str, dim: int) -> dict:
-    settings = dict(OmegaConf.to_container(cfg.per_head, resolve=True).get(head_name) or {})
-    steps, lr = settings.pop("steps", cfg.steps), settings.pop("lr", cfg.lr)
+    _, training, head = build_trial_head(cfg, head_name, head_presets(CONF), dim, cfg.cond_dim)
+    steps, lr = training["steps"], training["lr"]
     task = TASKS[task_name](dim=dim, cond_dim=cfg.cond_dim, seed=cfg.seed)
-    torch.manual_seed(cfg.seed)
-    head = build_head(head_name, dim=dim, cond_dim=cfg.cond_dim, **head_options(head_name, settings))
 
     tic = time.perf_counter()
     train_head(head, task, steps=steps, batch_size=cfg.batch_size, lr=lr, seed=cfg.seed)
@@ -89,8 +73,9 @@ def load_config(overrides: list[str]):
     Raises:
         ValueError: before any head trains — a top-level key the file does not have (``step=``, Hydra's ``+key=``),
             a head without a config in ``experiments/conf/predictor``, a ``per_head`` entry for such a head, a task
-            not in :data:`~prob_jepa.synthetic.TASKS`, no head / task / dimension, or steps (top-level or a head's)
-            that are not a positive integer; each names the valid values.
+            not in :data:`~prob_jepa.synthetic.TASKS`, no head / task / dimension, steps (top-level or a head's)
+            that are not a positive integer, or an option a head rejects (``per_head.<head>.*``); each names the
+            valid values. ``heads`` comes back as the list of heads (null: every head config).
     """
     cfg = load_head_trials(CONF / "heads_benchmark.yaml", overrides, CONF)
     wrong = [str(n) for n in cfg.tasks if n not in TASKS]
@@ -98,6 +83,9 @@ def load_config(overrides: list[str]):
         raise ValueError(f"tasks: {', '.join(wrong) or 'none'}; valid: {', '.join(TASKS)}")
     if not cfg.dims or not all(is_count(d) for d in cfg.dims):
         raise ValueError(f"dims={list(cfg.dims)}: a list of positive target dimensions")
+    presets = head_presets(CONF)
+    for name in cfg.heads:  # a rejected option is found before any head trains
+        build_trial_head(cfg, name, presets, cfg.dims[0], cfg.cond_dim)
     return cfg
 
 
@@ -108,7 +96,7 @@ def main() -> None:
         sys.exit(f"error: {e}")
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     rows = []
-    for head_name in head_names(cfg):
+    for head_name in cfg.heads:
         for task_name in cfg.tasks:
             for dim in cfg.dims:
                 rows.append(run_one(cfg, head_name, task_name, dim))

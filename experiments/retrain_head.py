@@ -25,16 +25,15 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
-from prob_jepa.config import ConfigError, is_count, load_head_trials  # noqa: E402
+from prob_jepa.config import is_count, load_head_trials  # noqa: E402
 from prob_jepa.data import build_datasets  # noqa: E402
 from prob_jepa.eval import evaluation_sets, with_validation  # noqa: E402
 from prob_jepa.eval.ambiguity import ambiguity_metrics  # noqa: E402
 from prob_jepa.eval.heads import EVAL_DRAWS, Rows, collect_rows, head_metrics  # noqa: E402
 from prob_jepa.eval.summary import head_label, head_presets, write_results  # noqa: E402
 from prob_jepa.masks import ImageMasks  # noqa: E402
-from prob_jepa.model import build_configured_head  # noqa: E402
+from prob_jepa.model import build_trial_head  # noqa: E402
 from prob_jepa.run_dir import RunDir  # noqa: E402
 from prob_jepa.run_io import load_run, override  # noqa: E402
 from prob_jepa.synthetic import train_head  # noqa: E402
@@ -93,24 +92,15 @@ def scores(head, model, run_cfg, rows: Rows, device: torch.device) -> dict:
 
 
 def configured_heads(cfg, presets: dict, dim: int, cond_dim: int) -> list[tuple[str, dict, object]]:
-    """Each head of ``cfg.heads`` as ``(label, training settings {steps, lr}, head)``, built (seeded) from its preset
-    and ``per_head`` options for ``dim``-dimensional targets under ``cond_dim``-wide conditions.
+    """Each head of ``cfg.heads`` as ``(label, training settings {steps, lr}, head)``
+    (:func:`~prob_jepa.model.build_trial_head`), all built before any row is collected.
 
     Raises:
-        ValueError: a head rejects its options, naming the ``per_head.<head>.*`` keys (before any row is collected).
+        ValueError: a head rejects its options, naming the ``per_head.<head>.*`` keys.
     """
-    heads, per_head = [], OmegaConf.to_container(cfg.per_head, resolve=True)
+    heads = []
     for name in cfg.heads:
-        settings = dict(per_head.get(name) or {})
-        training = {"steps": settings.pop("steps", cfg.steps), "lr": settings.pop("lr", cfg.lr)}
-        if settings.get("name", name) != name:
-            raise ValueError(f"per_head.{name}.name={settings['name']}: a head's name is its per_head key")
-        options = OmegaConf.merge(presets[name], settings)
-        torch.manual_seed(cfg.seed)
-        try:
-            head = build_configured_head(options, dim=dim, cond_dim=cond_dim)
-        except ConfigError as e:
-            raise ValueError(f"per_head.{name}.*: {e}") from e
+        options, training, head = build_trial_head(cfg, name, presets, dim, cond_dim)
         heads.append((head_label(options, presets), training, head))
     return heads
 

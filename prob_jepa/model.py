@@ -268,6 +268,34 @@ def build_configured_head(predictor: DictConfig, dim: int, cond_dim: int) -> Hea
         raise ConfigError(f"predictor={name}: invalid predictor.* options: {e}") from e
 
 
+def build_trial_head(
+    trials: DictConfig, name: str, presets: dict[str, DictConfig], dim: int, cond_dim: int
+) -> tuple[DictConfig, dict, Head]:
+    """Head ``name`` of a head-trials config (:func:`~prob_jepa.config.load_head_trials`: ``heads_benchmark.yaml``,
+    ``retrain_head.yaml``), built (seeded with ``trials.seed``) for ``dim``-dimensional targets under ``cond_dim``-wide
+    conditions.
+
+    Returns:
+        its predictor config (``presets[name]``, the head's ``predictor/<name>.yaml``, with the options of
+        ``per_head.<name>``), its training settings ``{"steps", "lr"}`` (``per_head.<name>``'s, else the top-level
+        ones) and the head.
+    Raises:
+        ValueError: the head rejects its options, or ``per_head.<name>.name`` names another head; the message names
+            the ``per_head.<name>.*`` keys.
+    """
+    settings = dict(OmegaConf.to_container(trials.per_head, resolve=True).get(name) or {})
+    training = {"steps": settings.pop("steps", trials.steps), "lr": settings.pop("lr", trials.lr)}
+    if settings.get("name", name) != name:
+        raise ValueError(f"per_head.{name}.name={settings['name']}: a head's name is its per_head key")
+    options = OmegaConf.merge(presets[name], settings)
+    torch.manual_seed(trials.seed)
+    try:
+        head = build_configured_head(options, dim=dim, cond_dim=cond_dim)
+    except ConfigError as e:
+        raise ValueError(f"per_head.{name}.*: {e}") from e
+    return options, training, head
+
+
 def build_model(cfg: DictConfig) -> JEPA:
     """The JEPA of ``cfg.model`` (backbone, predictor) and ``cfg.predictor`` (head)."""
     m, lv = cfg.model, level_config(cfg.model)

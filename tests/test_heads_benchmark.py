@@ -12,9 +12,8 @@ from conftest import HEAD_CONFIGS, load_experiment
 
 def test_the_default_benchmarks_every_head_config():
     hb = load_experiment("heads_benchmark")
-    cfg = OmegaConf.load(hb.CONF / "heads_benchmark.yaml")
-    assert hb.head_names(cfg) == list(HEAD_CONFIGS)
-    assert hb.head_names(OmegaConf.merge(cfg, {"heads": ["flow"]})) == ["flow"]
+    assert list(hb.load_config([]).heads) == list(HEAD_CONFIGS)
+    assert list(hb.load_config(["heads=[flow]"]).heads) == ["flow"]
 
 
 def test_a_head_without_a_per_head_entry_runs_with_the_defaults():
@@ -36,6 +35,8 @@ def test_an_unknown_key_is_refused_by_name_and_a_head_s_options_are_not():
 
 
 @pytest.mark.parametrize("override, message", [
+    ("per_head.flow.bogus=1", r"per_head.flow.\*: predictor=flow: invalid predictor.\* options"),
+    ("per_head.diffusion.name=mdn", "per_head.diffusion.name=mdn: a head's name is its per_head key"),
     ("heads=[mdnx]", "heads: mdnx; valid: autoregressive, deterministic, diffusion, flow, mdn"),
     ("per_head.mdnx.steps=5", "per_head: mdnx; valid:"),
     ("tasks=[foo]", "tasks: foo; valid: bimodal"),
