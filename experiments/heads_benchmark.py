@@ -73,8 +73,8 @@ def load_config(overrides: list[str]):
     Raises:
         ValueError: before any head trains — a top-level key the file does not have (``step=``, Hydra's ``+key=``),
             a head without a config in ``experiments/conf/predictor``, a ``per_head`` entry for such a head, a task
-            not in :data:`~prob_jepa.synthetic.TASKS`, no head / task / dimension, steps (top-level or a head's)
-            that are not a positive integer, or an option a head rejects (``per_head.<head>.*``); each names the
+            not in :data:`~prob_jepa.synthetic.TASKS`, no head / task / dimension, steps (top-level or a head's),
+            ``cond_dim``, ``batch_size``, ``test_size``, ``timing_rows`` or ``num_samples`` not a positive integer, or an option a head rejects (``per_head.<head>.*``); each names the
             valid values. ``heads`` comes back as the list of heads (null: every head config).
     """
     cfg = load_head_trials(CONF / "heads_benchmark.yaml", overrides, CONF)
@@ -83,6 +83,9 @@ def load_config(overrides: list[str]):
         raise ValueError(f"tasks: {', '.join(wrong) or 'none'}; valid: {', '.join(TASKS)}")
     if not cfg.dims or not all(is_count(d) for d in cfg.dims):
         raise ValueError(f"dims={list(cfg.dims)}: a list of positive target dimensions")
+    for key in ("cond_dim", "batch_size", "test_size", "timing_rows", "num_samples"):
+        if not is_count(cfg[key]):
+            raise ValueError(f"{key}={cfg[key]!r}: a positive integer")
     presets = head_presets(CONF)
     for name in cfg.heads:  # a rejected option is found before any head trains
         build_trial_head(cfg, name, presets, cfg.dims[0], cfg.cond_dim)

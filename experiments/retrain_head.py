@@ -11,8 +11,9 @@ minority mode (true weight 0.3). A head costs minutes here instead of a JEPA run
 ``cond``: whether a head's samples miss the modes because of the head or because of what the predictor gives it
 is one command (README, "The head comparison"). The first row is the run's own head, trained with the JEPA: for a
 run evaluated on the CPU its NLL is ``eval.json``'s (the same rows: the run's config with the keys added since and
-the overrides of its last ``experiments/evaluate.py``), and so are its sample-based numbers (the evaluation seeds its
-head samples; a run evaluated before 2026-12-04 drew them after the representation metrics' draws). Every
+the overrides of its last ``experiments/evaluate.py``), and so are its sample-based numbers for a run evaluated at
+d764a69 or later (the evaluation seeds its head samples and records the seed as ``head.sample_seed``; the tool says
+when a run's eval.json predates it). Every
 head is built from its options before any row is collected, so a rejected option costs no time.
 """
 from __future__ import annotations
@@ -91,6 +92,16 @@ def scores(head, model, run_cfg, rows: Rows, device: torch.device) -> dict:
     return row
 
 
+def replay_note(evaluation: dict) -> str | None:
+    """A warning when the run's ``eval.json`` (``evaluation``) predates seeded head samples (d764a69): its
+    coverage, temperature, on-mode and minority share then followed other draws, and the first row re-scores them
+    with the seed used since (the NLL is comparable either way)."""
+    if evaluation and "sample_seed" not in evaluation.get("head", {}):
+        return ("note: eval.json predates seeded head samples (evaluated before d764a69): the run's row has its NLL, "
+                "not its sample-based numbers; python experiments/evaluate.py RUN_DIR re-evaluates it")
+    return None
+
+
 def configured_heads(cfg, presets: dict, dim: int, cond_dim: int) -> list[tuple[str, dict, object]]:
     """Each head of ``cfg.heads`` as ``(label, training settings {steps, lr}, head)``
     (:func:`~prob_jepa.model.build_trial_head`), all built before any row is collected.
@@ -114,14 +125,16 @@ def main(argv: list[str]) -> list[dict]:
         cfg = load_config(argv[1:])
         model, run_cfg = load_run(run.path, "cpu")
         # as experiments/evaluate.py scores it: keys added since the run, and the overrides of its last evaluation
-        evaluated = run.read_eval().get("overrides", []) if run.eval.exists() else []
-        run_cfg = override(with_current_defaults(run_cfg), evaluated)
+        evaluation = run.read_eval() if run.eval.exists() else {}
+        run_cfg = override(with_current_defaults(run_cfg), evaluation.get("overrides", []))
         if run_cfg.recipe != "image":
             raise ValueError(f"{run.path} is a recipe={run_cfg.recipe} run; heads are retrained on image runs")
         presets = head_presets(CONF)
         heads = configured_heads(cfg, presets, model.heads[-1].dim, model.heads[-1].cond_dim)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    if replay_note(evaluation):
+        print(replay_note(evaluation), file=sys.stderr, flush=True)
     device = torch.device("cpu")
     e = run_cfg.eval
     bank_set, val_set = with_validation(*build_datasets(run_cfg.data, ("train_eval", "val")))

@@ -37,6 +37,9 @@ def test_an_unknown_key_is_refused_by_name_and_a_head_s_options_are_not():
 @pytest.mark.parametrize("override, message", [
     ("per_head.flow.bogus=1", r"per_head.flow.\*: predictor=flow: invalid predictor.\* options"),
     ("per_head.diffusion.name=mdn", "per_head.diffusion.name=mdn: a head's name is its per_head key"),
+    ("cond_dim=0", "cond_dim=0: a positive integer"),
+    ("cond_dim=1.5", "cond_dim=1.5: a positive integer"),
+    ("num_samples=-2", "num_samples=-2: a positive integer"),
     ("heads=[mdnx]", "heads: mdnx; valid: autoregressive, deterministic, diffusion, flow, mdn"),
     ("per_head.mdnx.steps=5", "per_head: mdnx; valid:"),
     ("tasks=[foo]", "tasks: foo; valid: bimodal"),

@@ -37,6 +37,7 @@ def test_the_run_s_own_head_scores_as_in_eval_json_and_retrained_heads_are_score
     assert [own[f"cov{round(100 * float(level))}"] for level in calibration["after"]["coverage"]] == \
         list(calibration["after"]["coverage"].values())
     assert (own["on_mode"], own["minority_share"]) == (samples["on_mode"], samples["share_b"])
+    assert rh.replay_note(metrics) is None
     assert [r["head"] for r in rows[1:]] == ["mdn", "flow(num_components=2)"]
     assert all(r["steps"] == 3 and math.isfinite(r["nll_per_dim"]) and 0 <= r["on_mode"] <= 1 for r in rows[1:])
     assert json.loads((tmp_path / "retrained_heads.json").read_text()) == json.loads(json.dumps(rows))
@@ -52,6 +53,12 @@ def test_a_head_option_the_head_rejects_stops_the_command_before_any_row_is_coll
     with pytest.raises(SystemExit, match=r"error: per_head.flow.\*: predictor=flow: invalid predictor.\* options"):
         rh.main([str(tiny_run), "heads=[mdn,flow]", "per_head.flow.bogus=1", f"out={tmp_path}"])
     assert "training rows" not in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+def test_an_evaluation_without_seeded_head_samples_is_named():
+    replay_note = load_experiment("retrain_head").replay_note
+    assert "predates seeded head samples" in replay_note({"head": {"likelihood": {"nll_per_dim": 0.1}}})
+    assert replay_note({"head": {"sample_seed": 10**9}}) is None and replay_note({}) is None  # {}: not evaluated
 
 
 def test_training_rows_keep_each_condition_with_its_own_target():

@@ -184,6 +184,7 @@ def evaluate(
     rows = collect_rows(model, val_set, ImageMasks(cfg, model), e.head_images, e.batch_size, device)
     torch.manual_seed(cfg.seed + EVAL_DRAWS)  # the head samples: not whatever the representation metrics drew
     metrics["head"], candidate_energy = head_metrics(head, rows, e)
+    metrics["head"]["sample_seed"] = cfg.seed + EVAL_DRAWS  # also marks an evaluation whose samples can be replayed
     n = min(e.head_images, len(labels))
     per_image = rows.first_per_image(e.energy_tokens_per_image)
     with torch.no_grad():
