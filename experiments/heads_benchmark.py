@@ -74,8 +74,9 @@ def load_config(overrides: list[str]):
         ValueError: before any head trains — a top-level key the file does not have (``step=``, Hydra's ``+key=``),
             a head without a config in ``experiments/conf/predictor``, a ``per_head`` entry for such a head, a task
             not in :data:`~prob_jepa.synthetic.TASKS`, no head / task / dimension, steps (top-level or a head's),
-            ``cond_dim``, ``batch_size``, ``test_size``, ``timing_rows`` or ``num_samples`` not a positive integer, or an option a head rejects (``per_head.<head>.*``); each names the
-            valid values. ``heads`` comes back as the list of heads (null: every head config).
+            ``cond_dim``, ``batch_size``, ``test_size``, ``timing_rows`` or ``num_samples`` not a positive integer,
+            or an option a head rejects (``per_head.<head>.*``); each names the valid values. ``heads`` comes back
+            as the list of heads (null: every head config).
     """
     cfg = load_head_trials(CONF / "heads_benchmark.yaml", overrides, CONF)
     wrong = [str(n) for n in cfg.tasks if n not in TASKS]
