@@ -108,16 +108,23 @@ def test_a_mixture_of_flows_integrates_to_one_and_samples_its_own_density():
         last.weight[:, 0] = torch.tensor([1.0, -1.0])
     cond = torch.randn(3, 3)
     cond[:, 0] = torch.tensor([-2.0, 0.5, 3.0])
-    size = 20001
-    grid, step = torch.linspace(-25, 25, size)[:, None], 50 / (size - 1)
     with torch.no_grad():
         weights = head._log_weights(cond).exp()
-        density = torch.stack([head.log_prob(grid, c.expand(len(grid), -1)).exp() for c in cond])  # [3, G]
-        samples = head.sample(cond, 20000)[..., 0]  # [S, 3]
     torch.testing.assert_close(weights[:, 0], torch.tensor([0.383, 0.651, 0.997]), atol=1e-3, rtol=0)
-    torch.testing.assert_close(density.sum(-1) * step, torch.ones(3), atol=1e-3, rtol=0)
+    assert_a_density_that_samples_itself(head, cond, half_width=25.0)
+
+
+def assert_a_density_that_samples_itself(head, cond: torch.Tensor, half_width: float) -> None:
+    """For each row of ``cond`` ``[R, C]`` of a 1-D head: ``exp(log_prob)`` integrates to 1 on
+    ``[-half_width, half_width]`` and 20000 draws follow its integral (KS distance below 0.02)."""
+    size = 20001
+    grid, step = torch.linspace(-half_width, half_width, size)[:, None], 2 * half_width / (size - 1)
+    with torch.no_grad():
+        density = torch.stack([head.log_prob(grid, c.expand(len(grid), -1)).exp() for c in cond])  # [R, G]
+        samples = head.sample(cond, 20000)[..., 0]  # [S, R]
+    torch.testing.assert_close(density.sum(-1) * step, torch.ones(len(cond)), atol=1e-3, rtol=0)
     cdf = torch.cumsum(density, -1).double() * step
-    for row in range(3):
+    for row in range(len(cond)):
         empirical = (samples[:, row, None] <= grid[:, 0]).double().mean(0)
         assert (empirical - cdf[row]).abs().max() < 0.02, row
 
@@ -177,17 +184,7 @@ def test_a_mixture_base_integrates_to_one_and_samples_its_own_density():
         for p in head.flow._transform.parameters():
             torch.nn.init.normal_(p, std=0.1)
         head.flow._distribution.net.weight.mul_(4.0)  # components well apart
-    cond = torch.randn(3, 3)
-    size = 20001
-    grid, step = torch.linspace(-40, 40, size)[:, None], 80 / (size - 1)
-    with torch.no_grad():
-        density = torch.stack([head.log_prob(grid, c.expand(len(grid), -1)).exp() for c in cond])  # [3, G]
-        samples = head.sample(cond, 20000)[..., 0]  # [S, 3]
-    torch.testing.assert_close(density.sum(-1) * step, torch.ones(3), atol=1e-3, rtol=0)
-    cdf = torch.cumsum(density, -1).double() * step
-    for row in range(3):
-        empirical = (samples[:, row, None] <= grid[:, 0]).double().mean(0)
-        assert (empirical - cdf[row]).abs().max() < 0.02, row
+    assert_a_density_that_samples_itself(head, torch.randn(3, 3), half_width=40.0)
 
 
 def test_held_couplings_stay_at_the_identity_then_train_and_the_count_resumes():
