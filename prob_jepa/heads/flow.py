@@ -1,4 +1,5 @@
-"""Flow head: a conditional normalizing flow (nflows) with a standard normal base, or a mixture of such flows."""
+"""Flow head: a conditional normalizing flow (nflows) on a standard normal or Gaussian-mixture base, or a mixture of
+such flows."""
 from __future__ import annotations
 
 import math
@@ -177,7 +178,7 @@ class _MixtureBase(Distribution):
 
 @register_head("flow")
 class FlowHead(Head):
-    """Conditional normalizing flow ``y = f(z; c)``, ``z ~ N(0, I)``, or a mixture of ``K`` of them; exact ``log p(y | c)``.
+    """Conditional normalizing flow ``y = f(z; c)``, ``z`` from its base, or a mixture of ``K`` of them; exact log p.
 
     Data → noise, the flow applies: a conditional element-wise affine layer (shift and
     scale are functions of the context only: it standardizes ``y`` given ``c``), then
@@ -202,8 +203,9 @@ class FlowHead(Head):
     component at every seed tried (README, "The head comparison"), so one flow is the default.
 
     With ``base_components = K > 1`` the base is itself a mixture set by the context (an MDN in the coordinates the
-    first, standardizing layer produces), and ``hold_steps`` keeps the couplings at the identity while it learns:
-    the base then splits the modes first, as the MDN head does, and the couplings refine each mode afterwards.
+    first, standardizing layer produces, reversed when ``num_layers`` is even), and ``hold_steps`` keeps the
+    couplings at the identity while it learns: the base then splits the modes first, as the MDN head does, and the
+    couplings refine each mode afterwards.
     Unheld, the couplings explain the second mode as a dependence between the halves of the target before the
     base's components separate (README, "The head comparison").
 
@@ -230,7 +232,12 @@ class FlowHead(Head):
             couplings can explain them as a dependence between the halves of the target (README, "The head
             comparison": on a JEPA's frozen rows, base K = 4 held 300 of 1000 steps puts 0.95-0.98 of the
             marker's samples on a mode; unheld 0.50, one flow 0.16-0.20). 0: the couplings start as nflows
-            initializes them and train from the first step.
+            initializes them and train from the first step. Caveats of the hold, a gradient hook on the coupling
+            parameters: it counts head ``loss`` calls (one per optimizer step in the default recipe; gradient
+            accumulation, several mask specs or levels count each); it does not survive ``copy.deepcopy``,
+            pickling the module or FSDP's ``fully_shard`` (``trainer.strategy=fsdp``: do not combine); the held
+            gradients are zeros, so Adam's step count advances through the hold and the couplings' first steps
+            after it are larger than a fresh start's (up to ~3x the learning rate at beta2 = 0.999).
 
     Raises:
         ValueError: an unknown ``transform``, ``num_components`` or ``base_components`` not a positive integer,
