@@ -133,8 +133,9 @@ def main(argv: list[str]) -> list[dict]:
         heads = configured_heads(cfg, presets, model.heads[-1].dim, model.heads[-1].cond_dim)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    if replay_note(evaluation):
-        print(replay_note(evaluation), file=sys.stderr, flush=True)
+    note = replay_note(evaluation)
+    if note:
+        print(note, file=sys.stderr, flush=True)
     device = torch.device("cpu")
     e = run_cfg.eval
     bank_set, val_set = with_validation(*build_datasets(run_cfg.data, ("train_eval", "val")))
