@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from pyro.distributions import MultivariateStudentT
 
+from .heads import Head
+
 
 def cond_features(c: torch.Tensor, cond_dim: int) -> torch.Tensor:
     """``c [N] → [N, cond_dim]``: ``c`` followed by fixed sinusoidal features of it."""
@@ -198,20 +200,27 @@ TASKS = {t.name: t for t in (BimodalTask, AmbiguousTask, HeteroscedasticTask, He
 
 
 def train_head(
-    head: torch.nn.Module,
+    head: Head,
     task: Task,
     steps: int,
     batch_size: int = 256,
     lr: float = 3e-3,
     seed: int = 0,
 ) -> list[float]:
-    """Fit ``head`` to ``task`` by its own ``loss`` (Adam, cosine decay); returns the loss curve."""
+    """Fit ``head`` to ``task`` by its own ``loss`` (Adam, cosine decay; the head's held parameters at learning
+    rate 0 for its first ``hold_steps`` steps, :meth:`~prob_jepa.heads.Head.held_parameters`); returns the loss
+    curve."""
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    held = head.held_parameters()
+    ids = {id(p) for p in held}
+    groups = [{"params": [p for p in head.parameters() if id(p) not in ids]}] + ([{"params": held}] if held else [])
+    opt = torch.optim.Adam(groups, lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     head.train()
     losses = []
-    for _ in range(steps):
+    for step in range(steps):
+        for group in opt.param_groups[1:]:  # held: the schedule's learning rate from step hold_steps on
+            group["lr"] = opt.param_groups[0]["lr"] if step >= head.hold_steps else 0.0
         _, cond, y = task.sample(batch_size, g)
         loss = head.loss(cond, y)
         opt.zero_grad(set_to_none=True)

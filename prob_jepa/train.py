@@ -29,6 +29,7 @@ from .data import GlobalBatchSampler, SeededDataset, build_datasets, seed_for
 from .distributed import DistInfo, any_rank, barrier, gradient_sync, init_distributed, mean_over_ranks, wrap_model
 from .eval.diagnostics import effective_rank, feature_std
 from .eval.probe_curve import ProbeCurve, probe_curve
+from .heads import Head
 from .masks import complete_mask_specs
 from .preflight import check_gradients, preflight_evaluation
 from .recipes import recipe_of
@@ -77,9 +78,11 @@ class StopSignal:
 
 def param_groups(model: nn.Module, head_lr_scale: float = 1.0) -> list[dict]:
     """Weight decay on matrices only; biases, norms, embeddings and scalars are exempt (I-JEPA). With
-    ``head_lr_scale ≠ 1`` the heads' parameters (``model.heads``) form groups of their own whose learning rate is
-    ``head_lr_scale`` times the schedule's (their ``lr_scale``; at 1 the groups are the two of before, so optimizer
-    states load as they did).
+    ``head_lr_scale ≠ 1`` the heads' parameters (every :class:`~prob_jepa.heads.Head` in ``model``) form groups of
+    their own whose learning rate is ``head_lr_scale`` times the schedule's (their ``lr_scale``; at 1 the groups are
+    the two of before, so optimizer states load as they did). A head's held parameters
+    (:meth:`~prob_jepa.heads.Head.held_parameters`) form groups with its ``hold_steps``: learning rate 0 before that
+    optimizer step (:meth:`Trainer.train_step`).
 
     Raises:
         ConfigError: ``head_lr_scale`` (``optim.head_lr_scale``) is not a finite positive number.
@@ -87,18 +90,19 @@ def param_groups(model: nn.Module, head_lr_scale: float = 1.0) -> list[dict]:
     if not (is_finite_number(head_lr_scale) and head_lr_scale > 0):
         raise ConfigError(f"optim.head_lr_scale={head_lr_scale!r} must be a finite number > 0 (the heads' learning "
                           f"rate is this times the schedule's)")
-
-    def decay_and_exempt(params: list[nn.Parameter], scale: float) -> list[dict]:
-        return [{"params": [p for p in params if p.ndim >= 2], "lr_scale": scale},
-                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "exempt": True, "lr_scale": scale}]
-
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if head_lr_scale == 1.0:
-        return decay_and_exempt(trainable, 1.0)
-    heads = {id(p) for p in model.heads.parameters()}
-    own = [p for p in trainable if id(p) in heads]
-    rest = decay_and_exempt([p for p in trainable if id(p) not in heads], 1.0)
-    return (rest + decay_and_exempt(own, head_lr_scale)) if own else rest
+    heads = [m for m in model.modules() if isinstance(m, Head)]
+    scale = {id(p): head_lr_scale for h in heads for p in h.parameters()}
+    hold = {id(p): h.hold_steps for h in heads for p in h.held_parameters()}
+    kinds: dict[tuple[float, int], list[nn.Parameter]] = defaultdict(list)
+    for p in model.parameters():
+        if p.requires_grad:
+            kinds[scale.get(id(p), 1.0), hold.get(id(p), 0)].append(p)
+    groups = []
+    for (lr_scale, hold_steps), params in sorted(kinds.items(), key=lambda kind: (kind[0][0] != 1.0, kind[0][1])):
+        options = {"lr_scale": lr_scale, **({"hold_steps": hold_steps} if hold_steps else {})}
+        groups += [{"params": [p for p in params if p.ndim >= 2], **options},
+                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "exempt": True, **options}]
+    return groups
 
 
 def accumulation(global_batch: int, micro_batch: int | None, world_size: int) -> tuple[int, int]:
@@ -314,7 +318,8 @@ class Trainer:
         """One optimizer step over ``accum`` micro-batches; returns the averaged loss terms."""
         lr, wd, momentum = self.schedules(self.step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)  # optimizer states saved before head_lr_scale lack it
+            # optimizer states saved before head_lr_scale lack it; a held group learns from its hold_steps-th step
+            group["lr"] = lr * group.get("lr_scale", 1.0) if self.step >= group.get("hold_steps", 0) else 0.0
             if not group.get("exempt"):
                 group["weight_decay"] = wd
         torch.manual_seed(seed_for(self.cfg.seed, self.info.rank, self.step))  # dropout / drop-path

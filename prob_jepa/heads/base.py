@@ -39,11 +39,21 @@ class Head(nn.Module):
     - ``energy(target, cond)``: ``[N]``, lower = more compatible; ``-log_prob``.
 
     ``forward(cond, target)`` is ``loss`` so that DDP / FSDP hooks see the call.
+
+    A head may hold some of its parameters at their initial values for the first ``hold_steps`` optimizer steps
+    (:meth:`held_parameters`): the training loops give them learning rate 0 until then
+    (:func:`prob_jepa.train.param_groups`, :func:`prob_jepa.synthetic.train_head`).
     """
+
+    hold_steps: int = 0
 
     def __init__(self, dim: int, cond_dim: int):
         super().__init__()
         self.dim, self.cond_dim = dim, cond_dim
+
+    def held_parameters(self) -> list[nn.Parameter]:
+        """The parameters trained only from optimizer step ``hold_steps`` on (0-based); none by default."""
+        return []
 
     def device_type(self) -> str:
         p = next(self.parameters(), None)

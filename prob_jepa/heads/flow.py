@@ -227,21 +227,17 @@ class FlowHead(Head):
         num_components: ``K``, flows in the mixture (1: one flow, no mixture weights).
         base_components: Gaussians in the base distribution (1: ``N(0, I)``; more: a mixture whose weights, means
             and scales are set by the context embedding, :class:`_MixtureBase`).
-        hold_steps: training batches (``loss`` calls in training mode) during which the coupling layers stay at
-            the identity they start at (their gradients are zero), so a mixture base splits the modes before the
-            couplings can explain them as a dependence between the halves of the target (README, "The head
-            comparison": on a JEPA's frozen rows, base K = 4 held 300 of 1000 steps puts 0.95-0.98 of the
-            marker's samples on a mode; unheld 0.50, one flow 0.16-0.20). 0: the couplings start as nflows
-            initializes them and train from the first step. Caveats of the hold, a gradient hook on the coupling
-            parameters: it counts head ``loss`` calls (one per optimizer step in the default recipe; gradient
-            accumulation, several mask specs or levels count each); it does not survive ``copy.deepcopy``,
-            pickling the module or FSDP's ``fully_shard`` (``trainer.strategy=fsdp``: do not combine); the held
-            gradients are zeros, so Adam's step count advances through the hold and the couplings' first steps
-            after it are larger than a fresh start's (up to ~3x the learning rate at beta2 = 0.999).
+        hold_steps: optimizer steps during which the coupling layers stay at the identity they start at (their
+            learning rate is 0, :meth:`held_parameters`), so a mixture base splits the modes before the couplings
+            can explain them as a dependence between the halves of the target (README, "The head comparison": on
+            a JEPA's frozen rows, base K = 4 held 300 of 1000 steps puts 0.95-0.98 of the marker's samples on a
+            mode; unheld 0.50, one flow 0.16-0.20). The optimizer's moments of the held couplings follow their
+            gradients through the hold, so their first steps after it are ordinary Adam steps. 0: the couplings
+            start as nflows initializes them and train from the first step.
 
     Raises:
         ValueError: an unknown ``transform``, ``num_components`` or ``base_components`` not a positive integer,
-            ``hold_steps`` not a non-negative integer.
+            ``hold_steps`` not a non-negative integer (a number of optimizer steps).
 
     References:
         Dinh et al., Density estimation using Real NVP, arXiv:1605.08803 (eq. 4-6);
@@ -279,7 +275,7 @@ class FlowHead(Head):
         if not is_count(base_components):
             raise ValueError(f"base_components={base_components!r}: a positive number of Gaussians in the base")
         if not (is_count(hold_steps) or hold_steps == 0):
-            raise ValueError(f"hold_steps={hold_steps!r}: a number of training batches >= 0")
+            raise ValueError(f"hold_steps={hold_steps!r}: a number of optimizer steps >= 0")
         self.mean_samples, self.num_components = mean_samples, num_components
 
         def conditioner(in_features: int, out_features: int) -> nn.Module:
@@ -307,12 +303,8 @@ class FlowHead(Head):
         self.flow = Flow(CompositeTransform(layers), base, embedding_net=embed)
         self.hold_steps = hold_steps
         if hold_steps:
-            self.register_buffer("updates", torch.zeros((), dtype=torch.long))  # training batches seen
-            for layer in layers[1:]:
-                if isinstance(layer, (_AffineCoupling, _SplineCoupling)):
-                    start_at_identity(layer)
-                    for p in layer.parameters():
-                        p.register_hook(self._hold)
+            for layer in self._couplings():
+                start_at_identity(layer)
         self.weights = mlp(cond_dim, hidden, num_components) if num_components > 1 else None
         if self.weights is not None:  # uniform mixture weights at initialization
             nn.init.zeros_(self.weights[-1].weight)
@@ -326,15 +318,18 @@ class FlowHead(Head):
         """A mixture's flow context of rows ``cond [M, C]`` in components ``[M]``: ``[M, C + K]``."""
         return torch.cat([cond, F.one_hot(component, self.num_components).to(cond.dtype)], -1)
 
-    def _hold(self, grad: torch.Tensor) -> torch.Tensor:
-        """A coupling parameter's gradient: zero for the first ``hold_steps`` training batches (no host sync)."""
-        return grad * (self.updates > self.hold_steps).to(grad.dtype)
+    def _couplings(self) -> list[nn.Module]:
+        """The coupling layers after the first, standardizing one."""
+        return [t for t in self.flow._transform._transforms if isinstance(t, (_AffineCoupling, _SplineCoupling))][1:]
 
-    @fp32
-    def loss(self, cond: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if self.hold_steps and self.training and torch.is_grad_enabled():
-            self.updates += 1
-        return super().loss(cond, target)
+    def held_parameters(self) -> list[nn.Parameter]:
+        """The coupling layers' parameters when ``hold_steps > 0`` (not the first, standardizing layer's)."""
+        return [p for layer in self._couplings() for p in layer.parameters()] if self.hold_steps else []
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # heads of fd10cd3 to 85b5553 counted their hold in a buffer; the trainer's step counts it now
+        state_dict.pop(prefix + "updates", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @fp32
     def log_prob(self, target: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
