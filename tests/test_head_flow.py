@@ -247,8 +247,12 @@ def test_a_held_mixture_base_flow_trains_in_the_jepa_and_resumes_exactly(compose
     pretrain(compose(*flow, "trainer.max_steps=3"), run_dir=resumed.path)
     a, b = load_run(straight.path)[0].heads[0].state_dict(), load_run(resumed.path)[0].heads[0].state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    groups = [g for g in torch.load(straight.path / "checkpoints" / "last.pt", weights_only=True)["optimizer"][
-        "param_groups"] if g.get("hold_steps")]
+    optimizers = [torch.load(run.path / "checkpoints" / "last.pt", weights_only=True)["optimizer"]
+                  for run in (straight, resumed)]
+    moments = [{(name, k): v for name, s in o["state"].items() for k, v in s.items()} for o in optimizers]
+    assert moments[0] and moments[0].keys() == moments[1].keys()
+    assert all(torch.equal(moments[0][k], moments[1][k]) for k in moments[0])
+    groups = [g for g in optimizers[0]["param_groups"] if g.get("hold_steps")]
     assert [g["hold_steps"] for g in groups] == [2, 2] and all(g["lr"] > 0 for g in groups)
     coupling = "flow._transform._transforms.1.transform_net.final_layer.weight"
     assert not held_after_one[coupling].any() and a[coupling].any()  # at the identity (zero) until released

@@ -231,9 +231,12 @@ class FlowHead(Head):
             learning rate is 0, :meth:`held_parameters`), so a mixture base splits the modes before the couplings
             can explain them as a dependence between the halves of the target (README, "The head comparison": on
             a JEPA's frozen rows, base K = 4 held 300 of 1000 steps puts 0.95-0.98 of the marker's samples on a
-            mode; unheld 0.50, one flow 0.16-0.20). The optimizer's moments of the held couplings follow their
-            gradients through the hold, so their first steps after it are ordinary Adam steps. 0: the couplings
-            start as nflows initializes them and train from the first step.
+            mode; unheld 0.50, one flow 0.16-0.20). The training loop enforces it (the trainer's
+            :func:`~prob_jepa.train.param_groups`, :func:`~prob_jepa.synthetic.train_head`; an optimizer built
+            from ``parameters()`` alone ignores it). The optimizer's moments of the held couplings follow their
+            gradients through the hold, so their first steps after it are ordinary Adam steps, and their gradients
+            count in the clipped gradient norm. 0: the couplings start as nflows initializes them and train from
+            the first step.
 
     Raises:
         ValueError: an unknown ``transform``, ``num_components`` or ``base_components`` not a positive integer,
