@@ -321,6 +321,10 @@ class FlowHead(Head):
         """A mixture's flow context of rows ``cond [M, C]`` in components ``[M]``: ``[M, C + K]``."""
         return torch.cat([cond, F.one_hot(component, self.num_components).to(cond.dtype)], -1)
 
+    @fp32
+    def loss(self, cond: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return super().loss(cond, target)
+
     def _couplings(self) -> list[nn.Module]:
         """The coupling layers after the first, standardizing one."""
         return [t for t in self.flow._transform._transforms if isinstance(t, (_AffineCoupling, _SplineCoupling))][1:]
