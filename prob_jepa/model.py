@@ -201,8 +201,18 @@ def level_config(model_cfg: DictConfig) -> dict:
 
 
 def encoder_kwargs(cfg: DictConfig) -> dict:
-    """The :class:`~jin.HierarchicalEncoder` arguments of ``cfg`` (plain values: saved with an exported encoder)."""
+    """The :class:`~jin.HierarchicalEncoder` arguments of ``cfg`` (plain values: saved with an exported encoder).
+
+    Raises:
+        ConfigError: ``data.image_size`` / ``model.patch_size`` is not a whole number of patches divisible by
+            ``2^(levels-1)``, naming the keys.
+    """
     m, lv = cfg.model, level_config(cfg.model)
+    side, unit = cfg.data.image_size / m.patch_size, 2 ** (len(lv["dims"]) - 1)
+    if side != int(side) or int(side) % unit:
+        raise ConfigError(f"data.image_size={cfg.data.image_size} / model.patch_size={m.patch_size} = {side:g} patches "
+                          f"a side must be a whole number divisible by {unit} (2^(levels-1), model.levels="
+                          f"{m.levels}: each merge halves the grid)")
     return dict(
         img_size=int(cfg.data.image_size),
         patch_size=int(m.patch_size),

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ConfigError, is_count, is_finite_number
 from .data import GlobalBatchSampler, SeededDataset, build_datasets, seed_for
-from .distributed import DistInfo, any_rank, barrier, gradient_sync, init_distributed, mean_over_ranks, wrap_model
+from .distributed import STRATEGIES, DistInfo, any_rank, barrier, gradient_sync, init_distributed, mean_over_ranks, wrap_model
 from .eval.diagnostics import effective_rank, feature_std
 from .eval.probe_curve import ProbeCurve, probe_curve
 from .heads import Head
@@ -106,11 +106,15 @@ def param_groups(model: nn.Module, head_lr_scale: float = 1.0) -> list[dict]:
 
 
 def accumulation(global_batch: int, micro_batch: int | None, world_size: int) -> tuple[int, int]:
-    """(per-rank micro-batch, accumulation steps) with ``global = world × micro × accum``."""
+    """(per-rank micro-batch, accumulation steps) with ``global = world × micro × accum``.
+
+    Raises:
+        ConfigError: ``trainer.batch_size`` is not ``world size × trainer.micro_batch_size × a whole number``.
+    """
     micro = micro_batch or global_batch // world_size
     accum = global_batch // (world_size * micro) if micro else 0
     if accum < 1 or world_size * micro * accum != global_batch:
-        raise ValueError(
+        raise ConfigError(
             f"trainer.batch_size={global_batch} must be world size {world_size} × trainer.micro_batch_size "
             f"{micro_batch} × a whole number of accumulation steps"
         )
@@ -121,13 +125,17 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def check_trainer(tc: DictConfig) -> None:
-    """Raise :class:`ConfigError` for logging / checkpoint intervals that the loop cannot use, a precision it does not
-    know, a clipping norm that is not a finite positive number, or a ``trainer.compile_backend`` that
-    ``torch.compile`` does not have."""
-    for key in ("log_every", "checkpoint_every"):
-        value = tc.get(key)
-        if not is_count(value):
-            raise ConfigError(f"trainer.{key}={value} must be a positive number of steps")
+    """Raise :class:`ConfigError` for a batch size, logging / checkpoint interval or ``max_steps`` that the loop
+    cannot use, a precision or distributed strategy it does not know, a clipping norm that is not a finite positive
+    number, or a ``trainer.compile_backend`` that ``torch.compile`` does not have."""
+    for key, what in (("batch_size", "images"), ("log_every", "steps"), ("checkpoint_every", "steps")):
+        if not is_count(tc.get(key)):
+            raise ConfigError(f"trainer.{key}={tc.get(key)!r} must be a positive number of {what}")
+    for key, what in (("max_steps", "optimizer steps to stop at"), ("micro_batch_size", "images per forward")):
+        if tc[key] is not None and not is_count(tc[key]):
+            raise ConfigError(f"trainer.{key}={tc[key]!r} must be a positive number of {what}, or null")
+    if tc.strategy not in STRATEGIES:
+        raise ConfigError(f"trainer.strategy={tc.strategy!r}; valid: {', '.join(STRATEGIES)}")
     if tc.precision not in PRECISIONS:
         raise ConfigError(f"trainer.precision={tc.precision!r}; valid: {', '.join(PRECISIONS)}")
     if not (is_finite_number(tc.clip_grad) and tc.clip_grad > 0):
@@ -195,12 +203,12 @@ class Trainer:
         if info.distributed and tc.strategy not in self.recipe.strategies:
             raise ConfigError(f"trainer.strategy={tc.strategy!r}: recipe={cfg.recipe} trains with "
                               f"{' | '.join(self.recipe.strategies)}")
+        self.micro, self.accum = accumulation(tc.batch_size, tc.micro_batch_size, info.world_size)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = self.build_model().to(info.device)
         if tc.grad_checkpointing:
             self.model.set_grad_checkpointing()
 
-        self.micro, self.accum = accumulation(tc.batch_size, tc.micro_batch_size, info.world_size)
         self.sampler = GlobalBatchSampler(len(train_set), tc.batch_size, info.rank, info.world_size, self.accum, cfg.seed)
         self.loader = DataLoader(
             SeededDataset(train_set),
@@ -493,6 +501,8 @@ def pretrain(
     recipe = recipe_of(cfg)  # a recipe without the nodes it reads fails before anything is written
     complete_mask_specs(cfg)  # config.yaml holds every option of every mask spec it trains with
     info = init_distributed(cfg.trainer.device)
+    check_trainer(cfg.trainer)  # before anything is written (the trainer checks again, for its other callers)
+    accumulation(cfg.trainer.batch_size, cfg.trainer.micro_batch_size, info.world_size)
     run = RunDir(run_dir if run_dir is not None else Path("runs") / time.strftime("%Y-%m-%d_%H-%M-%S"))
     probe_set = train_set
     if train_set is None:

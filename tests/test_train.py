@@ -211,6 +211,13 @@ def test_preflight_leaves_training_unchanged(compose, tiny_overrides, tmp_path, 
     # 4 target blocks of 12 of 64 units leave at most 52
     (["mask.image.0.min_keep=56", "trainer.max_steps=10"], "mask.image"),
     (["data.marker.x=30"], "data.marker"),  # 8 px marker at x=30 in a 32 px image
+    # these trained nothing and reported "stopped", crashed unnamed in the loop, or failed only after the model was
+    # built (a traceback, not the error line)
+    (["trainer.max_steps=-1"], "trainer.max_steps=-1 must be a positive number of optimizer steps"),
+    (["trainer.max_steps=2.5"], "trainer.max_steps=2.5"),
+    (["trainer.strategy=ddpp"], "trainer.strategy='ddpp'; valid: ddp, fsdp"),
+    (["trainer.micro_batch_size=3"], "trainer.micro_batch_size 3"),
+    (["data.image_size=34"], "data.image_size=34 / model.patch_size=4 = 8.5 patches a side"),
 ])
 def test_settings_found_by_a_new_user_fail_before_step_1(overrides, named, compose, tiny_overrides, tmp_path):
     """Each of these used to train at least one step, then crash or (the marker) score nonsense."""
