@@ -19,7 +19,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("comparison"), help="where the table and figures go")
     args = parser.parse_args()
 
-    runs = find_runs(args.runs)
+    try:
+        runs = find_runs(args.runs)
+    except FileNotFoundError as e:  # a path without eval.json: the message says which
+        raise SystemExit(f"error: {e}") from None
     # a head's column names the options in which a run differs from the head's preset (flow(num_components=2))
     presets = head_presets(CONF)
     rows = [summary_row(r, presets) for r in runs]

@@ -4,8 +4,9 @@ Overrides change existing keys of the run's saved config for this evaluation onl
 ``eval.probe_train_size=1000``, ``data.val_size=2000``, ``data.scene.noise=0.1`` for another image set);
 ``eval.json`` (which lists them under ``overrides``) and ``plots/`` of the run are rewritten, ``config.yaml`` (what
 was trained) is not. Only ``eval.*`` and ``data.*`` keys may change: the model comes from the checkpoint, and any
-other key would change the random-initialization reference it is compared with. ``eval.*`` and ``data.*`` keys
-added to ``experiments/conf`` after the run trained take their current defaults.
+other key would change the random-initialization reference it is compared with; nor may the ``data.*`` keys the
+model's encoders were built for (:data:`MODEL_DATA_KEYS`: the world, the input sizes, the modalities). ``eval.*``
+and ``data.*`` keys added to ``experiments/conf`` after the run trained take their current defaults.
 """
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ from prob_jepa.run_io import load_run, override  # noqa: E402
 
 CONF = Path(__file__).resolve().parent / "conf"
 EVALUATION_KEYS = ("eval.", "data.")  # what an evaluation may change
+# ... except the data keys the model's encoders were built for (input sizes, the world, the modalities)
+MODEL_DATA_KEYS = ("data.name", "data.image_size", "data.modalities", "data.n_mels", "data.audio_frames",
+                   "data.text_length", "data.video_frames", "data.video_size")
 
 
 # Data keys added after runs had been saved, at the values that reproduce those runs' images (the defaults of
@@ -52,11 +56,16 @@ def main(argv: list[str]) -> dict:
     if not argv or argv[0] in ("-h", "--help"):
         sys.exit(__doc__)
     run = RunDir(argv[0])
-    fixed = [item for item in argv[1:] if not item.lstrip("+~").startswith(EVALUATION_KEYS)]
+    keys = [item.lstrip("+~").split("=", 1)[0] for item in argv[1:]]
+    fixed = [item for item, key in zip(argv[1:], keys) if not key.startswith(EVALUATION_KEYS)]
     if fixed:
         sys.exit(f"error: {', '.join(fixed)}: an evaluation may change {' and '.join(k + '*' for k in EVALUATION_KEYS)} "
                  f"keys only (the model is the checkpoint's; other keys would change the random-initialization "
                  f"reference); train another run for the rest")
+    sized = [item for item, key in zip(argv[1:], keys) if key.startswith(MODEL_DATA_KEYS)]
+    if sized:
+        sys.exit(f"error: {', '.join(sized)}: the checkpoint's encoders were built for the run's "
+                 f"{', '.join(MODEL_DATA_KEYS)}; an evaluation keeps them (train another run for other inputs)")
     try:
         model, cfg = load_run(run.path)
         cfg = override(with_current_defaults(cfg), argv[1:])

@@ -166,6 +166,10 @@ def test_evaluate_refuses_impossible_eval_values_before_any_work(trained):
     for fixed in ("model.depths=[1,1]", "predictor=mdn", "seed=3"):
         with pytest.raises(SystemExit, match=re.escape(f"{fixed}: an evaluation may change eval.* and data.* keys")):
             evaluate_script.main([str(run.path), "eval.num_samples=4", fixed])
+    # nor a data key the encoders were built for (a 32 px image set used to die in timm's patch embedding)
+    for sized in ("data.image_size=32", "data.name=paired_shapes"):
+        with pytest.raises(SystemExit, match=re.escape(f"{sized}: the checkpoint's encoders were built for")):
+            evaluate_script.main([str(run.path), "data.val_size=64", sized])
     assert run.eval.read_text() == before
 
 
