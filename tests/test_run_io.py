@@ -162,6 +162,12 @@ def test_evaluate_refuses_impossible_eval_values_before_any_work(trained):
         evaluate_script.main([str(run.path), "eval.scales=2"])
     with pytest.raises(SystemExit, match=r"eval.probe_train_size=0 must be at least 10 \(or null: every image\)"):
         evaluate_script.main([str(run.path), "eval.probe_train_size=0"])
+    # k-NN searched min(k, bank) neighbours while eval.json recorded k
+    with pytest.raises(SystemExit, match=r"eval.knn_k=41 must be a positive number of neighbours at most "
+                                         r"eval.probe_train_size=40"):
+        evaluate_script.main([str(run.path), "eval.probe_train_size=40", "eval.knn_k=41"])
+    with pytest.raises(SystemExit, match=r"eval.knn_k=0 must be a positive number of neighbours"):
+        evaluate_script.main([str(run.path), "eval.knn_k=0"])
     # the model is the checkpoint's: a model / predictor / seed key would only rebuild the random-init reference
     for fixed in ("model.depths=[1,1]", "predictor=mdn", "seed=3"):
         with pytest.raises(SystemExit, match=re.escape(f"{fixed}: an evaluation may change eval.* and data.* keys")):

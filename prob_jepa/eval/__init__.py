@@ -8,7 +8,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset, Subset
 
-from ..config import ConfigError
+from ..config import ConfigError, is_count
 from ..data import display_images
 from ..data.shapes import Marker
 from ..masks import ImageMasks
@@ -154,6 +154,10 @@ def check_evaluation(cfg: DictConfig, unit_grid: int) -> None:
         shown = list(scales) if OmegaConf.is_list(scales) else scales
         problems.append(f"eval.scales={shown} must be a list of positive factors, e.g. [0.5, 2.0] (0.5: the "
                         f"content at half size; [] skips the evaluation)")
+    bank = e.probe_train_size
+    if not is_count(e.knn_k) or (bank is not None and is_count(bank) and e.knn_k > bank):
+        problems.append(f"eval.knn_k={e.knn_k!r} must be a positive number of neighbours"
+                        + (f" at most eval.probe_train_size={bank} (the images k-NN searches)" if bank else ""))
     if e.num_samples < 2:
         problems.append(f"eval.num_samples={e.num_samples} must be at least 2 (spreads and the sample temperature)")
     if not 1 <= e.map_block < unit_grid:
