@@ -334,3 +334,20 @@ def test_energy_retrieval_of_an_energy_blind_to_the_target_is_chance():
     out, _ = energy_retrieval(PlantedEnergy(constant=True), queries, pool, candidates=8)
     assert out["before"]["accuracy"] == pytest.approx(1 / 8, abs=0.03), "ties must not count as retrieved"
     assert out["before"]["nll"] == pytest.approx(math.log(8), abs=1e-6)
+
+
+
+def test_a_temperature_is_fit_on_other_images_than_those_it_is_scored_on():
+    """Rows of one image share its context; fitting T on some of its tokens and scoring others flatters the
+    calibration. ``Rows.fit_half`` takes every other image present (by index); energy retrieval fits on those
+    queries only: with the truth tilted at T = 2 on them and T = 0.5 on the rest (listed first), the fit recovers 2
+    and the rest are scored (a fit on the first half of the rows read 0.5)."""
+    images = torch.tensor([5, 5, 1, 1, 1, 8, 3, 8])
+    fit = Rows(torch.zeros(8, 1), torch.zeros(8, 1), images).fit_half()
+    assert fit.tolist() == [True, True, True, True, True, False, False, False]  # images 1 and 5 of 1, 3, 5, 8
+    sharp, planted = boltzmann_rows(temperature=0.5, queries=3000, pool=6000)[0], boltzmann_rows(2.0, 3000)
+    image = torch.arange(6000).remainder(3000) * 2 + (torch.arange(6000) < 3000)  # sharp: odd images, planted: even
+    queries = Rows(torch.zeros(6000, 1), torch.cat([sharp.target, planted[0].target]), image)
+    out, _ = energy_retrieval(PlantedEnergy(), queries, planted[1], candidates=8)
+    assert out["temperature"] == pytest.approx(2.0, rel=0.1)
+    assert out["queries"] == 3000

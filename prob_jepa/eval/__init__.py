@@ -143,9 +143,11 @@ def check_evaluation(cfg: DictConfig, unit_grid: int) -> None:
         ConfigError: naming every ``eval.*`` key out of range and its valid range.
     """
     e, problems = cfg.eval, []
-    for key in ("map_images", "bank_images", "head_images", "ambiguity_pairs"):
+    for key in ("map_images", "bank_images", "ambiguity_pairs"):
         if e[key] < 1:
             problems.append(f"eval.{key}={e[key]} must be at least 1")
+    if e.head_images < 2:  # the temperatures are fit on some images and scored on others
+        problems.append(f"eval.head_images={e.head_images} must be at least 2")
     for key, low in (("probe_train_size", 10), ("probe_val_size", 1)):  # 10: the probe's penalty needs held-out rows
         if e[key] is not None and e[key] < low:
             problems.append(f"eval.{key}={e[key]} must be at least {low} (or null: every image)")

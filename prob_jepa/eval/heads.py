@@ -42,6 +42,12 @@ class Rows:
     def take(self, idx: torch.Tensor | slice) -> "Rows":
         return Rows(self.cond[idx], self.target[idx], self.image[idx])
 
+    def fit_half(self) -> torch.Tensor:
+        """``[N]`` bool: the rows of every other image (of the distinct images present, in index order), on which a
+        temperature is fit; the rest are scored. No image has rows on both sides, so the fit never sees the images
+        it is scored on (tokens of one image share its context)."""
+        return torch.isin(self.image, self.image.unique()[::2])
+
     def first_per_image(self, k: int) -> "Rows":
         """At most the first ``k`` rows of every image (rows of an image are consecutive)."""
         _, counts = torch.unique_consecutive(self.image, return_counts=True)
@@ -121,9 +127,9 @@ def head_metrics(head: Head, rows: Rows, e: DictConfig) -> tuple[dict[str, Any],
     samp = spread(rows, e.sample_rows, seed=2)
     samples, t_s = timed(on_head, head, "sample", samp.cond, e.num_samples)
     out["samples"] = {"energy_score": energy_score(samples, samp.target), "crps": crps(samples, samp.target)}
-    half = len(samp) // 2
-    tau = fit_sample_temperature(samples[:, :half], samp.target[:half])
-    held_out = samples[:, half:], samp.target[half:]
+    fit = samp.fit_half()
+    tau = fit_sample_temperature(samples[:, fit], samp.target[fit])
+    held_out = samples[:, ~fit], samp.target[~fit]
     out["calibration"] = {
         "before": calibration(*held_out, e.coverage_levels),
         "after": calibration(apply_temperature(held_out[0], tau), held_out[1], e.coverage_levels),
@@ -145,8 +151,8 @@ def energy_retrieval(head: Head, queries: Rows, pool: Rows, candidates: int) -> 
     Each query's candidates are its true target and ``K − 1`` targets of other
     images, the truth at a seeded random position (so tied energies, which the
     top-1 pick breaks by position, score chance and not a hit); ``p(k | x) ∝
-    exp(−E_k / T)`` with ``E = head.energy``. ``T`` is fit on half the queries and
-    the other half is scored: top-1 accuracy, NLL (nats) of the true candidate and
+    exp(−E_k / T)`` with ``E = head.energy``. ``T`` is fit on the queries of half the images
+    (:meth:`Rows.fit_half`) and those of the other images are scored: top-1 accuracy, NLL (nats) of the true candidate and
     ECE of the top-1 confidence, at ``T = 1`` and at the fit ``T``. Also returns the
     energies of the true ``[Q]`` and the other ``[Q·(K − 1)]`` candidates (for the figure).
     """
@@ -161,20 +167,20 @@ def energy_retrieval(head: Head, queries: Rows, pool: Rows, candidates: int) -> 
     truth = is_truth.int().argmax(1)  # [Q] the slot of the truth
     energies = on_head(head, "energy", cands.gather(1, order[..., None].expand_as(cands)).flatten(0, 1),
                        queries.cond.repeat_interleave(K, 0)).view(Q, K)
-    half = Q // 2
-    T = fit_energy_temperature(energies[:half], truth[:half])
+    fit = queries.fit_half()
+    T = fit_energy_temperature(energies[fit], truth[fit])
 
     def scores(temperature: float) -> dict[str, float]:
-        p = energy_probabilities(energies[half:], temperature)
+        p = energy_probabilities(energies[~fit], temperature)
         conf, pick = p.max(1)
-        hit = pick == truth[half:]
+        hit = pick == truth[~fit]
         return {
             "accuracy": hit.float().mean().item(),
-            "nll": -torch.log(p.gather(1, truth[half:, None]).squeeze(1).clamp_min(1e-12)).mean().item(),
+            "nll": -torch.log(p.gather(1, truth[~fit, None]).squeeze(1).clamp_min(1e-12)).mean().item(),
             "ece": expected_calibration_error(conf, hit),
         }
 
     return (
-        {"candidates": K, "queries": Q - half, "temperature": T, "before": scores(1.0), "after": scores(T)},
+        {"candidates": K, "queries": int((~fit).sum()), "temperature": T, "before": scores(1.0), "after": scores(T)},
         {"true": energies[is_truth].tolist(), "other": energies[~is_truth].tolist()},
     )
