@@ -62,6 +62,22 @@ def test_crps_matches_gaussian_closed_form():
     assert crps(samples, y) == pytest.approx(gaussian_crps(mu, sigma, y).mean().item(), rel=0.02)
 
 
+@pytest.mark.parametrize("score", [energy_score, crps])
+def test_scores_are_unbiased_with_few_samples_so_the_truth_beats_a_point_at_the_majority_mode(score):
+    """Four samples of N(0, 1): the fair estimator's mean is the closed-form CRPS (the V-statistic over all S² pairs
+    was ½ E|X − X'| / S = 0.141 too high). Two samples of the 0.7 / 0.3 mixture of points at 1 and 0 against the
+    truth drawn from it: the true forecast scores 0.21 in expectation, a point at 1 scores 0.3 (the V-statistic
+    read 0.31 for the truth: the point won)."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(20000, 1, generator=g)
+    closed = gaussian_crps(torch.zeros(()), torch.ones(()), y).mean().item()
+    assert score(torch.randn(4, 20000, 1, generator=g), y) == pytest.approx(closed, abs=0.01)
+    mixture = lambda *shape: (torch.rand(*shape, generator=g) < 0.7).float()  # noqa: E731
+    truth = mixture(40000, 1)
+    assert score(mixture(2, 40000, 1), truth) == pytest.approx(0.21, abs=0.01)
+    assert score(torch.ones(2, 40000, 1), truth) == pytest.approx(0.3, abs=0.01)
+
+
 def test_energy_score_of_one_sample_is_euclidean_error():
     samples, target = torch.randn(1, 5, 3), torch.randn(5, 3)
     assert energy_score(samples, target) == pytest.approx((samples[0] - target).norm(dim=1).mean().item(), rel=1e-5)

@@ -41,9 +41,12 @@ def energy_score(samples: torch.Tensor, target: torch.Tensor, chunk: int = 1024)
     """Mean over rows of the energy score ``E‖X − y‖ − ½ E‖X − X'‖`` (lower is better).
 
     The multivariate generalisation of the CRPS and a strictly proper score:
-    only the true joint distribution minimises it in expectation. Expectations
-    are sample means over all ``S²`` pairs (pyro's V-statistic), so compare heads
-    at equal ``S``.
+    only the true joint distribution minimises it in expectation. ``E‖X − X'‖``
+    is the mean over the ``S(S − 1)`` pairs of distinct samples (the fair,
+    unbiased estimator, Ferro 2014, doi:10.1002/qj.2270): pyro's V-statistic
+    over all ``S²`` pairs, self-pairs included, adds ``½ E‖X − X'‖ / S``, a
+    penalty on spread that favours forecasts too sharp (with ``S = 2`` a point
+    mass at the majority mode beats the true two-mode forecast).
 
     Args:
         samples: ``[S, N, D]`` draws from the predictive distribution.
@@ -59,13 +62,24 @@ def energy_score(samples: torch.Tensor, target: torch.Tensor, chunk: int = 1024)
     total = sum(
         energy_score_empirical(pred[i : i + chunk], target[i : i + chunk].float(), cdist=_exact_cdist).double().sum()
         for i in range(0, len(target), chunk)
-    )
-    return (total / len(target)).item()
+    ) / len(target)
+    error = (samples.float() - target.float()).norm(dim=-1).double().mean()  # E‖X − y‖
+    return fair(total, error, len(samples))
+
+
+def fair(v_statistic: torch.Tensor, error: torch.Tensor, num_samples: int) -> float:
+    """The fair score from pyro's V-statistic ``E‖X − y‖ − ½ mean_{all S² pairs}‖X_i − X_j‖`` and ``E‖X − y‖``:
+    the spread term over the ``S(S − 1)`` distinct pairs is ``S / (S − 1)`` times the V-statistic's, so the fair
+    score is ``v − (error − v) / (S − 1)`` (one sample has no pair: its score is its error)."""
+    if num_samples == 1:
+        return v_statistic.item()
+    return (v_statistic - (error - v_statistic) / (num_samples - 1)).item()
 
 
 @torch.no_grad()
 def crps(samples: torch.Tensor, target: torch.Tensor) -> float:
-    """Mean over rows and dimensions of the marginal CRPS ``E|X − y| − ½ E|X − X'|`` (lower is better).
+    """Mean over rows and dimensions of the marginal CRPS ``E|X − y| − ½ E|X − X'|`` (lower is better), ``E|X − X'|``
+    over the ``S(S − 1)`` pairs of distinct samples (the fair estimator, as :func:`energy_score`).
 
     Args:
         samples: ``[S, N, D]`` draws from the predictive distribution.
@@ -76,7 +90,8 @@ def crps(samples: torch.Tensor, target: torch.Tensor) -> float:
         the ``O(S log S)`` sorted form).
     """
     check_samples(samples, target)
-    return crps_empirical(samples.float(), target.float()).double().mean().item()
+    v_statistic = crps_empirical(samples.float(), target.float()).double().mean()
+    return fair(v_statistic, (samples.float() - target.float()).abs().double().mean(), len(samples))
 
 
 @torch.no_grad()
