@@ -272,6 +272,11 @@ def test_recall_at_k():
     assert perfect == {"R@1": 1.0, "R@5": 1.0, "R@10": 1.0, "median_rank": 1.0}
     shuffled = recall_at_k(z, z[torch.randperm(200, generator=torch.Generator().manual_seed(1))])
     assert shuffled["R@1"] < 0.05 and shuffled["R@10"] < 0.15 and shuffled["median_rank"] > 50
+    # ties with the true match are ordered at random (they counted as hits: a collapsed model read R@1 = 1)
+    collapsed = recall_at_k(torch.ones(100, 16) / 4, torch.ones(100, 16) / 4)
+    assert collapsed == pytest.approx({"R@1": 0.01, "R@5": 0.05, "R@10": 0.1, "median_rank": 50.5})
+    twins = torch.cat([z[:50], z[:50]])  # every item has an identical twin (two scenes, one caption)
+    assert recall_at_k(twins, twins) == pytest.approx({"R@1": 0.5, "R@5": 1.0, "R@10": 1.0, "median_rank": 1.5})
 
 
 @pytest.mark.slow

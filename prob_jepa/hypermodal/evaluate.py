@@ -46,12 +46,18 @@ def embed_dataset(
 def recall_at_k(query: torch.Tensor, gallery: torch.Tensor, ks: Sequence[int] = KS) -> dict[str, float]:
     """Item ``i`` of ``query [N, E]`` should retrieve item ``i`` of ``gallery [N, E]`` (cosine similarity).
 
-    Returns ``R@k`` (share of queries whose match ranks in the top ``k``) and the median rank (1 = first).
+    Returns ``R@k`` (share of queries whose match ranks in the top ``k``) and the median rank (1 = first). Items that
+    score exactly as the true match (identical inputs: two scenes with the same caption; a collapsed model) are
+    ordered at random: ``R@k`` is its expectation over that order, the rank the mid-rank of the tie, so a collapsed
+    model scores chance (``1/N``), not 1.
     """
     sim = query @ gallery.T
-    rank = (sim > sim.diagonal()[:, None]).sum(1)  # how many items beat the true match
-    out = {f"R@{k}": (rank < k).float().mean().item() for k in ks}
-    out["median_rank"] = rank.float().median().item() + 1
+    true = sim.diagonal()[:, None]
+    above = (sim > true).sum(1).double()  # items that beat the true match
+    tied = (sim == true).sum(1).double() - 1  # other items that score exactly as it
+    # over a random order of the tie, the true match's 0-based rank is uniform on above … above + tied
+    out = {f"R@{k}": ((k - above) / (tied + 1)).clamp(0, 1).mean().item() for k in ks}
+    out["median_rank"] = (above + tied / 2).median().item() + 1
     return out
 
 
