@@ -92,6 +92,17 @@ def test_default_classes_are_first_n_of_sorted_wnids(tiny):
     assert {(wnid_of(p), y) for p, y in train.samples + val.samples} == {("n00", 0), ("n01", 1), ("n02", 2)}
 
 
+def test_a_split_lists_its_images_round_robin_over_the_classes(tiny, data_cfg, imagenet_root):
+    """The evaluation takes a split's first n images (probes, k-NN bank, probe curve): listed class by class, as the
+    folders are, those were a few classes of a hundred (2000 Tiny-ImageNet images: 4 classes)."""
+    train, val = tiny()
+    assert [y for _, y in train.samples] == [0, 1, 2] * TRAIN_PER_CLASS
+    assert [y for _, y in val.samples] == [0, 1, 2] * 2
+    train, _ = build_datasets(data_cfg("imagenet_1k", f"root={imagenet_root}", "num_classes=3"))
+    assert train.targets == [y for _, y in train.samples] == [0, 1, 2, 0, 1, 2]
+    assert [Path(p).name for p, _ in train.samples[:2]] == ["n00_0.JPEG", "n01_0.JPEG"]
+
+
 def test_class_list_file_overrides_and_sets_label_order(tiny, tmp_path):
     class_list = tmp_path / "classes.txt"
     class_list.write_text("n04\nn00\nn03\n")

@@ -9,6 +9,7 @@ augmentations draw from the global torch RNG, so under
 """
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -150,6 +151,18 @@ def tiny_samples(root: Path, split: str, classes: list[str]) -> list[tuple[Path,
     return samples
 
 
+def interleave_classes(samples: list[tuple[Path, int]]) -> list[tuple[Path, int]]:
+    """``(path, label)`` pairs reordered round-robin over the labels (the first image of each class in label order,
+    then the second, …), each class's images in their given order. Folders list a split class by class; the
+    evaluation's probes, k-NN bank and probe curve take a split's first ``n`` images, which would then be a few
+    classes of a hundred."""
+    by_class: dict[int, list[tuple[Path, int]]] = {}
+    for sample in samples:
+        by_class.setdefault(sample[1], []).append(sample)
+    rounds = itertools.zip_longest(*(by_class[label] for label in sorted(by_class)))
+    return [sample for row in rounds for sample in row if sample is not None]
+
+
 def _transforms(cfg) -> dict[str, Callable]:
     """Per split: ``train`` augments; ``val`` and ``train_eval`` (train images for probes) do not."""
     return {"train": train_transform(cfg), "val": val_transform(cfg), "train_eval": val_transform(cfg)}
@@ -160,15 +173,18 @@ def _folder(split: str) -> str:
 
 
 def build_tiny_imagenet(cfg, splits: Sequence[str] = ("train", "val")) -> tuple[ImageList, ...]:
-    """Datasets of ``data=tiny_imagenet_100``: ``num_classes`` classes, labels ``0..num_classes-1`` in class order."""
+    """Datasets of ``data=tiny_imagenet_100``: ``num_classes`` classes, labels ``0..num_classes-1`` in class order,
+    images interleaved over the classes (:func:`interleave_classes`)."""
     root = _tiny(Path(cfg.root).expanduser(), "root (data.root)")
     classes = tiny_classes(root, cfg.num_classes, cfg.class_list)
     transforms = _transforms(cfg)
-    return tuple(ImageList(tiny_samples(root, _folder(s), classes), classes, transforms[s]) for s in splits)
+    return tuple(ImageList(interleave_classes(tiny_samples(root, _folder(s), classes)), classes, transforms[s])
+                 for s in splits)
 
 
 def build_imagenet(cfg, splits: Sequence[str] = ("train", "val")) -> tuple[ImageFolder, ...]:
-    """Datasets of ``data=imagenet_1k``: an ``ImageFolder`` per split, all with the same ``num_classes`` classes."""
+    """Datasets of ``data=imagenet_1k``: an ``ImageFolder`` per split, all with the same ``num_classes`` classes, images
+    interleaved over the classes (:func:`interleave_classes`)."""
     root = _imagenet(Path(cfg.root).expanduser(), "root (data.root)")
     transforms = _transforms(cfg)
     sets = []
@@ -178,7 +194,10 @@ def build_imagenet(cfg, splits: Sequence[str] = ("train", "val")) -> tuple[Image
             raise FileNotFoundError(
                 f"ImageNet {s} folder {folder} has no class folders\nExpected:\n{IMAGENET_LAYOUT}\n{IMAGENET_SOURCE}."
             )
-        sets.append(ImageFolder(str(folder), transform=transforms[s]))
+        images = ImageFolder(str(folder), transform=transforms[s])
+        images.samples = images.imgs = interleave_classes(images.samples)
+        images.targets = [label for _, label in images.samples]
+        sets.append(images)
     for s, ds in zip(splits, sets):
         if len(ds.classes) != cfg.num_classes or ds.classes != sets[0].classes:
             raise ValueError(
