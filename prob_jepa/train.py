@@ -493,7 +493,9 @@ def pretrain(
     Args:
         cfg: the composed config (``experiments/conf``).
         train_set, val_set: map-style datasets of ``(image [3, H, W], int label)``
-            replacing ``cfg.data``; without ``val_set`` the probes split ``train_set``.
+            replacing ``cfg.data``; without ``val_set`` the probes split ``train_set`` and the head's held-out
+            metrics read its held-out fifth — images the JEPA itself trained on (pass a ``val_set`` of other images
+            for numbers on unseen ones).
         run_dir: where to write; default ``runs/<date>_<time>``.
     Returns:
         :class:`TrainResult` with the run directory and the evaluation metrics.
