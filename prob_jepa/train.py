@@ -26,7 +26,9 @@ from tqdm.auto import tqdm
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ConfigError, is_count, is_finite_number
 from .data import GlobalBatchSampler, SeededDataset, build_datasets, seed_for
-from .distributed import STRATEGIES, DistInfo, any_rank, barrier, gradient_sync, init_distributed, mean_over_ranks, wrap_model
+from .distributed import (
+    STRATEGIES, DistInfo, any_rank, barrier, gradient_sync, init_distributed, mean_over_ranks, wrap_model,
+)
 from .eval.diagnostics import effective_rank, feature_std
 from .eval.probe_curve import ProbeCurve, probe_curve
 from .heads import Head

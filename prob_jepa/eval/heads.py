@@ -152,8 +152,8 @@ def energy_retrieval(head: Head, queries: Rows, pool: Rows, candidates: int) -> 
     images, the truth at a seeded random position (so tied energies, which the
     top-1 pick breaks by position, score chance and not a hit); ``p(k | x) ∝
     exp(−E_k / T)`` with ``E = head.energy``. ``T`` is fit on the queries of half the images
-    (:meth:`Rows.fit_half`) and those of the other images are scored: top-1 accuracy, NLL (nats) of the true candidate and
-    ECE of the top-1 confidence, at ``T = 1`` and at the fit ``T``. Also returns the
+    (:meth:`Rows.fit_half`) and those of the other images are scored: top-1 accuracy, NLL (nats) of the true
+    candidate and ECE of the top-1 confidence, at ``T = 1`` and at the fit ``T``. Also returns the
     energies of the true ``[Q]`` and the other ``[Q·(K − 1)]`` candidates (for the figure).
     """
     Q, K = len(queries), candidates

@@ -64,10 +64,10 @@ def energy_score(samples: torch.Tensor, target: torch.Tensor, chunk: int = 1024)
         for i in range(0, len(target), chunk)
     ) / len(target)
     error = (samples.float() - target.float()).norm(dim=-1).double().mean()  # E‖X − y‖
-    return fair(total, error, len(samples))
+    return _fair(total, error, len(samples))
 
 
-def fair(v_statistic: torch.Tensor, error: torch.Tensor, num_samples: int) -> float:
+def _fair(v_statistic: torch.Tensor, error: torch.Tensor, num_samples: int) -> float:
     """The fair score from pyro's V-statistic ``E‖X − y‖ − ½ mean_{all S² pairs}‖X_i − X_j‖`` and ``E‖X − y‖``:
     the spread term over the ``S(S − 1)`` distinct pairs is ``S / (S − 1)`` times the V-statistic's, so the fair
     score is ``v − (error − v) / (S − 1)`` (one sample has no pair: its score is its error)."""
@@ -91,7 +91,7 @@ def crps(samples: torch.Tensor, target: torch.Tensor) -> float:
     """
     check_samples(samples, target)
     v_statistic = crps_empirical(samples.float(), target.float()).double().mean()
-    return fair(v_statistic, (samples.float() - target.float()).abs().double().mean(), len(samples))
+    return _fair(v_statistic, (samples.float() - target.float()).abs().double().mean(), len(samples))
 
 
 @torch.no_grad()
