@@ -303,6 +303,27 @@ def test_hypermodal_run_end_to_end_and_resumes_exactly(compose, tmp_path):
     assert row["linear_probe"] == metrics["representation"]["linear_probe/image"]
     assert row["gflops_per_step"] == metrics["cost"]["flops_per_step"] / 1e9 > 0
     assert "retrieval_min_R@1" in markdown([row]) and "nll_per_dim" not in markdown([row])
+    # every modality scored by the probe and k-NN, pretrained and at the random initialization, as an image run is
+    scores = {f"{kind}/{m}" for kind in ("linear_probe", "knn") for m in MODALITIES}
+    assert scores <= set(metrics["representation"]) and set(metrics["representation"]["random_init"]) == scores
+    assert row["knn"] == metrics["representation"]["knn/image"]
+    assert row["probe_random_init"] == metrics["representation"]["random_init"]["linear_probe/image"]
+
+
+def test_the_random_init_reference_is_the_model_training_starts_from(compose, tmp_path):
+    """``representation.random_init`` scores the weights the trainer builds before step 1, not another draw."""
+    from prob_jepa.data import build_datasets
+    from prob_jepa.distributed import DistInfo
+    from prob_jepa.hypermodal.evaluate import random_init_model
+    from prob_jepa.train import Trainer
+
+    cfg = compose(*SMALL, "eval.enabled=false")
+    train_set, = build_datasets(cfg.data, ("train",))
+    torch.manual_seed(123)  # whatever ran before: the reference seeds itself
+    reference = random_init_model(cfg, torch.device("cpu")).state_dict()
+    start = Trainer(cfg, DistInfo(0, 1, 0, torch.device("cpu")), RunDir(tmp_path), train_set).model.state_dict()
+    assert reference.keys() == start.keys()
+    assert all(torch.equal(reference[k], start[k]) for k in start)
 
 
 @pytest.mark.slow
@@ -323,6 +344,8 @@ def test_hypermodal_presets_train(compose, tmp_path, preset):
     (["hypermodal.curriculum=[[single,0.5],[crosss,1.0]]"], "unknown phase 'crosss'"),
     (["hypermodal.curriculum=[[full,0.5],[single,1.0]]", "hypermodal.objectives.within=0"], "'single' has no loss"),
     (["trainer.batch_size=4", "trainer.micro_batch_size=1"], "batch norm needs at least 2"),
+    (["eval.enabled=true", "eval.probe_train_size=20", "eval.knn_k=30"],
+     r"eval\.knn_k=30 .* eval\.probe_train_size=20"),
 ])
 def test_hypermodal_settings_that_fail_late_fail_before_step_1(overrides, named, tmp_path):
     """A curriculum phase is reached after some steps; it is checked before the first."""
@@ -375,6 +398,18 @@ HIERARCHICAL = [  # jin_tiny, shrunk, as the image encoder beside text (experime
     "mask.image.0.target_size=2",
 ]
 
+
+@pytest.mark.slow
+def test_a_one_modality_run_trains_and_is_scored_against_its_random_initialization(compose, tmp_path):
+    """The image alone through the hierarchical encoder and the shared space (the image JEPA as the one-modality case
+    of the hypermodal model): no alignment, no retrieval, the probe and k-NN against the random initialization."""
+    result = pretrain(compose(*HIERARCHICAL, "data.modalities=[image]", "trainer.max_steps=3"), run_dir=tmp_path)
+    metrics = result.metrics
+    assert (result.status, result.step) == ("stopped", 3)
+    assert set(metrics["representation"]) == {"linear_probe/image", "knn/image", "random_init"}
+    assert "retrieval" not in metrics and "energy" not in metrics
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["training_curves.png"]
+    assert not any(k in r for r in RunDir(tmp_path).read_metrics() for k in ("energy", "infonce", "jepa/cross"))
 
 def test_model_level_weights_share_an_image_prediction_between_its_levels(compose, scenes):
     """JIN eq. 9's level weights in the hypermodal model: with hypermodal.image.levels=[0,1] the image's JEPA term

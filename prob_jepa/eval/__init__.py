@@ -136,6 +136,20 @@ def retrieval_panel(
     return centre_retrieval(model, head, images, bank, e.num_samples, cfg.data.name)
 
 
+def probe_problems(e: DictConfig) -> list[str]:
+    """What is wrong with the linear probe's and k-NN's settings in ``eval`` (``probe_train_size``, ``probe_val_size``,
+    ``knn_k``): one message per key, naming it and its valid range (empty: nothing)."""
+    problems = []
+    for key, low in (("probe_train_size", 10), ("probe_val_size", 1)):  # 10: the probe's penalty needs held-out rows
+        if e[key] is not None and e[key] < low:
+            problems.append(f"eval.{key}={e[key]} must be at least {low} (or null: every image)")
+    bank = e.probe_train_size
+    if not is_count(e.knn_k) or (bank is not None and is_count(bank) and e.knn_k > bank):
+        problems.append(f"eval.knn_k={e.knn_k!r} must be a positive number of neighbours"
+                        + (f" at most eval.probe_train_size={bank} (the images k-NN searches)" if bank else ""))
+    return problems
+
+
 def check_evaluation(cfg: DictConfig, unit_grid: int) -> None:
     """Refuse evaluation settings that cannot run, before any of the evaluation does.
 
@@ -148,18 +162,12 @@ def check_evaluation(cfg: DictConfig, unit_grid: int) -> None:
             problems.append(f"eval.{key}={e[key]} must be at least 1")
     if e.head_images < 2:  # the temperatures are fit on some images and scored on others
         problems.append(f"eval.head_images={e.head_images} must be at least 2")
-    for key, low in (("probe_train_size", 10), ("probe_val_size", 1)):  # 10: the probe's penalty needs held-out rows
-        if e[key] is not None and e[key] < low:
-            problems.append(f"eval.{key}={e[key]} must be at least {low} (or null: every image)")
+    problems += probe_problems(e)
     scales = e.scales
     if not (OmegaConf.is_list(scales) and all(isinstance(s, (int, float)) and s > 0 for s in scales)):
         shown = list(scales) if OmegaConf.is_list(scales) else scales
         problems.append(f"eval.scales={shown} must be a list of positive factors, e.g. [0.5, 2.0] (0.5: the "
                         f"content at half size; [] skips the evaluation)")
-    bank = e.probe_train_size
-    if not is_count(e.knn_k) or (bank is not None and is_count(bank) and e.knn_k > bank):
-        problems.append(f"eval.knn_k={e.knn_k!r} must be a positive number of neighbours"
-                        + (f" at most eval.probe_train_size={bank} (the images k-NN searches)" if bank else ""))
     if e.num_samples < 2:
         problems.append(f"eval.num_samples={e.num_samples} must be at least 2 (spreads and the sample temperature)")
     if not 1 <= e.map_block < unit_grid:

@@ -56,8 +56,12 @@ COLUMNS = {  # column: (path in eval.json, format)
     "peak_memory_mb": (("cost", "peak_memory_mb"), ".0f"),
 }
 
-# where a hypermodal run records a column that an image run records elsewhere: its image modality's linear probe
-HYPERMODAL_COLUMNS = {"linear_probe": ("representation", "linear_probe/image")}
+# where a hypermodal run records a column that an image run records elsewhere: its image modality's probe and k-NN
+HYPERMODAL_COLUMNS = {
+    "linear_probe": ("representation", "linear_probe/image"),
+    "knn": ("representation", "knn/image"),
+    "probe_random_init": ("representation", "random_init", "linear_probe/image"),
+}
 
 
 def _get(tree: dict, path: Sequence[str]) -> Any:

@@ -1,4 +1,5 @@
-"""Evaluation of a hypermodal run: retrieval, zero-shot transfer, modality dropout, alignment energies."""
+"""Evaluation of a hypermodal run: per-modality probe and k-NN against the random initialization, retrieval, zero-shot
+transfer, modality dropout, alignment energies."""
 from __future__ import annotations
 
 import itertools
@@ -10,10 +11,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..eval import evaluation_sets, plots
+from ..config import ConfigError
+from ..eval import evaluation_sets, plots, probe_problems
 from ..eval.cost import first_batch, step_flops, training_cost
-from ..eval.representation import linear_probe
+from ..eval.representation import knn_accuracy, linear_probe
 from ..run_dir import RunDir
+from .build import build_hypermodal
 from .model import HypermodalJEPA
 from .objectives import pair_energy
 
@@ -24,9 +27,10 @@ COST_STEPS = 4
 
 @torch.no_grad()
 def embed_dataset(
-    model: HypermodalJEPA, dataset: Dataset, batch_size: int, device: torch.device
+    model: HypermodalJEPA, dataset: Dataset, batch_size: int, device: torch.device, embeddings: bool = True
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
-    """Alignment embeddings ``{m: [N, E]}``, target-encoder features ``{m: [N, D]}`` (CPU, fp32) and labels ``[N]``."""
+    """Alignment embeddings ``{m: [N, E]}`` (empty without ``embeddings``), target-encoder features ``{m: [N, D]}``
+    (CPU, fp32) and labels ``[N]``."""
     names = model.modalities
     embeds: dict[str, list] = {m: [] for m in names}
     feats: dict[str, list] = {m: [] for m in names}
@@ -36,10 +40,11 @@ def embed_dataset(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             for m in names:
                 x = inputs[m].to(device)
-                embeds[m].append(model.embed(m, x).float().cpu())
+                if embeddings:
+                    embeds[m].append(model.embed(m, x).float().cpu())
                 feats[m].append(model.features(m, x).float().cpu())
         labels.append(torch.as_tensor(y))
-    cat = lambda d: {m: torch.cat(v) for m, v in d.items()}  # noqa: E731
+    cat = lambda d: {m: torch.cat(v) for m, v in d.items() if v}  # noqa: E731
     return cat(embeds), cat(feats), torch.cat(labels)
 
 
@@ -142,37 +147,74 @@ def transfer_figure(zero_shot, dropout, energies, path):
     return plots.save(fig, path)
 
 
+def random_init_model(cfg: DictConfig, device: torch.device) -> HypermodalJEPA:
+    """The model at the weights its training started from (``build_hypermodal`` after ``torch.manual_seed(cfg.seed)``,
+    as :class:`~prob_jepa.train.Trainer` builds it), in eval mode: the random-initialization reference."""
+    torch.manual_seed(cfg.seed)
+    return build_hypermodal(cfg).to(device).eval()
+
+
+def frozen_scores(train_f: Mapping[str, torch.Tensor], train_y: torch.Tensor, val_f: Mapping[str, torch.Tensor],
+                  val_y: torch.Tensor, e: DictConfig) -> dict[str, float]:
+    """Per modality ``m``, the linear probe (``linear_probe/<m>``, ``eval.probe_max_iter``) and k-NN (``knn/<m>``,
+    ``eval.knn_k``, ``eval.knn_temperature``) accuracy of the frozen features ``{m: [N, D]}``, as the image run scores
+    its encoder."""
+    out = {}
+    for m in val_f:
+        probe = linear_probe(train_f[m], train_y, val_f[m], val_y, max_iter=e.probe_max_iter)
+        out[f"linear_probe/{m}"] = probe.accuracy
+        out[f"knn/{m}"] = knn_accuracy(train_f[m], train_y, val_f[m], val_y, k=e.knn_k, temperature=e.knn_temperature)
+    return out
+
+
 def evaluate_hypermodal(
     model: HypermodalJEPA, cfg: DictConfig, train_set: Dataset, val_set: Dataset | None, run: RunDir,
     device: torch.device,
 ) -> dict[str, Any]:
-    """Retrieval R@1/5/10 in each direction, zero-shot transfer, modality dropout, energies, per-modality probes,
-    and the FLOPs of a training step (the mean over the draws of ``COST_STEPS`` of the run's steps, spread evenly;
-    a run stopped early by ``trainer.max_steps`` is measured as if its curriculum ended there).
+    """Per-modality linear probe and k-NN of the target encoder and of the same model at its random initialization
+    (``representation.random_init``); with two modalities or more, retrieval R@1/5/10 in each direction, zero-shot
+    transfer, modality dropout and alignment energies; and the FLOPs of a training step (the mean over the draws of
+    ``COST_STEPS`` of the run's steps, spread evenly; a run stopped early by ``trainer.max_steps`` is measured as if
+    its curriculum ended there).
 
-    Writes ``eval.json`` and ``plots/retrieval.png``, ``plots/transfer.png``, ``plots/training_curves.png``.
+    Writes ``eval.json`` and ``plots/training_curves.png``, with two modalities or more ``plots/retrieval.png`` and
+    ``plots/transfer.png``.
+
+    Raises:
+        ConfigError: the probe's or k-NN's ``eval.*`` settings are out of range (naming them), before any work.
     """
-    model.eval()
     e = cfg.eval
+    problems = probe_problems(e)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    model.eval()
+    aligned = len(model.modalities) > 1  # one modality has nothing to align with or retrieve
     train_set, val_set = evaluation_sets(train_set, val_set, e)
     tic = time.perf_counter()
-    train_z, train_f, train_y = embed_dataset(model, train_set, e.batch_size, device)
-    val_z, val_f, val_y = embed_dataset(model, val_set, e.batch_size, device)
-    table = retrieval(val_z)
-    probes = {m: linear_probe(train_f[m], train_y, val_f[m], val_y, max_iter=e.probe_max_iter).accuracy for m in val_f}
-    metrics: dict[str, Any] = {
-        "representation": {
+    train_z, train_f, train_y = embed_dataset(model, train_set, e.batch_size, device, embeddings=aligned)
+    val_z, val_f, val_y = embed_dataset(model, val_set, e.batch_size, device, embeddings=aligned)
+    reference = random_init_model(cfg, device)
+    _, ref_train_f, _ = embed_dataset(reference, train_set, e.batch_size, device, embeddings=False)
+    _, ref_val_f, _ = embed_dataset(reference, val_set, e.batch_size, device, embeddings=False)
+    del reference
+    metrics: dict[str, Any] = {"representation": {
+        **frozen_scores(train_f, train_y, val_f, val_y, e),
+        "random_init": frozen_scores(ref_train_f, train_y, ref_val_f, val_y, e),
+    }}
+    if aligned:
+        table = retrieval(val_z)
+        metrics["representation"].update({
             "mean_R@1": sum(r["R@1"] for r in table.values()) / len(table),
             "min_R@1": min(r["R@1"] for r in table.values()),
             "chance_R@1": 1 / len(val_y),
-            **{f"linear_probe/{m}": acc for m, acc in probes.items()},
-        },
-        "retrieval": table,
-        "retrieval_gallery": len(val_y),
-        "zero_shot": zero_shot_transfer(train_z, train_y, val_z, val_y, e.probe_max_iter),
-        "modality_dropout": dropout_robustness(train_z, train_y, val_z, val_y, e.probe_max_iter),
-        "energy": alignment_energies(val_z),
-    }
+        })
+        metrics.update({
+            "retrieval": table,
+            "retrieval_gallery": len(val_y),
+            "zero_shot": zero_shot_transfer(train_z, train_y, val_z, val_y, e.probe_max_iter),
+            "modality_dropout": dropout_robustness(train_z, train_y, val_z, val_y, e.probe_max_iter),
+            "energy": alignment_energies(val_z),
+        })
     records = run.read_metrics()
     trained = records[-1]["step"] if records else 1
     steps = sorted({round(s * (trained - 1) / max(COST_STEPS - 1, 1)) for s in range(COST_STEPS)})
@@ -185,6 +227,8 @@ def evaluate_hypermodal(
     metrics["timings"] = {"eval_s": time.perf_counter() - tic}
     metrics["eval_config"] = OmegaConf.to_container(e, resolve=True)  # what this evaluation ran with
     run.write_eval(metrics)
-    retrieval_figure(table, model.modalities, run.plots / "retrieval.png", 1 / len(val_y))
-    transfer_figure(metrics["zero_shot"], metrics["modality_dropout"], metrics["energy"], run.plots / "transfer.png")
+    if aligned:
+        retrieval_figure(table, model.modalities, run.plots / "retrieval.png", 1 / len(val_y))
+        transfer_figure(metrics["zero_shot"], metrics["modality_dropout"], metrics["energy"],
+                        run.plots / "transfer.png")
     return metrics
