@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import Dataset
 
-from .config import ConfigError
+from .config import ConfigError, is_count
 from .distributed import DistInfo, any_rank
 from .run_dir import RunDir
 
@@ -47,13 +47,16 @@ def state_kept(model: nn.Module) -> Iterator[None]:
 
 
 def preflight_config(cfg: DictConfig) -> DictConfig:
-    """``cfg`` with the evaluation's sizes cut to ``eval.preflight`` (each never above the run's own value);
-    the FLOP count of the evaluation then runs on at most ``eval.preflight.probe_val_size`` images."""
+    """``cfg`` with the evaluation's sizes cut to ``eval.preflight`` (each never above the run's own value), and
+    ``eval.knn_k`` to the cut number of probe images; the FLOP count of the evaluation then runs on at most
+    ``eval.preflight.probe_val_size`` images."""
     small = copy.deepcopy(cfg)
     for key, value in cfg.eval.preflight.items():
         mine = small.eval[key]
         small.eval[key] = value if mine is None else min(mine, value)
     small.trainer.batch_size = min(small.trainer.batch_size, cfg.eval.preflight.probe_val_size)
+    if is_count(small.eval.knn_k):  # the run's k is checked against the run's own images (check_knn_bank)
+        small.eval.knn_k = min(small.eval.knn_k, small.eval.probe_train_size)
     return small
 
 

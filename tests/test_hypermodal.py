@@ -310,6 +310,17 @@ def test_hypermodal_run_end_to_end_and_resumes_exactly(compose, tmp_path):
     assert row["probe_random_init"] == metrics["representation"]["random_init"]["linear_probe/image"]
 
 
+@pytest.mark.parametrize("overrides", [SMALL, []])  # a hypermodal run, the default image run
+def test_a_k_nn_k_the_run_can_search_passes_the_preflight_of_fewer_images(compose, overrides):
+    """The preflight evaluates on eval.preflight.probe_train_size (32) images: it cuts k with them, and the run's own
+    k is checked against the run's own images (pretrain: check_knn_bank)."""
+    from prob_jepa.eval import probe_problems
+    from prob_jepa.preflight import preflight_config
+
+    small = preflight_config(compose(*overrides, "eval.knn_k=40"))
+    assert small.eval.knn_k == small.eval.probe_train_size == 32 and probe_problems(small.eval) == []
+
+
 def test_the_random_init_reference_is_the_model_training_starts_from(compose, tmp_path):
     """``representation.random_init`` scores the weights the trainer builds before step 1, not another draw."""
     from prob_jepa.data import build_datasets
@@ -346,6 +357,12 @@ def test_hypermodal_presets_train(compose, tmp_path, preset):
     (["trainer.batch_size=4", "trainer.micro_batch_size=1"], "batch norm needs at least 2"),
     (["eval.enabled=true", "eval.probe_train_size=20", "eval.knn_k=30"],
      r"eval\.knn_k=30 .* eval\.probe_train_size=20"),
+    (["eval.enabled=true", "eval.knn_k=200"], r"eval\.knn_k=200 must be at most the 128 images"),  # probe size null
+    (["eval.enabled=true", "eval.knn_temperature=0"], r"eval\.knn_temperature=0 must be a finite number > 0"),
+    (["data.modalities=[]"], r"data\.modalities=\[\] must list distinct modalities, at least one"),
+    (["data.modalities=[audio,audio]"], r"data\.modalities=\['audio', 'audio'\] must list distinct"),
+    (["data.modalities=[audio]", "hypermodal.objectives.within=0"], r"hypermodal\.objectives\.within=0 with "),
+    (["data.modalities=[image]", "hypermodal.m3.enabled=true"], r"hypermodal\.m3\.enabled=true with data\.mod"),
 ])
 def test_hypermodal_settings_that_fail_late_fail_before_step_1(overrides, named, tmp_path):
     """A curriculum phase is reached after some steps; it is checked before the first."""

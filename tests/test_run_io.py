@@ -168,6 +168,13 @@ def test_evaluate_refuses_impossible_eval_values_before_any_work(trained):
         evaluate_script.main([str(run.path), "eval.probe_train_size=40", "eval.knn_k=41"])
     with pytest.raises(SystemExit, match=r"eval.knn_k=0 must be a positive number of neighbours"):
         evaluate_script.main([str(run.path), "eval.knn_k=0"])
+    # ... and without a probe size, beyond the training images there are (128)
+    with pytest.raises(SystemExit, match=r"eval.knn_k=129 must be at most the 128 images k-NN searches"):
+        evaluate_script.main([str(run.path), "eval.probe_train_size=null", "eval.knn_k=129"])
+    # an unfitted probe read as an accuracy; votes exp(s / T) at T <= 0 are inf or reversed
+    with pytest.raises(SystemExit, match=r"eval.probe_max_iter=0 must be a positive number of L-BFGS iterations; "
+                                         r"eval.knn_temperature=-1 must be a finite number > 0"):
+        evaluate_script.main([str(run.path), "eval.probe_max_iter=0", "eval.knn_temperature=-1"])
     # the model is the checkpoint's: a model / predictor / seed key would only rebuild the random-init reference
     for fixed in ("model.depths=[1,1]", "predictor=mdn", "seed=3"):
         with pytest.raises(SystemExit, match=re.escape(f"{fixed}: an evaluation may change eval.* and data.* keys")):

@@ -8,7 +8,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset, Subset
 
-from ..config import ConfigError, is_count
+from ..config import ConfigError, is_count, is_finite_number
 from ..data import display_images
 from ..data.shapes import Marker
 from ..masks import ImageMasks
@@ -138,8 +138,14 @@ def retrieval_panel(
 
 def probe_problems(e: DictConfig) -> list[str]:
     """What is wrong with the linear probe's and k-NN's settings in ``eval`` (``probe_train_size``, ``probe_val_size``,
-    ``knn_k``): one message per key, naming it and its valid range (empty: nothing)."""
+    ``probe_max_iter``, ``knn_k``, ``knn_temperature``): one message per key, naming it and its valid range (empty:
+    nothing)."""
     problems = []
+    if not is_count(e.probe_max_iter):
+        problems.append(f"eval.probe_max_iter={e.probe_max_iter!r} must be a positive number of L-BFGS iterations")
+    if not (is_finite_number(e.knn_temperature) and e.knn_temperature > 0):
+        problems.append(f"eval.knn_temperature={e.knn_temperature!r} must be a finite number > 0 (the votes are "
+                        f"exp(similarity / T))")
     for key, low in (("probe_train_size", 10), ("probe_val_size", 1)):  # 10: the probe's penalty needs held-out rows
         if e[key] is not None and e[key] < low:
             problems.append(f"eval.{key}={e[key]} must be at least {low} (or null: every image)")
@@ -148,6 +154,18 @@ def probe_problems(e: DictConfig) -> list[str]:
         problems.append(f"eval.knn_k={e.knn_k!r} must be a positive number of neighbours"
                         + (f" at most eval.probe_train_size={bank} (the images k-NN searches)" if bank else ""))
     return problems
+
+
+def check_knn_bank(e: DictConfig, probe_train: Dataset) -> None:
+    """k-NN searches the probes' training images (``probe_train``, :func:`evaluation_sets`): ``eval.knn_k`` must not
+    exceed them (``eval.probe_train_size`` may be null or larger than the data).
+
+    Raises:
+        ConfigError: naming ``eval.knn_k`` and the number of images.
+    """
+    if is_count(e.knn_k) and e.knn_k > len(probe_train):
+        raise ConfigError(f"eval.knn_k={e.knn_k} must be at most the {len(probe_train)} images k-NN searches (the "
+                          f"probes' training images: eval.probe_train_size={e.probe_train_size} of the training set)")
 
 
 def check_evaluation(cfg: DictConfig, unit_grid: int) -> None:
@@ -189,6 +207,7 @@ def evaluate(
     e = cfg.eval
     bank_set, val_set = with_validation(train_set, val_set)  # the bank: the training images before the probes' cut
     train_set, val_set = evaluation_sets(bank_set, val_set, e)
+    check_knn_bank(e, train_set)
     tic = time.perf_counter()
     metrics: dict[str, Any] = {}
     metrics["representation"], logits, labels = representation_metrics(model, cfg, train_set, val_set, device)

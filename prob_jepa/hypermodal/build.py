@@ -120,6 +120,30 @@ def build_modality_encoder(name: str, cfg: DictConfig) -> ModalityEncoder:
     return build(cfg, dim=h.dim, depth=h.encoder_depth, num_heads=h.num_heads, mlp_ratio=h.mlp_ratio)
 
 
+def check_modalities(cfg: DictConfig) -> None:
+    """``data.modalities`` (which ``hypermodal.modalities`` reads) is a non-empty list of distinct known modalities,
+    and a single modality has a loss: it trains the within-modality JEPA only (nothing to align, predict across or
+    route through M3's directional gates).
+
+    Raises:
+        ConfigError: naming ``data.modalities`` and, for one modality, ``hypermodal.objectives.within`` /
+            ``hypermodal.m3.enabled``.
+    """
+    names = list(cfg.hypermodal.modalities)
+    unknown = [n for n in names if n not in ENCODERS]
+    if not names or unknown or len(set(names)) != len(names):
+        raise ConfigError(f"data.modalities={names} must list distinct modalities, at least one, of: "
+                          f"{', '.join(ENCODERS)}")
+    if len(names) == 1:
+        h = cfg.hypermodal
+        if h.m3.enabled:
+            raise ConfigError(f"hypermodal.m3.enabled=true with data.modalities={names}: M3's tasks predict one "
+                              f"modality from another; give two modalities or more")
+        if not h.objectives.within > 0:
+            raise ConfigError(f"hypermodal.objectives.within={h.objectives.within} with data.modalities={names}: one "
+                              f"modality trains the within-modality JEPA only, so it needs a positive weight")
+
+
 def check_composition(cfg: DictConfig) -> None:
     """``model.*`` is composed exactly when ``hypermodal.image.backbone`` names it, so a run's ``config.yaml`` claims
     only what it trained.
@@ -147,7 +171,9 @@ def check_composition(cfg: DictConfig) -> None:
                               f"use experiment=hypermodal_shapes")
         return
     if "image" not in cfg.hypermodal.modalities:
-        raise ConfigError(f"hypermodal.image.backbone={backbone} but hypermodal.modalities has no image")
+        raise ConfigError(f"hypermodal.image.backbone={backbone} (JIN's image encoder, experiment=hypermodal_shapes) "
+                          f"but data.modalities={list(cfg.hypermodal.modalities)} has no image: add it, or use "
+                          f"experiment=hypermodal_flat")
     if model is None or model.name != backbone:
         raise ConfigError(f"hypermodal.image.backbone={backbone} needs model={backbone} composed (it is "
                           f"{None if model is None else model.name}): "
@@ -233,8 +259,10 @@ def build_hypermodal(cfg: DictConfig) -> HypermodalJEPA:
     """Encoders of ``cfg.hypermodal.modalities``, the shared blocks, predictor and ``cfg.predictor`` head.
 
     Raises:
-        ConfigError: an invalid ``hypermodal.*`` value, or a composition :func:`check_composition` rejects.
+        ConfigError: an invalid ``hypermodal.*`` value or modality list (:func:`check_modalities`), or a composition
+            :func:`check_composition` rejects.
     """
+    check_modalities(cfg)
     check_composition(cfg)
     h = cfg.hypermodal
     check_heads("hypermodal.dim", h.dim, "hypermodal.num_heads", h.num_heads)

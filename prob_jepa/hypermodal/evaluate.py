@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..config import ConfigError
-from ..eval import evaluation_sets, plots, probe_problems
+from ..eval import check_knn_bank, evaluation_sets, plots, probe_problems
 from ..eval.cost import first_batch, step_flops, training_cost
 from ..eval.representation import knn_accuracy, linear_probe
 from ..run_dir import RunDir
@@ -190,6 +190,7 @@ def evaluate_hypermodal(
     model.eval()
     aligned = len(model.modalities) > 1  # one modality has nothing to align with or retrieve
     train_set, val_set = evaluation_sets(train_set, val_set, e)
+    check_knn_bank(e, train_set)
     tic = time.perf_counter()
     train_z, train_f, train_y = embed_dataset(model, train_set, e.batch_size, device, embeddings=aligned)
     val_z, val_f, val_y = embed_dataset(model, val_set, e.batch_size, device, embeddings=aligned)
