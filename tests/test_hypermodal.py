@@ -308,6 +308,7 @@ def test_hypermodal_run_end_to_end_and_resumes_exactly(compose, tmp_path):
     assert scores <= set(metrics["representation"]) and set(metrics["representation"]["random_init"]) == scores
     assert row["knn"] == metrics["representation"]["knn/image"]
     assert row["probe_random_init"] == metrics["representation"]["random_init"]["linear_probe/image"]
+    assert row["knn_random_init"] == metrics["representation"]["random_init"]["knn/image"]
 
 
 @pytest.mark.parametrize("overrides", [SMALL, []])  # a hypermodal run, the default image run

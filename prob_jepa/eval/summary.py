@@ -16,6 +16,7 @@ COLUMNS = {  # column: (path in eval.json, format)
     "linear_probe": (("representation", "pretrained", "linear_probe"), ".3f"),
     "knn": (("representation", "pretrained", "knn"), ".3f"),
     "probe_random_init": (("representation", "random_init", "linear_probe"), ".3f"),
+    "knn_random_init": (("representation", "random_init", "knn"), ".3f"),
     "probe_0.5x": (("representation", "pretrained", "scale", "0.5", "linear_probe"), ".3f"),  # JIN Table 4
     "probe_2x": (("representation", "pretrained", "scale", "2.0", "linear_probe"), ".3f"),
     "nll_per_dim": (("head", "likelihood", "nll_per_dim"), ".3f"),
@@ -61,6 +62,7 @@ HYPERMODAL_COLUMNS = {
     "linear_probe": ("representation", "linear_probe/image"),
     "knn": ("representation", "knn/image"),
     "probe_random_init": ("representation", "random_init", "linear_probe/image"),
+    "knn_random_init": ("representation", "random_init", "knn/image"),
 }
 
 
