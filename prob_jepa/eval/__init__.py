@@ -6,6 +6,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from ..config import ConfigError, is_count, is_finite_number
@@ -13,7 +14,8 @@ from ..data import display_images
 from ..data.shapes import Marker
 from ..masks import ImageMasks
 from ..heads import Head
-from ..model import JEPA, build_model
+from ..model import JEPA
+from ..recipes import recipe_of
 from ..run_dir import RunDir
 from . import plots
 from .ambiguity import ambiguity_metrics
@@ -54,11 +56,12 @@ def evaluation_sets(train_set: Dataset, val_set: Dataset | None, eval_cfg: DictC
     return first(train_set, eval_cfg.probe_train_size), first(val_set, eval_cfg.probe_val_size)
 
 
-def random_init_model(cfg: DictConfig, device: torch.device) -> JEPA:
-    """The model at the weights its training started from (``build_model`` after ``torch.manual_seed(cfg.seed)``,
-    as :class:`~prob_jepa.train.Trainer` builds it), in eval mode: the random-initialization reference."""
+def random_init_model(cfg: DictConfig, device: torch.device) -> nn.Module:
+    """The model at the weights its training started from (its recipe's ``build_model`` after
+    ``torch.manual_seed(cfg.seed)``, as :class:`~prob_jepa.train.Trainer` builds it), in eval mode: the
+    random-initialization reference of an image or a hypermodal run."""
     torch.manual_seed(cfg.seed)
-    return build_model(cfg).to(device).eval()
+    return recipe_of(cfg).build_model(cfg).to(device).eval()
 
 
 def representation_metrics(
@@ -79,6 +82,17 @@ def representation_metrics(
     return out, logits, labels
 
 
+def feature_scores(
+    train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, eval_cfg: DictConfig
+) -> tuple[dict[str, Any], ProbeResult]:
+    """Linear probe (``eval.probe_max_iter``) and k-NN (``eval.knn_k``, ``eval.knn_temperature``) of frozen features
+    ``[N, D]`` with labels ``[N]``: ``{"linear_probe", "probe_weight_decay", "knn"}`` and the probe."""
+    e = eval_cfg
+    probe = linear_probe(train_x, train_y, val_x, val_y, max_iter=e.probe_max_iter)
+    knn = knn_accuracy(train_x, train_y, val_x, val_y, k=e.knn_k, temperature=e.knn_temperature)
+    return {"linear_probe": probe.accuracy, "probe_weight_decay": probe.weight_decay, "knn": knn}, probe
+
+
 def frozen_feature_scores(
     encode: Callable[[torch.Tensor], torch.Tensor], train_set: Dataset, val_set: Dataset, eval_cfg: DictConfig,
     device: torch.device, name: str = "", scales: Sequence[float] = (),
@@ -90,9 +104,7 @@ def frozen_feature_scores(
     e = eval_cfg
     tx, ty = extract_features(encode, train_set, e.batch_size, device, f"{name} train features")
     vx, vy = extract_features(encode, val_set, e.batch_size, device, f"{name} val features")
-    probe = linear_probe(tx, ty, vx, vy, max_iter=e.probe_max_iter)
-    scores: dict[str, Any] = {"linear_probe": probe.accuracy, "probe_weight_decay": probe.weight_decay,
-                              "knn": knn_accuracy(tx, ty, vx, vy, k=e.knn_k, temperature=e.knn_temperature)}
+    scores, probe = feature_scores(tx, ty, vx, vy, e)
     if scales:
         scores["scale"] = scale_scores(encode, probe, tx, ty, val_set, scales, e.batch_size, device, e.knn_k,
                                        e.knn_temperature, name)

@@ -12,11 +12,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..config import ConfigError
-from ..eval import check_knn_bank, evaluation_sets, plots, probe_problems
+from ..eval import check_knn_bank, evaluation_sets, feature_scores, plots, probe_problems, random_init_model
 from ..eval.cost import first_batch, step_flops, training_cost
-from ..eval.representation import knn_accuracy, linear_probe
+from ..eval.representation import linear_probe
 from ..run_dir import RunDir
-from .build import build_hypermodal
 from .model import HypermodalJEPA
 from .objectives import pair_energy
 
@@ -147,23 +146,14 @@ def transfer_figure(zero_shot, dropout, energies, path):
     return plots.save(fig, path)
 
 
-def random_init_model(cfg: DictConfig, device: torch.device) -> HypermodalJEPA:
-    """The model at the weights its training started from (``build_hypermodal`` after ``torch.manual_seed(cfg.seed)``,
-    as :class:`~prob_jepa.train.Trainer` builds it), in eval mode: the random-initialization reference."""
-    torch.manual_seed(cfg.seed)
-    return build_hypermodal(cfg).to(device).eval()
-
-
 def frozen_scores(train_f: Mapping[str, torch.Tensor], train_y: torch.Tensor, val_f: Mapping[str, torch.Tensor],
                   val_y: torch.Tensor, e: DictConfig) -> dict[str, float]:
-    """Per modality ``m``, the linear probe (``linear_probe/<m>``, ``eval.probe_max_iter``) and k-NN (``knn/<m>``,
-    ``eval.knn_k``, ``eval.knn_temperature``) accuracy of the frozen features ``{m: [N, D]}``, as the image run scores
-    its encoder."""
+    """Per modality ``m``, the linear probe (``linear_probe/<m>``) and k-NN (``knn/<m>``) accuracy of the frozen
+    features ``{m: [N, D]}``, scored as the image run scores its encoder (:func:`~prob_jepa.eval.feature_scores`)."""
     out = {}
     for m in val_f:
-        probe = linear_probe(train_f[m], train_y, val_f[m], val_y, max_iter=e.probe_max_iter)
-        out[f"linear_probe/{m}"] = probe.accuracy
-        out[f"knn/{m}"] = knn_accuracy(train_f[m], train_y, val_f[m], val_y, k=e.knn_k, temperature=e.knn_temperature)
+        scores, _ = feature_scores(train_f[m], train_y, val_f[m], val_y, e)
+        out[f"linear_probe/{m}"], out[f"knn/{m}"] = scores["linear_probe"], scores["knn"]
     return out
 
 
