@@ -125,11 +125,20 @@ class HypermodalEncoder(nn.Module):
         """Position + modality embedding of tokens of ``name`` at ``coords [..., 3]`` → ``[..., D]``."""
         return self.encoder(name).position(coords) + self.modality_embed(name)
 
-    def forward(self, name: str, x: torch.Tensor, keep: torch.Tensor | None = None) -> Tokens:
-        """Tokens ``[B, N, D]`` of modality ``name`` (only those of the mask units ``keep [B, K]`` when given)."""
-        tokens = self.encoder(name)(x, keep)
+    def encode(self, name: str, x: torch.Tensor, keep: torch.Tensor | None = None) -> Tokens:
+        """Modality ``name``'s own encoder: its tokens ``[B, N, D]`` before the shared blocks (only those of the
+        mask units ``keep [B, K]`` when given), with a hierarchical encoder's levels."""
+        return self.encoder(name)(x, keep)
+
+    def share(self, name: str, tokens: Tokens) -> Tokens:
+        """Tokens of :meth:`encode` into the shared space: + the modality's row, the (shared) blocks, the norm."""
         features, _ = self.blocks(name)(tokens.features + self.modality_embed(name), tokens.coords)
         return Tokens(self.norm(features), tokens.coords, tokens.levels)
+
+    def forward(self, name: str, x: torch.Tensor, keep: torch.Tensor | None = None) -> Tokens:
+        """Tokens ``[B, N, D]`` of modality ``name`` in the shared space (only those of the mask units ``keep [B, K]``
+        when given): :meth:`share` of :meth:`encode`."""
+        return self.share(name, self.encode(name, x, keep))
 
     def pooled(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """Mean of every token's features ``[B, D]``."""

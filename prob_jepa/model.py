@@ -97,18 +97,11 @@ class JEPA(ContextTargetPair):
 
     def target_coords(self, targets: torch.Tensor) -> list[torch.Tensor]:
         """Target-unit indices ``[B, M, K]`` → per predicted level coords ``[B, M, K·T_l, 3]``."""
-        B, M, _ = targets.shape
-        enc = self.context_encoder
-        return [enc.coords(l, targets.flatten(1)).reshape(B, M, -1, 3) for l in self.predict_levels]
+        return level_target_coords(self.context_encoder, self.predict_levels, targets)
 
     def gather_targets(self, target_all: list[torch.Tensor], targets: torch.Tensor) -> list[torch.Tensor]:
         """Target features at the target units, per predicted level ``[B, M, N_l, D_l]`` (the order of ``cond``)."""
-        B, M, _ = targets.shape
-        batch = torch.arange(B, device=targets.device)[:, None]
-        return [
-            target_all[l][batch, targets.flatten(1)].reshape(B, M, -1, target_all[l].shape[-1])
-            for l in self.predict_levels
-        ]
+        return gather_level_targets(target_all, self.predict_levels, targets)
 
     def predict(self, images: torch.Tensor, context: torch.Tensor, targets: torch.Tensor) -> Prediction:
         """The context levels and, per predicted level, ``cond [B, M, N_l, C]`` for the target units."""
@@ -144,6 +137,24 @@ class JEPA(ContextTargetPair):
         """Frozen representation ``[B, D_L]``: average-pooled last-level tokens (I-JEPA probes the target encoder)."""
         enc = self.target_encoder if encoder == "target" else self.context_encoder
         return enc(images)[-1].features.mean(dim=(1, 2))
+
+
+def level_target_coords(encoder: HierarchicalEncoder, levels: Sequence[int],
+                        targets: torch.Tensor) -> list[torch.Tensor]:
+    """Target-unit indices ``[B, M, K]`` → coords ``[B, M, K·T_l, 3]`` of their tokens at each of ``levels``
+    (``encoder``'s grid: what the predictor's queries are placed at)."""
+    B, M, _ = targets.shape
+    return [encoder.coords(level, targets.flatten(1)).reshape(B, M, -1, 3) for level in levels]
+
+
+def gather_level_targets(target_all: Sequence[torch.Tensor], levels: Sequence[int],
+                         targets: torch.Tensor) -> list[torch.Tensor]:
+    """Per level ``l`` of ``levels``, the features ``target_all[l] [B, U, T_l, D_l]`` of the target units
+    ``targets [B, M, K]``: ``[B, M, K·T_l, D_l]`` (the order of the predictor's ``cond``)."""
+    B, M, _ = targets.shape
+    batch = torch.arange(B, device=targets.device)[:, None]
+    return [target_all[level][batch, targets.flatten(1)].reshape(B, M, -1, target_all[level].shape[-1])
+            for level in levels]
 
 
 def level_config(model_cfg: DictConfig) -> dict:
@@ -306,15 +317,18 @@ def build_trial_head(
     return options, training, head
 
 
-def build_model(cfg: DictConfig) -> JEPA:
-    """The JEPA of ``cfg.model`` (backbone, predictor) and ``cfg.predictor`` (head)."""
+def build_level_predictor(cfg: DictConfig, encoder: HierarchicalEncoder) -> Predictor:
+    """The predictor of ``cfg.model.predictor`` over the context levels of ``encoder`` that it predicts
+    (:func:`level_config`'s ``predict_levels``), with ``model.*``'s spatial bias and dropout.
+
+    Raises:
+        ConfigError: ``model.predictor.moe_top_k`` out of range (:func:`check_experts`).
+    """
     m, lv = cfg.model, level_config(cfg.model)
-    encoder = build_encoder(cfg)
     p = m.predictor
     check_experts("model.predictor", p)
-    predicted = lv["predict_levels"]
-    predictor = Predictor(
-        LevelTokens([lv["dims"][l] for l in predicted], p.dim, encoder.grid),
+    return Predictor(
+        LevelTokens([lv["dims"][l] for l in lv["predict_levels"]], p.dim, encoder.grid),
         depth=p.depth,
         num_heads=p.num_heads,
         mlp_ratio=p.mlp_ratio,
@@ -326,9 +340,24 @@ def build_model(cfg: DictConfig) -> JEPA:
         moe_experts=p.moe_experts,
         moe_top_k=p.moe_top_k,
     )
-    heads = [build_configured_head(cfg.predictor, dim=lv["dims"][l], cond_dim=p.dim) for l in predicted]
+
+
+def build_level_heads(cfg: DictConfig) -> list[Head]:
+    """One ``cfg.predictor`` head per predicted level (:func:`level_config`), for that level's width, under
+    ``model.predictor.dim``-wide conditions."""
+    lv = level_config(cfg.model)
+    return [build_configured_head(cfg.predictor, dim=lv["dims"][l], cond_dim=cfg.model.predictor.dim)
+            for l in lv["predict_levels"]]
+
+
+def build_model(cfg: DictConfig) -> JEPA:
+    """The JEPA of ``cfg.model`` (backbone, predictor) and ``cfg.predictor`` (head)."""
+    m, lv = cfg.model, level_config(cfg.model)
+    encoder = build_encoder(cfg)
+    predictor = build_level_predictor(cfg, encoder)
+    heads = build_level_heads(cfg)
     cross = CrossScalePredictors(lv["dims"]) if has_cross_scale(m) else None
-    return JEPA(encoder, predictor, heads, cross_scale=cross, predict_levels=predicted,
+    return JEPA(encoder, predictor, heads, cross_scale=cross, predict_levels=lv["predict_levels"],
                 sigreg=SIGReg(m.sigreg_slices) if m.sigreg_weight > 0 else None)
 
 

@@ -25,7 +25,8 @@ def with_added_keys(cfg: DictConfig) -> DictConfig:
     ``hypermodal.image.levels`` (null: the coarsest), ``hypermodal.predictor.drop_path_rate`` (0),
     ``hypermodal.objectives.energy_loss`` (hinge) and ``energy_norm_weight`` (0),
     ``hypermodal.hierarchy.modalities`` (none: only the image had JIN's hierarchy), ``hypermodal.shared_blocks``
-    (true), ``hypermodal.points.voxel_levels`` (1: pillars of full height), ``optim.head_lr_scale`` (1),
+    (true), ``hypermodal.within_targets`` (shared: every within-modality prediction in the shared space),
+    ``hypermodal.points.voxel_levels`` (1: pillars of full height), ``optim.head_lr_scale`` (1),
     ``predictor.prediction_type`` of the diffusion head (``epsilon``), ``predictor.num_components`` of the flow
     head (1: one flow), ``model.paper_params`` (null: a claim, not a
     setting), ``model.ablation`` and ``hypermodal.ablation`` (null),
@@ -64,6 +65,7 @@ def with_added_keys(cfg: DictConfig) -> DictConfig:
         hypermodal.setdefault("hierarchy", {"modalities": []})
         hypermodal.setdefault("ablation", None)
         hypermodal.setdefault("shared_blocks", True)
+        hypermodal.setdefault("within_targets", "shared")
         hypermodal.points.setdefault("voxel_levels", 1)
     return cfg
 

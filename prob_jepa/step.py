@@ -22,13 +22,16 @@ class Predicted:
     ``target [B, N, D]`` (layer-normed EMA target-encoder features), the loss term it belongs to
     (``"jepa/level0"``, ``"jepa/cross"``) and the index of its head in ``model.heads``. ``parts``: for a prediction
     of several levels' tokens (a hierarchical modality with ``levels=[0, 1]``), each level's positions among the
-    ``N`` tokens (``{level: [N_l]}``); ``None``: the tokens are of one level."""
+    ``N`` tokens (``{level: [N_l]}``); ``None``: the tokens are of one level. ``weight``: its share in its term's
+    mean over the step's predictions (a hypermodal within-modality prediction of several levels at their own widths
+    is one :class:`Predicted` per level, each weighted by its level's normalized weight)."""
 
     term: str
     head: int
     cond: torch.Tensor
     target: torch.Tensor
     parts: dict[int, torch.Tensor] | None = None
+    weight: float = 1.0
 
 
 @dataclass
@@ -90,7 +93,8 @@ def jepa_term(term: str, level_weights: Sequence[float] | None = None) -> Measur
     ``level_weights[level]``, normalized over its levels (``Σ_l w_l · loss_l / Σ_l w_l``: the levels share the
     prediction's weight in the mean, and one level alone is scored as before); ``None``: every level's tokens
     alike (the mean over all ``N``). JIN eq. 9's level weights ``w_l``, for a model that predicts its levels in one
-    task (the hypermodal JEPA's hierarchical image).
+    task (the hypermodal JEPA's hierarchical image). The predictions of the term are averaged with their
+    ``Predicted.weight`` (``Σ w·loss / Σ w``).
     """
 
     def loss(model: nn.Module, x: Predicted) -> torch.Tensor:
@@ -103,7 +107,10 @@ def jepa_term(term: str, level_weights: Sequence[float] | None = None) -> Measur
                    for level, w in weights.items() if w > 0)
 
     def measure(model: nn.Module, p: Predictions) -> torch.Tensor | None:
-        return mean_over([loss(model, x) for x in p.predicted if x.term == term])
+        chosen = [x for x in p.predicted if x.term == term]
+        if all(x.weight == 1.0 for x in chosen):
+            return mean_over([loss(model, x) for x in chosen])
+        return sum(x.weight * loss(model, x) for x in chosen) / sum(x.weight for x in chosen)
 
     return measure
 

@@ -424,7 +424,8 @@ def test_a_one_modality_run_trains_and_is_scored_against_its_random_initializati
     result = pretrain(compose(*HIERARCHICAL, "data.modalities=[image]", "trainer.max_steps=3"), run_dir=tmp_path)
     metrics = result.metrics
     assert (result.status, result.step) == ("stopped", 3)
-    assert set(metrics["representation"]) == {"linear_probe/image", "knn/image", "random_init"}
+    scores = {f"{kind}/{m}" for kind in ("linear_probe", "knn") for m in ("image", "image/encoder")}
+    assert set(metrics["representation"]) == scores | {"random_init"}
     assert "retrieval" not in metrics and "energy" not in metrics
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["training_curves.png"]
     assert not any(k in r for r in RunDir(tmp_path).read_metrics() for k in ("energy", "infonce", "jepa/cross"))
@@ -467,7 +468,8 @@ def test_a_hypermodal_mask_that_leaves_no_context_fails_before_step_1(compose):
 
 def test_a_hypermodal_run_saved_before_recipes_and_the_heads_list_still_loads(compose, tmp_path):
     """Its config.yaml has no recipe, hypermodal.image.backbone, .image.levels, .predictor.drop_path_rate,
-    .objectives.energy_loss or .energy_norm_weight, and its checkpoint holds the head at head.* (now heads.0.*)."""
+    .objectives.energy_loss, .energy_norm_weight or .within_targets, and its checkpoint holds the head at head.* (now
+    heads.0.*)."""
     from omegaconf import OmegaConf
 
     from prob_jepa.checkpoint import save_checkpoint
@@ -478,6 +480,7 @@ def test_a_hypermodal_run_saved_before_recipes_and_the_heads_list_still_loads(co
     del old["recipe"], old["hypermodal"]["image"]["backbone"], old["hypermodal"]["image"]["levels"]
     del old["hypermodal"]["predictor"]["drop_path_rate"]
     del old["hypermodal"]["objectives"]["energy_loss"], old["hypermodal"]["objectives"]["energy_norm_weight"]
+    del old["hypermodal"]["within_targets"]
     run = RunDir(tmp_path)
     run.create()
     OmegaConf.save(OmegaConf.create(old), run.config)
@@ -486,7 +489,7 @@ def test_a_hypermodal_run_saved_before_recipes_and_the_heads_list_still_loads(co
     save_checkpoint(run.checkpoint, {"model": state})
     loaded, loaded_cfg = load_run(tmp_path, "cpu")
     assert loaded_cfg.recipe == "hypermodal" and loaded_cfg.hypermodal.image.backbone is None
-    assert loaded_cfg.hypermodal.image.levels is None
+    assert loaded_cfg.hypermodal.image.levels is None and loaded_cfg.hypermodal.within_targets == "shared"
     objectives = loaded_cfg.hypermodal.objectives
     assert (objectives.energy_loss, objectives.energy_norm_weight) == ("hinge", 0.0)  # what it trained with
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
@@ -585,6 +588,8 @@ def test_the_model_column_names_the_modalities_with_a_hierarchy(compose):
     assert (model_label(compose("experiment=hypermodal_hierarchies", "hypermodal.points.voxel_levels=2"))
             == "hypermodal+jin_tiny+audio,video[2 time steps],points[2 heights]")
     assert model_label(compose("experiment=hypermodal_flat")) == "hypermodal"
+    assert (model_label(compose("experiment=hypermodal_shapes", "hypermodal.within_targets=levels"))
+            == "hypermodal+jin_tiny [within: levels]")
 
 
 def test_the_point_hierarchy_s_target_blocks_hide_pillars_that_hold_points(compose, scenes):
@@ -602,3 +607,94 @@ def test_the_point_hierarchy_s_target_blocks_hide_pillars_that_hold_points(compo
     assert 0.2 < (content > 0).float().mean() < 0.6  # most units are empty
     targets = planner((inputs, None), step=0, micro=0)["masks"]["points"][0].targets.flatten(1)
     assert (content.gather(1, targets) > 0).all()
+
+
+LEVELS = [*HIERARCHICAL, "hypermodal.within_targets=levels"]
+
+
+@pytest.mark.parametrize("predict", ["1", "null"])  # the coarsest level (jin_tiny's default), both levels
+def test_a_within_prediction_at_the_levels_is_the_image_jepa_s(compose, scenes, predict):
+    """hypermodal.within_targets=levels: the image's within-modality JEPA term is the image JEPA's loss (JEPA
+    built on the same backbone, level predictor, heads and target encoder, the same masks: the same number to the
+    last bit), and the shared space is left out of it (the shared blocks get no gradient from it)."""
+    from prob_jepa.masks import Masks
+    from prob_jepa.model import JEPA, image_terms
+
+    cfg = compose(*LEVELS, f"model.predictor.levels={predict}", "model.level_weights=[0.3,0.6]")
+    torch.manual_seed(0)
+    model = build_hypermodal(cfg).eval()
+    with torch.no_grad():  # the target encoder as after training: not the context encoder
+        for p in model.target_encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = batch(scenes, 4, ["image"])
+    masks = masks_for(model, x, cfg)
+    task = plan_tasks(["image"], "single", step=0)
+    hyper = loss_of(model, cfg, x, masks, task)
+    encoder = model.context_encoder.encoder("image")
+    jepa = JEPA(encoder.backbone, model.level_predictors["image"], [model.heads[i] for i in model.level_heads["image"]],
+                predict_levels=model.predict_levels).eval()
+    jepa.target_encoder.load_state_dict(model.target_encoder.encoder("image").backbone.state_dict())
+    image = TrainingStep(jepa, image_terms(cfg, jepa))(images=x["image"], masks=[Masks(*masks["image"])])
+    levels = model.predict_levels
+    assert levels == ([1] if predict == "1" else [0, 1]) and len(model.heads) == 1 + len(levels)
+    # the image JEPA weighs level l by model.level_weights[l]; the hypermodal term shares one weight between them
+    expected = sum(0.6 if l == 1 else 0.3 for l in levels)
+    torch.testing.assert_close(hyper.terms["jepa/within"] * expected, image.terms["jepa"], rtol=0, atol=0)
+    hyper.terms["jepa/within"].backward()
+    assert all(p.grad is None for p in model.context_encoder.stage.parameters())
+    assert all(p.grad is None for p in model.predictor.parameters()) and model.heads[0].parameters()
+    assert all(p.grad is not None for p in model.level_predictors.parameters() if p.requires_grad)
+    assert set(hyper.targets) == {"image"} and hyper.targets["image"].shape[-1] == cfg.model.dims[1]
+
+
+def test_within_targets_at_the_levels_leave_cross_tasks_in_the_shared_space(compose, scenes):
+    """Beside another modality the image's within task reads its levels, the text's its shared-space tokens, and
+    cross-modal tasks and the alignment the shared space (its blocks get a gradient); every trainable parameter of
+    the task's paths trains."""
+    cfg = compose(*LEVELS)
+    torch.manual_seed(0)
+    model = build_hypermodal(cfg).train()
+    x = batch(scenes, 4, ["image", "text"])
+    masks = masks_for(model, x, cfg)
+    out = loss_of(model, cfg, x, masks, plan_tasks(["image", "text"], "cross", step=0))
+    assert {"jepa/within", "jepa/cross", "energy", "infonce"} <= set(out.terms)
+    out.loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == [] and list(model.level_predictors) == ["image"]
+    # each modality's within prediction counts once, however many levels the image's is made of
+    cfg = compose(*LEVELS, "model.predictor.levels=null", "model.level_weights=[0.3,0.6]")
+    torch.manual_seed(0)
+    model = build_hypermodal(cfg).eval()
+    within = {m: loss_of(model, cfg, x, masks, plan_tasks([m], "single", step=0)).terms["jepa/within"]
+              for m in ("image", "text")}
+    both = loss_of(model, cfg, x, masks, plan_tasks(["image", "text"], "single", step=0)).terms["jepa/within"]
+    torch.testing.assert_close(both, (within["image"] + within["text"]) / 2)
+
+
+def test_within_targets_are_checked_by_name(compose):
+    with pytest.raises(ConfigError, match=r"hypermodal\.within_targets='tokens'; valid: shared, levels"):
+        build_hypermodal(compose(*HIERARCHICAL, "hypermodal.within_targets=tokens"))
+    with pytest.raises(ConfigError, match=r"within_targets=levels predicts .* \(hypermodal\.image\.backbone=null\)"):
+        build_hypermodal(compose(*SMALL, "hypermodal.within_targets=levels"))
+    # with the shared space's targets the image JEPA's predictor levels are refused; at the levels they are read
+    with pytest.raises(ConfigError, match=r"model\.predictor\.levels=null: with hypermodal\.within_targets=shared"):
+        build_hypermodal(compose(*HIERARCHICAL, "model.predictor.levels=null"))
+    assert build_hypermodal(compose(*LEVELS, "model.predictor.levels=null")).predict_levels == [0, 1]
+    with pytest.raises(ConfigError, match=r"model\.predictor\.levels=null predicts level\(s\) \[0\] of the video "
+                                          r"hierarchy, which have several time steps \(hypermodal\.video\.temporal"):
+        build_hypermodal(compose(*LEVELS, "model.predictor.levels=null", "data.modalities=[image,video]",
+                                 "hypermodal.hierarchy.modalities=[video]", "hypermodal.video.temporal_levels=2",
+                                 "hypermodal.video.tubelet=[1,4]"))
+
+
+@pytest.mark.slow
+def test_a_one_modality_run_at_the_levels_is_scored_on_its_encoder_and_the_shared_space(compose, tmp_path):
+    """The one-modality case with the image JEPA's targets trains end to end and is scored, pretrained and at its
+    random initialization, on the encoder's coarsest level (what the image JEPA probes) and the shared space."""
+    cfg = compose(*LEVELS, "data.modalities=[image]", "trainer.max_steps=3")
+    result = pretrain(cfg, run_dir=tmp_path)
+    assert (result.status, result.step) == ("stopped", 3)
+    scores = {f"{kind}/{m}" for kind in ("linear_probe", "knn") for m in ("image", "image/encoder")}
+    representation = result.metrics["representation"]
+    assert set(representation) == scores | {"random_init"} and set(representation["random_init"]) == scores
+    assert {r["jepa/within"] > 0 for r in RunDir(tmp_path).read_metrics()} == {True}

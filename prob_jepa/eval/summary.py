@@ -95,7 +95,8 @@ def model_label(cfg: DictConfig) -> str:
     hierarchical image encoder, ``hypermodal.image.backbone``), with the other modalities that have the hierarchy
     too (``hypermodal+jin_tiny+audio,video,points``; ``hypermodal.hierarchy.modalities``; a hierarchy whose level 0
     has slices says how many: ``video[2 time steps]``, ``points[2 heights]``) and its JIN Table 3 row
-    (``hypermodal+jin_tiny/no_ebm``; ``hypermodal.ablation``)."""
+    (``hypermodal+jin_tiny/no_ebm``; ``hypermodal.ablation``); `` [within: levels]`` when a hierarchical modality's
+    within-modality JEPA predicts its levels (``hypermodal.within_targets=levels``)."""
     if cfg.recipe == "image":
         ablation = cfg.model.get("ablation")
         return cfg.model.name if ablation is None else f"{cfg.model.name}/{ablation}"
@@ -106,7 +107,8 @@ def model_label(cfg: DictConfig) -> str:
                     for m in cfg.hypermodal.hierarchy.modalities]
     label = cfg.recipe if backbone is None else f"{cfg.recipe}+{backbone}" + (
         f"+{','.join(hierarchical)}" if hierarchical else "")
-    return label if ablation is None else f"{label}/{ablation}"
+    label = label if ablation is None else f"{label}/{ablation}"
+    return f"{label} [within: levels]" if cfg.hypermodal.get("within_targets") == "levels" else label
 
 
 def head_presets(config_dir: str | Path) -> dict[str, DictConfig]:

@@ -20,7 +20,8 @@ from jin.hypermodal import HypermodalEncoder
 
 from ..config import ConfigError
 from ..model import (
-    build_configured_head, build_encoder, check_experts, check_heads, encoder_kwargs, has_cross_scale, level_config,
+    build_configured_head, build_encoder, build_level_heads, build_level_predictor, check_experts, check_heads,
+    encoder_kwargs, has_cross_scale, level_config,
 )
 from ..predictor import ModalityTokens, Predictor
 from ..regularizers import SIGReg
@@ -35,11 +36,13 @@ def _image(cfg: DictConfig, **block) -> ModalityEncoder:
     return HierarchicalModalityEncoder(encoder, block["dim"], levels=h.image.levels, read_levels=_read_levels(cfg))
 
 
-def _read_levels(cfg: DictConfig) -> set[int] | None:
-    """The levels of a hierarchy that the cross-scale loss (all) or SIGReg (the coarsest) read, as ``model.*`` sets
-    them (``None``: neither)."""
-    count = len(level_config(cfg.model)["dims"])
-    return set(range(count)) if has_cross_scale(cfg.model) else {count - 1} if cfg.model.sigreg_weight > 0 else None
+def _read_levels(cfg: DictConfig) -> set[int]:
+    """The levels of a hierarchy that the cross-scale loss (all), SIGReg (the coarsest) or the within-modality JEPA at
+    the levels (``hypermodal.within_targets=levels``: the predicted ones) read, as ``model.*`` sets them."""
+    lv = level_config(cfg.model)
+    count = len(lv["dims"])
+    read = set(range(count)) if has_cross_scale(cfg.model) else {count - 1} if cfg.model.sigreg_weight > 0 else set()
+    return read | set(lv["predict_levels"]) if cfg.hypermodal.within_targets == "levels" else read
 
 
 STEMS: dict[str, Callable[[DictConfig, int, int], nn.Module]] = {
@@ -144,6 +147,25 @@ def check_modalities(cfg: DictConfig) -> None:
                               f"modality trains the within-modality JEPA only, so it needs a positive weight")
 
 
+WITHIN_TARGETS = ("shared", "levels")
+
+
+def check_within_targets(cfg: DictConfig) -> None:
+    """``hypermodal.within_targets``: ``shared`` (a within-modality prediction targets the modality's shared-space
+    tokens) or ``levels`` (a hierarchical modality's targets its encoder's levels, as the image JEPA's do), and
+    ``levels`` only with a hierarchy to predict.
+
+    Raises:
+        ConfigError: naming the key, the valid choices and, for ``levels`` without a hierarchy, the preset that has one.
+    """
+    h = cfg.hypermodal
+    if h.within_targets not in WITHIN_TARGETS:
+        raise ConfigError(f"hypermodal.within_targets={h.within_targets!r}; valid: {', '.join(WITHIN_TARGETS)}")
+    if h.within_targets == "levels" and h.image.backbone is None:
+        raise ConfigError("hypermodal.within_targets=levels predicts a hierarchical encoder's levels, and this run has "
+                          "none (hypermodal.image.backbone=null): use experiment=hypermodal_shapes")
+
+
 def check_composition(cfg: DictConfig) -> None:
     """``model.*`` is composed exactly when ``hypermodal.image.backbone`` names it, so a run's ``config.yaml`` claims
     only what it trained.
@@ -199,10 +221,11 @@ def check_composition(cfg: DictConfig) -> None:
                           f"hypermodal.image.levels={levels} is positive (an image prediction's levels share its "
                           f"weight in proportion to them)")
     check_hierarchy(cfg, hierarchical, len(lv["dims"]))
-    if lv["predict_levels"] != [len(lv["dims"]) - 1]:
+    if cfg.hypermodal.within_targets == "shared" and lv["predict_levels"] != [len(lv["dims"]) - 1]:
         raise ConfigError(
-            f"model.predictor.levels={cfg.model.predictor.levels}: the levels the hypermodal model predicts are "
-            f"hypermodal.image.levels (model.predictor.levels is the image JEPA's), so model.predictor.levels must be 1"
+            f"model.predictor.levels={cfg.model.predictor.levels or 'null'}: with hypermodal.within_targets=shared the "
+            f"levels the hypermodal model predicts are hypermodal.image.levels (model.predictor.levels is the image "
+            f"JEPA's, and hypermodal.within_targets=levels reads it), so model.predictor.levels must be 1"
         )
 
 
@@ -263,6 +286,7 @@ def build_hypermodal(cfg: DictConfig) -> HypermodalJEPA:
             :func:`check_composition` rejects.
     """
     check_modalities(cfg)
+    check_within_targets(cfg)
     check_composition(cfg)
     h = cfg.hypermodal
     check_heads("hypermodal.dim", h.dim, "hypermodal.num_heads", h.num_heads)
@@ -301,4 +325,35 @@ def build_hypermodal(cfg: DictConfig) -> HypermodalJEPA:
         slices = max(hierarchy_slices(name, cfg) for name in SLICED_LEVELS)
         cross = CrossScalePredictors(level_config(m)["dims"], slices=slices) if has_cross_scale(m) else None
         sigreg = SIGReg(m.sigreg_slices) if m.sigreg_weight > 0 else None
-    return HypermodalJEPA(encoder, predictor, head, h.embed_dim, m3=h.m3.enabled, cross_scale=cross, sigreg=sigreg)
+    levels = level_predictors(cfg, encoder) if h.within_targets == "levels" else {}
+    return HypermodalJEPA(encoder, predictor, head, h.embed_dim, m3=h.m3.enabled, cross_scale=cross, sigreg=sigreg,
+                          level_predictors={m: p for m, (p, _) in levels.items()},
+                          level_heads={m: heads for m, (_, heads) in levels.items()},
+                          predict_levels=level_config(cfg.model)["predict_levels"] if levels else (),
+                          level_weights=level_config(cfg.model)["level_weights"] if levels else ())
+
+
+def level_predictors(cfg: DictConfig, encoder: HypermodalEncoder) -> dict[str, tuple[Predictor, list]]:
+    """Per hierarchical modality of ``encoder`` (``hypermodal.within_targets=levels``), the image JEPA's predictor over
+    its levels (``model.predictor``, :func:`~prob_jepa.model.build_level_predictor`) and one ``cfg.predictor`` head
+    per predicted level (``model.predictor.levels``).
+
+    Raises:
+        ConfigError: a predicted level has several slices (a clip's time steps, a cloud's heights), naming
+            ``model.predictor.levels`` and the modality's key.
+    """
+    out = {}
+    for name in encoder.modalities:
+        modality = encoder.encoder(name)
+        if not isinstance(modality, HierarchicalModalityEncoder):
+            continue
+        backbone = modality.backbone
+        sliced = [level for level in level_config(cfg.model)["predict_levels"] if backbone.slices[level] > 1]
+        if sliced:
+            key, what = SLICED_LEVELS[name]
+            raise ConfigError(f"model.predictor.levels={cfg.model.predictor.levels or 'null'} predicts level(s) "
+                              f"{sliced} of the {name} hierarchy, which have several {what} "
+                              f"(hypermodal.{name}.{key}): their tokens share (x, y, scale); predict fewer levels or "
+                              f"lower hypermodal.{name}.{key}")
+        out[name] = (build_level_predictor(cfg, backbone), build_level_heads(cfg))
+    return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import defaultdict
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -28,11 +29,12 @@ COST_STEPS = 4
 def embed_dataset(
     model: HypermodalJEPA, dataset: Dataset, batch_size: int, device: torch.device, embeddings: bool = True
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
-    """Alignment embeddings ``{m: [N, E]}`` (empty without ``embeddings``), target-encoder features ``{m: [N, D]}``
-    (CPU, fp32) and labels ``[N]``."""
+    """Alignment embeddings ``{m: [N, E]}`` (empty without ``embeddings``), the target encoder's frozen features
+    (:meth:`~prob_jepa.hypermodal.model.HypermodalJEPA.representations`: ``{m: [N, D]}`` and, for a hierarchical
+    modality encoder, ``{m/encoder: [N, D_L]}``; CPU, fp32) and labels ``[N]``."""
     names = model.modalities
     embeds: dict[str, list] = {m: [] for m in names}
-    feats: dict[str, list] = {m: [] for m in names}
+    feats: dict[str, list] = defaultdict(list)
     labels = []
     bf16 = device.type == "cuda"
     for inputs, y in tqdm(DataLoader(dataset, batch_size=batch_size), desc="embeddings", leave=False):
@@ -41,7 +43,8 @@ def embed_dataset(
                 x = inputs[m].to(device)
                 if embeddings:
                     embeds[m].append(model.embed(m, x).float().cpu())
-                feats[m].append(model.features(m, x).float().cpu())
+                for key, f in model.representations(m, x).items():
+                    feats[key].append(f.float().cpu())
         labels.append(torch.as_tensor(y))
     cat = lambda d: {m: torch.cat(v) for m, v in d.items() if v}  # noqa: E731
     return cat(embeds), cat(feats), torch.cat(labels)
@@ -148,8 +151,9 @@ def transfer_figure(zero_shot, dropout, energies, path):
 
 def frozen_scores(train_f: Mapping[str, torch.Tensor], train_y: torch.Tensor, val_f: Mapping[str, torch.Tensor],
                   val_y: torch.Tensor, e: DictConfig) -> dict[str, float]:
-    """Per modality ``m``, the linear probe (``linear_probe/<m>``) and k-NN (``knn/<m>``) accuracy of the frozen
-    features ``{m: [N, D]}``, scored as the image run scores its encoder (:func:`~prob_jepa.eval.feature_scores`)."""
+    """Per representation ``m`` (a modality's shared-space mean token; ``<m>/encoder``: its hierarchical encoder's
+    coarsest level), the linear probe (``linear_probe/<m>``) and k-NN (``knn/<m>``) accuracy of the frozen features
+    ``{m: [N, D]}``, scored as the image run scores its encoder (:func:`~prob_jepa.eval.feature_scores`)."""
     out = {}
     for m in val_f:
         scores, _ = feature_scores(train_f[m], train_y, val_f[m], val_y, e)

@@ -16,6 +16,7 @@ from jin.layers import Stage
 from ..ema import ContextTargetPair
 from ..heads import Head
 from ..masks import Masks
+from ..model import gather_level_targets, level_target_coords
 from ..predictor import Predictor, PredictorOutput
 from ..regularizers import SIGReg
 from ..step import Predicted, Predictions, mean_over
@@ -56,14 +57,35 @@ class HypermodalJEPA(ContextTargetPair):
         cross_scale, sigreg: JIN's cross-scale predictors (eq. 2-3) and SIGReg over the levels of the hierarchical
             modality encoders (:class:`~jin.encoders.HierarchicalModalityEncoder`: the image's, and audio's, video's
             or points' when they have one; each term averages over them), or ``None``.
+        level_predictors: per hierarchical modality, a predictor over :class:`~prob_jepa.predictor.LevelTokens` of
+            its encoder's levels ``predict_levels`` (``hypermodal.within_targets=levels``): that modality's
+            within-modality JEPA is the image JEPA's — its context levels predict the target encoder's levels at
+            their own widths (one head of ``level_heads[m]`` per level, weighted by ``level_weights``, normalized),
+            not the shared-space tokens; the shared space then serves the cross-modal and joint tasks and the
+            alignment. A modality without one (flat encoders, one added by :meth:`add_modality`) predicts its own
+            shared-space tokens.
     """
 
     def __init__(self, encoder: HypermodalEncoder, predictor: Predictor, head: Head, embed_dim: int, m3: bool = False,
-                 cross_scale: CrossScalePredictors | None = None, sigreg: SIGReg | None = None):
+                 cross_scale: CrossScalePredictors | None = None, sigreg: SIGReg | None = None,
+                 level_predictors: Mapping[str, Predictor] | None = None,
+                 level_heads: Mapping[str, Sequence[Head]] | None = None, predict_levels: Sequence[int] = (),
+                 level_weights: Sequence[float] = ()):
         super().__init__()
         self.init_target(encoder)
         self.predictor = predictor
         self.heads = nn.ModuleList([head])
+        self.level_predictors = nn.ModuleDict(level_predictors or {})
+        self.predict_levels = list(predict_levels)
+        total = sum(float(level_weights[level]) for level in self.predict_levels) if self.level_predictors else 1.0
+        self.level_shares = [float(level_weights[level]) / total for level in self.predict_levels]
+        self.level_heads: dict[str, list[int]] = {}  # modality → the indices of its level heads in ``heads``
+        for name in self.level_predictors:
+            if len(level_heads[name]) != len(self.predict_levels):
+                raise ValueError(f"{len(level_heads[name])} level heads of {name!r} for the levels "
+                                 f"{self.predict_levels}")
+            self.level_heads[name] = list(range(len(self.heads), len(self.heads) + len(self.predict_levels)))
+            self.heads.extend(level_heads[name])
         self.cross_scale, self.sigreg = cross_scale, sigreg
         self.register_load_state_dict_pre_hook(_legacy_head_keys)
         # Pooled features of one modality share a large common part (positions, modality embedding) that
@@ -115,9 +137,15 @@ class HypermodalJEPA(ContextTargetPair):
         return F.normalize(self.align(name, self.context_encoder.pooled(name, x)), dim=-1)
 
     @torch.no_grad()
-    def features(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """Frozen representation ``[B, D]``: the target encoder's mean token (as I-JEPA probes)."""
-        return self.target_encoder.pooled(name, x)
+    def representations(self, name: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Frozen representations of modality ``name``'s inputs, as I-JEPA probes the target encoder: ``name``, the
+        mean shared-space token ``[B, D]``; for a hierarchical encoder also ``<name>/encoder``, the mean token of its
+        coarsest level ``[B, D_L]`` (what the image JEPA's probe reads, :meth:`~prob_jepa.model.JEPA.features`)."""
+        tokens = self.target_encoder.encode(name, x)
+        out = {name: self.target_encoder.share(name, tokens).features.mean(1)}
+        if tokens.levels:
+            out[f"{name}/encoder"] = tokens.levels[-1].features.mean((1, 2))
+        return out
 
     def target_tokens(self, name: str, mask: Masks) -> torch.Tensor:
         """``[B, T]``: indices of the tokens of ``mask``'s target units among all tokens of modality ``name``."""
@@ -150,29 +178,68 @@ class HypermodalJEPA(ContextTargetPair):
                 modalities (``Predictions.pooled`` holds each modality's ``z [B, E]`` of its mean context token,
                 averaged over the sets; empty otherwise).
             gate: the mixture-of-experts gate that routes this step's predictions.
+
+        A modality's tokens pass the shared blocks only where a shared-space prediction or the alignment reads them
+        (a within-modality task of a modality with a level predictor reads its encoder's levels).
         """
         names = list(masks)
+        aligned = align and len(names) > 1
+        level_tasks = [t for t in tasks if t.kind == "within" and t.target in self.level_predictors]
+        shared_tasks = [t for t in tasks if t not in level_tasks]
+        # what must pass the shared blocks: every modality without a level predictor (as before level predictors),
+        # and a modality with one where a shared-space task or the alignment reads it
+        sources = set(names) if aligned else {m for t in shared_tasks for m in t.sources}
+        read = ({t.target for t in shared_tasks}, sources)
+        shared = [{m for m in names if m not in self.level_predictors or m in r} for r in read]
         with torch.no_grad():
-            full = {m: self.target_encoder(m, inputs[m]) for m in names}
-        targets = {m: F.layer_norm(t.features, t.features.shape[-1:]) for m, t in full.items()}
+            encoded = {m: self.target_encoder.encode(m, inputs[m]) for m in names}
+            full = {m: self.target_encoder.share(m, t) if m in shared[0] else t for m, t in encoded.items()}
+        targets = {m: F.layer_norm(t.features, t.features.shape[-1:]) for m, t in full.items() if m in shared[0]}
+        level_targets = {m: [F.layer_norm(lv.features, lv.features.shape[-1:]) for lv in full[m].levels]
+                         for m in names if m in self.level_predictors}
         coords = {m: t.coords for m, t in full.items()}
         predicted, balances, hierarchies, means = [], [], [], {m: [] for m in names}
         for s in range(len(next(iter(masks.values())))):
             sets = {m: masks[m][s] for m in names}
-            ctx = {m: self.context_encoder(m, inputs[m], sets[m].context) for m in names}
-            if tasks:  # a phase may make no prediction and train the alignment only
-                conds, balance = self.predict(ctx, coords, sets, tasks, gate)
+            own = {m: self.context_encoder.encode(m, inputs[m], sets[m].context) for m in names}
+            ctx = {m: self.context_encoder.share(m, t) for m, t in own.items() if m in shared[1]}
+            if shared_tasks:  # a phase may make no prediction and train the alignment only
+                conds, balance = self.predict(ctx, coords, sets, shared_tasks, gate)
                 balances.append(balance)
-                parts = {m: self.context_encoder.encoder(m).level_positions(sets[m].targets) for m in names}
+                parts = {m: self.context_encoder.encoder(m).level_positions(sets[m].targets) for m in shared[0]}
                 predicted += [
                     Predicted(f"jepa/{task.kind}", 0, cond,
                               gather_tokens(targets[task.target], self.target_tokens(task.target, sets[task.target])),
                               parts[task.target])
-                    for task, cond in zip(tasks, conds)
+                    for task, cond in zip(shared_tasks, conds)
                 ]
-            hierarchies += [c.levels for c in ctx.values() if c.levels]
+            for task in level_tasks:
+                predictions, balance = self.predict_levels_of(task.target, own[task.target], sets[task.target],
+                                                              level_targets[task.target])
+                predicted += predictions
+                balances.append(balance)
+            hierarchies += [t.levels for t in own.values() if t.levels]
             for m, c in ctx.items():
                 means[m].append(c.features.mean(1))
-        pooled = {m: self.align(m, mean_over(z)) for m, z in means.items()} if align and len(names) > 1 else {}
-        balance = mean_over(balances) if balances and balances[0] is not None else None
-        return Predictions(predicted, targets, hierarchies=hierarchies, pooled=pooled, balance=balance)
+        pooled = {m: self.align(m, mean_over(z)) for m, z in means.items()} if aligned else {}
+        balances = [b for b in balances if b is not None]
+        # the collapse diagnostics: each modality's targets, a modality with a level predictor its top predicted level's
+        diagnostics = {m: level_targets[m][self.predict_levels[-1]].flatten(1, 2) if m in level_targets else targets[m]
+                       for m in names}
+        return Predictions(predicted, diagnostics, hierarchies=hierarchies, pooled=pooled,
+                           balance=mean_over(balances))
+
+    def predict_levels_of(self, name: str, context: Tokens, mask: Masks,
+                          target_levels: Sequence[torch.Tensor]) -> tuple[list[Predicted], torch.Tensor | None]:
+        """Modality ``name``'s within-modality prediction at its levels (the image JEPA's, :class:`JEPA`): its context
+        levels (``context.levels``) → ``cond [B, M·N_l, C]`` of every target token at each predicted level ``l``,
+        against the layer-normed target-encoder levels ``target_levels[l] [B, U, T_l, D_l]`` at the target units;
+        one :class:`Predicted` per level (term ``jepa/within``, its level's head and share of the weight), and the
+        predictor's balance loss."""
+        backbone = self.context_encoder.encoder(name).backbone
+        seen = [(context.levels[level].features, context.levels[level].coords) for level in self.predict_levels]
+        cond, balance = self.level_predictors[name](
+            seen, level_target_coords(backbone, self.predict_levels, mask.targets))
+        ys = gather_level_targets(target_levels, self.predict_levels, mask.targets)
+        return [Predicted("jepa/within", head, c.flatten(1, 2), y.flatten(1, 2), weight=share)
+                for head, share, c, y in zip(self.level_heads[name], self.level_shares, cond, ys)], balance
