@@ -680,6 +680,9 @@ def test_within_targets_are_checked_by_name(compose):
     with pytest.raises(ConfigError, match=r"model\.predictor\.levels=null: with hypermodal\.within_targets=shared"):
         build_hypermodal(compose(*HIERARCHICAL, "model.predictor.levels=null"))
     assert build_hypermodal(compose(*LEVELS, "model.predictor.levels=null")).predict_levels == [0, 1]
+    # the image's shared-space level (0) weighed, the predicted one (1) not: refused, as the image JEPA refuses it
+    with pytest.raises(ConfigError, match=r"model\.level_weights=\[1\.0, 0\.0\] weighs the predicted levels \[1\] "):
+        build_hypermodal(compose(*LEVELS, "hypermodal.image.levels=[0]", "model.level_weights=[1.0,0.0]"))
     with pytest.raises(ConfigError, match=r"model\.predictor\.levels=null predicts level\(s\) \[0\] of the video "
                                           r"hierarchy, which have several time steps \(hypermodal\.video\.temporal"):
         build_hypermodal(compose(*LEVELS, "model.predictor.levels=null", "data.modalities=[image,video]",

@@ -221,6 +221,11 @@ def check_composition(cfg: DictConfig) -> None:
                           f"hypermodal.image.levels={levels} is positive (an image prediction's levels share its "
                           f"weight in proportion to them)")
     check_hierarchy(cfg, hierarchical, len(lv["dims"]))
+    if cfg.hypermodal.within_targets == "levels" and sum(weights[level] for level in lv["predict_levels"]) <= 0:
+        raise ConfigError(f"model.level_weights={list(cfg.model.level_weights)} weighs the predicted levels "
+                          f"{lv['predict_levels']} (model.predictor.levels={cfg.model.predictor.levels or 'null'}) by "
+                          f"0 with hypermodal.within_targets=levels: nothing trains the level predictor; give one of "
+                          f"them a positive weight")
     if cfg.hypermodal.within_targets == "shared" and lv["predict_levels"] != [len(lv["dims"]) - 1]:
         raise ConfigError(
             f"model.predictor.levels={cfg.model.predictor.levels or 'null'}: with hypermodal.within_targets=shared the "
