@@ -53,31 +53,45 @@ class HypermodalEncoder(nn.Module):
     shared blocks add JIN's eq. 7-8 bias over the tokens' coordinates, as the
     image encoder's blocks do. Without ``shared_blocks`` every modality gets blocks
     of its own in their place (the separate encoders of late fusion, JIN Table 3); the
-    output norm stays one for all.
+    output norm stays one for all. Without a shared space (``dim=None``: a model whose
+    losses read only its modalities' own encoders, e.g. the image alone predicting its
+    levels) there is no modality table, no blocks and no norm: :meth:`encode` is all it does.
 
     Args:
-        encoders: ``{name: ModalityEncoder}``, all of width ``dim``.
-        dim, depth, num_heads, mlp_ratio, drop_path_rate: the shared blocks (or each modality's).
+        encoders: ``{name: ModalityEncoder}``, all of width ``dim`` (without a shared space, of width ``None``).
+        dim, depth, num_heads, mlp_ratio, drop_path_rate: the shared blocks (or each modality's); ``dim=None``: no
+            shared space.
         spatial_bias, bias_hidden, bias_grid: the bias (:class:`~jin.layers.SpatialBias`: MLP width, tokens per
             unit of coordinate that Δpos is measured in).
         shared_blocks: one set of blocks for every modality (JIN); ``False``: one per modality.
     """
 
-    def __init__(self, encoders: Mapping[str, ModalityEncoder], dim: int, depth: int, num_heads: int,
+    def __init__(self, encoders: Mapping[str, ModalityEncoder], dim: int | None, depth: int, num_heads: int,
                  mlp_ratio: float = 4.0, drop_path_rate: float = 0.0, spatial_bias: bool = False,
                  bias_hidden: int = 16, bias_grid: int = 8, shared_blocks: bool = True):
         super().__init__()
-        self.dim, self.shared_blocks = dim, shared_blocks
+        self.dim, self.shared_blocks = dim, shared_blocks and dim is not None
         self.stage_config = {"depth": depth, "num_heads": num_heads, "mlp_ratio": mlp_ratio,
                              "drop_path": drop_path_rates(drop_path_rate, depth), "spatial_bias": spatial_bias,
                              "bias_hidden": bias_hidden, "bias_grid": bias_grid}
-        self.stage = self.new_stage() if shared_blocks else None
+        self.stage = self.new_stage() if self.shared_blocks else None
         self.modality_stages = nn.ModuleDict()  # without shared blocks: each modality's
-        self.norm = nn.LayerNorm(dim).apply(init_weights)
+        self.norm = nn.LayerNorm(dim).apply(init_weights) if self.shared_space else None
         self.encoders = nn.ModuleDict()
-        self.modality_embed = ModalityTable(dim)
+        self.modality_embed = ModalityTable(dim) if self.shared_space else None
         for name, encoder in encoders.items():
-            self.add_modality(name, encoder)
+            if self.shared_space:
+                self.add_modality(name, encoder)
+            elif encoder.dim is not None:
+                raise ValueError(f"encoder for {name!r} has width {encoder.dim}: without a shared space its tokens "
+                                 f"stay its own (width None)")
+            else:
+                self.encoders[name] = encoder
+
+    @property
+    def shared_space(self) -> bool:
+        """The modalities meet in a shared space (``dim`` is set): there is something to :meth:`share` them into."""
+        return self.dim is not None
 
     @property
     def modalities(self) -> list[str]:
@@ -93,6 +107,9 @@ class HypermodalEncoder(nn.Module):
         """
         if not name.isidentifier():
             raise ValueError(f"modality name {name!r} must be an identifier (it names parameters)")
+        if not self.shared_space:
+            raise ValueError(f"modality {name!r}: this encoder has no shared space for a second modality to meet the "
+                             f"first in (it was built for {', '.join(self.modalities)} alone at its levels)")
         if encoder.dim != self.dim:
             raise ValueError(f"encoder for {name!r} has width {encoder.dim}; the shared blocks take {self.dim}")
         row = self.modality_embed.add(name)
@@ -131,7 +148,12 @@ class HypermodalEncoder(nn.Module):
         return self.encoder(name)(x, keep)
 
     def share(self, name: str, tokens: Tokens) -> Tokens:
-        """Tokens of :meth:`encode` into the shared space: + the modality's row, the (shared) blocks, the norm."""
+        """Tokens of :meth:`encode` into the shared space: + the modality's row, the (shared) blocks, the norm.
+
+        Raises:
+            ValueError: the encoder has no shared space."""
+        if not self.shared_space:
+            raise ValueError(f"modality {name!r}: this encoder has no shared space")
         features, _ = self.blocks(name)(tokens.features + self.modality_embed(name), tokens.coords)
         return Tokens(self.norm(features), tokens.coords, tokens.levels)
 

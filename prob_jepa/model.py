@@ -173,9 +173,10 @@ def level_config(model_cfg: DictConfig) -> dict:
         raise ConfigError(f"model.dims {dims}, model.depths {depths} and model.num_heads {heads} differ in length")
     if not 1 <= L <= len(dims):
         raise ConfigError(f"model.levels={L} must be between 1 and {len(dims)} (the length of model.dims)")
-    k = model_cfg.predictor.levels or L
-    if not 1 <= k <= L:
-        raise ConfigError(f"model.predictor.levels={k} must be null (every level) or between 1 and model.levels={L}")
+    k = L if model_cfg.predictor.levels is None else model_cfg.predictor.levels
+    if not (is_count(k) and k <= L):
+        raise ConfigError(f"model.predictor.levels={k!r} must be null (every level) or a whole number between 1 and "
+                          f"model.levels={L}")
     drop = len(dims) - L
     for i in range(drop, len(dims)):
         check_heads(f"model.dims[{i}]", dims[i], f"model.num_heads[{i}]", heads[i])
@@ -405,6 +406,25 @@ def hierarchy_terms(cfg: DictConfig, model: nn.Module) -> list[Term]:
     return terms
 
 
+def predicted_levels(model_cfg: DictConfig) -> str:
+    """``model.predictor.levels`` as a config writes it (``null``: every level), for messages."""
+    return "null" if model_cfg.predictor.levels is None else str(model_cfg.predictor.levels)
+
+
+def check_predicted_weights(model_cfg: DictConfig, reader: str = "") -> None:
+    """Some level the predictor predicts (:func:`level_config`'s ``predict_levels``) has a positive weight in
+    ``model.level_weights``; ``reader``: what reads them, for the message (e.g. a hypermodal key).
+
+    Raises:
+        ConfigError: every predicted level is weighed by 0 (nothing would train the predictor), naming the keys.
+    """
+    lv = level_config(model_cfg)
+    if sum(lv["level_weights"][l] for l in lv["predict_levels"]) <= 0:
+        raise ConfigError(f"model.level_weights={list(model_cfg.level_weights)} weighs the predicted levels "
+                          f"{lv['predict_levels']} (model.predictor.levels={predicted_levels(model_cfg)}) by 0"
+                          f"{reader}: nothing trains the predictor; give one of them a positive weight")
+
+
 def image_terms(cfg: DictConfig, model: JEPA) -> list[Term]:
     """The image JEPA's loss terms (JIN eq. 9), in the order they are summed: the JEPA term of every predicted
     level (weight ``model.level_weights[l]``), :func:`hierarchy_terms`, and the experts' balance
@@ -414,10 +434,7 @@ def image_terms(cfg: DictConfig, model: JEPA) -> list[Term]:
         ConfigError: ``model.level_weights`` is zero on every predicted level (nothing would train the predictor).
     """
     m, lv = cfg.model, level_config(cfg.model)
-    if sum(lv["level_weights"][l] for l in model.predict_levels) <= 0:
-        raise ConfigError(f"model.level_weights={list(m.level_weights)} weighs the predicted levels "
-                          f"{model.predict_levels} (model.predictor.levels={m.predictor.levels}) by 0: nothing trains "
-                          f"the predictor; give one of them a positive weight")
+    check_predicted_weights(m)
     terms = [Term(f"jepa/level{l}", lv["level_weights"][l], jepa_term(f"jepa/level{l}")) for l in model.predict_levels]
     terms += hierarchy_terms(cfg, model)
     if m.predictor.moe_experts:

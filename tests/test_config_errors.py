@@ -56,6 +56,10 @@ ROOT = Path(__file__).resolve().parents[1]
     ("model.sigreg_weight=-1", "model.sigreg_weight=-1 must be a finite number >= 0"),
     ("model.sigreg_weight=0.1 model.sigreg_slices=0", "model.sigreg_slices=0 must be a positive number"),
     ("model.level_weights=[0]", r"weighs the predicted levels \[0\] .* by 0"),
+    ("model.predictor.levels=0", r"model\.predictor\.levels=0 must be null \(every level\) or a whole number between 1 "
+     r"and model\.levels=\d"),
+    ("model.predictor.levels=1.5", r"model\.predictor\.levels=1\.5 must be null"),
+    ("model.predictor.levels=true", r"model\.predictor\.levels=True must be null"),
     ("predictor=mdn predictor.num_components=0", "predictor.num_components=0|num_components=0: a positive number"),
     ("predictor=mdn predictor.hidden=-5", "hidden=-5: positive layer widths"),
     ("predictor=autoregressive predictor.num_components=0", "num_components=0: a positive number"),

@@ -690,14 +690,74 @@ def test_within_targets_are_checked_by_name(compose):
                                  "hypermodal.video.tubelet=[1,4]"))
 
 
+def image_key(name: str) -> str:
+    """A one-modality hypermodal model's parameter name → the image JEPA's (its image encoder's backbone is the
+    JEPA's encoder, its image level predictor the JEPA's predictor)."""
+    return name.replace("encoders.image.backbone.", "").replace("level_predictors.image.", "predictor.")
+
+
+@pytest.mark.parametrize("predict", ["1", "null"])
+def test_the_image_alone_at_its_levels_is_the_image_jepa(compose, scenes, predict):
+    """data.modalities=[image] with hypermodal.within_targets=levels builds no shared space: from the same seed its
+    parameters and buffers are the image JEPA's (build_model of the same config) to the last bit, under the names of
+    its image encoder, and on the same masks every loss term is the image JEPA's (the JEPA term weighed by
+    hypermodal.objectives.within = the predicted levels' weights)."""
+    from prob_jepa.masks import Masks
+    from prob_jepa.model import build_model, image_terms
+
+    weights = [0.3, 0.6]
+    predicted = weights[1:] if predict == "1" else weights
+    cfg = compose(*LEVELS, "data.modalities=[image]", f"model.predictor.levels={predict}",
+                  f"model.level_weights={weights}", f"hypermodal.objectives.within={sum(predicted)}",
+                  "model.sigreg_weight=0.1")
+    torch.manual_seed(0)
+    model = build_hypermodal(cfg).eval()
+    torch.manual_seed(0)
+    jepa = build_model(cfg).eval()
+    state, expected = model.state_dict(), jepa.state_dict()
+    assert sorted(map(image_key, state)) == sorted(expected)
+    assert all(torch.equal(state[k], expected[image_key(k)]) for k in state)
+    assert not model.context_encoder.shared_space and model.predictor is None and model.proj is None
+    with torch.no_grad():  # the target encoders as after training: not their context encoders
+        for p, q in zip(model.target_encoder.parameters(), jepa.target_encoder.parameters(), strict=True):
+            p.add_(0.05 * torch.randn_like(p))
+            q.copy_(p)
+    x = batch(scenes, 4, ["image"])
+    masks = masks_for(model, x, cfg)
+    torch.manual_seed(1)  # SIGReg draws its directions
+    hyper = loss_of(model, cfg, x, masks, plan_tasks(["image"], "single", step=0))
+    torch.manual_seed(1)
+    image = TrainingStep(jepa, image_terms(cfg, jepa))(images=x["image"], masks=[Masks(*masks["image"])])
+    assert {"cross_scale", "budget", "sigreg"} <= set(image.terms)
+    for term in ("cross_scale", "budget", "sigreg"):
+        torch.testing.assert_close(hyper.terms[term], image.terms[term], rtol=0, atol=0)
+    torch.testing.assert_close(hyper.terms["jepa/within"] * sum(predicted), image.terms["jepa"], rtol=0, atol=0)
+    torch.testing.assert_close(hyper.loss, image.loss)
+
+
+def test_a_model_without_a_shared_space_refuses_what_needs_one(compose):
+    """No second modality joins it, and shared-space image levels are refused by name."""
+    torch.manual_seed(0)
+    model = build_hypermodal(compose(*LEVELS, "data.modalities=[image]"))
+    with pytest.raises(ValueError, match=r"modality 'text': this model has no shared space for it to meet image"):
+        model.add_modality("text", model.context_encoder.encoder("image"))
+    with pytest.raises(ConfigError, match=r"hypermodal\.image\.levels=\[0, 1\] puts image levels in the shared space, "
+                                          r"and this run has none"):
+        build_hypermodal(compose(*LEVELS, "data.modalities=[image]", "hypermodal.image.levels=[0,1]"))
+
+
 @pytest.mark.slow
-def test_a_one_modality_run_at_the_levels_is_scored_on_its_encoder_and_the_shared_space(compose, tmp_path):
+def test_a_one_modality_run_at_the_levels_is_scored_on_its_encoder(compose, tmp_path):
     """The one-modality case with the image JEPA's targets trains end to end and is scored, pretrained and at its
-    random initialization, on the encoder's coarsest level (what the image JEPA probes) and the shared space."""
+    random initialization, on the encoder's coarsest level (what the image JEPA probes; it has no shared space), which
+    compare.py's probe and k-NN columns read."""
     cfg = compose(*LEVELS, "data.modalities=[image]", "trainer.max_steps=3")
     result = pretrain(cfg, run_dir=tmp_path)
     assert (result.status, result.step) == ("stopped", 3)
-    scores = {f"{kind}/{m}" for kind in ("linear_probe", "knn") for m in ("image", "image/encoder")}
+    scores = {"linear_probe/image/encoder", "knn/image/encoder"}
     representation = result.metrics["representation"]
     assert set(representation) == scores | {"random_init"} and set(representation["random_init"]) == scores
     assert {r["jepa/within"] > 0 for r in RunDir(tmp_path).read_metrics()} == {True}
+    row = summary_row(RunDir(tmp_path))
+    assert (row["linear_probe"], row["knn_random_init"]) == (representation["linear_probe/image/encoder"],
+                                                             representation["random_init"]["knn/image/encoder"])

@@ -42,10 +42,15 @@ class HierarchicalModalityEncoder(ModalityEncoder):
     cells (:meth:`unit_content`), and target blocks hide the units with content. Tokens are ordered level by level
     (as ``levels`` lists them), and by unit, then row-major inside the unit, within a level.
 
+    In a model without a shared space (``dim=None``: one modality whose within-modality JEPA predicts its levels, so
+    nothing reads shared-space tokens) the modality's tokens are its coarsest level's own, at that level's width:
+    no projection, no position.
+
     Args:
         encoder: the hierarchical encoder (``model.*``; another modality's with its own stem and depths).
-        dim: the shared width ``D`` (divisible by 6).
-        levels: the levels whose tokens join the shared space (0 = finest); default: the coarsest only.
+        dim: the shared width ``D`` (divisible by 6); ``None``: no shared space.
+        levels: the levels whose tokens join the shared space (0 = finest); default: the coarsest only (the only
+            choice without a shared space).
         read_levels: the levels some other loss reads; the output norms of the levels neither in ``levels`` nor in
             ``read_levels`` are frozen (no loss would train them).
         cell_content: input → ``[B, G, G]`` share of each level-0 cell that holds content (e.g.
@@ -53,12 +58,13 @@ class HierarchicalModalityEncoder(ModalityEncoder):
 
     Raises:
         ValueError: a level the encoder does not have, a repeated one, or one of several slices (a clip's time steps
-            below the level that merges them: their tokens share coordinates).
+            below the level that merges them: their tokens share coordinates); levels other than the coarsest without
+            a shared space.
     """
 
     mask_weights = (1.0, 1.0, 0.0)
 
-    def __init__(self, encoder: HierarchicalEncoder, dim: int, levels: Sequence[int] | None = None,
+    def __init__(self, encoder: HierarchicalEncoder, dim: int | None, levels: Sequence[int] | None = None,
                  read_levels: set[int] | None = None,
                  cell_content: Callable[[torch.Tensor], torch.Tensor] | None = None):
         nn.Module.__init__(self)  # the backbone's blocks are this modality's own: no extra stage
@@ -68,6 +74,9 @@ class HierarchicalModalityEncoder(ModalityEncoder):
             type(level) is int and 0 <= level <= top for level in levels
         ):
             raise ValueError(f"levels {levels}: distinct levels of the encoder's {encoder.levels} (0 … {top})")
+        if dim is None and levels != [top]:
+            raise ValueError(f"levels {levels}: without a shared space a modality's tokens are its coarsest level's "
+                             f"({top})")
         sliced = [level for level in levels if encoder.slices[level] > 1]
         if sliced:
             raise ValueError(f"levels {levels}: level(s) {sliced} have {[encoder.slices[lv] for lv in sliced]} slices "
@@ -76,7 +85,7 @@ class HierarchicalModalityEncoder(ModalityEncoder):
         # positions resolve the finest chosen level: about half its tokens per side (ModalityEncoder)
         self.dim, self.max_freq, self.causal = dim, encoder.grid / 2 ** min(levels) / 2, False
         self.backbone, self.levels, self.cell_content = encoder, levels, cell_content
-        self.proj = nn.ModuleList(nn.Linear(encoder.dims[level], dim) for level in levels)
+        self.proj = nn.ModuleList(nn.Linear(encoder.dims[level], dim) for level in levels if dim is not None)
         self.proj.apply(init_weights)
         self.register_load_state_dict_pre_hook(_legacy_projection_keys)
         for level in range(encoder.levels):
@@ -136,8 +145,10 @@ class HierarchicalModalityEncoder(ModalityEncoder):
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> Tokens:
         """Tokens of the mask units at ``keep [B, K]`` (all when ``None``): ``[B, K·Σ t_l, D]``, coords
-        ``[B, K·Σ t_l, 3]``, in the order of :meth:`unit_tokens`."""
+        ``[B, K·Σ t_l, 3]``, in the order of :meth:`unit_tokens` (without a shared space ``[B, K, D_L]``)."""
         levels = self.backbone(x, keep)
+        if self.dim is None:  # no shared space: the coarsest level's own tokens
+            return Tokens(levels[-1].features.flatten(1, 2), levels[-1].coords.flatten(1, 2), tuple(levels))
         features, coords = [], []
         for proj, level in zip(self.proj, self.levels):
             chosen = levels[level]

@@ -58,11 +58,13 @@ COLUMNS = {  # column: (path in eval.json, format)
 }
 
 # where a hypermodal run records a column that an image run records elsewhere: its image modality's probe and k-NN
+# of the shared space, or, in a model without one, of its encoder's coarsest level (the first path it has)
 HYPERMODAL_COLUMNS = {
-    "linear_probe": ("representation", "linear_probe/image"),
-    "knn": ("representation", "knn/image"),
-    "probe_random_init": ("representation", "random_init", "linear_probe/image"),
-    "knn_random_init": ("representation", "random_init", "knn/image"),
+    column: [(*at, f"{score}/image{part}") for part in ("", "/encoder")]
+    for column, at, score in (("linear_probe", ("representation",), "linear_probe"),
+                              ("knn", ("representation",), "knn"),
+                              ("probe_random_init", ("representation", "random_init"), "linear_probe"),
+                              ("knn_random_init", ("representation", "random_init"), "knn"))
 }
 
 
@@ -138,9 +140,8 @@ def summary_row(run: RunDir, presets: dict[str, DictConfig] | None = None) -> di
     row = {"run": run.path.name, "head": head_label(cfg.predictor, presets), "model": model_label(cfg),
            "steps": _get(metrics, ("train", "steps"))}
     for column, (path, _) in COLUMNS.items():
-        row[column] = _get(metrics, path)
-        if row[column] is None and column in HYPERMODAL_COLUMNS:
-            row[column] = _get(metrics, HYPERMODAL_COLUMNS[column])
+        found = (_get(metrics, at) for at in (path, *HYPERMODAL_COLUMNS.get(column, ())))
+        row[column] = next((value for value in found if value is not None), None)
     if row["gflops_per_step"] is not None:
         row["gflops_per_step"] /= 1e9
     return row

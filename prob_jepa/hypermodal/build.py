@@ -21,7 +21,7 @@ from jin.hypermodal import HypermodalEncoder
 from ..config import ConfigError
 from ..model import (
     build_configured_head, build_encoder, build_level_heads, build_level_predictor, check_experts, check_heads,
-    encoder_kwargs, has_cross_scale, level_config,
+    check_predicted_weights, encoder_kwargs, has_cross_scale, level_config, predicted_levels,
 )
 from ..predictor import ModalityTokens, Predictor
 from ..regularizers import SIGReg
@@ -120,7 +120,19 @@ def build_modality_encoder(name: str, cfg: DictConfig) -> ModalityEncoder:
         raise ValueError(f"unknown modality {name!r}; valid: {', '.join(ENCODERS)}")
     h = cfg.hypermodal
     build = functools.partial(_hierarchical, name) if name in h.hierarchy.modalities else ENCODERS[name]
-    return build(cfg, dim=h.dim, depth=h.encoder_depth, num_heads=h.num_heads, mlp_ratio=h.mlp_ratio)
+    dim = h.dim if has_shared_space(cfg) else None
+    return build(cfg, dim=dim, depth=h.encoder_depth, num_heads=h.num_heads, mlp_ratio=h.mlp_ratio)
+
+
+def has_shared_space(cfg: DictConfig) -> bool:
+    """Whether some loss of the run reads the shared space. Not when the run's one modality is hierarchical and its
+    within-modality JEPA predicts its levels (``hypermodal.within_targets=levels``): nothing is predicted across
+    modalities or aligned, so the model has no modality table, shared blocks, shared predictor and head, or alignment
+    projection — its modules are the image JEPA's (:func:`~prob_jepa.model.build_model`), built in the same order."""
+    h = cfg.hypermodal
+    names = list(h.modalities)
+    hierarchical = set(h.hierarchy.modalities) | ({"image"} if h.image.backbone is not None else set())
+    return not (h.within_targets == "levels" and len(names) == 1 and names[0] in hierarchical)
 
 
 def check_modalities(cfg: DictConfig) -> None:
@@ -221,14 +233,11 @@ def check_composition(cfg: DictConfig) -> None:
                           f"hypermodal.image.levels={levels} is positive (an image prediction's levels share its "
                           f"weight in proportion to them)")
     check_hierarchy(cfg, hierarchical, len(lv["dims"]))
-    if cfg.hypermodal.within_targets == "levels" and sum(weights[level] for level in lv["predict_levels"]) <= 0:
-        raise ConfigError(f"model.level_weights={list(cfg.model.level_weights)} weighs the predicted levels "
-                          f"{lv['predict_levels']} (model.predictor.levels={cfg.model.predictor.levels or 'null'}) by "
-                          f"0 with hypermodal.within_targets=levels: nothing trains the level predictor; give one of "
-                          f"them a positive weight")
+    if cfg.hypermodal.within_targets == "levels":
+        check_predicted_weights(cfg.model, " with hypermodal.within_targets=levels")
     if cfg.hypermodal.within_targets == "shared" and lv["predict_levels"] != [len(lv["dims"]) - 1]:
         raise ConfigError(
-            f"model.predictor.levels={cfg.model.predictor.levels or 'null'}: with hypermodal.within_targets=shared the "
+            f"model.predictor.levels={predicted_levels(cfg.model)}: with hypermodal.within_targets=shared the "
             f"levels the hypermodal model predicts are hypermodal.image.levels (model.predictor.levels is the image "
             f"JEPA's, and hypermodal.within_targets=levels reads it), so model.predictor.levels must be 1"
         )
@@ -312,25 +321,31 @@ def build_hypermodal(cfg: DictConfig) -> HypermodalJEPA:
             "hypermodal.m3.enabled=true routes each task through its own gate of a mixture of experts: "
             f"set {predictor_key}.moe_experts > 0"
         )
+    shared = has_shared_space(cfg)
+    if not shared and h.image.levels is not None:
+        raise ConfigError(f"hypermodal.image.levels={h.image.levels} puts image levels in the shared space, and this run "
+                          f"has none (data.modalities={list(h.modalities)} alone with hypermodal.within_targets=levels "
+                          f"predicts its levels): leave it null")
     encoder = HypermodalEncoder(
         {m: build_modality_encoder(m, cfg) for m in h.modalities},
-        h.dim, h.depth, h.num_heads, h.mlp_ratio, h.drop_path_rate, h.spatial_bias, h.bias_hidden, h.bias_grid,
-        shared_blocks=h.shared_blocks,
+        h.dim if shared else None, h.depth, h.num_heads, h.mlp_ratio, h.drop_path_rate, h.spatial_bias,
+        h.bias_hidden, h.bias_grid, shared_blocks=h.shared_blocks,
     )
     p = h.predictor
     predictor = Predictor(
         ModalityTokens(h.dim, p.dim), p.depth, p.num_heads, p.mlp_ratio,
         spatial_bias=h.spatial_bias, bias_hidden=h.bias_hidden, bias_grid=h.bias_grid, drop_path_rate=p.drop_path_rate,
         moe_experts=p.moe_experts, moe_top_k=p.moe_top_k, num_gates=h.m3.gates if h.m3.enabled else 1,
-    )
-    head = build_configured_head(cfg.predictor, dim=h.dim, cond_dim=p.dim)
+    ) if shared else None
+    head = build_configured_head(cfg.predictor, dim=h.dim, cond_dim=p.dim) if shared else None
+    # the image JEPA's order (build_model): predictor, heads, then the hierarchy's cross-scale predictors
+    levels = level_predictors(cfg, encoder) if h.within_targets == "levels" else {}
     cross = sigreg = None
     if h.image.backbone is not None:  # JIN's hierarchy: its cross-scale predictors and SIGReg, as model.* sets them
         m = cfg.model
         slices = max(hierarchy_slices(name, cfg) for name in SLICED_LEVELS)
         cross = CrossScalePredictors(level_config(m)["dims"], slices=slices) if has_cross_scale(m) else None
         sigreg = SIGReg(m.sigreg_slices) if m.sigreg_weight > 0 else None
-    levels = level_predictors(cfg, encoder) if h.within_targets == "levels" else {}
     return HypermodalJEPA(encoder, predictor, head, h.embed_dim, m3=h.m3.enabled, cross_scale=cross, sigreg=sigreg,
                           level_predictors={m: p for m, (p, _) in levels.items()},
                           level_heads={m: heads for m, (_, heads) in levels.items()},
@@ -356,7 +371,7 @@ def level_predictors(cfg: DictConfig, encoder: HypermodalEncoder) -> dict[str, t
         sliced = [level for level in level_config(cfg.model)["predict_levels"] if backbone.slices[level] > 1]
         if sliced:
             key, what = SLICED_LEVELS[name]
-            raise ConfigError(f"model.predictor.levels={cfg.model.predictor.levels or 'null'} predicts level(s) "
+            raise ConfigError(f"model.predictor.levels={predicted_levels(cfg.model)} predicts level(s) "
                               f"{sliced} of the {name} hierarchy, which have several {what} "
                               f"(hypermodal.{name}.{key}): their tokens share (x, y, scale); predict fewer levels or "
                               f"lower hypermodal.{name}.{key}")

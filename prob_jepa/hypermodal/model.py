@@ -51,7 +51,8 @@ class HypermodalJEPA(ContextTargetPair):
     Args:
         encoder: the context encoder (the target encoder is its EMA copy).
         predictor: the shared :class:`Predictor` over :class:`ModalityTokens`; head: one head for every
-            modality's ``D``-dim tokens (``heads[0]``).
+            modality's ``D``-dim tokens (``heads[0]``). Both ``None`` for an encoder without a shared space (its one
+            modality predicts its levels: ``level_predictors``), which has no alignment either.
         embed_dim: width of the alignment space.
         m3: the model trains M3 tasks (adds the projection of pooled predictions).
         cross_scale, sigreg: JIN's cross-scale predictors (eq. 2-3) and SIGReg over the levels of the hierarchical
@@ -66,15 +67,18 @@ class HypermodalJEPA(ContextTargetPair):
             shared-space tokens.
     """
 
-    def __init__(self, encoder: HypermodalEncoder, predictor: Predictor, head: Head, embed_dim: int, m3: bool = False,
+    def __init__(self, encoder: HypermodalEncoder, predictor: Predictor | None, head: Head | None, embed_dim: int,
+                 m3: bool = False,
                  cross_scale: CrossScalePredictors | None = None, sigreg: SIGReg | None = None,
                  level_predictors: Mapping[str, Predictor] | None = None,
                  level_heads: Mapping[str, Sequence[Head]] | None = None, predict_levels: Sequence[int] = (),
                  level_weights: Sequence[float] = ()):
         super().__init__()
+        if (predictor is None or head is None) == encoder.shared_space:
+            raise ValueError("a shared predictor and head exactly when the encoder has a shared space")
         self.init_target(encoder)
         self.predictor = predictor
-        self.heads = nn.ModuleList([head])
+        self.heads = nn.ModuleList([head] if head is not None else [])
         self.level_predictors = nn.ModuleDict(level_predictors or {})
         self.predict_levels = list(predict_levels)
         total = sum(float(level_weights[level]) for level in self.predict_levels) if self.level_predictors else 1.0
@@ -90,8 +94,10 @@ class HypermodalJEPA(ContextTargetPair):
         self.register_load_state_dict_pre_hook(_legacy_head_keys)
         # Pooled features of one modality share a large common part (positions, modality embedding) that
         # would drown the per-scene differences the alignment needs: standardize them per modality first.
-        self.align_norm = nn.ModuleDict({m: nn.BatchNorm1d(encoder.dim, affine=False) for m in encoder.modalities})
-        self.proj = nn.Linear(encoder.dim, embed_dim)
+        shared = encoder.shared_space
+        self.align_norm = nn.ModuleDict({m: nn.BatchNorm1d(encoder.dim, affine=False)
+                                         for m in encoder.modalities if shared})
+        self.proj = nn.Linear(encoder.dim, embed_dim) if shared else None
         # M3's contrastive term compares pooled predictions with pooled targets in the alignment space
         self.pred_proj = nn.Linear(predictor.dim, embed_dim) if m3 else None
 
@@ -104,7 +110,14 @@ class HypermodalJEPA(ContextTargetPair):
 
         Every existing modality's outputs are unchanged, bit for bit. Give the returned
         parameters to the optimizer (``optimizer.add_param_group({"params": ...})``).
+
+        Raises:
+            ValueError: the model has no shared space (one modality trained at its levels alone).
         """
+        if not self.context_encoder.shared_space:
+            raise ValueError(f"modality {name!r}: this model has no shared space for it to meet "
+                             f"{', '.join(self.modalities)} in (it was trained on {', '.join(self.modalities)} alone "
+                             f"at its levels, hypermodal.within_targets=levels)")
         target_copy = copy.deepcopy(encoder).requires_grad_(False).eval()
         new = self.context_encoder.add_modality(name, encoder)
         # without shared blocks the modality has blocks of its own: the target's start as a frozen copy
@@ -139,10 +152,13 @@ class HypermodalJEPA(ContextTargetPair):
     @torch.no_grad()
     def representations(self, name: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Frozen representations of modality ``name``'s inputs, as I-JEPA probes the target encoder: ``name``, the
-        mean shared-space token ``[B, D]``; for a hierarchical encoder also ``<name>/encoder``, the mean token of its
-        coarsest level ``[B, D_L]`` (what the image JEPA's probe reads, :meth:`~prob_jepa.model.JEPA.features`)."""
+        mean shared-space token ``[B, D]`` (when the model has a shared space); for a hierarchical encoder also
+        ``<name>/encoder``, the mean token of its coarsest level ``[B, D_L]`` (what the image JEPA's probe reads,
+        :meth:`~prob_jepa.model.JEPA.features`)."""
         tokens = self.target_encoder.encode(name, x)
-        out = {name: self.target_encoder.share(name, tokens).features.mean(1)}
+        out = {}
+        if self.target_encoder.shared_space:
+            out[name] = self.target_encoder.share(name, tokens).features.mean(1)
         if tokens.levels:
             out[f"{name}/encoder"] = tokens.levels[-1].features.mean((1, 2))
         return out
