@@ -139,7 +139,12 @@ class HypermodalEncoder(nn.Module):
         return self.encoder(name).unit_coords(x)
 
     def query(self, name: str, coords: torch.Tensor) -> torch.Tensor:
-        """Position + modality embedding of tokens of ``name`` at ``coords [..., 3]`` → ``[..., D]``."""
+        """Position + modality embedding of tokens of ``name`` at ``coords [..., 3]`` → ``[..., D]``.
+
+        Raises:
+            ValueError: the encoder has no shared space."""
+        if not self.shared_space:
+            raise ValueError(f"modality {name!r}: this encoder has no shared space")
         return self.encoder(name).position(coords) + self.modality_embed(name)
 
     def encode(self, name: str, x: torch.Tensor, keep: torch.Tensor | None = None) -> Tokens:

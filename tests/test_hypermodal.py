@@ -744,6 +744,45 @@ def test_a_model_without_a_shared_space_refuses_what_needs_one(compose):
     with pytest.raises(ConfigError, match=r"hypermodal\.image\.levels=\[0, 1\] puts image levels in the shared space, "
                                           r"and this run has none"):
         build_hypermodal(compose(*LEVELS, "data.modalities=[image]", "hypermodal.image.levels=[0,1]"))
+    for row in ("ablation=late_fusion", "hypermodal.shared_blocks=false"):
+        with pytest.raises(ConfigError, match=r"these rows change the shared space, and this run has none"):
+            build_hypermodal(compose(*LEVELS, "data.modalities=[image]", row))
+
+
+def test_a_model_without_a_shared_space_takes_what_the_image_jepa_takes(compose, tmp_path):
+    """What only the shared space constrains is not asked of it: level weights that leave the coarsest level at 0
+    (the image JEPA trains them) and a micro-batch of one image (no alignment's batch norm)."""
+    model = build_hypermodal(compose(*LEVELS, "data.modalities=[image]", "model.predictor.levels=null",
+                                     "model.level_weights=[1,0]"))
+    assert model.level_shares == [1.0, 0.0]
+    cfg = compose(*LEVELS, "data.modalities=[image]", "trainer.micro_batch_size=1", "trainer.batch_size=2",
+                  "trainer.max_steps=1", "eval.enabled=false")
+    assert pretrain(cfg, run_dir=tmp_path).step == 1
+    with pytest.raises(ConfigError, match=r"a hypermodal micro-batch of 1 image\(s\) per rank"):
+        pretrain(compose(*LEVELS, "trainer.micro_batch_size=1", "trainer.batch_size=2", "trainer.max_steps=1",
+                         "eval.enabled=false"), run_dir=tmp_path / "two")
+
+
+def test_a_checkpoint_of_the_image_alone_with_a_shared_space_loads_without_it(compose, monkeypatch):
+    """Runs of one modality at its levels written before such a model dropped its shared space (1f0ad1c) hold one
+    that no loss trained — shared blocks, projections, shared predictor and head at heads.0: they load into today's
+    model with every encoder, level predictor and level head weight where it was (the level heads moved down one)."""
+    from prob_jepa.hypermodal import build as hypermodal_build
+
+    cfg = compose(*LEVELS, "data.modalities=[image]", "model.predictor.levels=null")
+    with monkeypatch.context() as patch:  # the model as it was built then
+        patch.setattr(hypermodal_build, "has_shared_space", lambda cfg: True)
+        torch.manual_seed(1)
+        old = build_hypermodal(cfg)
+    assert old.context_encoder.shared_space and len(old.heads) == 3
+    torch.manual_seed(0)
+    model = build_hypermodal(cfg)
+    model.load_state_dict(old.state_dict())
+    state, before = model.state_dict(), old.state_dict()
+    for key in state:  # heads.i is the old heads.(i+1); every other key kept its name
+        index = key.split(".")[1] if key.startswith("heads.") else None
+        source = f"heads.{int(index) + 1}.{key.split('.', 2)[2]}" if index is not None else key
+        assert torch.equal(state[key], before[source]), key
 
 
 @pytest.mark.slow

@@ -248,6 +248,24 @@ def test_a_refused_resume_leaves_the_run_directory_as_it_was(compose, tiny_overr
         pretrain(compose(*tiny_overrides, "eval.enabled=false", "trainer.max_steps=6", "optim.lr=0.5"), run_dir=run.path)
 
 
+def test_a_checkpoint_with_optimizer_state_for_parameters_the_model_lacks_is_refused_not_half_loaded(
+        compose, tiny_overrides, tmp_path):
+    """A non-strict optimizer load would drop such state silently (a one-modality hypermodal run at its levels written
+    before that model dropped its shared space held its level head's moments under another name): resume names
+    them and changes nothing."""
+    run = RunDir(tmp_path / "run")
+    overrides = (*tiny_overrides, "eval.enabled=false")
+    pretrain(compose(*overrides, "trainer.max_steps=1"), run_dir=run.path)
+    state = torch.load(run.checkpoint, weights_only=True)
+    moments = state["optimizer"]["state"]
+    moments["heads.7.proj.weight"] = moments.pop("heads.0.proj.weight")
+    torch.save(state, run.checkpoint)
+    with pytest.raises(RuntimeError, match=r"optimizer state for 1 parameter\(s\) this model does not have "
+                                           r"\(heads\.7\.proj\.weight\)"):
+        pretrain(compose(*overrides, "trainer.max_steps=2"), run_dir=run.path)
+    assert torch.load(run.checkpoint, weights_only=True)["step"] == 1
+
+
 def test_head_lr_scale_gives_the_heads_and_only_them_a_multiple_of_the_schedules_lr(compose, tiny_overrides, tmp_path):
     from prob_jepa.train import param_groups
 

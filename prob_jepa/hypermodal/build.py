@@ -227,7 +227,7 @@ def check_composition(cfg: DictConfig) -> None:
         raise ConfigError(f"hypermodal.image.levels={chosen}: a list of distinct levels of model={backbone}'s "
                           f"{count} (0 … {count - 1}), e.g. [0, {count - 1}], or null for the coarsest")
     weights = lv["level_weights"]  # finite and >= 0 (level_config)
-    if sum(weights[level] for level in chosen or [count - 1]) <= 0:
+    if has_shared_space(cfg) and sum(weights[level] for level in chosen or [count - 1]) <= 0:
         levels = "null (the coarsest)" if chosen is None else list(chosen)
         raise ConfigError(f"model.level_weights={list(cfg.model.level_weights)}: finite numbers ≥ 0 whose sum over "
                           f"hypermodal.image.levels={levels} is positive (an image prediction's levels share its "
@@ -322,10 +322,14 @@ def build_hypermodal(cfg: DictConfig) -> HypermodalJEPA:
             f"set {predictor_key}.moe_experts > 0"
         )
     shared = has_shared_space(cfg)
+    alone = (f"this run has none (data.modalities={list(h.modalities)} alone with hypermodal.within_targets=levels "
+             f"predicts its levels)")
     if not shared and h.image.levels is not None:
-        raise ConfigError(f"hypermodal.image.levels={h.image.levels} puts image levels in the shared space, and this run "
-                          f"has none (data.modalities={list(h.modalities)} alone with hypermodal.within_targets=levels "
-                          f"predicts its levels): leave it null")
+        raise ConfigError(f"hypermodal.image.levels={h.image.levels} puts image levels in the shared space, and "
+                          f"{alone}: leave it null")
+    if not shared and (h.ablation is not None or not h.shared_blocks):
+        raise ConfigError(f"hypermodal.ablation={h.ablation}, hypermodal.shared_blocks={h.shared_blocks}: these rows "
+                          f"change the shared space, and {alone}: leave them out")
     encoder = HypermodalEncoder(
         {m: build_modality_encoder(m, cfg) for m in h.modalities},
         h.dim if shared else None, h.depth, h.num_heads, h.mlp_ratio, h.drop_path_rate, h.spatial_bias,

@@ -30,6 +30,28 @@ def _legacy_head_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -
         state_dict[f"{prefix}heads.0.{key[len(prefix) + 5:]}"] = state_dict.pop(key)
 
 
+SHARED_SPACE_KEYS = ("predictor.", "pred_proj.", "proj.", "align_norm.", "heads.0.")
+SHARED_ENCODER_KEYS = ("stage.", "norm.", "modality_embed.", "modality_stages.")
+
+
+def _legacy_shared_space_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Checkpoints of one modality at its levels written before such a model dropped its shared space (1f0ad1c) hold
+    one — modality table, shared blocks, projections, shared predictor and head (``heads.0``), alignment — that no
+    loss trained: into a model without one they load without it, its level heads moving down to ``heads.0…``."""
+    if module.context_encoder.shared_space or not any(k.startswith(f"{prefix}proj.") for k in state_dict):
+        return
+    dropped = [f"{prefix}{k}" for k in SHARED_SPACE_KEYS]
+    dropped += [f"{prefix}{e}.{k}" for e in ("context_encoder", "target_encoder") for k in SHARED_ENCODER_KEYS]
+    dropped += [f"{prefix}{e}.encoders.{m}.proj." for e in ("context_encoder", "target_encoder")
+                for m in module.modalities]
+    for key in [k for k in state_dict if k.startswith(tuple(dropped))]:
+        del state_dict[key]
+    heads = f"{prefix}heads."
+    for key in sorted((k for k in state_dict if k.startswith(heads)), key=lambda k: int(k[len(heads):].split(".")[0])):
+        index, rest = key[len(heads):].split(".", 1)
+        state_dict[f"{heads}{int(index) - 1}.{rest}"] = state_dict.pop(key)
+
+
 class HypermodalJEPA(ContextTargetPair):
     """JEPA over several modalities in one embedding space (JIN's hypermodal space, Jin's joint space).
 
@@ -92,6 +114,7 @@ class HypermodalJEPA(ContextTargetPair):
             self.heads.extend(level_heads[name])
         self.cross_scale, self.sigreg = cross_scale, sigreg
         self.register_load_state_dict_pre_hook(_legacy_head_keys)
+        self.register_load_state_dict_pre_hook(_legacy_shared_space_keys)
         # Pooled features of one modality share a large common part (positions, modality embedding) that
         # would drown the per-scene differences the alignment needs: standardize them per modality first.
         shared = encoder.shared_space

@@ -63,7 +63,7 @@ class HypermodalPlanner:
         """Every step of the run can be computed: each modality's mask specs leave a context (checked when they
         were built) and each ``multiblock`` spec's draws can be drawn (all of this rank's up to ``max_draws``, else
         that many spread evenly over the run: a ``blocks`` spec has static sizes and no redraw that could give up),
-        each curriculum phase has a loss, and the micro-batch feeds the alignment's batch norm.
+        each curriculum phase has a loss, and the micro-batch feeds the alignment's batch norm (several modalities).
 
         Raises:
             ConfigError: naming the ``mask.*`` / ``hypermodal.*`` / ``trainer.*`` keys.
@@ -82,7 +82,7 @@ class HypermodalPlanner:
                                               f"mask.{name}.{s % len(specs)}: {e}") from e
         if not h.m3.enabled:
             check_curriculum(h.curriculum, h.objectives)
-        if self.micro < 2:
+        if self.micro < 2 and len(h.modalities) > 1:  # one modality aligns nothing
             raise ConfigError(
                 f"a hypermodal micro-batch of {self.micro} image(s) per rank (trainer.batch_size / "
                 f"trainer.micro_batch_size / world size): the alignment's batch norm needs at least 2"
