@@ -313,8 +313,8 @@ class Trainer:
         if unknown:  # a non-strict load would drop their moments without a word
             raise RuntimeError(
                 f"{self.run.checkpoint} holds optimizer state for {len(unknown)} parameter(s) this model does not have "
-                f"({', '.join(unknown[:4])}{', …' if len(unknown) > 4 else ''}): it was written by another version of "
-                f"the model (e.g. a one-modality hypermodal run at its levels before it dropped its shared space). "
+                f"({', '.join(unknown[:4])}{', …' if len(unknown) > 4 else ''}): it was written by another version "
+                f"of the model (e.g. a one-modality hypermodal run at its levels before it dropped its shared space). "
                 f"Evaluate it with experiments/evaluate.py, or choose another run directory to train afresh."
             )
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=self.optimizer_load_options)
