@@ -90,8 +90,7 @@ class HypermodalJEPA(ContextTargetPair):
     """
 
     def __init__(self, encoder: HypermodalEncoder, predictor: Predictor | None, head: Head | None, embed_dim: int,
-                 m3: bool = False,
-                 cross_scale: CrossScalePredictors | None = None, sigreg: SIGReg | None = None,
+                 m3: bool = False, cross_scale: CrossScalePredictors | None = None, sigreg: SIGReg | None = None,
                  level_predictors: Mapping[str, Predictor] | None = None,
                  level_heads: Mapping[str, Sequence[Head]] | None = None, predict_levels: Sequence[int] = (),
                  level_weights: Sequence[float] = ()):
