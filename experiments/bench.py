@@ -137,7 +137,7 @@ def trunk_tokens(overrides: list[str]) -> tuple[int, int, int]:
     every target block's tokens at each predicted level, summed over the mask specs (one predictor pass each)."""
     cfg = compose_config(CONF, overrides)
     with torch.device("meta"):
-        model = build_model(cfg)
+        model = build_model(cfg).level_jepa("image")
     enc = model.context_encoder
     specs = build_mask_specs(cfg.mask.image, "mask.image", enc.num_units, enc.unit_grid)
     per_unit = sum((enc.unit // 2**l) ** 2 for l in model.predict_levels)
@@ -155,9 +155,9 @@ def report(overrides: list[str]) -> list[dict]:
     cfg = compose_config(CONF, overrides)
     cfg.data.image_size = cfg.model.image_size
     with torch.device("meta"):
-        model = build_model(cfg)
+        model = build_model(cfg).level_jepa("image")
         cfg.model.adaptive = False
-        full = build_model(cfg)
+        full = build_model(cfg).level_jepa("image")
     params = {r["part"]: r["params"] for r in level_report(model, cfg.model.image_size, count_flops=False)}
     rows = level_report(full, cfg.model.image_size)
     for r in rows:

@@ -34,6 +34,7 @@ from prob_jepa.eval.diagnostics import variance_share  # noqa: E402
 from prob_jepa.eval.metrics import pearson_r  # noqa: E402
 from prob_jepa.eval.representation import extract_features, factor_r2, knn_accuracy  # noqa: E402
 from prob_jepa.eval.summary import markdown_table  # noqa: E402
+from prob_jepa.recipes import recipe_of  # noqa: E402
 from prob_jepa.run_dir import RunDir  # noqa: E402
 from prob_jepa.run_io import load_run  # noqa: E402
 
@@ -81,9 +82,11 @@ def main(argv: list[str]) -> dict:
     reference = random_init_model(cfg, device)
     train_f, val_f = scalar_factors(train_set), scalar_factors(val_set)
     result = {}
+    frozen_features = recipe_of(cfg).frozen_features
     for name, m in (("pretrained", model), ("random_init", reference)):
-        tx, ty = extract_features(m.features, train_set, cfg.eval.batch_size, device, f"{name} train features")
-        vx, vy = extract_features(m.features, val_set, cfg.eval.batch_size, device, f"{name} val features")
+        encode = frozen_features(m)
+        tx, ty = extract_features(encode, train_set, cfg.eval.batch_size, device, f"{name} train features")
+        vx, vy = extract_features(encode, val_set, cfg.eval.batch_size, device, f"{name} val features")
         result[name] = {
             "r2": factor_r2(tx, train_f, vx, val_f),
             f"top{TOP_COMPONENTS}_variance_share": variance_share(tx, TOP_COMPONENTS),

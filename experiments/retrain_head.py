@@ -123,12 +123,13 @@ def main(argv: list[str]) -> list[dict]:
     run = RunDir(argv[0])
     try:
         cfg = load_config(argv[1:])
-        model, run_cfg = load_run(run.path, "cpu")
+        trained, run_cfg = load_run(run.path, "cpu")
         # as experiments/evaluate.py scores it: keys added since the run, and the overrides of its last evaluation
         evaluation = run.read_eval() if run.eval.exists() else {}
         run_cfg = override(with_current_defaults(run_cfg), evaluation.get("overrides", []))
         if run_cfg.recipe != "image":
             raise ValueError(f"{run.path} is a recipe={run_cfg.recipe} run; heads are retrained on image runs")
+        model = trained.level_jepa("image")
         presets = head_presets(CONF)
         heads = configured_heads(cfg, presets, model.heads[-1].dim, model.heads[-1].cond_dim)
     except (ValueError, FileNotFoundError) as e:
@@ -140,7 +141,7 @@ def main(argv: list[str]) -> list[dict]:
     e = run_cfg.eval
     bank_set, val_set = with_validation(*build_datasets(run_cfg.data, ("train_eval", "val")))
     _, val_set = evaluation_sets(bank_set, val_set, e)  # the validation images the run's evaluation scores
-    masks = ImageMasks(run_cfg, model)
+    masks = ImageMasks(run_cfg, model.context_encoder)
     train = collect_rows(model, bank_set, masks, cfg.train_images, e.batch_size, device)
     held_out = collect_rows(model, val_set, masks, e.head_images, e.batch_size, device)
     print(f"{len(train)} training rows, {len(held_out)} validation rows (D={train.target.shape[1]}, "

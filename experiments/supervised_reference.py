@@ -61,7 +61,7 @@ def train_supervised(
     trained with cross-entropy for the run's steps and schedules (up to ``trainer.max_steps``); returns it in eval
     mode and the steps taken."""
     torch.manual_seed(cfg.seed)
-    model = PooledClassifier(build_model(cfg).context_encoder, num_classes)
+    model = PooledClassifier(build_model(cfg).level_jepa("image").context_encoder, num_classes)
     loader = DataLoader(train_set, batch_size=cfg.trainer.batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(cfg.seed))
     total = int(cfg.trainer.epochs * len(loader))
@@ -100,7 +100,8 @@ def supervised_reference(cfg: DictConfig, progress: bool = True) -> dict[str, fl
     cpu = torch.device("cpu")
     model, steps = train_supervised(cfg, train_set, int(cfg.data.num_classes), progress)
     out: dict[str, float] = {"steps": steps}
-    for name, encode in (("supervised", model.features), ("random_init", random_init_model(cfg, cpu).features)):
+    reference = random_init_model(cfg, cpu).level_jepa("image")
+    for name, encode in (("supervised", model.features), ("random_init", reference.features)):
         scores, _, vx, vy = frozen_feature_scores(encode, probe_train, probe_val, cfg.eval, cpu, name)
         out.update({f"{name}_{key}": value for key, value in scores.items()})
         if name == "supervised":

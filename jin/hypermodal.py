@@ -60,13 +60,13 @@ class HypermodalEncoder(nn.Module):
     Args:
         encoders: ``{name: ModalityEncoder}``, all of width ``dim`` (without a shared space, of width ``None``).
         dim, depth, num_heads, mlp_ratio, drop_path_rate: the shared blocks (or each modality's); ``dim=None``: no
-            shared space.
+            shared space (and the others unused).
         spatial_bias, bias_hidden, bias_grid: the bias (:class:`~jin.layers.SpatialBias`: MLP width, tokens per
             unit of coordinate that Δpos is measured in).
         shared_blocks: one set of blocks for every modality (JIN); ``False``: one per modality.
     """
 
-    def __init__(self, encoders: Mapping[str, ModalityEncoder], dim: int | None, depth: int, num_heads: int,
+    def __init__(self, encoders: Mapping[str, ModalityEncoder], dim: int | None, depth: int = 0, num_heads: int = 1,
                  mlp_ratio: float = 4.0, drop_path_rate: float = 0.0, spatial_bias: bool = False,
                  bias_hidden: int = 16, bias_grid: int = 8, shared_blocks: bool = True):
         super().__init__()

@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from jin.layers import Stage
+
 from .config import ConfigError
 
 
@@ -101,7 +103,7 @@ def wrap_model(step: nn.Module, info: DistInfo, strategy: str, find_unused_param
 
     ``find_unused_parameters`` lets DDP finish a step in which some parameters got no gradient.
 
-    FSDP shards every transformer block of both encoders and of the predictor,
+    FSDP shards every transformer block (of every :class:`~jin.layers.Stage`: the encoders', the predictors'),
     then each encoder and the whole step (heads and loss terms run inside its forward); the
     EMA update then runs shard by shard, so the target encoder stays consistent across ranks.
     """
@@ -115,13 +117,11 @@ def wrap_model(step: nn.Module, info: DistInfo, strategy: str, find_unused_param
     from torch.distributed.fsdp import fully_shard
 
     model = step.model
+    for stage in [m for m in model.modules() if isinstance(m, Stage)]:
+        for block in stage.blocks:
+            fully_shard(block)
     for encoder in (model.context_encoder, model.target_encoder):
-        for stage in encoder.stages:
-            for block in stage.blocks:
-                fully_shard(block)
         fully_shard(encoder)
-    for block in model.predictor.stage.blocks:
-        fully_shard(block)
     fully_shard(step)
     return step
 

@@ -12,8 +12,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from jin import HierarchicalEncoder
+
 from .config import ConfigError, is_count, is_finite_number
 from .distributed import DistInfo
+from .step import Task
 
 EMPTY_DISTANCE = 1e3  # added to an empty unit's distance: beyond every weighted L∞ distance of coordinates in [0, 1]
 
@@ -478,21 +481,22 @@ def complete_mask_specs(cfg: DictConfig) -> DictConfig:
 
 
 class ImageMasks:
-    """The image JEPA's masks: the specs of ``mask.image`` on its context encoder's grid of mask units (their
-    centres; distance in x and y). ``masks(batch_size, draw)`` is draw ``draw`` of every spec, spec ``s`` from
-    :func:`mask_generator` of (``cfg.seed``, ``draw``, ``s``): a pure function of its arguments.
+    """The image JEPA's masks: the specs of ``mask.image`` on the grid of mask units of its image encoder ``encoder``
+    (a :class:`~jin.HierarchicalEncoder`; the units' centres, distance in x and y). ``masks(batch_size, draw)`` is
+    draw ``draw`` of every spec, spec ``s`` from :func:`mask_generator` of (``cfg.seed``, ``draw``, ``s``): a pure
+    function of its arguments.
 
     Raises:
         ConfigError: ``mask`` has entries for modalities other than ``image`` (this recipe would not read them), or
             ``mask.image`` is not a valid list of specs (:func:`build_mask_specs`).
     """
 
-    def __init__(self, cfg: DictConfig, model):
+    def __init__(self, cfg: DictConfig, encoder: HierarchicalEncoder):
         other = [k for k in cfg.mask if k != "image"]
         if other or "image" not in cfg.mask:
             raise ConfigError(f"mask has entries for {other or 'no image'}: the image recipe reads mask.image only "
                               f"(a list of mask specs); leave the others out")
-        enc = model.context_encoder
+        enc = encoder
         self.specs = build_mask_specs(cfg.mask.image, "mask.image", enc.num_units, enc.unit_grid, seed=cfg.seed)
         self.seed, self.grid = cfg.seed, enc.unit_grid
         self.centres = enc.coords(enc.levels - 1)[0, :, 0].detach().cpu()  # [U, 3]: the top-level token of each unit
@@ -513,9 +517,20 @@ class ImageMasks:
         return masks
 
 
+IMAGE_TASK = Task(("image",), "image", "within")
+
+
+def image_inputs(images: torch.Tensor, masks: Sequence[Masks]) -> dict:
+    """The keyword inputs of :meth:`~prob_jepa.jepa.JEPA.forward` that predict ``images [B, C, H, W]`` from their
+    own context, one mask set per :class:`Masks` (the image JEPA's step): ``{"inputs": {"image": images}, "masks":
+    {"image": [Masks, …]}, "tasks": [the image from the image]}``."""
+    return {"inputs": {"image": images}, "masks": {"image": list(masks)}, "tasks": [IMAGE_TASK]}
+
+
 class ImagePlanner:
     """The image JEPA's :class:`~prob_jepa.step.StepPlanner`: every step one :class:`Masks` per spec of
-    ``mask.image`` (:class:`ImageMasks`), which the model predicts in turn.
+    ``mask.image`` (:class:`ImageMasks`), which the model (:class:`~prob_jepa.jepa.JEPA` of the one modality
+    ``image``) predicts in turn: one within-modality task, the image from its own context.
 
     Draw ``step · accum + micro`` is one global micro-batch of masks (``micro × world size`` images), of which each
     rank takes its own rows: the masks do not depend on the number of ranks a global batch is split over.
@@ -525,7 +540,7 @@ class ImagePlanner:
     """
 
     def __init__(self, cfg: DictConfig, model, info: DistInfo, micro: int, accum: int, total_steps: int):
-        self.masks = ImageMasks(cfg, model)
+        self.masks = ImageMasks(cfg, model.level_jepa("image").context_encoder)
         self.info, self.micro, self.accum, self.total_steps = info, micro, accum, total_steps
 
     def check(self, max_draws: int = 2000) -> None:
@@ -544,9 +559,10 @@ class ImagePlanner:
                 raise ConfigError(f"the masks of step {step} cannot be drawn: {e}") from e
 
     def __call__(self, batch, step: int, micro: int) -> dict:
-        """``{"images": [B, C, H, W], "masks": [Masks per spec]}`` on the training device."""
+        """``{"inputs": {"image": [B, C, H, W]}, "masks": {"image": [Masks per spec]}, "tasks": [the image from its
+        own context]}`` on the training device (the keyword inputs of :meth:`~prob_jepa.jepa.JEPA.forward`)."""
         images, _ = batch
         start = self.info.rank * self.micro
         masks = [m.rows(start, start + self.micro).to(self.info.device)
                  for m in self.masks(self.micro * self.info.world_size, step * self.accum + micro)]
-        return {"images": images.to(self.info.device, non_blocking=True), "masks": masks}
+        return image_inputs(images.to(self.info.device, non_blocking=True), masks)

@@ -1,160 +1,25 @@
-"""The JEPA model: context encoder, EMA target encoder, predictor, one head per level."""
+"""The image JEPA from the config (``model.*``, ``predictor.*``): JIN's levels, the builders of its encoder,
+level predictor and heads (which the hypermodal builder uses too), and its loss terms (JIN eq. 9)."""
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from jin import HierarchicalEncoder
 from jin.cross_scale import CrossScalePredictors
+from jin.encoders import HierarchicalModalityEncoder
+from jin.hypermodal import HypermodalEncoder
 from jin.layers import budget_loss
 
 from .config import ConfigError, is_count, is_finite_number
-from .ema import ContextTargetPair
 from .heads import Head, build_head
-from .masks import Masks
+from .jepa import JEPA
 from .predictor import LevelTokens, Predictor
 from .regularizers import SIGReg
-from .step import Predicted, Predictions, Term, balance_term, jepa_term, mean_over
-
-
-class Prediction(NamedTuple):
-    """What :meth:`JEPA.predict` computes: ``context``, the context encoder's levels; ``cond``, per predicted level
-    ``[B, M, N_l, C]`` for the target units; ``balance``, the predictor's mixture-of-experts load-balancing loss
-    (scalar; ``None`` for dense blocks)."""
-
-    context: list
-    cond: list[torch.Tensor]
-    balance: torch.Tensor | None
-
-
-class JEPA(ContextTargetPair):
-    """I-JEPA / z-JEPA with a probabilistic predictor head per level.
-
-    ``forward`` returns the step's :class:`~prob_jepa.step.Predictions`; the loss (JIN eq. 9:
-    ``Σ_l w_l · head_l.loss(cond_l, sg[target_l]) + λ1 · cross-scale (eq. 2-3) + λ_b · budget (eq. 10)``,
-    + the Switch load-balancing loss when the predictor has experts, + SIGReg on the context tokens when set)
-    is the term list of :func:`image_terms`, where targets are the layer-normed features of the EMA target
-    encoder at the target units.
-
-    Args:
-        encoder: the context encoder; the target encoder is its copy.
-        predictor: the :class:`Predictor` (over :class:`LevelTokens`) producing ``cond`` for every target token.
-        heads: one head per predicted level (level l models ``D_l``-dimensional targets).
-        predict_levels: the levels the predictor sees and predicts (default: all).
-        cross_scale: eq. 2-3 predictors, or ``None``.
-        sigreg: :class:`SIGReg` on the context encoder's last-level tokens (LeJEPA), or ``None``.
-    """
-
-    def __init__(
-        self,
-        encoder: HierarchicalEncoder,
-        predictor: Predictor,
-        heads: Sequence[Head],
-        cross_scale: CrossScalePredictors | None = None,
-        predict_levels: Sequence[int] | None = None,
-        sigreg: SIGReg | None = None,
-    ):
-        super().__init__()
-        self.predict_levels = list(range(encoder.levels)) if predict_levels is None else list(predict_levels)
-        if len(heads) != len(self.predict_levels):
-            raise ValueError(f"{len(heads)} heads for the predicted levels {self.predict_levels}")
-        self.init_target(encoder)
-        self.predictor = predictor
-        self.heads = nn.ModuleList(heads)
-        self.cross_scale = cross_scale
-        self.sigreg = sigreg
-        for level in range(self.levels):  # an output norm that no loss reads would get no gradient: freeze it
-            if level not in self.read_levels:
-                self.context_encoder.norms[level].requires_grad_(False)
-
-    @property
-    def read_levels(self) -> set[int]:
-        """Levels whose context-encoder outputs some loss reads: the predicted ones, all for the
-        cross-scale loss, the last for SIGReg."""
-        read = set(self.predict_levels)
-        if self.cross_scale is not None:
-            read |= set(range(self.levels))
-        if self.sigreg is not None:
-            read.add(self.levels - 1)
-        return read
-
-    @property
-    def levels(self) -> int:
-        return self.context_encoder.levels
-
-    def set_grad_checkpointing(self) -> None:
-        """Recompute the context encoder's blocks in the backward pass instead of storing their activations."""
-        self.context_encoder.set_grad_checkpointing()
-
-    @torch.no_grad()
-    def target_features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Layer-normed target-encoder features of all units, per level ``[B, U_all, T_l, D_l]``."""
-        return [F.layer_norm(lv.features, lv.features.shape[-1:]) for lv in self.target_encoder(images)]
-
-    def target_coords(self, targets: torch.Tensor) -> list[torch.Tensor]:
-        """Target-unit indices ``[B, M, K]`` → per predicted level coords ``[B, M, K·T_l, 3]``."""
-        return level_target_coords(self.context_encoder, self.predict_levels, targets)
-
-    def gather_targets(self, target_all: list[torch.Tensor], targets: torch.Tensor) -> list[torch.Tensor]:
-        """Target features at the target units, per predicted level ``[B, M, N_l, D_l]`` (the order of ``cond``)."""
-        return gather_level_targets(target_all, self.predict_levels, targets)
-
-    def predict(self, images: torch.Tensor, context: torch.Tensor, targets: torch.Tensor) -> Prediction:
-        """The context levels and, per predicted level, ``cond [B, M, N_l, C]`` for the target units."""
-        ctx = self.context_encoder(images, context)
-        seen = [(ctx[l].features, ctx[l].coords) for l in self.predict_levels]
-        cond, balance = self.predictor(seen, self.target_coords(targets))
-        return Prediction(ctx, cond, balance)
-
-    def forward(self, images: torch.Tensor, masks: Sequence[Masks]) -> Predictions:
-        """One JEPA step's predictions: for each mask set and predicted level ``l``, ``cond [B, M·N_l, C]`` and the
-        layer-normed target-encoder features at the target units ``[B, M·N_l, D_l]``; each set's context levels and
-        their α (the target encoder runs once; each set encodes its own context, as V-JEPA's several masks).
-
-        Args:
-            images: ``[B, C, H, W]``.
-            masks: one :class:`~prob_jepa.masks.Masks` per mask spec (``mask.image``): context unit indices
-                ``[B, Kc]``, target unit indices ``[B, M, Kt]``.
-        """
-        target_all = self.target_features(images)
-        predicted, hierarchies, balances = [], [], []
-        for m in masks:
-            ctx, cond, balance = self.predict(images, m.context, m.targets)
-            ys = self.gather_targets(target_all, m.targets)
-            predicted += [Predicted(f"jepa/level{l}", i, c.flatten(1, 2), y.flatten(1, 2))
-                          for i, (l, c, y) in enumerate(zip(self.predict_levels, cond, ys))]
-            hierarchies.append(ctx)
-            balances.append(balance)
-        balance = mean_over(balances) if balances[0] is not None else None
-        return Predictions(predicted, {"level0": target_all[0]}, hierarchies=hierarchies, balance=balance)
-
-    @torch.no_grad()
-    def features(self, images: torch.Tensor, encoder: str = "target") -> torch.Tensor:
-        """Frozen representation ``[B, D_L]``: average-pooled last-level tokens (I-JEPA probes the target encoder)."""
-        enc = self.target_encoder if encoder == "target" else self.context_encoder
-        return enc(images)[-1].features.mean(dim=(1, 2))
-
-
-def level_target_coords(encoder: HierarchicalEncoder, levels: Sequence[int],
-                        targets: torch.Tensor) -> list[torch.Tensor]:
-    """Target-unit indices ``[B, M, K]`` → coords ``[B, M, K·T_l, 3]`` of their tokens at each of ``levels``
-    (``encoder``'s grid: what the predictor's queries are placed at)."""
-    B, M, _ = targets.shape
-    return [encoder.coords(level, targets.flatten(1)).reshape(B, M, -1, 3) for level in levels]
-
-
-def gather_level_targets(target_all: Sequence[torch.Tensor], levels: Sequence[int],
-                         targets: torch.Tensor) -> list[torch.Tensor]:
-    """Per level ``l`` of ``levels``, the features ``target_all[l] [B, U, T_l, D_l]`` of the target units
-    ``targets [B, M, K]``: ``[B, M, K·T_l, D_l]`` (the order of the predictor's ``cond``)."""
-    B, M, _ = targets.shape
-    batch = torch.arange(B, device=targets.device)[:, None]
-    return [target_all[level][batch, targets.flatten(1)].reshape(B, M, -1, target_all[level].shape[-1])
-            for level in levels]
+from .step import Predictions, Term, balance_term, jepa_term, mean_over
 
 
 def level_config(model_cfg: DictConfig) -> dict:
@@ -351,15 +216,38 @@ def build_level_heads(cfg: DictConfig) -> list[Head]:
             for l in lv["predict_levels"]]
 
 
+def read_levels(model_cfg: DictConfig, predicted: bool) -> set[int]:
+    """The levels of JIN's encoder that some loss reads, as ``model.*`` sets them: every level for the cross-scale
+    loss, the coarsest for SIGReg, and with ``predicted`` the levels the predictor predicts (:func:`level_config`'s
+    ``predict_levels``). The output norms of the other levels are frozen (no loss would train them)."""
+    lv = level_config(model_cfg)
+    count = len(lv["dims"])
+    read = set(range(count)) if has_cross_scale(model_cfg) else {count - 1} if model_cfg.sigreg_weight > 0 else set()
+    return read | set(lv["predict_levels"]) if predicted else read
+
+
 def build_model(cfg: DictConfig) -> JEPA:
-    """The JEPA of ``cfg.model`` (backbone, predictor) and ``cfg.predictor`` (head)."""
+    """The image JEPA of ``cfg.model`` (backbone, predictor) and ``cfg.predictor`` (head): the
+    :class:`~prob_jepa.jepa.JEPA` of one modality, the image, whose within-modality JEPA predicts its encoder's levels
+    (no shared space), with JIN's cross-scale predictors and SIGReg as ``model.*`` sets them. Its initial weights are
+    drawn in the order the image JEPA has always drawn them (encoder, level predictor, heads, cross-scale), so a seed
+    gives the same model.
+
+    Raises:
+        ConfigError: an invalid ``model.*`` value (:func:`level_config`), or ``model.level_weights`` zero on every
+            predicted level (:func:`check_predicted_weights`).
+    """
     m, lv = cfg.model, level_config(cfg.model)
-    encoder = build_encoder(cfg)
-    predictor = build_level_predictor(cfg, encoder)
+    check_predicted_weights(m)
+    image = HierarchicalModalityEncoder(build_encoder(cfg), None, read_levels=read_levels(m, predicted=True))
+    encoder = HypermodalEncoder({"image": image}, None)
+    predictor = build_level_predictor(cfg, image.backbone)
     heads = build_level_heads(cfg)
     cross = CrossScalePredictors(lv["dims"]) if has_cross_scale(m) else None
-    return JEPA(encoder, predictor, heads, cross_scale=cross, predict_levels=lv["predict_levels"],
-                sigreg=SIGReg(m.sigreg_slices) if m.sigreg_weight > 0 else None)
+    return JEPA(encoder, None, None, cross_scale=cross,
+                sigreg=SIGReg(m.sigreg_slices) if m.sigreg_weight > 0 else None,
+                level_predictors={"image": predictor}, level_heads={"image": heads},
+                predict_levels=lv["predict_levels"], level_weights=lv["level_weights"])
 
 
 def cross_scale_term(model: nn.Module, p: Predictions) -> torch.Tensor | None:
@@ -435,7 +323,8 @@ def image_terms(cfg: DictConfig, model: JEPA) -> list[Term]:
     """
     m, lv = cfg.model, level_config(cfg.model)
     check_predicted_weights(m)
-    terms = [Term(f"jepa/level{l}", lv["level_weights"][l], jepa_term(f"jepa/level{l}")) for l in model.predict_levels]
+    terms = [Term(f"jepa/level{l}", lv["level_weights"][l], jepa_term("jepa/within", level=l))
+             for l in model.predict_levels]
     terms += hierarchy_terms(cfg, model)
     if m.predictor.moe_experts:
         terms.append(Term("moe_balance", m.predictor.moe_balance_weight, balance_term))

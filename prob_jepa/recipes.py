@@ -52,7 +52,7 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     "image": Recipe(build_model, image_terms, ImagePlanner, "prob_jepa.eval:evaluate", requires=("model", "mask"),
-                    frozen_features=lambda model: model.features),
+                    frozen_features=lambda model: model.level_jepa("image").features),
     "hypermodal": Recipe(build_hypermodal, hypermodal_terms, HypermodalPlanner,
                          "prob_jepa.hypermodal.evaluate:evaluate_hypermodal", requires=("hypermodal", "mask"),
                          strategies=("ddp",), every_step_trains_every_parameter=False),

@@ -73,5 +73,5 @@ def encoder_export(model: nn.Module, cfg: DictConfig) -> dict[str, Any]:
                           f"encoders are per modality")
     from .model import encoder_kwargs
 
-    state = {k: v.detach().cpu() for k, v in model.target_encoder.state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in model.level_jepa("image").target_encoder.state_dict().items()}
     return {"encoder": encoder_kwargs(cfg), "state_dict": state}

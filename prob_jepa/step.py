@@ -24,7 +24,9 @@ class Predicted:
     of several levels' tokens (a hierarchical modality with ``levels=[0, 1]``), each level's positions among the
     ``N`` tokens (``{level: [N_l]}``); ``None``: the tokens are of one level. ``weight``: its share in its term's
     mean over the step's predictions (a hypermodal within-modality prediction of several levels at their own widths
-    is one :class:`Predicted` per level, each weighted by its level's normalized weight)."""
+    is one :class:`Predicted` per level, each weighted by its level's normalized weight). ``level``: the encoder level
+    whose tokens it predicts, for a prediction at a hierarchical modality's levels (the image JEPA's: the image
+    recipe weighs each level as a term of its own, JIN eq. 9); ``None`` otherwise."""
 
     term: str
     head: int
@@ -32,6 +34,7 @@ class Predicted:
     target: torch.Tensor
     parts: dict[int, torch.Tensor] | None = None
     weight: float = 1.0
+    level: int | None = None
 
 
 @dataclass
@@ -71,6 +74,15 @@ class Term:
     logs: Callable[[Predictions], dict[str, torch.Tensor]] | None = None
 
 
+class Task(NamedTuple):
+    """A prediction of a step: ``target``'s masked tokens from the context tokens of ``sources``; ``kind`` names
+    the loss term (``within``: a modality from its own context, the image JEPA's one task)."""
+
+    sources: tuple[str, ...]
+    target: str
+    kind: str  # "within" | "cross" | "joint" | "m3"
+
+
 class StepOutput(NamedTuple):
     """loss: the scalar objective; terms: its parts by name (and ``loss``), still in the autograd graph (the
     trainer logs them detached); targets: the predictions' target features for the collapse diagnostics.
@@ -85,30 +97,31 @@ class StepOutput(NamedTuple):
     targets: dict[str, torch.Tensor]
 
 
-def jepa_term(term: str, level_weights: Sequence[float] | None = None) -> Measure:
+def jepa_term(term: str, level_weights: Sequence[float] | None = None, level: int | None = None) -> Measure:
     """The JEPA regression term ``term``: the mean, over the step's predictions of that term, of their head's loss
-    (NLL in nats/dim for the probabilistic heads, MSE for the deterministic one) on ``sg[target]``.
+    (NLL in nats/dim for the probabilistic heads, MSE for the deterministic one) on ``sg[target]``; with ``level``,
+    over those at that encoder level only (``Predicted.level``: the image JEPA's term of level ``l``, JIN eq. 9).
 
     A prediction of several levels' tokens (``Predicted.parts``) scores each level apart and weighs them by
     ``level_weights[level]``, normalized over its levels (``Σ_l w_l · loss_l / Σ_l w_l``: the levels share the
     prediction's weight in the mean, and one level alone is scored as before); ``None``: every level's tokens
     alike (the mean over all ``N``). JIN eq. 9's level weights ``w_l``, for a model that predicts its levels in one
     task (the hypermodal JEPA's hierarchical image). The predictions of the term are averaged with their
-    ``Predicted.weight`` (``Σ w·loss / Σ w``).
+    ``Predicted.weight`` (``Σ w·loss / Σ w``; the plain mean when the weights are equal).
     """
 
     def loss(model: nn.Module, x: Predicted) -> torch.Tensor:
         head = model.heads[x.head]
         if x.parts is None or level_weights is None:
             return head(x.cond.flatten(0, 1), x.target.flatten(0, 1))
-        weights = {level: float(level_weights[level]) for level in x.parts}
+        weights = {part: float(level_weights[part]) for part in x.parts}
         total = sum(weights.values())
-        return sum(w / total * head(x.cond[:, x.parts[level]].flatten(0, 1), x.target[:, x.parts[level]].flatten(0, 1))
-                   for level, w in weights.items() if w > 0)
+        return sum(w / total * head(x.cond[:, x.parts[part]].flatten(0, 1), x.target[:, x.parts[part]].flatten(0, 1))
+                   for part, w in weights.items() if w > 0)
 
     def measure(model: nn.Module, p: Predictions) -> torch.Tensor | None:
-        chosen = [x for x in p.predicted if x.term == term]
-        if all(x.weight == 1.0 for x in chosen):
+        chosen = [x for x in p.predicted if x.term == term and (level is None or x.level == level)]
+        if len({x.weight for x in chosen}) <= 1:
             return mean_over([loss(model, x) for x in chosen])
         return sum(x.weight * loss(model, x) for x in chosen) / sum(x.weight for x in chosen)
 

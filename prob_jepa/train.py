@@ -33,6 +33,7 @@ from .eval import check_knn_bank, evaluation_sets
 from .eval.diagnostics import effective_rank, feature_std
 from .eval.probe_curve import ProbeCurve, probe_curve
 from .heads import Head
+from .jepa import legacy_image_names
 from .masks import complete_mask_specs
 from .preflight import check_gradients, preflight_evaluation
 from .recipes import recipe_of
@@ -309,6 +310,12 @@ class Trainer:
                 f"{self.run.checkpoint} was written by a different model configuration; resume it with the "
                 f"config saved in {self.run.config}, or choose another run directory.\n{e}"
             ) from e
+        renamed = legacy_image_names(self.model, state["optimizer"]["state"])  # an image run of before the one model
+        if renamed:
+            optimizer = state["optimizer"]
+            optimizer["state"] = {renamed.get(k, k): v for k, v in optimizer["state"].items()}
+            for group in optimizer["param_groups"]:
+                group["params"] = [renamed.get(k, k) for k in group["params"]]
         unknown = sorted(set(state["optimizer"]["state"]) - {name for name, _ in self.model.named_parameters()})
         if unknown:  # a non-strict load would drop their moments without a word
             raise RuntimeError(

@@ -39,7 +39,7 @@ def test_the_ablation_group_holds_table_3s_rows_and_the_sweep_takes_them_all(com
 @pytest.mark.parametrize("row", ["no_hierarchy", "single_scale"])
 def test_the_one_level_rows_build_from_a_four_level_preset(row, compose):
     cfg, model = built(compose, "model=jin_s", f"ablation={row}")
-    assert model.context_encoder.levels == 1 and model.predict_levels == [0]
+    assert model.level_jepa("image").levels == 1 and model.predict_levels == [0]
 
 
 def test_a_hypermodal_run_refuses_the_image_rows(compose):
@@ -92,14 +92,14 @@ def test_late_fusion_gives_each_modality_blocks_of_its_own_and_predicts_within_m
 def test_each_ablation_removes_its_component_and_nothing_else(row, compose):
     _, full = built(compose)
     cfg, model = built(compose, f"ablation={row}")
-    enc = model.context_encoder
+    enc = model.level_jepa("image").context_encoder
     hierarchical = row not in ("no_hierarchy", "single_scale")
     assert enc.levels == (2 if hierarchical else 1)
     assert (model.cross_scale is None) == (row == "no_cross_scale" or not hierarchical)
     has_bias = any(isinstance(m, SpatialBias) for m in model.modules())
     assert has_bias == (row != "no_spatial_attention")
     assert isinstance(enc.zoom, NoZoom) == (row == "single_scale")
-    assert enc.unit_grid == full.context_encoder.unit_grid  # the same mask units: the same masks
+    assert enc.unit_grid == full.level_jepa("image").context_encoder.unit_grid  # the same mask units: the same masks
     assert model.sigreg is not None and cfg.predictor.name == "deterministic" and cfg.model.ablation == row
 
 

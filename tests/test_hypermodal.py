@@ -614,11 +614,12 @@ LEVELS = [*HIERARCHICAL, "hypermodal.within_targets=levels"]
 
 @pytest.mark.parametrize("predict", ["1", "null"])  # the coarsest level (jin_tiny's default), both levels
 def test_a_within_prediction_at_the_levels_is_the_image_jepa_s(compose, scenes, predict):
-    """hypermodal.within_targets=levels: the image's within-modality JEPA term is the image JEPA's loss (JEPA
-    built on the same backbone, level predictor, heads and target encoder, the same masks: the same number to the
-    last bit), and the shared space is left out of it (the shared blocks get no gradient from it)."""
-    from prob_jepa.masks import Masks
-    from prob_jepa.model import JEPA, image_terms
+    """hypermodal.within_targets=levels: beside another modality, the image's within-modality JEPA term is the image
+    JEPA's loss (the image recipe's level terms, JIN eq. 9, on the same model and masks: the same number to the last
+    bit, its weight shared between the levels), and the shared space is left out of it (the shared blocks get no
+    gradient from it)."""
+    from prob_jepa.masks import image_inputs
+    from prob_jepa.model import image_terms
 
     cfg = compose(*LEVELS, f"model.predictor.levels={predict}", "model.level_weights=[0.3,0.6]")
     torch.manual_seed(0)
@@ -630,13 +631,10 @@ def test_a_within_prediction_at_the_levels_is_the_image_jepa_s(compose, scenes, 
     masks = masks_for(model, x, cfg)
     task = plan_tasks(["image"], "single", step=0)
     hyper = loss_of(model, cfg, x, masks, task)
-    encoder = model.context_encoder.encoder("image")
-    jepa = JEPA(encoder.backbone, model.level_predictors["image"], [model.heads[i] for i in model.level_heads["image"]],
-                predict_levels=model.predict_levels).eval()
-    jepa.target_encoder.load_state_dict(model.target_encoder.encoder("image").backbone.state_dict())
-    image = TrainingStep(jepa, image_terms(cfg, jepa))(images=x["image"], masks=[Masks(*masks["image"])])
+    image = TrainingStep(model, image_terms(cfg, model))(**image_inputs(x["image"], [masks["image"]]))
     levels = model.predict_levels
     assert levels == ([1] if predict == "1" else [0, 1]) and len(model.heads) == 1 + len(levels)
+    assert set(image.terms) >= {f"jepa/level{l}" for l in levels}
     # the image JEPA weighs level l by model.level_weights[l]; the hypermodal term shares one weight between them
     expected = sum(0.6 if l == 1 else 0.3 for l in levels)
     torch.testing.assert_close(hyper.terms["jepa/within"] * expected, image.terms["jepa"], rtol=0, atol=0)
@@ -644,7 +642,7 @@ def test_a_within_prediction_at_the_levels_is_the_image_jepa_s(compose, scenes, 
     assert all(p.grad is None for p in model.context_encoder.stage.parameters())
     assert all(p.grad is None for p in model.predictor.parameters()) and model.heads[0].parameters()
     assert all(p.grad is not None for p in model.level_predictors.parameters() if p.requires_grad)
-    assert set(hyper.targets) == {"image"} and hyper.targets["image"].shape[-1] == cfg.model.dims[1]
+    assert set(hyper.targets) == {"image"} and hyper.targets["image"].shape[-1] == cfg.model.dims[0]
 
 
 def test_within_targets_at_the_levels_leave_cross_tasks_in_the_shared_space(compose, scenes):
@@ -690,19 +688,13 @@ def test_within_targets_are_checked_by_name(compose):
                                  "hypermodal.video.tubelet=[1,4]"))
 
 
-def image_key(name: str) -> str:
-    """A one-modality hypermodal model's parameter name → the image JEPA's (its image encoder's backbone is the
-    JEPA's encoder, its image level predictor the JEPA's predictor)."""
-    return name.replace("encoders.image.backbone.", "").replace("level_predictors.image.", "predictor.")
-
-
 @pytest.mark.parametrize("predict", ["1", "null"])
 def test_the_image_alone_at_its_levels_is_the_image_jepa(compose, scenes, predict):
-    """data.modalities=[image] with hypermodal.within_targets=levels builds no shared space: from the same seed its
-    parameters and buffers are the image JEPA's (build_model of the same config) to the last bit, under the names of
-    its image encoder, and on the same masks every loss term is the image JEPA's (the JEPA term weighed by
+    """data.modalities=[image] with hypermodal.within_targets=levels builds no shared space: from the same seed it is
+    the image recipe's model (build_model of the same config) — the same parameter and buffer names and values to the
+    last bit — and on the same masks every loss term is the image recipe's (the JEPA term weighed by
     hypermodal.objectives.within = the predicted levels' weights)."""
-    from prob_jepa.masks import Masks
+    from prob_jepa.masks import image_inputs
     from prob_jepa.model import build_model, image_terms
 
     weights = [0.3, 0.6]
@@ -715,8 +707,9 @@ def test_the_image_alone_at_its_levels_is_the_image_jepa(compose, scenes, predic
     torch.manual_seed(0)
     jepa = build_model(cfg).eval()
     state, expected = model.state_dict(), jepa.state_dict()
-    assert sorted(map(image_key, state)) == sorted(expected)
-    assert all(torch.equal(state[k], expected[image_key(k)]) for k in state)
+    assert list(state) == list(expected)
+    assert all(torch.equal(state[k], expected[k]) for k in state)
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in jepa.named_parameters()]
     assert not model.context_encoder.shared_space and model.predictor is None and model.proj is None
     with torch.no_grad():  # the target encoders as after training: not their context encoders
         for p, q in zip(model.target_encoder.parameters(), jepa.target_encoder.parameters(), strict=True):
@@ -727,7 +720,7 @@ def test_the_image_alone_at_its_levels_is_the_image_jepa(compose, scenes, predic
     torch.manual_seed(1)  # SIGReg draws its directions
     hyper = loss_of(model, cfg, x, masks, plan_tasks(["image"], "single", step=0))
     torch.manual_seed(1)
-    image = TrainingStep(jepa, image_terms(cfg, jepa))(images=x["image"], masks=[Masks(*masks["image"])])
+    image = TrainingStep(jepa, image_terms(cfg, jepa))(**image_inputs(x["image"], [masks["image"]]))
     assert {"cross_scale", "budget", "sigreg"} <= set(image.terms)
     for term in ("cross_scale", "budget", "sigreg"):
         torch.testing.assert_close(hyper.terms[term], image.terms[term], rtol=0, atol=0)

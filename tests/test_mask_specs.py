@@ -8,7 +8,7 @@ import torch
 from conftest import shrunk_model
 from prob_jepa.config import ConfigError
 from prob_jepa.distributed import DistInfo
-from prob_jepa.masks import CoordinateBlocks, ImageMasks, MaskCollator, build_mask_specs
+from prob_jepa.masks import CoordinateBlocks, ImageMasks, MaskCollator, build_mask_specs, image_inputs
 from prob_jepa.model import build_model, image_terms
 from prob_jepa.step import TrainingStep
 
@@ -46,9 +46,9 @@ def test_the_first_spec_draws_what_a_lone_spec_draws_and_the_second_its_own_bloc
     the image's `blocks` spec hides compact squares of the unit grid: a block of 9 units around an interior centre
     is exactly a 3×3 square."""
     cfg = compose(*shrunk_model("jin_tiny"), "data.image_size=64", TWO_SPECS)  # 8×8 mask units
-    model = build_model(cfg)
-    lone = MaskCollator(model.context_encoder.unit_grid, seed=cfg.seed, min_keep=2)
-    first, second = ImageMasks(cfg, model)(64, 7)
+    encoder = build_model(cfg).level_jepa("image").context_encoder
+    lone = MaskCollator(encoder.unit_grid, seed=cfg.seed, min_keep=2)
+    first, second = ImageMasks(cfg, encoder)(64, 7)
     assert torch.equal(first.context, lone(64, 7).context) and torch.equal(first.targets, lone(64, 7).targets)
     assert second.context.shape == (64, 64 - 18) and second.targets.shape == (64, 2, 9)
     hidden = torch.zeros(64, 64, dtype=torch.bool).scatter_(1, second.targets.flatten(1), True)
@@ -68,9 +68,9 @@ def test_two_mask_specs_average_their_jepa_and_hierarchy_terms(compose):
     model = build_model(cfg).eval()
     step = TrainingStep(model, image_terms(cfg, model))
     images = torch.randn(4, 3, cfg.data.image_size, cfg.data.image_size)
-    first, second = ImageMasks(cfg, model)(4, 0)
+    first, second = ImageMasks(cfg, model.level_jepa("image").context_encoder)(4, 0)
     with torch.no_grad():
-        both, one, two = (step(images=images, masks=m).terms for m in ([first, second], [first], [second]))
+        both, one, two = (step(**image_inputs(images, m)).terms for m in ([first, second], [first], [second]))
     names = [name for name in both if name.startswith("jepa/") or name == "cross_scale"]
     assert "cross_scale" in names and len(names) >= 2
     for name in names:

@@ -8,7 +8,7 @@ from conftest import MODEL_PRESETS, shrunk_model
 from jin.cross_scale import CrossScalePredictors, children
 from prob_jepa.data import build_datasets
 from prob_jepa.distributed import DistInfo
-from prob_jepa.masks import ImageMasks
+from prob_jepa.masks import ImageMasks, image_inputs
 from prob_jepa.model import build_model, image_terms, level_config
 from prob_jepa.predictor import LevelTokens, Predictor
 from prob_jepa.run_dir import RunDir
@@ -17,7 +17,7 @@ from prob_jepa.train import Trainer
 
 
 def test_target_encoder_equals_context_encoder_right_after_construction(compose, tiny_overrides):
-    model = build_model(compose(*tiny_overrides))
+    model = build_model(compose(*tiny_overrides)).level_jepa("image")
     ctx, tgt = model.context_encoder.state_dict(), model.target_encoder.state_dict()
     assert ctx.keys() == tgt.keys()
     assert all(torch.equal(ctx[k], tgt[k]) for k in ctx)
@@ -31,7 +31,7 @@ def test_target_encoder_is_never_stochastic(preset, stochastic, compose):
     which the target encoder inherits from the context encoder (every full-scale preset has them)."""
     cfg = compose(*shrunk_model(preset), *stochastic)
     torch.manual_seed(0)
-    model = build_model(cfg).train()  # what Trainer.fit sets
+    model = build_model(cfg).train().level_jepa("image")  # what Trainer.fit sets
     images = torch.rand(2, 3, cfg.data.image_size, cfg.data.image_size)
     for a, b in zip(model.target_features(images), model.target_features(images)):
         assert torch.equal(a, b)
@@ -54,9 +54,9 @@ def test_ema_update_moves_target_by_one_minus_momentum(compose, tiny_overrides):
 def test_loss_is_finite_and_reaches_every_trainable_parameter(compose, tiny_overrides):
     cfg = compose(*tiny_overrides)
     model = build_model(cfg)
-    masks = ImageMasks(cfg, model)(4, 0)
+    masks = ImageMasks(cfg, model.level_jepa("image").context_encoder)(4, 0)
     step = TrainingStep(model, image_terms(cfg, model))
-    out = step(images=torch.randn(4, 3, 32, 32), masks=masks)
+    out = step(**image_inputs(torch.randn(4, 3, 32, 32), masks))
     assert torch.isfinite(out.loss) and set(out.terms) >= {"loss", "jepa", "jepa/level0"}
     out.loss.backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
@@ -67,15 +67,14 @@ def test_sigreg_term_is_weighted_into_the_loss(compose, tiny_overrides):
     assert compose().model.sigreg_weight == 0.1  # the default run's recipe (model=jin_tiny)
     cfg = compose(*tiny_overrides, "model.sigreg_weight=0.5")
     model = build_model(cfg)
-    masks = ImageMasks(cfg, model)(4, 0)
+    masks = ImageMasks(cfg, model.level_jepa("image").context_encoder)(4, 0)
     images = torch.randn(4, 3, 32, 32)
     terms = image_terms(cfg, model)
     assert [t.name for t in terms if t.name == "sigreg"] == ["sigreg"]
     torch.manual_seed(0)
-    out = TrainingStep(model, terms)(images=images, masks=masks)
+    out = TrainingStep(model, terms)(**image_inputs(images, masks))
     torch.manual_seed(0)
-    plain = TrainingStep(model, [t for t in terms if t.name != "sigreg"])(
-        images=images, masks=masks)
+    plain = TrainingStep(model, [t for t in terms if t.name != "sigreg"])(**image_inputs(images, masks))
     assert out.terms["sigreg"] > 0
     torch.testing.assert_close(out.loss - plain.loss, 0.5 * out.terms["sigreg"])
     assert build_model(compose(*tiny_overrides, "model.sigreg_weight=0")).sigreg is None
@@ -94,11 +93,35 @@ def inputs(seed: int = 0):
     return ctx, targets
 
 
+def legacy_image_state(model) -> dict[str, torch.Tensor]:
+    """``model``'s state dict under the names of the image JEPA's checkpoints before it became the one-modality
+    :class:`~prob_jepa.jepa.JEPA`: its image encoder at ``context_encoder.*`` / ``target_encoder.*``, its level
+    predictor at ``predictor.*``."""
+    return {k.replace("encoders.image.backbone.", "").replace("level_predictors.image.", "predictor."): v
+            for k, v in model.state_dict().items()}
+
+
+def test_an_image_checkpoint_from_before_the_one_model_loads(compose, tiny_overrides):
+    """Image runs written when the image JEPA was a class of its own load into the one-modality model, every tensor
+    where it was (the same modules under other names)."""
+    torch.manual_seed(0)
+    trained = build_model(compose(*tiny_overrides))
+    old = legacy_image_state(trained)
+    assert {"context_encoder.patch_embed.proj.weight", "target_encoder.norms.0.weight"} <= set(old)
+    assert {k.split(".")[0] for k in old} == {"context_encoder", "target_encoder", "predictor", "heads"}
+    assert not any("encoders." in k for k in old)
+    torch.manual_seed(1)
+    fresh = build_model(compose(*tiny_overrides))
+    fresh.load_state_dict(old)  # strict
+    for (name, a), b in zip(trained.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_a_checkpoint_from_before_the_token_module_loads(compose, tiny_overrides):
     """State dicts written when the predictor's embeddings sat on the predictor itself load unchanged."""
     torch.manual_seed(0)
     trained = build_model(compose(*tiny_overrides))
-    old = {k.replace("predictor.tokens.", "predictor."): v for k, v in trained.state_dict().items()}
+    old = {k.replace("predictor.tokens.", "predictor."): v for k, v in legacy_image_state(trained).items()}
     assert "predictor.level_embed" in old and not any(".tokens." in k for k in old)
     torch.manual_seed(1)
     fresh = build_model(compose(*tiny_overrides))
@@ -160,7 +183,7 @@ def test_levels_ablation_keeps_global_attention_where_the_full_model_has_it(comp
     """jin_tiny's level 0 attends within 2×2 units; at levels=1 a unit is one token, so the kept level must
     attend globally (as level 1 does in the full model), not within itself."""
     cfg = compose(*shrunk_model("jin_tiny"), f"model.levels={levels}", "model.adaptive=false")  # every token computed
-    encoder = build_model(cfg).context_encoder
+    encoder = build_model(cfg).level_jepa("image").context_encoder
     assert encoder.global_from == global_from
     images = torch.rand(1, 3, cfg.data.image_size, cfg.data.image_size)
     moved = images.clone()
@@ -168,6 +191,65 @@ def test_levels_ablation_keeps_global_attention_where_the_full_model_has_it(comp
     with torch.no_grad():
         change = (encoder(moved)[-1].features - encoder(images)[-1].features).abs().flatten(1, 2).amax(-1)
     assert (change > 0).all()
+
+
+# Measured at 4f05d8b, when the image JEPA was a class of its own (its own forward, masks as a list, its own terms):
+# per step of the first three, the loss, cross-scale, SIGReg, gradient norm and JEPA term of each predicted level, and
+# the summed absolute values of the checkpoint's floating-point tensors after them. The one-modality model reproduced
+# them to the last bit on the machine that wrote them; the tolerance leaves room for another CPU's kernels, not for
+# another loss.
+STEP_KEYS = ("loss", "cross_scale", "sigreg", "grad_norm", "jepa/level0", "jepa/level1")
+IMAGE_JEPA_CLASS_STEPS = {
+    "default": ([(1.315693974494934, 0.4417513608932495, 0.20244990289211273, 0.5684603452682495, None,
+                  2.142533779144287),
+                 (1.3161227703094482, 0.4400728940963745, 0.17413771152496338, 0.47192367911338806, None,
+                  2.1507344245910645),
+                 (1.3109768629074097, 0.44527190923690796, 0.137653648853302, 0.4595075249671936, None,
+                  2.1425485610961914)],
+                1456.9156034704865),
+    "flow_every_level_moe_clipped": (
+        [(2.4281251430511475, 0.4577813744544983, 0.20244990289211273, 0.7031853199005127, 1.4400874376296997,
+          1.4511913061141968),
+         (2.4242727756500244, 0.4522739052772522, 0.17568308115005493, 0.577083170413971, 1.441624402999878,
+          1.4512752294540405),
+         (2.4008629322052, 0.4438689351081848, 0.14158695936203003, 0.551630437374115, 1.4320106506347656,
+          1.4389152526855469)],
+        10275.282016649477),
+}
+
+
+@pytest.mark.parametrize("case, overrides", [
+    ("default", []),
+    ("flow_every_level_moe_clipped", ["predictor=flow", "model.predictor.levels=null", "model.predictor.moe_experts=2",
+                                      "trainer.clip_grad=0.3"]),
+])
+def test_the_image_recipe_trains_as_the_image_jepa_class_did(case, overrides, compose, tmp_path):
+    """The default recipe (jin_tiny's switches: cross-scale, budget, SIGReg; one predicted level) and a run of every
+    level, a flow head and experts with the gradient clipped, at CPU size: the one-modality model takes the steps the
+    image JEPA class took — its losses, level terms, gradient norms and weights (a changed term weight, level or mask
+    draw would move them)."""
+    from prob_jepa.train import pretrain
+
+    cfg = compose(*shrunk_model("jin_tiny"), "eval.enabled=false", "trainer.max_steps=3", *overrides)
+    pretrain(cfg, run_dir=tmp_path)
+    steps = [tuple(r.get(k) for k in STEP_KEYS) for r in RunDir(tmp_path).read_metrics() if "loss" in r]
+    state = torch.load(RunDir(tmp_path).checkpoint, weights_only=True)["model"]
+    expected_steps, expected_sum = IMAGE_JEPA_CLASS_STEPS[case]
+    assert [[v is None for v in row] for row in steps] == [[v is None for v in row] for row in expected_steps]
+    torch.testing.assert_close(torch.tensor([[v for v in row if v is not None] for row in steps], dtype=torch.float64),
+                               torch.tensor([[v for v in row if v is not None] for row in expected_steps],
+                                            dtype=torch.float64), rtol=1e-5, atol=0)
+    total = sum(v.double().abs().sum().item() for v in state.values() if v.is_floating_point())
+    assert total == pytest.approx(expected_sum, rel=1e-6)
+
+
+def test_the_parameters_come_in_the_image_jepa_class_s_order(compose):
+    """Gradient clipping sums the parameters' norms in the model's order: the image JEPA class's (encoder, predictor,
+    heads, cross-scale) keeps its runs reproducible to the last bit (with the heads before the level predictor the
+    three steps above move in their last bits, inside the tolerance that the test above must leave)."""
+    model = build_model(compose(*shrunk_model("jin_tiny")))
+    order = list(dict.fromkeys(n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad))
+    assert order == ["context_encoder", "level_predictors", "heads", "cross_scale"]
 
 
 @pytest.mark.parametrize("preset", MODEL_PRESETS)

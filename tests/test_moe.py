@@ -82,7 +82,7 @@ def test_gates_route_independently_and_a_bad_gate_is_named():
 
 
 def test_a_moe_trunk_trains_inside_the_jepa(compose, tiny_overrides):
-    from prob_jepa.masks import ImageMasks
+    from prob_jepa.masks import ImageMasks, image_inputs
     from prob_jepa.model import build_model, image_terms
     from prob_jepa.step import TrainingStep
 
@@ -90,14 +90,14 @@ def test_a_moe_trunk_trains_inside_the_jepa(compose, tiny_overrides):
     torch.manual_seed(0)
     model = build_model(cfg)
     images = torch.randn(4, 3, cfg.data.image_size, cfg.data.image_size)
-    inputs = {"images": images, "masks": ImageMasks(cfg, model)(4, 0)}
+    inputs = image_inputs(images, ImageMasks(cfg, model.level_jepa("image").context_encoder)(4, 0))
     terms = image_terms(cfg, model)
     out = TrainingStep(model, terms)(**inputs)
     without = TrainingStep(model, [t for t in terms if t.name != "moe_balance"])(**inputs).loss
     assert torch.isfinite(out.loss) and out.terms["moe_balance"] > 0
     torch.testing.assert_close(out.loss - without, cfg.model.predictor.moe_balance_weight * out.terms["moe_balance"])
     out.loss.backward()
-    moe = model.predictor.stage.blocks[0].mlp
+    moe = model.level_predictors["image"].stage.blocks[0].mlp
     assert isinstance(moe, MoEMLP) and moe.gates[0].weight.grad.abs().sum() > 0 and moe.w1.grad.abs().sum() > 0
     dense_cfg = compose(*tiny_overrides)
     dense = build_model(dense_cfg)

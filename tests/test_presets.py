@@ -15,7 +15,7 @@ def test_every_model_preset_builds_on_meta_and_reports_parameters_and_flops(name
     cfg.data.image_size = cfg.model.image_size
     cfg.model.adaptive = False  # FLOPs of the full computation (α = 1)
     with torch.device("meta"):
-        model = build_model(cfg)
+        model = build_model(cfg).level_jepa("image")
     rows = {r["part"]: r for r in level_report(model, cfg.model.image_size)}
     total = rows["encoder total"]
     assert total["gflops"] > 0
@@ -32,7 +32,7 @@ def test_vit_tiny_reports_the_parameters_of_a_vit_tiny(compose):
     embedding (JIN's spatial bias is off in this preset; I-JEPA's position embedding is fixed sin-cos)."""
     cfg = compose("model=vit_tiny")
     with torch.device("meta"):
-        model = build_model(cfg)
+        model = build_model(cfg).level_jepa("image")
     d = 192
     rows = {r["part"]: r for r in level_report(model, cfg.model.image_size, count_flops=False)}
     assert rows["encoder total"]["params"] == 12 * (12 * d**2 + 13 * d) + (3 * 8**2 * d + d) + 2 * d
@@ -44,7 +44,7 @@ def test_hiera_presets_follow_the_documented_shapes(compose):
         cfg = compose(f"model={name}")
         cfg.data.image_size = cfg.model.image_size
         with torch.device("meta"):
-            enc = build_model(cfg).context_encoder
+            enc = build_model(cfg).level_jepa("image").context_encoder
         assert enc.levels == 4 and enc.grid == 56 and enc.unit_grid == 7
         assert sum(p.numel() for p in enc.parameters()) / 1e6 == pytest.approx(millions, rel=0.05), name
 
@@ -73,7 +73,7 @@ def test_jin_presets_are_table_5_and_the_claimed_parameters_are_arithmetic_of_ot
         cfg = compose(f"model={name}")
         cfg.data.image_size = cfg.model.image_size
         with torch.device("meta"):
-            enc = build_model(cfg).context_encoder
+            enc = build_model(cfg).level_jepa("image").context_encoder
         assert enc.levels == 4 and enc.grid == 56 and enc.unit_grid == 7
         depths, dims, heads, claimed = TABLE_5[name]
         assert [len(s.blocks) for s in enc.stages] == depths and list(enc.dims) == dims
@@ -89,7 +89,7 @@ def test_jin_presets_are_table_5_and_the_claimed_parameters_are_arithmetic_of_ot
     cfg = compose("model=jin_s", "model.dims=[96,192,384,768]")
     cfg.data.image_size = cfg.model.image_size
     with torch.device("meta"):
-        enc = build_model(cfg).context_encoder
+        enc = build_model(cfg).level_jepa("image").context_encoder
     assert sum(p.numel() for p in enc.parameters()) == pytest.approx(measured["jin_s"][1], rel=0.07)
 
 

@@ -50,6 +50,7 @@ def test_load_run_gives_the_model_at_the_end_of_training(trained):
     result, model = trained
     loaded, cfg = load_run(result.run_dir, device="cpu")
     assert cfg == RunDir(result.run_dir).load_config() and not loaded.training
+    loaded, model = loaded.level_jepa("image"), model.level_jepa("image")
     torch.testing.assert_close(loaded.features(images()), model.features(images()), rtol=0, atol=0)
     with torch.no_grad():
         cond = loaded.predict(images(2), *_masks(loaded))[1][-1]
@@ -190,7 +191,7 @@ def test_exported_encoder_loads_without_hydra_and_gives_the_same_features(traine
     result, model = trained
     out = tmp_path / "encoder.pt"
     export_script.main([str(result.run_dir), "--out", str(out)])
-    expected = model.features(images())
+    expected = model.level_jepa("image").features(images())
     torch.save(images(), tmp_path / "images.pt")
     code = (  # a process in which Hydra and the training code cannot be imported
         "import sys, torch; sys.modules['hydra'] = sys.modules['omegaconf'] = sys.modules['prob_jepa'] = None\n"

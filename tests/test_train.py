@@ -107,7 +107,8 @@ def test_run_directory_holds_everything_a_user_needs(compose, tiny_overrides, tm
     assert metrics == json.loads(json.dumps(result.metrics))
     # the stored probe is the saved model's: re-extracting the features from the run directory alone and
     # refitting gives the same accuracy (fails if the evaluation probed other weights or other images)
-    model, cfg = load_run(tmp_path)
+    trained, cfg = load_run(tmp_path)
+    model = trained.level_jepa("image")
     train_set, val_set = evaluation_sets(*build_datasets(cfg.data, ("train_eval", "val")), cfg.eval)
     tx, ty = extract_features(model.features, train_set, 64, torch.device("cpu"))
     vx, vy = extract_features(model.features, val_set, 64, torch.device("cpu"))
@@ -264,6 +265,35 @@ def test_a_checkpoint_with_optimizer_state_for_parameters_the_model_lacks_is_ref
                                            r"\(heads\.7\.proj\.weight\)"):
         pretrain(compose(*overrides, "trainer.max_steps=2"), run_dir=run.path)
     assert torch.load(run.checkpoint, weights_only=True)["step"] == 1
+
+
+def old_image_name(name: str) -> str:
+    """A parameter's name in the image JEPA's checkpoints before it became the one-modality model."""
+    return name.replace("encoders.image.backbone.", "").replace("level_predictors.image.", "predictor.")
+
+
+def test_an_image_run_of_before_the_one_model_resumes_exactly(compose, tiny_overrides, tmp_path):
+    """A checkpoint whose model and optimizer state carry the image JEPA's old names (its encoder at
+    context_encoder.*, its predictor at predictor.*) resumes as the same checkpoint under today's names: every
+    AdamW moment found, the same next steps to the last bit."""
+    overrides = (*tiny_overrides, "eval.enabled=false", "model.predictor.moe_experts=0")
+    runs = {kind: RunDir(tmp_path / kind) for kind in ("today", "old")}
+    for run in runs.values():
+        pretrain(compose(*overrides, "trainer.max_steps=2"), run_dir=run.path)
+    state = torch.load(runs["old"].checkpoint, weights_only=True)
+    state["model"] = {old_image_name(k): v for k, v in state["model"].items()}
+    optimizer = state["optimizer"]
+    optimizer["state"] = {old_image_name(k): v for k, v in optimizer["state"].items()}
+    for group in optimizer["param_groups"]:
+        group["params"] = [old_image_name(k) for k in group["params"]]
+    assert "predictor.stage.blocks.0.attn.qkv.weight" in optimizer["state"]
+    torch.save(state, runs["old"].checkpoint)
+    for run in runs.values():
+        assert pretrain(compose(*overrides, "trainer.max_steps=4"), run_dir=run.path).step == 4
+    today, old = (torch.load(run.checkpoint, weights_only=True) for run in runs.values())
+    assert today["model"].keys() == old["model"].keys()
+    assert all(torch.equal(today["model"][k], old["model"][k]) for k in today["model"])
+    assert losses(runs["today"]) == losses(runs["old"])
 
 
 def test_head_lr_scale_gives_the_heads_and_only_them_a_multiple_of_the_schedules_lr(compose, tiny_overrides, tmp_path):

@@ -30,7 +30,7 @@ class DistanceHead(Head):
 def test_map_of_a_head_uncertain_in_a_known_unit_peaks_there(compose, tiny_overrides):
     cfg = compose(*tiny_overrides, "model.spatial_bias=false")
     torch.manual_seed(0)
-    model = build_model(cfg).eval()
+    model = build_model(cfg).eval().level_jepa("image")
     plain = torch.full((1, 3, 32, 32), 0.5)
     with torch.no_grad():
         reference = model.target_features(plain)[-1].flatten(0, 2)  # [units, D]

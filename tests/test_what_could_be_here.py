@@ -41,7 +41,7 @@ def world(compose_module):
                          "model.dims=[16,32]", "model.depths=[1,1]", "model.num_heads=[1,2]",
                          "model.predictor.dim=24", "model.predictor.depth=1", "model.predictor.num_heads=2")
     torch.manual_seed(0)
-    model = build_model(cfg).eval()
+    model = build_model(cfg).eval().level_jepa("image")
     marker = Marker.from_config(cfg.data.marker)
     images, _, choice, _ = render(24, 32, seed=3, marker=marker, scene=Scene.from_config(cfg.data.scene))
     bank = token_bank(model, normalize(images), batch_size=10, device=torch.device("cpu"))

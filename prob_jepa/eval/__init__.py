@@ -14,7 +14,7 @@ from ..data import display_images
 from ..data.shapes import Marker
 from ..masks import ImageMasks
 from ..heads import Head
-from ..model import JEPA
+from ..jepa import JEPA, LevelJEPA
 from ..recipes import recipe_of
 from ..run_dir import RunDir
 from . import plots
@@ -74,8 +74,9 @@ def representation_metrics(
     """
     reference = random_init_model(cfg, device)
     out, logits, labels = {}, None, None
+    frozen_features = recipe_of(cfg).frozen_features
     for name, m in (("pretrained", model), ("random_init", reference)):
-        out[name], probe, _, vy = frozen_feature_scores(m.features, train_set, val_set, cfg.eval, device, name,
+        out[name], probe, _, vy = frozen_feature_scores(frozen_features(m), train_set, val_set, cfg.eval, device, name,
                                                         scales=cfg.eval.scales)
         if logits is None:
             logits, labels = probe.logits, vy
@@ -112,7 +113,7 @@ def frozen_feature_scores(
 
 
 def uncertainty_map_metrics(
-    model: JEPA, head: Head, cfg: DictConfig, val_set: Dataset, device: torch.device
+    model: LevelJEPA, head: Head, cfg: DictConfig, val_set: Dataset, device: torch.device
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Per-unit uncertainty of the first ``eval.map_images`` validation images, blocks of ``eval.map_block``² units
     hidden in turn (:func:`unit_uncertainty`): map means, inside vs outside the ambiguity marker on ``shapes``;
@@ -133,7 +134,7 @@ def uncertainty_map_metrics(
 
 
 def retrieval_panel(
-    model: JEPA, head: Head, cfg: DictConfig, train_set: Dataset, val_set: Dataset, device: torch.device
+    model: LevelJEPA, head: Head, cfg: DictConfig, train_set: Dataset, val_set: Dataset, device: torch.device
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """"What could be here": head samples retrieved from a bank of the first ``eval.bank_images`` training
     images' target tokens — behind the marker of the ambiguity pairs on ``shapes`` (:func:`marker_retrieval`),
@@ -210,11 +211,13 @@ def check_evaluation(cfg: DictConfig, unit_grid: int) -> None:
 def evaluate(
     model: JEPA, cfg: DictConfig, train_set: Dataset, val_set: Dataset | None, run: RunDir, device: torch.device
 ) -> dict[str, Any]:
-    """Every evaluation of the run; writes ``eval.json``, ``plots/plot_data.json`` and the figures.
+    """Every evaluation of the run; writes ``eval.json``, ``plots/plot_data.json`` and the figures. The head, its
+    uncertainty and the pictures read the image at its levels (:meth:`~prob_jepa.jepa.JEPA.level_jepa`).
 
     ``train_set`` should yield un-augmented images (the ``train_eval`` split).
     """
-    check_evaluation(cfg, model.context_encoder.unit_grid)
+    jepa = model.level_jepa("image")
+    check_evaluation(cfg, jepa.context_encoder.unit_grid)
     model.eval()
     e = cfg.eval
     bank_set, val_set = with_validation(train_set, val_set)  # the bank: the training images before the probes' cut
@@ -225,8 +228,8 @@ def evaluate(
     metrics["representation"], logits, labels = representation_metrics(model, cfg, train_set, val_set, device)
     plot_data: dict[str, Any] = {"representation": metrics["representation"]}
 
-    head = model.heads[-1]
-    rows = collect_rows(model, val_set, ImageMasks(cfg, model), e.head_images, e.batch_size, device)
+    head = jepa.heads[-1]
+    rows = collect_rows(jepa, val_set, ImageMasks(cfg, jepa.context_encoder), e.head_images, e.batch_size, device)
     torch.manual_seed(cfg.seed + EVAL_DRAWS)  # the head samples: not whatever the representation metrics drew
     metrics["head"], candidate_energy = head_metrics(head, rows, e)
     metrics["head"]["sample_seed"] = cfg.seed + EVAL_DRAWS  # also marks an evaluation whose samples can be replayed
@@ -244,12 +247,14 @@ def evaluate(
     if "marker" in cfg.data:
         torch.manual_seed(cfg.seed + EVAL_DRAWS)  # the head samples: not whatever the energies drew
         metrics["multimodality"], plot_data["ambiguity"] = ambiguity_metrics(
-            model, head, cfg.data, e.ambiguity_pairs, e.num_samples, device, seed=cfg.data.seed + EVAL_DRAWS
+            jepa, head, cfg.data, e.ambiguity_pairs, e.num_samples, device, seed=cfg.data.seed + EVAL_DRAWS
         )
 
-    metrics["uncertainty_maps"], plot_data["uncertainty_maps"] = uncertainty_map_metrics(model, head, cfg, val_set, device)
+    metrics["uncertainty_maps"], plot_data["uncertainty_maps"] = uncertainty_map_metrics(
+        jepa, head, cfg, val_set, device
+    )
     metrics["what_could_be_here"], plot_data["what_could_be_here"] = retrieval_panel(
-        model, head, cfg, bank_set, val_set, device
+        jepa, head, cfg, bank_set, val_set, device
     )
 
     # every step's masks have the same token counts: one draw measures them all

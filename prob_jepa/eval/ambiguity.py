@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 from ..data.shapes import AmbiguityPairs, Marker, Scene, ambiguity_pairs
 from ..heads import Head
 from ..masks import hide
-from ..model import JEPA
+from ..jepa import LevelJEPA
 from .multimodality import axis_coordinates, axis_histogram, axis_position, mode_coverage, on_mode_share, sharpness
 
 
@@ -22,7 +22,7 @@ def marker_masks(pairs: AmbiguityPairs, unit_grid: int, device: torch.device) ->
 
 @torch.no_grad()
 def ambiguity_metrics(
-    model: JEPA, head: Head, data: DictConfig, num_pairs: int, num_samples: int, device: torch.device, seed: int
+    model: LevelJEPA, head: Head, data: DictConfig, num_pairs: int, num_samples: int, device: torch.device, seed: int
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Mode coverage and sharpness of ``head`` on the marker region, against the known colour weights.
 

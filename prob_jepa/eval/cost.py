@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from jin.zoom import AdaptiveZoom
 
 from ..distributed import DistInfo
-from ..model import JEPA
+from ..jepa import LevelJEPA
 from ..preflight import state_kept
 from ..recipes import recipe_of
 from ..step import TrainingStep
@@ -111,7 +111,7 @@ def time_steps(step, steps: int, warmup: int, device: torch.device) -> list[floa
     return times
 
 
-def level_report(model: JEPA, image_size: int, count_flops: bool = True) -> list[dict[str, Any]]:
+def level_report(model: LevelJEPA, image_size: int, count_flops: bool = True) -> list[dict[str, Any]]:
     """Parameters and forward FLOPs (one full image) of every encoder level, the predictor and the heads."""
     enc = model.context_encoder
     counter = FlopCounterMode(display=False)

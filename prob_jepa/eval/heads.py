@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..heads import Head
 from ..masks import ImageMasks
-from ..model import JEPA
+from ..jepa import LevelJEPA
 from .calibration import (
     apply_temperature,
     energy_probabilities,
@@ -57,7 +57,7 @@ class Rows:
 
 @torch.no_grad()
 def collect_rows(
-    model: JEPA, dataset: Dataset, masks: ImageMasks, num_images: int, batch_size: int, device: torch.device
+    model: LevelJEPA, dataset: Dataset, masks: ImageMasks, num_images: int, batch_size: int, device: torch.device
 ) -> Rows:
     """Mask the first ``num_images`` images (evaluation draws of the first mask spec) and gather ``cond`` / target
     rows of the coarsest predicted level — the level the probes read, of the same width for every backbone."""

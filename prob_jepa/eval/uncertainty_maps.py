@@ -7,7 +7,7 @@ import torch
 
 from ..heads import Head
 from ..masks import hide
-from ..model import JEPA
+from ..jepa import LevelJEPA
 
 
 @dataclass
@@ -63,7 +63,7 @@ def covering_blocks(unit_grid: int, block: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def unit_uncertainty(model: JEPA, head: Head, images: torch.Tensor, num_samples: int, block: int = 1) -> UnitMaps:
+def unit_uncertainty(model: LevelJEPA, head: Head, images: torch.Tensor, num_samples: int, block: int = 1) -> UnitMaps:
     """Each block of :func:`covering_blocks` in turn is the one target block, every other mask unit the context;
     every unit's values come from the prediction in which its block was hidden.
 

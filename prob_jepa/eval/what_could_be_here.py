@@ -18,7 +18,7 @@ from ..data import display_images
 from ..data.shapes import Marker, Scene, ambiguity_pairs
 from ..heads import Head
 from ..masks import hide
-from ..model import JEPA
+from ..jepa import LevelJEPA
 from .ambiguity import marker_masks
 
 CLASSES = ("colour_0", "colour_1", "elsewhere")  # what a retrieved marker-query patch shows
@@ -58,7 +58,7 @@ def token_boxes(coords: torch.Tensor, image_size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def token_bank(model: JEPA, images: torch.Tensor, batch_size: int, device: torch.device) -> TokenBank:
+def token_bank(model: LevelJEPA, images: torch.Tensor, batch_size: int, device: torch.device) -> TokenBank:
     """The target tokens of training ``images [n, 3, H, W]`` (normalized, any device) at the coarsest predicted
     level, ``model.predict_levels[-1]`` — the level ``model.heads[-1]`` predicts; encoded ``batch_size`` at a time."""
     level = model.predict_levels[-1]
@@ -98,7 +98,7 @@ class Retrieval:
 
 @torch.no_grad()
 def retrieve(
-    model: JEPA, head: Head, images: torch.Tensor, context: torch.Tensor, targets: torch.Tensor, bank: TokenBank,
+    model: LevelJEPA, head: Head, images: torch.Tensor, context: torch.Tensor, targets: torch.Tensor, bank: TokenBank,
     num_samples: int,
 ) -> Retrieval:
     """Predict the units ``targets [B, 1, K]`` of ``images [B, 3, H, W]`` from ``context [B, Kc]`` with ``head``
@@ -134,7 +134,7 @@ def class_shares(classes: torch.Tensor) -> dict[str, float]:
 
 @torch.no_grad()
 def marker_retrieval(
-    model: JEPA, head: Head, data: DictConfig, bank: TokenBank, num_pairs: int, num_samples: int,
+    model: LevelJEPA, head: Head, data: DictConfig, bank: TokenBank, num_pairs: int, num_samples: int,
     device: torch.device, seed: int,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """What the head puts behind the hidden marker of the ``shapes`` ambiguity pairs.
@@ -169,7 +169,7 @@ def marker_retrieval(
 
 @torch.no_grad()
 def centre_retrieval(
-    model: JEPA, head: Head, images: torch.Tensor, bank: TokenBank, num_samples: int, data_name: str
+    model: LevelJEPA, head: Head, images: torch.Tensor, bank: TokenBank, num_samples: int, data_name: str
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """What the head puts behind the 2 × 2 mask units at the centre of ``images [B, 3, H, W]`` (data without a
     marker; on an odd grid the block starts one unit above and left of the middle), predicted from all the other

@@ -21,11 +21,11 @@ from jin.hypermodal import HypermodalEncoder
 from ..config import ConfigError
 from ..model import (
     build_configured_head, build_encoder, build_level_heads, build_level_predictor, check_experts, check_heads,
-    check_predicted_weights, encoder_kwargs, has_cross_scale, level_config, predicted_levels,
+    check_predicted_weights, encoder_kwargs, has_cross_scale, level_config, predicted_levels, read_levels,
 )
 from ..predictor import ModalityTokens, Predictor
 from ..regularizers import SIGReg
-from .model import HypermodalJEPA
+from ..jepa import JEPA
 
 
 def _image(cfg: DictConfig, **block) -> ModalityEncoder:
@@ -37,12 +37,9 @@ def _image(cfg: DictConfig, **block) -> ModalityEncoder:
 
 
 def _read_levels(cfg: DictConfig) -> set[int]:
-    """The levels of a hierarchy that the cross-scale loss (all), SIGReg (the coarsest) or the within-modality JEPA at
-    the levels (``hypermodal.within_targets=levels``: the predicted ones) read, as ``model.*`` sets them."""
-    lv = level_config(cfg.model)
-    count = len(lv["dims"])
-    read = set(range(count)) if has_cross_scale(cfg.model) else {count - 1} if cfg.model.sigreg_weight > 0 else set()
-    return read | set(lv["predict_levels"]) if cfg.hypermodal.within_targets == "levels" else read
+    """:func:`~prob_jepa.model.read_levels` of a hypermodal run's hierarchies (the predicted levels with
+    ``hypermodal.within_targets=levels``)."""
+    return read_levels(cfg.model, predicted=cfg.hypermodal.within_targets == "levels")
 
 
 STEMS: dict[str, Callable[[DictConfig, int, int], nn.Module]] = {
@@ -292,7 +289,7 @@ def check_hierarchy(cfg: DictConfig, hierarchical: list, levels: int) -> None:
                           f"(2^(hypermodal.video.temporal_levels-1)) must divide data.video_frames={d.video_frames}")
 
 
-def build_hypermodal(cfg: DictConfig) -> HypermodalJEPA:
+def build_hypermodal(cfg: DictConfig) -> JEPA:
     """Encoders of ``cfg.hypermodal.modalities``, the shared blocks, predictor and ``cfg.predictor`` head.
 
     Raises:
@@ -350,11 +347,11 @@ def build_hypermodal(cfg: DictConfig) -> HypermodalJEPA:
         slices = max(hierarchy_slices(name, cfg) for name in SLICED_LEVELS)
         cross = CrossScalePredictors(level_config(m)["dims"], slices=slices) if has_cross_scale(m) else None
         sigreg = SIGReg(m.sigreg_slices) if m.sigreg_weight > 0 else None
-    return HypermodalJEPA(encoder, predictor, head, h.embed_dim, m3=h.m3.enabled, cross_scale=cross, sigreg=sigreg,
-                          level_predictors={m: p for m, (p, _) in levels.items()},
-                          level_heads={m: heads for m, (_, heads) in levels.items()},
-                          predict_levels=level_config(cfg.model)["predict_levels"] if levels else (),
-                          level_weights=level_config(cfg.model)["level_weights"] if levels else ())
+    return JEPA(encoder, predictor, head, h.embed_dim if shared else None, m3=h.m3.enabled, cross_scale=cross,
+                sigreg=sigreg, level_predictors={m: p for m, (p, _) in levels.items()},
+                level_heads={m: heads for m, (_, heads) in levels.items()},
+                predict_levels=level_config(cfg.model)["predict_levels"] if levels else (),
+                level_weights=level_config(cfg.model)["level_weights"] if levels else ())
 
 
 def level_predictors(cfg: DictConfig, encoder: HypermodalEncoder) -> dict[str, tuple[Predictor, list]]:

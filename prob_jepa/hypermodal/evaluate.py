@@ -17,7 +17,7 @@ from ..eval import check_knn_bank, evaluation_sets, feature_scores, plots, probe
 from ..eval.cost import first_batch, step_flops, training_cost
 from ..eval.representation import linear_probe
 from ..run_dir import RunDir
-from .model import HypermodalJEPA
+from ..jepa import JEPA
 from .objectives import pair_energy
 
 KS = (1, 5, 10)
@@ -27,10 +27,10 @@ COST_STEPS = 4
 
 @torch.no_grad()
 def embed_dataset(
-    model: HypermodalJEPA, dataset: Dataset, batch_size: int, device: torch.device, embeddings: bool = True
+    model: JEPA, dataset: Dataset, batch_size: int, device: torch.device, embeddings: bool = True
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
     """Alignment embeddings ``{m: [N, E]}`` (empty without ``embeddings``), the target encoder's frozen features
-    (:meth:`~prob_jepa.hypermodal.model.HypermodalJEPA.representations`: ``{m: [N, D]}`` and, for a hierarchical
+    (:meth:`~prob_jepa.jepa.JEPA.representations`: ``{m: [N, D]}`` and, for a hierarchical
     modality encoder, ``{m/encoder: [N, D_L]}``; CPU, fp32) and labels ``[N]``."""
     names = model.modalities
     embeds: dict[str, list] = {m: [] for m in names}
@@ -162,7 +162,7 @@ def frozen_scores(train_f: Mapping[str, torch.Tensor], train_y: torch.Tensor, va
 
 
 def evaluate_hypermodal(
-    model: HypermodalJEPA, cfg: DictConfig, train_set: Dataset, val_set: Dataset | None, run: RunDir,
+    model: JEPA, cfg: DictConfig, train_set: Dataset, val_set: Dataset | None, run: RunDir,
     device: torch.device,
 ) -> dict[str, Any]:
     """Per-modality linear probe and k-NN of the target encoder and of the same model at its random initialization

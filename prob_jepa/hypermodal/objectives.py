@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +11,7 @@ from torch import nn
 
 from ..config import ConfigError
 from ..model import hierarchy_terms, level_config
-from ..step import Measure, Predictions, Term, balance_term, jepa_term
+from ..step import Measure, Predictions, Task, Term, balance_term, jepa_term
 
 PHASES = ("single", "cross", "full")
 
@@ -73,14 +73,6 @@ def info_nce(za: torch.Tensor, zb: torch.Tensor, temperature: float = 0.07) -> t
     logits = F.normalize(za, dim=-1) @ F.normalize(zb, dim=-1).T / temperature
     labels = torch.arange(len(logits), device=logits.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
-
-
-class Task(NamedTuple):
-    """Predict ``target``'s masked tokens from the context tokens of ``sources``; ``kind`` names the loss term."""
-
-    sources: tuple[str, ...]
-    target: str
-    kind: str  # "within" | "cross" | "joint" | "m3"
 
 
 def plan_tasks(present: Sequence[str], phase: str, step: int) -> list[Task]:

@@ -11,7 +11,7 @@ from ..data import seed_for
 from ..distributed import DistInfo
 from ..masks import MaskCollator, Masks, MaskSpec, MaskUnits, build_mask_specs, mask_generator
 from .build import ENCODERS
-from .model import HypermodalJEPA
+from ..jepa import JEPA
 from .objectives import check_curriculum, m3_tasks, modality_dropout, phase_at, plan_tasks
 
 
@@ -30,7 +30,7 @@ class HypermodalPlanner:
     its gate. A task whose term is weighted 0 is not made (it would cost compute and train nothing).
     """
 
-    def __init__(self, cfg: DictConfig, model: HypermodalJEPA, info: DistInfo, micro: int, accum: int,
+    def __init__(self, cfg: DictConfig, model: JEPA, info: DistInfo, micro: int, accum: int,
                  total_steps: int):
         self.cfg, self.model, self.info = cfg, model, info
         self.micro, self.accum, self.total_steps = micro, accum, total_steps
@@ -97,7 +97,7 @@ class HypermodalPlanner:
 
     def __call__(self, batch, step: int, micro: int) -> dict[str, Any]:
         """``{"inputs": {modality: batch}, "masks": {modality: [Masks per set]}, "tasks", "gate", "align"}`` on the
-        training device (the keyword inputs of :meth:`HypermodalJEPA.forward`)."""
+        training device (the keyword inputs of :meth:`JEPA.forward`)."""
         inputs, _ = batch
         h = self.cfg.hypermodal
         g = torch.Generator().manual_seed(seed_for(self.cfg.seed, self.info.rank, step, micro))

@@ -1,26 +1,47 @@
-"""The hypermodal JEPA: within-modality, cross-modal and joint prediction plus energy / InfoNCE alignment."""
+"""The JEPA: modality encoders (JIN's hierarchical image encoder among them), an EMA target encoder, predictors and
+probabilistic heads; with several modalities, the shared space they meet in (JIN's hypermodal space) and their
+alignment. The image JEPA (I-JEPA / z-JEPA at JIN's levels) is its one-modality case; :class:`LevelJEPA` is the view
+of one hierarchical modality at its levels that the image evaluation reads."""
 from __future__ import annotations
 
 import copy
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from jin import HierarchicalEncoder
 from jin.cross_scale import CrossScalePredictors
+from jin.encoder import Level
 from jin.encoders import ModalityEncoder, Tokens, gather_tokens
 from jin.hypermodal import HypermodalEncoder
 from jin.layers import Stage
 
-from ..ema import ContextTargetPair
-from ..heads import Head
-from ..masks import Masks
-from ..model import gather_level_targets, level_target_coords
-from ..predictor import Predictor, PredictorOutput
-from ..regularizers import SIGReg
-from ..step import Predicted, Predictions, mean_over
-from .objectives import Task
+from .ema import ContextTargetPair
+from .heads import Head
+from .masks import Masks
+from .predictor import Predictor, PredictorOutput
+from .regularizers import SIGReg
+from .step import Predicted, Predictions, Task, mean_over
+
+
+def level_target_coords(encoder: HierarchicalEncoder, levels: Sequence[int],
+                        targets: torch.Tensor) -> list[torch.Tensor]:
+    """Target-unit indices ``[B, M, K]`` → coords ``[B, M, K·T_l, 3]`` of their tokens at each of ``levels``
+    (``encoder``'s grid: what the predictor's queries are placed at)."""
+    B, M, _ = targets.shape
+    return [encoder.coords(level, targets.flatten(1)).reshape(B, M, -1, 3) for level in levels]
+
+
+def gather_level_targets(target_all: Sequence[torch.Tensor], levels: Sequence[int],
+                         targets: torch.Tensor) -> list[torch.Tensor]:
+    """Per level ``l`` of ``levels``, the features ``target_all[l] [B, U, T_l, D_l]`` of the target units
+    ``targets [B, M, K]``: ``[B, M, K·T_l, D_l]`` (the order of the predictor's ``cond``)."""
+    B, M, _ = targets.shape
+    batch = torch.arange(B, device=targets.device)[:, None]
+    return [target_all[level][batch, targets.flatten(1)].reshape(B, M, -1, target_all[level].shape[-1])
+            for level in levels]
 
 
 def _legacy_head_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
@@ -52,15 +73,45 @@ def _legacy_shared_space_keys(module: nn.Module, state_dict: dict, prefix: str, 
         state_dict[f"{heads}{int(index) - 1}.{rest}"] = state_dict.pop(key)
 
 
-class HypermodalJEPA(ContextTargetPair):
-    """JEPA over several modalities in one embedding space (JIN's hypermodal space, Jin's joint space).
+def legacy_image_names(model: "JEPA", names: Iterable[str], prefix: str = "") -> dict[str, str]:
+    """The current name of each of ``names`` that a checkpoint of the image JEPA written before it became the
+    one-modality :class:`JEPA` used (``{old: new}``; empty for a checkpoint of today's names): the image encoder at
+    ``<prefix>context_encoder.*`` / ``<prefix>target_encoder.*`` moved to ``….encoders.image.backbone.*``, its level
+    predictor at ``<prefix>predictor.*`` to ``level_predictors.image.*`` — the same tensors (the one-modality model
+    is the image JEPA module for module). For model and optimizer state alike (:meth:`~prob_jepa.train.Trainer.resume`).
+    """
+    encoders = tuple(f"{prefix}{e}." for e in ("context_encoder", "target_encoder"))
+    old = [k for k in names if k.startswith(encoders) and not k.startswith(tuple(f"{e}encoders." for e in encoders))]
+    if model.context_encoder.shared_space or not old:
+        return {}
+    (name,) = model.modalities
+    old += [k for k in names if k.startswith(f"{prefix}predictor.")]
+    moves = {e: f"{e}encoders.{name}.backbone." for e in encoders}
+    moves[f"{prefix}predictor."] = f"{prefix}level_predictors.{name}."
+    return {key: moves[start] + key[len(start):] for key in old for start in moves if key.startswith(start)}
+
+
+def _legacy_image_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Image JEPA checkpoints of before the one model load under today's names (:func:`legacy_image_names`)."""
+    for old, new in legacy_image_names(module, state_dict, prefix).items():
+        state_dict[new] = state_dict.pop(old)
+
+
+class JEPA(ContextTargetPair):
+    """JEPA over one modality or several in one embedding space (JIN's hypermodal space, Jin's joint space); the
+    image JEPA (I-JEPA / z-JEPA, JIN eq. 9) is its one-modality case.
 
     ``forward`` returns the step's :class:`~prob_jepa.step.Predictions`: for every task ``τ``
-    (:func:`~prob_jepa.hypermodal.objectives.plan_tasks`) ``cond_τ`` and the layer-normed EMA target-encoder
-    tokens at the masked positions, and, when the step aligns, ``z_m``: the projected mean of modality ``m``'s
-    context tokens (masked views, as FLIP trains CLIP), standardized per modality by a batch norm before the
-    projection. With hierarchical modality encoders their levels and α ride along (``Predictions.hierarchies``).
-    The loss is the term list of :func:`~prob_jepa.hypermodal.objectives.hypermodal_terms`::
+    (:class:`~prob_jepa.step.Task`) ``cond_τ`` and the layer-normed EMA target-encoder tokens at the masked positions,
+    and, when the step aligns, ``z_m``: the projected mean of modality ``m``'s context tokens (masked views, as FLIP
+    trains CLIP), standardized per modality by a batch norm before the projection. With hierarchical modality
+    encoders their levels and α ride along (``Predictions.hierarchies``). A within-modality task of a modality with a
+    level predictor (the image JEPA's: ``level_predictors``) predicts its encoder's levels at their own widths, one
+    :class:`~prob_jepa.step.Predicted` per level (``Predicted.level``); every other task predicts shared-space
+    tokens. The loss is the term list of the run's recipe (:mod:`prob_jepa.recipes`): for the image,
+    :func:`~prob_jepa.model.image_terms` (``Σ_l w_l · head_l.loss(cond_l, sg[target_l])`` + cross-scale + budget +
+    SIGReg + the experts' balance); for several modalities,
+    :func:`~prob_jepa.hypermodal.objectives.hypermodal_terms`::
 
         Σ_kind w_kind · mean_{τ of kind} head.loss(cond_τ, sg[target_τ])
         + λ2 · mean_pairs energy_loss(z_a, z_b) + w_nce · mean_pairs InfoNCE(z_a, z_b)
@@ -75,34 +126,44 @@ class HypermodalJEPA(ContextTargetPair):
         predictor: the shared :class:`Predictor` over :class:`ModalityTokens`; head: one head for every
             modality's ``D``-dim tokens (``heads[0]``). Both ``None`` for an encoder without a shared space (its one
             modality predicts its levels: ``level_predictors``), which has no alignment either.
-        embed_dim: width of the alignment space.
+        embed_dim: width of the alignment space (with a shared space; ``None`` without).
         m3: the model trains M3 tasks (adds the projection of pooled predictions).
         cross_scale, sigreg: JIN's cross-scale predictors (eq. 2-3) and SIGReg over the levels of the hierarchical
             modality encoders (:class:`~jin.encoders.HierarchicalModalityEncoder`: the image's, and audio's, video's
             or points' when they have one; each term averages over them), or ``None``.
         level_predictors: per hierarchical modality, a predictor over :class:`~prob_jepa.predictor.LevelTokens` of
-            its encoder's levels ``predict_levels`` (``hypermodal.within_targets=levels``): that modality's
-            within-modality JEPA is the image JEPA's — its context levels predict the target encoder's levels at
-            their own widths (one head of ``level_heads[m]`` per level, weighted by ``level_weights``, normalized),
-            not the shared-space tokens; the shared space then serves the cross-modal and joint tasks and the
+            its encoder's levels ``predict_levels``: that modality's within-modality JEPA is the image JEPA's — its
+            context levels predict the target encoder's levels at their own widths (one head of ``level_heads[m]``
+            per level; ``Predicted.weight``: the level's share of ``level_weights`` over the predicted levels), not
+            the shared-space tokens; the shared space then serves the cross-modal and joint tasks and the
             alignment. A modality without one (flat encoders, one added by :meth:`add_modality`) predicts its own
             shared-space tokens.
+
+    Raises:
+        ValueError: a shared predictor, head or alignment width without a shared space (or none with one), a level
+            predictor without a head per predicted level, or level weights that are 0 on every predicted level.
     """
 
-    def __init__(self, encoder: HypermodalEncoder, predictor: Predictor | None, head: Head | None, embed_dim: int,
-                 m3: bool = False, cross_scale: CrossScalePredictors | None = None, sigreg: SIGReg | None = None,
+    def __init__(self, encoder: HypermodalEncoder, predictor: Predictor | None, head: Head | None,
+                 embed_dim: int | None = None, m3: bool = False, cross_scale: CrossScalePredictors | None = None,
+                 sigreg: SIGReg | None = None,
                  level_predictors: Mapping[str, Predictor] | None = None,
                  level_heads: Mapping[str, Sequence[Head]] | None = None, predict_levels: Sequence[int] = (),
                  level_weights: Sequence[float] = ()):
         super().__init__()
-        if (predictor is None or head is None) == encoder.shared_space:
-            raise ValueError("a shared predictor and head exactly when the encoder has a shared space")
+        if (predictor is None or head is None or embed_dim is None) == encoder.shared_space:
+            raise ValueError("a shared predictor, head and alignment width exactly when the encoder has a shared space")
         self.init_target(encoder)
         self.predictor = predictor
-        self.heads = nn.ModuleList([head] if head is not None else [])
+        # the level predictors' parameters before the heads': the order in which the image JEPA's optimizer and
+        # gradient clipping have always met them
         self.level_predictors = nn.ModuleDict(level_predictors or {})
+        self.heads = nn.ModuleList([head] if head is not None else [])
         self.predict_levels = list(predict_levels)
         total = sum(float(level_weights[level]) for level in self.predict_levels) if self.level_predictors else 1.0
+        if total <= 0:
+            raise ValueError(f"level weights {list(level_weights)} are 0 on every predicted level "
+                             f"{self.predict_levels}")
         self.level_shares = [float(level_weights[level]) / total for level in self.predict_levels]
         self.level_heads: dict[str, list[int]] = {}  # modality → the indices of its level heads in ``heads``
         for name in self.level_predictors:
@@ -114,6 +175,7 @@ class HypermodalJEPA(ContextTargetPair):
         self.cross_scale, self.sigreg = cross_scale, sigreg
         self.register_load_state_dict_pre_hook(_legacy_head_keys)
         self.register_load_state_dict_pre_hook(_legacy_shared_space_keys)
+        self.register_load_state_dict_pre_hook(_legacy_image_keys)
         # Pooled features of one modality share a large common part (positions, modality embedding) that
         # would drown the per-scene differences the alignment needs: standardize them per modality first.
         shared = encoder.shared_space
@@ -176,7 +238,7 @@ class HypermodalJEPA(ContextTargetPair):
         """Frozen representations of modality ``name``'s inputs, as I-JEPA probes the target encoder: ``name``, the
         mean shared-space token ``[B, D]`` (when the model has a shared space); for a hierarchical encoder also
         ``<name>/encoder``, the mean token of its coarsest level ``[B, D_L]`` (what the image JEPA's probe reads,
-        :meth:`~prob_jepa.model.JEPA.features`)."""
+        :meth:`LevelJEPA.features`)."""
         tokens = self.target_encoder.encode(name, x)
         out = {}
         if self.target_encoder.shared_space:
@@ -261,15 +323,16 @@ class HypermodalJEPA(ContextTargetPair):
                 means[m].append(c.features.mean(1))
         pooled = {m: self.align(m, mean_over(z)) for m, z in means.items()} if aligned else {}
         balances = [b for b in balances if b is not None]
-        # the collapse diagnostics: each modality's targets, a modality with a level predictor its top predicted level's
-        diagnostics = {m: level_targets[m][self.predict_levels[-1]].flatten(1, 2) if m in level_targets else targets[m]
+        # the collapse diagnostics: each modality's targets, a modality with a level predictor its finest level's (the
+        # image JEPA's since its first run)
+        diagnostics = {m: level_targets[m][0].flatten(1, 2) if m in level_targets else targets[m]
                        for m in names}
         return Predictions(predicted, diagnostics, hierarchies=hierarchies, pooled=pooled,
                            balance=mean_over(balances))
 
     def predict_levels_of(self, name: str, context: Tokens, mask: Masks,
                           target_levels: Sequence[torch.Tensor]) -> tuple[list[Predicted], torch.Tensor | None]:
-        """Modality ``name``'s within-modality prediction at its levels (the image JEPA's, :class:`JEPA`): its context
+        """Modality ``name``'s within-modality prediction at its levels (the image JEPA's): its context
         levels (``context.levels``) → ``cond [B, M·N_l, C]`` of every target token at each predicted level ``l``,
         against the layer-normed target-encoder levels ``target_levels[l] [B, U, T_l, D_l]`` at the target units;
         one :class:`Predicted` per level (term ``jepa/within``, its level's head and share of the weight), and the
@@ -279,5 +342,79 @@ class HypermodalJEPA(ContextTargetPair):
         cond, balance = self.level_predictors[name](
             seen, level_target_coords(backbone, self.predict_levels, mask.targets))
         ys = gather_level_targets(target_levels, self.predict_levels, mask.targets)
-        return [Predicted("jepa/within", head, c.flatten(1, 2), y.flatten(1, 2), weight=share)
-                for head, share, c, y in zip(self.level_heads[name], self.level_shares, cond, ys)], balance
+        return [Predicted("jepa/within", head, c.flatten(1, 2), y.flatten(1, 2), weight=share, level=level)
+                for head, share, level, c, y in zip(self.level_heads[name], self.level_shares, self.predict_levels,
+                                                    cond, ys)], balance
+
+    def level_jepa(self, name: str) -> "LevelJEPA":
+        """Modality ``name``'s JEPA at its levels (:class:`LevelJEPA`): what the image evaluation reads.
+
+        Raises:
+            ValueError: ``name`` has no level predictor (a flat encoder, or a model whose within-modality JEPA
+                predicts shared-space tokens: ``hypermodal.within_targets=shared``).
+        """
+        if name not in self.level_predictors:
+            raise ValueError(f"modality {name!r} is not predicted at its levels in this model (modalities with a level "
+                             f"predictor: {', '.join(self.level_predictors) or 'none'}; "
+                             f"hypermodal.within_targets=levels gives the hierarchical ones one)")
+        return LevelJEPA(self, name)
+
+
+class Prediction(NamedTuple):
+    """What :meth:`LevelJEPA.predict` computes: ``context``, the context encoder's levels; ``cond``, per predicted
+    level ``[B, M, N_l, C]`` for the target units; ``balance``, the predictor's mixture-of-experts load-balancing
+    loss (scalar; ``None`` for dense blocks)."""
+
+    context: list[Level]
+    cond: list[torch.Tensor]
+    balance: torch.Tensor | None
+
+
+class LevelJEPA:
+    """One hierarchical modality of a :class:`JEPA` at its levels — the image JEPA's interface (I-JEPA / z-JEPA on
+    JIN's encoder), which the image evaluation reads (heads, ambiguity, uncertainty maps, what could be here, cost).
+    A view: it holds no weights of its own (``context_encoder``, ``target_encoder``: the modality's
+    :class:`~jin.HierarchicalEncoder` in the model's context and target encoders; ``predictor``: its level
+    predictor; ``heads``: one per predicted level, ``heads[-1]`` the coarsest's).
+    """
+
+    def __init__(self, model: JEPA, name: str):
+        self.model, self.name = model, name
+        self.context_encoder: HierarchicalEncoder = model.context_encoder.encoder(name).backbone
+        self.target_encoder: HierarchicalEncoder = model.target_encoder.encoder(name).backbone
+        self.predictor: Predictor = model.level_predictors[name]
+        self.heads = nn.ModuleList(model.heads[i] for i in model.level_heads[name])
+        self.predict_levels: list[int] = model.predict_levels
+        self.cross_scale: CrossScalePredictors | None = model.cross_scale
+
+    @property
+    def levels(self) -> int:
+        return self.context_encoder.levels
+
+    @torch.no_grad()
+    def target_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Layer-normed target-encoder features of all units, per level ``[B, U_all, T_l, D_l]``."""
+        return [F.layer_norm(lv.features, lv.features.shape[-1:]) for lv in self.target_encoder(images)]
+
+    def target_coords(self, targets: torch.Tensor) -> list[torch.Tensor]:
+        """Target-unit indices ``[B, M, K]`` → per predicted level coords ``[B, M, K·T_l, 3]``."""
+        return level_target_coords(self.context_encoder, self.predict_levels, targets)
+
+    def gather_targets(self, target_all: list[torch.Tensor], targets: torch.Tensor) -> list[torch.Tensor]:
+        """Target features at the target units, per predicted level ``[B, M, N_l, D_l]`` (the order of ``cond``)."""
+        return gather_level_targets(target_all, self.predict_levels, targets)
+
+    def predict(self, images: torch.Tensor, context: torch.Tensor, targets: torch.Tensor) -> Prediction:
+        """The context levels of ``images [B, C, H, W]`` with the context units ``context [B, Kc]`` and, per
+        predicted level, ``cond [B, M, N_l, C]`` for the target units ``targets [B, M, Kt]``."""
+        ctx = self.context_encoder(images, context)
+        seen = [(ctx[l].features, ctx[l].coords) for l in self.predict_levels]
+        cond, balance = self.predictor(seen, self.target_coords(targets))
+        return Prediction(ctx, cond, balance)
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor, encoder: str = "target") -> torch.Tensor:
+        """Frozen representation ``[B, D_L]``: average-pooled last-level tokens (I-JEPA probes the target encoder;
+        ``encoder="context"``: the context encoder's)."""
+        enc = self.target_encoder if encoder == "target" else self.context_encoder
+        return enc(images)[-1].features.mean(dim=(1, 2))
