@@ -104,8 +104,8 @@ def wrap_model(step: nn.Module, info: DistInfo, strategy: str, find_unused_param
     ``find_unused_parameters`` lets DDP finish a step in which some parameters got no gradient.
 
     FSDP shards every transformer block (of every :class:`~jin.layers.Stage`: the encoders', the predictors'),
-    then each encoder and the whole step (heads and loss terms run inside its forward); the
-    EMA update then runs shard by shard, so the target encoder stays consistent across ranks.
+    then each modality's encoder (context and target) and the whole step (heads and loss terms run inside its
+    forward); the EMA update then runs shard by shard, so the target encoder stays consistent across ranks.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"trainer.strategy={strategy!r}; valid: {', '.join(STRATEGIES)}")
@@ -120,8 +120,9 @@ def wrap_model(step: nn.Module, info: DistInfo, strategy: str, find_unused_param
     for stage in [m for m in model.modules() if isinstance(m, Stage)]:
         for block in stage.blocks:
             fully_shard(block)
-    for encoder in (model.context_encoder, model.target_encoder):
-        fully_shard(encoder)
+    for encoder in (model.context_encoder, model.target_encoder):  # the step calls each modality's encoder
+        for name in encoder.modalities:
+            fully_shard(encoder.encoder(name))
     fully_shard(step)
     return step
 

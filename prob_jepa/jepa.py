@@ -201,7 +201,7 @@ class JEPA(ContextTargetPair):
         if not self.context_encoder.shared_space:
             raise ValueError(f"modality {name!r}: this model has no shared space for it to meet "
                              f"{', '.join(self.modalities)} in (it was trained on {', '.join(self.modalities)} alone "
-                             f"at its levels, hypermodal.within_targets=levels)")
+                             f"at its levels: an image run, or hypermodal.within_targets=levels with one modality)")
         target_copy = copy.deepcopy(encoder).requires_grad_(False).eval()
         new = self.context_encoder.add_modality(name, encoder)
         # without shared blocks the modality has blocks of its own: the target's start as a frozen copy
@@ -375,7 +375,8 @@ class LevelJEPA:
     JIN's encoder), which the image evaluation reads (heads, ambiguity, uncertainty maps, what could be here, cost).
     A view: it holds no weights of its own (``context_encoder``, ``target_encoder``: the modality's
     :class:`~jin.HierarchicalEncoder` in the model's context and target encoders; ``predictor``: its level
-    predictor; ``heads``: one per predicted level, ``heads[-1]`` the coarsest's).
+    predictor; ``heads``: one per predicted level, ``heads[-1]`` the coarsest's), and it is no module: mode and
+    device are the model's (``model.eval()``, ``model.to(device)``).
     """
 
     def __init__(self, model: JEPA, name: str):

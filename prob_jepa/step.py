@@ -19,10 +19,10 @@ from jin.encoder import Level
 @dataclass
 class Predicted:
     """One prediction of a step: ``cond [B, N, C]`` of ``N`` target tokens, their regression targets
-    ``target [B, N, D]`` (layer-normed EMA target-encoder features), the loss term it belongs to
-    (``"jepa/level0"``, ``"jepa/cross"``) and the index of its head in ``model.heads``. ``parts``: for a prediction
-    of several levels' tokens (a hierarchical modality with ``levels=[0, 1]``), each level's positions among the
-    ``N`` tokens (``{level: [N_l]}``); ``None``: the tokens are of one level. ``weight``: its share in its term's
+    ``target [B, N, D]`` (layer-normed EMA target-encoder features), the kind of prediction that names its loss term
+    (``"jepa/within"``, ``"jepa/cross"``; the image recipe splits ``jepa/within`` by ``level``) and the index of its
+    head in ``model.heads``. ``parts``: for a prediction of several levels' tokens (a hierarchical modality with
+    ``levels=[0, 1]``), each level's positions among the ``N`` tokens (``{level: [N_l]}``); ``None``: the tokens are of one level. ``weight``: its share in its term's
     mean over the step's predictions (a hypermodal within-modality prediction of several levels at their own widths
     is one :class:`Predicted` per level, each weighted by its level's normalized weight). ``level``: the encoder level
     whose tokens it predicts, for a prediction at a hierarchical modality's levels (the image JEPA's: the image
@@ -48,7 +48,9 @@ class Predictions:
         empty otherwise. The cross-scale, budget and SIGReg terms average over them.
     pooled: per modality, its mean context token in the alignment space ``[B, E]`` (the hypermodal JEPA, on steps
         that align the modalities; empty otherwise).
-    targets: per name, target features for the collapse diagnostics (``feature_std``, ``effective_rank``).
+    targets: per modality, target features for the collapse diagnostics (``feature_std``, ``effective_rank``): its
+        shared-space tokens, or for a modality predicted at its levels its finest level's (the image JEPA's, whatever
+        levels are predicted).
     balance: the predictor's mixture-of-experts load-balancing loss (scalar; ``None`` for dense blocks).
     """
 

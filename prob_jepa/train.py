@@ -302,6 +302,14 @@ class Trainer:
                 self.run.truncate_metrics(-1)
             return
         state = load_checkpoint(self.run.checkpoint)
+        # an image run of before the one model: its names are renamed here, before the state is sharded by name (FSDP)
+        renamed = legacy_image_names(self.model, state["model"])
+        if renamed:
+            state["model"] = {renamed.get(k, k): v for k, v in state["model"].items()}
+            optimizer = state["optimizer"]
+            optimizer["state"] = {renamed.get(k, k): v for k, v in optimizer["state"].items()}
+            for group in optimizer["param_groups"]:
+                group["params"] = [renamed.get(k, k) for k in group["params"]]
         load = StateDictOptions(full_state_dict=True)
         try:
             set_model_state_dict(self.model, state["model"], options=load)
@@ -310,12 +318,6 @@ class Trainer:
                 f"{self.run.checkpoint} was written by a different model configuration; resume it with the "
                 f"config saved in {self.run.config}, or choose another run directory.\n{e}"
             ) from e
-        renamed = legacy_image_names(self.model, state["optimizer"]["state"])  # an image run of before the one model
-        if renamed:
-            optimizer = state["optimizer"]
-            optimizer["state"] = {renamed.get(k, k): v for k, v in optimizer["state"].items()}
-            for group in optimizer["param_groups"]:
-                group["params"] = [renamed.get(k, k) for k in group["params"]]
         unknown = sorted(set(state["optimizer"]["state"]) - {name for name, _ in self.model.named_parameters()})
         if unknown:  # a non-strict load would drop their moments without a word
             raise RuntimeError(

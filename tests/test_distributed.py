@@ -61,6 +61,35 @@ def test_two_ranks_match_one_process_and_only_rank0_writes(strategy, compose, ti
     assert [p.name for p in (tmp_path / "ranks" / "checkpoints").iterdir()] == ["last.pt"]
 
 
+def old_image_name(name: str) -> str:
+    """A parameter's name in the image JEPA's checkpoints before it became the one-modality model."""
+    return name.replace("encoders.image.backbone.", "").replace("level_predictors.image.", "predictor.")
+
+
+@pytest.mark.slow
+def test_an_image_run_of_before_the_one_model_resumes_under_fsdp(compose, tiny_overrides, tmp_path):
+    """A checkpoint under the image JEPA's old names is renamed before FSDP shards it by name: two ranks resume it
+    and take the step one process takes from the same checkpoint."""
+    overrides = [*tiny_overrides, "trainer.checkpoint_every=100", "eval.enabled=false", "trainer.strategy=fsdp"]
+    for run in ("single", "ranks"):
+        pretrain(compose(*overrides, "trainer.max_steps=2"), run_dir=tmp_path / run)
+    checkpoint = RunDir(tmp_path / "ranks").checkpoint
+    state = torch.load(checkpoint, weights_only=True)
+    state["model"] = {old_image_name(k): v for k, v in state["model"].items()}
+    state["optimizer"]["state"] = {old_image_name(k): v for k, v in state["optimizer"]["state"].items()}
+    for group in state["optimizer"]["param_groups"]:
+        group["params"] = [old_image_name(k) for k in group["params"]]
+    torch.save(state, checkpoint)
+    single = pretrain(compose(*overrides, "trainer.max_steps=3"), run_dir=tmp_path / "single")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "experiments/run.py",
+           *overrides, "trainer.max_steps=3", f"hydra.run.dir={tmp_path / 'ranks'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (RunDir(d).read_metrics()[-1] for d in (single.run_dir, tmp_path / "ranks"))
+    assert one["step"] == two["step"] == 3 and two["loss"] == pytest.approx(one["loss"], rel=1e-4)
+
+
 @pytest.mark.slow
 def test_fsdp_run_evaluates_on_rank_0(tiny_overrides, tmp_path):
     """Only rank 0 receives the full state under cpu_offload; the other ranks must not try to load it."""

@@ -243,6 +243,31 @@ def test_the_image_recipe_trains_as_the_image_jepa_class_did(case, overrides, co
     assert total == pytest.approx(expected_sum, rel=1e-6)
 
 
+def test_gradient_checkpointing_recomputes_every_block_and_changes_no_gradient(compose):
+    """trainer.grad_checkpointing: every block (encoders, level predictor) is recomputed in the backward pass, with
+    the same drop-path draws, so loss and gradients are those of the plain step."""
+    from jin.layers import Stage
+
+    cfg = compose(*shrunk_model("jin_tiny"), "model.depths=[2,2]", "model.predictor.depth=2", "model.dropout=0.1",
+                  "model.drop_path_rate=0.3", "model.predictor.drop_path_rate=0.3")  # every block stochastic but two
+    images = torch.rand(4, 3, cfg.data.image_size, cfg.data.image_size, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = build_model(cfg).train()
+        if checkpointing:
+            model.set_grad_checkpointing()
+            assert all(m.grad_checkpointing for m in model.modules() if isinstance(m, Stage))
+        masks = ImageMasks(cfg, model.level_jepa("image").context_encoder)(4, 0)
+        torch.manual_seed(1)
+        out = TrainingStep(model, image_terms(cfg, model))(**image_inputs(images, masks))
+        out.loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any(".stages." in n for n in grads[0])
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, msg=name)
+
+
 def test_the_parameters_come_in_the_image_jepa_class_s_order(compose):
     """Gradient clipping sums the parameters' norms in the model's order: the image JEPA class's (encoder, predictor,
     heads, cross-scale) keeps its runs reproducible to the last bit (with the heads before the level predictor the

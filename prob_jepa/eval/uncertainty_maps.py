@@ -68,7 +68,8 @@ def unit_uncertainty(model: LevelJEPA, head: Head, images: torch.Tensor, num_sam
     every unit's values come from the prediction in which its block was hidden.
 
     Args:
-        model: a JEPA; ``head`` predicts its coarsest predicted level (``model.heads[-1]``).
+        model: the image at its levels (:meth:`~prob_jepa.jepa.JEPA.level_jepa`); ``head`` predicts its coarsest
+            predicted level (``model.heads[-1]``).
         images: ``[B, 3, H, W]`` on the model's device.
         num_samples: head samples per target token for the spread and the modes.
         block: mask units per side of a hidden block (1: every unit alone, predicted from all the others).
