@@ -22,11 +22,12 @@ class Predicted:
     ``target [B, N, D]`` (layer-normed EMA target-encoder features), the kind of prediction that names its loss term
     (``"jepa/within"``, ``"jepa/cross"``; the image recipe splits ``jepa/within`` by ``level``) and the index of its
     head in ``model.heads``. ``parts``: for a prediction of several levels' tokens (a hierarchical modality with
-    ``levels=[0, 1]``), each level's positions among the ``N`` tokens (``{level: [N_l]}``); ``None``: the tokens are of one level. ``weight``: its share in its term's
-    mean over the step's predictions (a hypermodal within-modality prediction of several levels at their own widths
-    is one :class:`Predicted` per level, each weighted by its level's normalized weight). ``level``: the encoder level
-    whose tokens it predicts, for a prediction at a hierarchical modality's levels (the image JEPA's: the image
-    recipe weighs each level as a term of its own, JIN eq. 9); ``None`` otherwise."""
+    ``levels=[0, 1]``), each level's positions among the ``N`` tokens (``{level: [N_l]}``); ``None``: the tokens are
+    of one level. ``weight``: its share in its term's mean over the step's predictions (a hypermodal within-modality
+    prediction of several levels at their own widths is one :class:`Predicted` per level, each weighted by its
+    level's normalized weight). ``level``: the encoder level whose tokens it predicts, for a prediction at a
+    hierarchical modality's levels (the image JEPA's: the image recipe weighs each level as a term of its own, JIN
+    eq. 9); ``None`` otherwise."""
 
     term: str
     head: int
