@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from jin.encoders import HierarchicalModalityEncoder
 from jin.layers import Stage
 
 from .config import ConfigError
@@ -104,8 +105,9 @@ def wrap_model(step: nn.Module, info: DistInfo, strategy: str, find_unused_param
     ``find_unused_parameters`` lets DDP finish a step in which some parameters got no gradient.
 
     FSDP shards every transformer block (of every :class:`~jin.layers.Stage`: the encoders', the predictors'),
-    then each modality's encoder (context and target) and the whole step (heads and loss terms run inside its
-    forward); the EMA update then runs shard by shard, so the target encoder stays consistent across ranks.
+    then each modality's encoder (context and target; of a hierarchical one its backbone) and the whole step (heads
+    and loss terms run inside its forward); the EMA update then runs shard by shard, so the target encoder stays
+    consistent across ranks.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"trainer.strategy={strategy!r}; valid: {', '.join(STRATEGIES)}")
@@ -122,7 +124,9 @@ def wrap_model(step: nn.Module, info: DistInfo, strategy: str, find_unused_param
             fully_shard(block)
     for encoder in (model.context_encoder, model.target_encoder):  # the step calls each modality's encoder
         for name in encoder.modalities:
-            fully_shard(encoder.encoder(name))
+            modality = encoder.encoder(name)
+            # JIN's hierarchy: its HierarchicalEncoder (whose outputs are no views: FSDP hooks them for backward)
+            fully_shard(modality.backbone if isinstance(modality, HierarchicalModalityEncoder) else modality)
     fully_shard(step)
     return step
 
