@@ -44,6 +44,20 @@ def gather_level_targets(target_all: Sequence[torch.Tensor], levels: Sequence[in
             for level in levels]
 
 
+def layer_normed(levels: Sequence[Level]) -> list[torch.Tensor]:
+    """Each level's features ``[B, U, T_l, D_l]``, layer-normed without affine weights: the regression targets."""
+    return [F.layer_norm(lv.features, lv.features.shape[-1:]) for lv in levels]
+
+
+def predict_at_levels(predictor: Predictor, encoder: HierarchicalEncoder, levels: Sequence[int],
+                      context: Sequence[Level], targets: torch.Tensor) -> PredictorOutput:
+    """``predictor``'s ``cond [B, M, N_l, C]`` for the tokens of the target units ``targets [B, M, K]`` at each of
+    ``levels``, from the context levels ``context`` of ``encoder`` (its levels ``levels`` are what it sees), and its
+    balance loss."""
+    seen = [(context[level].features, context[level].coords) for level in levels]
+    return predictor(seen, level_target_coords(encoder, levels, targets))
+
+
 def _legacy_head_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
     """Checkpoints written before the model's head joined ``heads`` hold it at ``<prefix>head.*``; they load under
     ``<prefix>heads.0.*``."""
@@ -295,8 +309,7 @@ class JEPA(ContextTargetPair):
             encoded = {m: self.target_encoder.encode(m, inputs[m]) for m in names}
             full = {m: self.target_encoder.share(m, t) if m in shared[0] else t for m, t in encoded.items()}
         targets = {m: F.layer_norm(t.features, t.features.shape[-1:]) for m, t in full.items() if m in shared[0]}
-        level_targets = {m: [F.layer_norm(lv.features, lv.features.shape[-1:]) for lv in full[m].levels]
-                         for m in names if m in self.level_predictors}
+        level_targets = {m: layer_normed(full[m].levels) for m in names if m in self.level_predictors}
         coords = {m: t.coords for m, t in full.items()}
         predicted, balances, hierarchies, means = [], [], [], {m: [] for m in names}
         for s in range(len(next(iter(masks.values())))):
@@ -337,10 +350,8 @@ class JEPA(ContextTargetPair):
         against the layer-normed target-encoder levels ``target_levels[l] [B, U, T_l, D_l]`` at the target units;
         one :class:`Predicted` per level (term ``jepa/within``, its level's head and share of the weight), and the
         predictor's balance loss."""
-        backbone = self.context_encoder.encoder(name).backbone
-        seen = [(context.levels[level].features, context.levels[level].coords) for level in self.predict_levels]
-        cond, balance = self.level_predictors[name](
-            seen, level_target_coords(backbone, self.predict_levels, mask.targets))
+        cond, balance = predict_at_levels(self.level_predictors[name], self.context_encoder.encoder(name).backbone,
+                                          self.predict_levels, context.levels, mask.targets)
         ys = gather_level_targets(target_levels, self.predict_levels, mask.targets)
         return [Predicted("jepa/within", head, c.flatten(1, 2), y.flatten(1, 2), weight=share, level=level)
                 for head, share, level, c, y in zip(self.level_heads[name], self.level_shares, self.predict_levels,
@@ -395,7 +406,7 @@ class LevelJEPA:
     @torch.no_grad()
     def target_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Layer-normed target-encoder features of all units, per level ``[B, U_all, T_l, D_l]``."""
-        return [F.layer_norm(lv.features, lv.features.shape[-1:]) for lv in self.target_encoder(images)]
+        return layer_normed(self.target_encoder(images))
 
     def target_coords(self, targets: torch.Tensor) -> list[torch.Tensor]:
         """Target-unit indices ``[B, M, K]`` → per predicted level coords ``[B, M, K·T_l, 3]``."""
@@ -409,8 +420,7 @@ class LevelJEPA:
         """The context levels of ``images [B, C, H, W]`` with the context units ``context [B, Kc]`` and, per
         predicted level, ``cond [B, M, N_l, C]`` for the target units ``targets [B, M, Kt]``."""
         ctx = self.context_encoder(images, context)
-        seen = [(ctx[l].features, ctx[l].coords) for l in self.predict_levels]
-        cond, balance = self.predictor(seen, self.target_coords(targets))
+        cond, balance = predict_at_levels(self.predictor, self.context_encoder, self.predict_levels, ctx, targets)
         return Prediction(ctx, cond, balance)
 
     @torch.no_grad()

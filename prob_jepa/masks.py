@@ -496,10 +496,11 @@ class ImageMasks:
         if other or "image" not in cfg.mask:
             raise ConfigError(f"mask has entries for {other or 'no image'}: the image recipe reads mask.image only "
                               f"(a list of mask specs); leave the others out")
-        enc = encoder
-        self.specs = build_mask_specs(cfg.mask.image, "mask.image", enc.num_units, enc.unit_grid, seed=cfg.seed)
-        self.seed, self.grid = cfg.seed, enc.unit_grid
-        self.centres = enc.coords(enc.levels - 1)[0, :, 0].detach().cpu()  # [U, 3]: the top-level token of each unit
+        self.specs = build_mask_specs(cfg.mask.image, "mask.image", encoder.num_units, encoder.unit_grid,
+                                      seed=cfg.seed)
+        self.seed, self.grid = cfg.seed, encoder.unit_grid
+        # [U, 3]: the top-level token of each unit
+        self.centres = encoder.coords(encoder.levels - 1)[0, :, 0].detach().cpu()
 
     def __call__(self, batch_size: int, draw: int) -> list[Masks]:
         """One :class:`Masks` per spec for ``batch_size`` images, on the CPU.
