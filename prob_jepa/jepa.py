@@ -21,7 +21,7 @@ from jin.layers import Stage
 from .ema import ContextTargetPair
 from .heads import Head
 from .masks import Masks
-from .predictor import Predictor, PredictorOutput
+from .predictor import SHARED, Predictor, PredictorOutput, TaskTokens
 from .regularizers import SIGReg
 from .step import Predicted, Predictions, Task, mean_over
 
@@ -49,13 +49,13 @@ def layer_normed(levels: Sequence[Level]) -> list[torch.Tensor]:
     return [F.layer_norm(lv.features, lv.features.shape[-1:]) for lv in levels]
 
 
-def predict_at_levels(predictor: Predictor, encoder: HierarchicalEncoder, levels: Sequence[int],
-                      context: Sequence[Level], targets: torch.Tensor) -> PredictorOutput:
-    """``predictor``'s ``cond [B, M, N_l, C]`` for the tokens of the target units ``targets [B, M, K]`` at each of
-    ``levels``, from the context levels ``context`` of ``encoder`` (its levels ``levels`` are what it sees), and its
-    balance loss."""
+def level_inputs(encoder: HierarchicalEncoder, levels: Sequence[int], context: Sequence[Level],
+                 targets: torch.Tensor) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:
+    """What the predictor's :class:`~prob_jepa.predictor.LevelTokens` part of a modality reads to predict the tokens
+    of the target units ``targets [B, M, K]`` at each of ``levels`` (its ``cond [B, M, N_l, C]``): the context levels
+    ``context`` of ``encoder`` at ``levels`` (``(features, coords)``) and the target tokens' coords."""
     seen = [(context[level].features, context[level].coords) for level in levels]
-    return predictor(seen, level_target_coords(encoder, levels, targets))
+    return seen, level_target_coords(encoder, levels, targets)
 
 
 def _legacy_head_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
@@ -87,27 +87,66 @@ def _legacy_shared_space_keys(module: nn.Module, state_dict: dict, prefix: str, 
         state_dict[f"{heads}{int(index) - 1}.{rest}"] = state_dict.pop(key)
 
 
-def legacy_image_names(model: "JEPA", names: Iterable[str], prefix: str = "") -> dict[str, str]:
-    """The current name of each of ``names`` that a checkpoint of the image JEPA written before it became the
-    one-modality :class:`JEPA` used (``{old: new}``; empty for a checkpoint of today's names): the image encoder at
-    ``<prefix>context_encoder.*`` / ``<prefix>target_encoder.*`` moved to ``….encoders.image.backbone.*``, its level
-    predictor at ``<prefix>predictor.*`` to ``level_predictors.image.*`` — the same tensors (the one-modality model
-    is the image JEPA module for module). For model and optimizer state alike (:meth:`~prob_jepa.train.Trainer.resume`).
+TOKEN_PARAMETERS = ("embed", "level_embed", "mask_token", "query_embed")
+
+
+def legacy_names(model: "JEPA", names: Iterable[str], prefix: str = "") -> dict[str, str]:
+    """The current name of each of ``names`` that a checkpoint of an earlier layout used (``{old: new}``; empty for a
+    checkpoint of today's names) — the same tensors under other names. For model and optimizer state alike
+    (:meth:`~prob_jepa.train.Trainer.resume`). The layouts:
+
+    - the image JEPA as a class of its own (before the one model): its encoder at ``<prefix>context_encoder.*`` /
+      ``<prefix>target_encoder.*``, now ``….encoders.image.backbone.*``;
+    - a level predictor of its own per modality predicted at its levels (``level_predictors.<m>.*``, until the one
+      predictor pass): now the model's ``predictor.*``, whose part ``<m>`` holds its embeddings;
+    - the predictor's embeddings before its parts (``predictor.tokens.<p>``), or before its sequence was a module of
+      its own (``predictor.<p>``): now ``predictor.tokens.<part>.<p>`` of the predictor's one part.
+
+    Raises:
+        ValueError: a checkpoint of a level predictor beside a shared predictor (``hypermodal.within_targets=levels``
+            with several modalities, before the one predictor pass): their two sets of blocks are not one predictor's.
     """
+    names = list(names)
+    moves: dict[str, str] = {}
     encoders = tuple(f"{prefix}{e}." for e in ("context_encoder", "target_encoder"))
-    old = [k for k in names if k.startswith(encoders) and not k.startswith(tuple(f"{e}encoders." for e in encoders))]
-    if model.context_encoder.shared_space or not old:
-        return {}
-    (name,) = model.modalities
-    old += [k for k in names if k.startswith(f"{prefix}predictor.")]
-    moves = {e: f"{e}encoders.{name}.backbone." for e in encoders}
-    moves[f"{prefix}predictor."] = f"{prefix}level_predictors.{name}."
-    return {key: moves[start] + key[len(start):] for key in old for start in moves if key.startswith(start)}
+    image = {k for k in names if k.startswith(encoders) and not k.startswith(tuple(f"{e}encoders." for e in encoders))}
+    if image and not model.context_encoder.shared_space:
+        (name,) = model.modalities
+        moves.update({e: f"{e}encoders.{name}.backbone." for e in encoders})
+    else:
+        image = set()
+    levels = f"{prefix}level_predictors."
+    own = sorted({k[len(levels):].split(".")[0] for k in names if k.startswith(levels)})
+    if own:
+        if len(own) > 1 or any(k.startswith(f"{prefix}predictor.") for k in names):
+            raise ValueError(f"this checkpoint holds a predictor for the levels of {', '.join(own)} beside the "
+                             f"shared-space predictor (hypermodal.within_targets=levels with several modalities, "
+                             f"written before the model's predictions became one predictor pass): this version "
+                             f"cannot load it; evaluate it with the commit that trained it")
+        moves[f"{levels}{own[0]}."] = f"{prefix}predictor."
+    parts = list(model.predictor.tokens)
+
+    def renamed(key: str) -> str:
+        for start, to in moves.items():
+            if key.startswith(start) and (key in image or not start.startswith(encoders)):
+                key = to + key[len(start):]
+                break
+        head = f"{prefix}predictor."
+        if not key.startswith(head) or len(parts) != 1:
+            return key
+        rest = key[len(head):].split(".")
+        if rest[0] in TOKEN_PARAMETERS:
+            rest = ["tokens", *rest]
+        if rest[0] == "tokens" and rest[1] in TOKEN_PARAMETERS:
+            rest = ["tokens", parts[0], *rest[1:]]
+        return head + ".".join(rest)
+
+    return {key: new for key in names if (new := renamed(key)) != key}
 
 
-def _legacy_image_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
-    """Image JEPA checkpoints of before the one model load under today's names (:func:`legacy_image_names`)."""
-    for old, new in legacy_image_names(module, state_dict, prefix).items():
+def _legacy_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Checkpoints of earlier layouts load under today's names (:func:`legacy_names`)."""
+    for old, new in legacy_names(module, state_dict, prefix).items():
         state_dict[new] = state_dict.pop(old)
 
 
@@ -119,11 +158,12 @@ class JEPA(ContextTargetPair):
     (:class:`~prob_jepa.step.Task`) ``cond_τ`` and the layer-normed EMA target-encoder tokens at the masked positions,
     and, when the step aligns, ``z_m``: the projected mean of modality ``m``'s context tokens (masked views, as FLIP
     trains CLIP), standardized per modality by a batch norm before the projection. With hierarchical modality
-    encoders their levels and α ride along (``Predictions.hierarchies``). A within-modality task of a modality with a
-    level predictor (the image JEPA's: ``level_predictors``) predicts its encoder's levels at their own widths, one
-    :class:`~prob_jepa.step.Predicted` per level (``Predicted.level``); every other task predicts shared-space
-    tokens. The loss is the term list of the run's recipe (:mod:`prob_jepa.recipes`): for the image,
-    :func:`~prob_jepa.model.image_terms` (``Σ_l w_l · head_l.loss(cond_l, sg[target_l])`` + cross-scale + budget +
+    encoders their levels and α ride along (``Predictions.hierarchies``). A within-modality task of a modality
+    predicted at its levels (the image JEPA's: ``level_heads``) predicts its encoder's levels at their own widths,
+    one :class:`~prob_jepa.step.Predicted` per level (``Predicted.level``); every other task predicts shared-space
+    tokens. One predictor pass per mask set makes every prediction (:class:`~prob_jepa.predictor.TaskTokens`: the
+    shared space's tasks and each such modality's levels side by side, kept apart by the attention mask). The loss is
+    the term list of the run's recipe (:mod:`prob_jepa.recipes`): for the image, :func:`~prob_jepa.model.image_terms` (``Σ_l w_l · head_l.loss(cond_l, sg[target_l])`` + cross-scale + budget +
     SIGReg + the experts' balance); for several modalities,
     :func:`~prob_jepa.hypermodal.objectives.hypermodal_terms`::
 
@@ -137,50 +177,54 @@ class JEPA(ContextTargetPair):
 
     Args:
         encoder: the context encoder (the target encoder is its EMA copy).
-        predictor: the shared :class:`Predictor` over :class:`ModalityTokens`; head: one head for every
-            modality's ``D``-dim tokens (``heads[0]``). Both ``None`` for an encoder without a shared space (its one
-            modality predicts its levels: ``level_predictors``), which has no alignment either.
+        predictor: the :class:`Predictor` over :class:`~prob_jepa.predictor.TaskTokens` with a part ``"shared"``
+            (:class:`~prob_jepa.predictor.ModalityTokens`) when the encoder has a shared space and a part per modality
+            of ``level_heads`` (:class:`~prob_jepa.predictor.LevelTokens` of its encoder's levels ``predict_levels``).
+        head: one head for every modality's ``D``-dim shared-space tokens (``heads[0]``); ``None`` for an encoder
+            without a shared space (its one modality predicts its levels), which has no alignment either.
         embed_dim: width of the alignment space (with a shared space; ``None`` without).
         m3: the model trains M3 tasks (adds the projection of pooled predictions).
         cross_scale, sigreg: JIN's cross-scale predictors (eq. 2-3) and SIGReg over the levels of the hierarchical
             modality encoders (:class:`~jin.encoders.HierarchicalModalityEncoder`: the image's, and audio's, video's
             or points' when they have one; each term averages over them), or ``None``.
-        level_predictors: per hierarchical modality, a predictor over :class:`~prob_jepa.predictor.LevelTokens` of
-            its encoder's levels ``predict_levels``: that modality's within-modality JEPA is the image JEPA's — its
-            context levels predict the target encoder's levels at their own widths (one head of ``level_heads[m]``
-            per level; ``Predicted.weight``: the level's share of ``level_weights`` over the predicted levels), not
-            the shared-space tokens; the shared space then serves the cross-modal and joint tasks and the
-            alignment. A modality without one (flat encoders, one added by :meth:`add_modality`) predicts its own
-            shared-space tokens.
+        level_heads: per modality predicted at its levels (a hierarchical one), one head per level of
+            ``predict_levels``: that modality's within-modality JEPA is the image JEPA's — its context levels predict
+            the target encoder's levels at their own widths (``Predicted.weight``: the level's share of
+            ``level_weights`` over the predicted levels), not the shared-space tokens; the shared space then serves
+            the cross-modal and joint tasks and the alignment. A modality without them (flat encoders, one added by
+            :meth:`add_modality`) predicts its own shared-space tokens.
 
     Raises:
-        ValueError: a shared predictor, head or alignment width without a shared space (or none with one), a level
-            predictor without a head per predicted level, or level weights that are 0 on every predicted level.
+        ValueError: a shared head or alignment width without a shared space (or none with one), predictor parts
+            other than those, a modality without a head per predicted level, or level weights that are 0 on every
+            predicted level.
     """
 
-    def __init__(self, encoder: HypermodalEncoder, predictor: Predictor | None, head: Head | None,
+    def __init__(self, encoder: HypermodalEncoder, predictor: Predictor, head: Head | None,
                  embed_dim: int | None = None, m3: bool = False, cross_scale: CrossScalePredictors | None = None,
-                 sigreg: SIGReg | None = None,
-                 level_predictors: Mapping[str, Predictor] | None = None,
-                 level_heads: Mapping[str, Sequence[Head]] | None = None, predict_levels: Sequence[int] = (),
-                 level_weights: Sequence[float] = ()):
+                 sigreg: SIGReg | None = None, level_heads: Mapping[str, Sequence[Head]] | None = None,
+                 predict_levels: Sequence[int] = (), level_weights: Sequence[float] = ()):
         super().__init__()
-        if (predictor is None or head is None or embed_dim is None) == encoder.shared_space:
-            raise ValueError("a shared predictor, head and alignment width exactly when the encoder has a shared space")
+        if (head is None or embed_dim is None) == encoder.shared_space:
+            raise ValueError("a shared-space head and alignment width exactly when the encoder has a shared space")
+        level_heads = level_heads or {}
+        parts = ([SHARED] if encoder.shared_space else []) + list(level_heads)
+        if not isinstance(predictor.tokens, TaskTokens) or list(predictor.tokens) != parts:
+            raise ValueError(f"the predictor's parts must be {parts} (the shared space's, then each modality predicted "
+                             f"at its levels), not {list(getattr(predictor.tokens, 'keys', list)())}")
         self.init_target(encoder)
+        # the predictor's parameters before the heads': the order in which the image JEPA's optimizer and gradient
+        # clipping have always met them
         self.predictor = predictor
-        # the level predictors' parameters before the heads': the order in which the image JEPA's optimizer and
-        # gradient clipping have always met them
-        self.level_predictors = nn.ModuleDict(level_predictors or {})
         self.heads = nn.ModuleList([head] if head is not None else [])
         self.predict_levels = list(predict_levels)
-        total = sum(float(level_weights[level]) for level in self.predict_levels) if self.level_predictors else 1.0
+        total = sum(float(level_weights[level]) for level in self.predict_levels) if level_heads else 1.0
         if total <= 0:
             raise ValueError(f"level weights {list(level_weights)} are 0 on every predicted level "
                              f"{self.predict_levels}")
         self.level_shares = [float(level_weights[level]) / total for level in self.predict_levels]
         self.level_heads: dict[str, list[int]] = {}  # modality → the indices of its level heads in ``heads``
-        for name in self.level_predictors:
+        for name in level_heads:
             if len(level_heads[name]) != len(self.predict_levels):
                 raise ValueError(f"{len(level_heads[name])} level heads of {name!r} for the levels "
                                  f"{self.predict_levels}")
@@ -189,7 +233,7 @@ class JEPA(ContextTargetPair):
         self.cross_scale, self.sigreg = cross_scale, sigreg
         self.register_load_state_dict_pre_hook(_legacy_head_keys)
         self.register_load_state_dict_pre_hook(_legacy_shared_space_keys)
-        self.register_load_state_dict_pre_hook(_legacy_image_keys)
+        self.register_load_state_dict_pre_hook(_legacy_keys)
         # Pooled features of one modality share a large common part (positions, modality embedding) that
         # would drown the per-scene differences the alignment needs: standardize them per modality first.
         shared = encoder.shared_space
@@ -265,10 +309,11 @@ class JEPA(ContextTargetPair):
         """``[B, T]``: indices of the tokens of ``mask``'s target units among all tokens of modality ``name``."""
         return self.context_encoder.encoder(name).unit_tokens(mask.targets).flatten(1)
 
-    def predict(self, context: Mapping[str, Tokens], coords: Mapping[str, torch.Tensor],
-                masks: Mapping[str, Masks], tasks: Sequence[Task], gate: int) -> PredictorOutput:
-        """``cond [B, T, P]`` of every task's target tokens (:meth:`target_tokens`), in one predictor pass, and its
-        MoE balance loss."""
+    def shared_inputs(self, context: Mapping[str, Tokens], coords: Mapping[str, torch.Tensor],
+                      masks: Mapping[str, Masks], tasks: Sequence[Task]) -> tuple:
+        """What the predictor's ``"shared"`` part reads to predict every task's target tokens (:meth:`target_tokens`):
+        the shared-space context of every modality in ``context``, one query per target token, and which modalities
+        each task reads (:meth:`~prob_jepa.predictor.ModalityTokens.sequence`)."""
         names = list(context)
         device = next(iter(context.values())).features.device
         queries = []
@@ -277,7 +322,14 @@ class JEPA(ContextTargetPair):
             where = gather_tokens(coords[task.target], self.target_tokens(task.target, masks[task.target]))
             queries.append(Tokens(self.context_encoder.query(task.target, where), where))
             sources[t, [names.index(s) for s in task.sources]] = True
-        return self.predictor(list(context.values()), queries, sources, gate=gate)
+        return list(context.values()), queries, sources
+
+    def predict(self, context: Mapping[str, Tokens], coords: Mapping[str, torch.Tensor],
+                masks: Mapping[str, Masks], tasks: Sequence[Task], gate: int) -> PredictorOutput:
+        """``cond [B, T, P]`` of every shared-space task's target tokens, in one predictor pass, and its MoE balance
+        loss."""
+        cond, balance = self.predictor({SHARED: self.shared_inputs(context, coords, masks, tasks)}, gate=gate)
+        return PredictorOutput(cond[SHARED], balance)
 
     def forward(self, inputs: Mapping[str, torch.Tensor], masks: Mapping[str, Sequence[Masks]],
                 tasks: Sequence[Task], gate: int = 0, align: bool = True) -> Predictions:
@@ -287,87 +339,91 @@ class JEPA(ContextTargetPair):
             inputs: ``{modality: batch}`` of the present modalities.
             masks: ``{modality: [Masks, …]}`` for the same modalities (the order is the context order), one per
                 mask set: set ``s`` encodes every modality's context ``s`` and makes every task on its targets ``s``
-                (V-JEPA's several masks of one input; the target encoder runs once).
+                in one predictor pass (V-JEPA's several masks of one input; the target encoder runs once).
             tasks: the predictions to make in each set (term ``jepa/<task.kind>``); align: the step aligns the
                 modalities (``Predictions.pooled`` holds each modality's ``z [B, E]`` of its mean context token,
                 averaged over the sets; empty otherwise).
             gate: the mixture-of-experts gate that routes this step's predictions.
 
         A modality's tokens pass the shared blocks only where a shared-space prediction or the alignment reads them
-        (a within-modality task of a modality with a level predictor reads its encoder's levels).
+        (a within-modality task of a modality predicted at its levels reads its encoder's levels).
         """
         names = list(masks)
         aligned = align and len(names) > 1
-        level_tasks = [t for t in tasks if t.kind == "within" and t.target in self.level_predictors]
+        level_tasks = [t for t in tasks if t.kind == "within" and t.target in self.level_heads]
         shared_tasks = [t for t in tasks if t not in level_tasks]
-        # what must pass the shared blocks: every modality without a level predictor (as before level predictors),
-        # and a modality with one where a shared-space task or the alignment reads it
+        # what must pass the shared blocks: every modality not predicted at its levels, and one that is where a
+        # shared-space task or the alignment reads it
         sources = set(names) if aligned else {m for t in shared_tasks for m in t.sources}
         read = ({t.target for t in shared_tasks}, sources)
-        shared = [{m for m in names if m not in self.level_predictors or m in r} for r in read]
+        shared = [{m for m in names if m not in self.level_heads or m in r} for r in read]
         with torch.no_grad():
             encoded = {m: self.target_encoder.encode(m, inputs[m]) for m in names}
             full = {m: self.target_encoder.share(m, t) if m in shared[0] else t for m, t in encoded.items()}
         targets = {m: F.layer_norm(t.features, t.features.shape[-1:]) for m, t in full.items() if m in shared[0]}
-        level_targets = {m: layer_normed(full[m].levels) for m in names if m in self.level_predictors}
+        level_targets = {m: layer_normed(full[m].levels) for m in names if m in self.level_heads}
         coords = {m: t.coords for m, t in full.items()}
         predicted, balances, hierarchies, means = [], [], [], {m: [] for m in names}
         for s in range(len(next(iter(masks.values())))):
             sets = {m: masks[m][s] for m in names}
             own = {m: self.context_encoder.encode(m, inputs[m], sets[m].context) for m in names}
             ctx = {m: self.context_encoder.share(m, t) for m, t in own.items() if m in shared[1]}
-            if shared_tasks:  # a phase may make no prediction and train the alignment only
-                conds, balance = self.predict(ctx, coords, sets, shared_tasks, gate)
-                balances.append(balance)
-                parts = {m: self.context_encoder.encoder(m).level_positions(sets[m].targets) for m in shared[0]}
-                predicted += [
-                    Predicted(f"jepa/{task.kind}", 0, cond,
-                              gather_tokens(targets[task.target], self.target_tokens(task.target, sets[task.target])),
-                              parts[task.target])
-                    for task, cond in zip(shared_tasks, conds)
-                ]
+            parts = {SHARED: self.shared_inputs(ctx, coords, sets, shared_tasks)} if shared_tasks else {}
+            parts.update({t.target: self.level_inputs(t.target, own[t.target], sets[t.target]) for t in level_tasks})
+            if not parts:  # a phase may make no prediction and train the alignment only
+                continue
+            cond, balance = self.predictor(parts, gate=gate)
+            balances.append(balance)
+            positions = {m: self.context_encoder.encoder(m).level_positions(sets[m].targets) for m in shared[0]}
+            predicted += [
+                Predicted(f"jepa/{task.kind}", 0, c,
+                          gather_tokens(targets[task.target], self.target_tokens(task.target, sets[task.target])),
+                          positions[task.target])
+                for task, c in zip(shared_tasks, cond.get(SHARED, []))
+            ]
             for task in level_tasks:
-                predictions, balance = self.predict_levels_of(task.target, own[task.target], sets[task.target],
-                                                              level_targets[task.target])
-                predicted += predictions
-                balances.append(balance)
+                predicted += self.level_predictions(task.target, cond[task.target], sets[task.target],
+                                                    level_targets[task.target])
             hierarchies += [t.levels for t in own.values() if t.levels]
             for m, c in ctx.items():
                 means[m].append(c.features.mean(1))
         pooled = {m: self.align(m, mean_over(z)) for m, z in means.items()} if aligned else {}
         balances = [b for b in balances if b is not None]
-        # the collapse diagnostics: each modality's targets, a modality with a level predictor its finest level's (the
+        # the collapse diagnostics: each modality's targets, a modality predicted at its levels its finest level's (the
         # image JEPA's since its first run)
         diagnostics = {m: level_targets[m][0].flatten(1, 2) if m in level_targets else targets[m]
                        for m in names}
         return Predictions(predicted, diagnostics, hierarchies=hierarchies, pooled=pooled,
                            balance=mean_over(balances))
 
-    def predict_levels_of(self, name: str, context: Tokens, mask: Masks,
-                          target_levels: Sequence[torch.Tensor]) -> tuple[list[Predicted], torch.Tensor | None]:
-        """Modality ``name``'s within-modality prediction at its levels (the image JEPA's): its context
-        levels (``context.levels``) → ``cond [B, M·N_l, C]`` of every target token at each predicted level ``l``,
-        against the layer-normed target-encoder levels ``target_levels[l] [B, U, T_l, D_l]`` at the target units;
-        one :class:`Predicted` per level (term ``jepa/within``, its level's head and share of the weight), and the
-        predictor's balance loss."""
-        cond, balance = predict_at_levels(self.level_predictors[name], self.context_encoder.encoder(name).backbone,
-                                          self.predict_levels, context.levels, mask.targets)
+    def level_inputs(self, name: str, context: Tokens, mask: Masks) -> tuple:
+        """What the predictor's part ``name`` reads to predict modality ``name``'s target units at its levels
+        (:func:`level_inputs` of its context levels ``context.levels``)."""
+        return level_inputs(self.context_encoder.encoder(name).backbone, self.predict_levels, context.levels,
+                            mask.targets)
+
+    def level_predictions(self, name: str, cond: Sequence[torch.Tensor], mask: Masks,
+                          target_levels: Sequence[torch.Tensor]) -> list[Predicted]:
+        """Modality ``name``'s within-modality prediction at its levels (the image JEPA's): ``cond [B, M, N_l, C]`` of
+        every target token at each predicted level ``l`` against the layer-normed target-encoder levels
+        ``target_levels[l] [B, U, T_l, D_l]`` at the target units; one :class:`Predicted` per level (term
+        ``jepa/within``, its level's head and share of the weight)."""
         ys = gather_level_targets(target_levels, self.predict_levels, mask.targets)
         return [Predicted("jepa/within", head, c.flatten(1, 2), y.flatten(1, 2), weight=share, level=level)
                 for head, share, level, c, y in zip(self.level_heads[name], self.level_shares, self.predict_levels,
-                                                    cond, ys)], balance
+                                                    cond, ys)]
 
     def level_jepa(self, name: str) -> "LevelJEPA":
         """Modality ``name``'s JEPA at its levels (:class:`LevelJEPA`): what the image evaluation reads.
 
         Raises:
-            ValueError: ``name`` has no level predictor (a flat encoder, or a model whose within-modality JEPA
+            ValueError: ``name`` is not predicted at its levels (a flat encoder, or a model whose within-modality JEPA
                 predicts shared-space tokens: ``hypermodal.within_targets=shared``).
         """
-        if name not in self.level_predictors:
-            raise ValueError(f"modality {name!r} is not predicted at its levels in this model (modalities with a level "
-                             f"predictor: {', '.join(self.level_predictors) or 'none'}; "
-                             f"hypermodal.within_targets=levels gives the hierarchical ones one)")
+        if name not in self.level_heads:
+            raise ValueError(f"modality {name!r} is not predicted at its levels in this model (modalities predicted "
+                             f"at their levels: {', '.join(self.level_heads) or 'none'}; "
+                             f"hypermodal.within_targets=levels predicts the hierarchical ones so)")
         return LevelJEPA(self, name)
 
 
@@ -385,8 +441,8 @@ class LevelJEPA:
     """One hierarchical modality of a :class:`JEPA` at its levels — the image JEPA's interface (I-JEPA / z-JEPA on
     JIN's encoder), which the image evaluation reads (heads, ambiguity, uncertainty maps, what could be here, cost).
     A view: it holds no weights of its own (``context_encoder``, ``target_encoder``: the modality's
-    :class:`~jin.HierarchicalEncoder` in the model's context and target encoders; ``predictor``: its level
-    predictor; ``heads``: one per predicted level, ``heads[-1]`` the coarsest's), and it is no module: mode and
+    :class:`~jin.HierarchicalEncoder` in the model's context and target encoders; ``predictor``: the model's
+    predictor, whose part ``name`` predicts the levels; ``heads``: one per predicted level, ``heads[-1]`` the coarsest's), and it is no module: mode and
     device are the model's (``model.eval()``, ``model.to(device)``).
     """
 
@@ -394,7 +450,7 @@ class LevelJEPA:
         self.model, self.name = model, name
         self.context_encoder: HierarchicalEncoder = model.context_encoder.encoder(name).backbone
         self.target_encoder: HierarchicalEncoder = model.target_encoder.encoder(name).backbone
-        self.predictor: Predictor = model.level_predictors[name]
+        self.predictor: Predictor = model.predictor
         self.heads = nn.ModuleList(model.heads[i] for i in model.level_heads[name])
         self.predict_levels: list[int] = model.predict_levels
         self.cross_scale: CrossScalePredictors | None = model.cross_scale
@@ -420,8 +476,9 @@ class LevelJEPA:
         """The context levels of ``images [B, C, H, W]`` with the context units ``context [B, Kc]`` and, per
         predicted level, ``cond [B, M, N_l, C]`` for the target units ``targets [B, M, Kt]``."""
         ctx = self.context_encoder(images, context)
-        cond, balance = predict_at_levels(self.predictor, self.context_encoder, self.predict_levels, ctx, targets)
-        return Prediction(ctx, cond, balance)
+        inputs = level_inputs(self.context_encoder, self.predict_levels, ctx, targets)
+        cond, balance = self.predictor({self.name: inputs})
+        return Prediction(ctx, cond[self.name], balance)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor, encoder: str = "target") -> torch.Tensor:

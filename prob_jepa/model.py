@@ -1,8 +1,8 @@
 """The image JEPA from the config (``model.*``, ``predictor.*``): JIN's levels, the builders of its encoder,
-level predictor and heads (which the hypermodal builder uses too), and its loss terms (JIN eq. 9)."""
+predictor and heads (which the hypermodal builder uses too), and its loss terms (JIN eq. 9)."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -17,7 +17,7 @@ from jin.layers import budget_loss
 from .config import ConfigError, is_count, is_finite_number
 from .heads import Head, build_head
 from .jepa import JEPA
-from .predictor import LevelTokens, Predictor
+from .predictor import LevelTokens, ModalityTokens, Predictor, TaskTokens
 from .regularizers import SIGReg
 from .step import Predictions, Term, balance_term, jepa_term, mean_over
 
@@ -183,28 +183,38 @@ def build_trial_head(
     return options, training, head
 
 
-def build_level_predictor(cfg: DictConfig, encoder: HierarchicalEncoder) -> Predictor:
-    """The predictor of ``cfg.model.predictor`` over the context levels of ``encoder`` that it predicts
-    (:func:`level_config`'s ``predict_levels``), with ``model.*``'s spatial bias and dropout.
+def level_tokens(cfg: DictConfig, encoder: HierarchicalEncoder) -> LevelTokens:
+    """The predictor's part that predicts ``encoder``'s levels (:func:`level_config`'s ``predict_levels``) at
+    ``model.predictor.dim``: :class:`~prob_jepa.predictor.LevelTokens` over its grid."""
+    lv = level_config(cfg.model)
+    return LevelTokens([lv["dims"][l] for l in lv["predict_levels"]], cfg.model.predictor.dim, encoder.grid)
+
+
+def build_predictor(cfg: DictConfig, parts: Mapping[str, LevelTokens | ModalityTokens], bias_grid: int,
+                    num_gates: int = 1) -> Predictor:
+    """The predictor of ``cfg.model.predictor`` (shape, mixture of experts) over ``parts``
+    (:class:`~prob_jepa.predictor.TaskTokens`), with ``model.*``'s spatial bias and dropout; ``bias_grid``: tokens per
+    side of the finest grid among the parts (the unit of Δpos).
 
     Raises:
         ConfigError: ``model.predictor.moe_top_k`` out of range (:func:`check_experts`).
     """
-    m, lv = cfg.model, level_config(cfg.model)
+    m = cfg.model
     p = m.predictor
     check_experts("model.predictor", p)
     return Predictor(
-        LevelTokens([lv["dims"][l] for l in lv["predict_levels"]], p.dim, encoder.grid),
+        TaskTokens(parts),
         depth=p.depth,
         num_heads=p.num_heads,
         mlp_ratio=p.mlp_ratio,
         spatial_bias=m.spatial_bias,
         bias_hidden=m.bias_hidden,
-        bias_grid=encoder.grid,
+        bias_grid=bias_grid,
         drop_path_rate=p.drop_path_rate,
         dropout=m.dropout,
         moe_experts=p.moe_experts,
         moe_top_k=p.moe_top_k,
+        num_gates=num_gates,
     )
 
 
@@ -230,7 +240,7 @@ def build_model(cfg: DictConfig) -> JEPA:
     """The image JEPA of ``cfg.model`` (backbone, predictor) and ``cfg.predictor`` (head): the
     :class:`~prob_jepa.jepa.JEPA` of one modality, the image, whose within-modality JEPA predicts its encoder's levels
     (no shared space), with JIN's cross-scale predictors and SIGReg as ``model.*`` sets them. Its initial weights are
-    drawn in the order the image JEPA has always drawn them (encoder, level predictor, heads, cross-scale), so a seed
+    drawn in the order the image JEPA has always drawn them (encoder, predictor, heads, cross-scale), so a seed
     gives the same model.
 
     Raises:
@@ -241,12 +251,11 @@ def build_model(cfg: DictConfig) -> JEPA:
     check_predicted_weights(m)
     image = HierarchicalModalityEncoder(build_encoder(cfg), None, read_levels=read_levels(m, predicted=True))
     encoder = HypermodalEncoder({"image": image}, None)
-    predictor = build_level_predictor(cfg, image.backbone)
+    predictor = build_predictor(cfg, {"image": level_tokens(cfg, image.backbone)}, bias_grid=image.backbone.grid)
     heads = build_level_heads(cfg)
     cross = CrossScalePredictors(lv["dims"]) if has_cross_scale(m) else None
-    return JEPA(encoder, None, None, cross_scale=cross,
-                sigreg=SIGReg(m.sigreg_slices) if m.sigreg_weight > 0 else None,
-                level_predictors={"image": predictor}, level_heads={"image": heads},
+    return JEPA(encoder, predictor, None, cross_scale=cross,
+                sigreg=SIGReg(m.sigreg_slices) if m.sigreg_weight > 0 else None, level_heads={"image": heads},
                 predict_levels=lv["predict_levels"], level_weights=lv["level_weights"])
 
 

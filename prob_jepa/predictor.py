@@ -1,20 +1,23 @@
 """The JEPA predictor: every prediction task of a step in one pass, kept apart by the attention mask.
 
-One transformer (:class:`Predictor`) serves the image JEPA and the hypermodal JEPA. What differs
-is how its sequence is made, a module of its own (a variant is a module, not a flag):
+One transformer (:class:`Predictor`) makes every prediction of a step. What it predicts is
+told by how its sequence is made, a module of its own (a variant is a module, not a flag):
 
-- :class:`LevelTokens` (image): context tokens of every predicted level and one query per target
-  token of every target block; a block's queries read the context and their own block.
-- :class:`ModalityTokens` (hypermodal): context tokens of every present modality and one query per
-  target token of every task (sources → target modality); a modality's context reads its own
-  context, a task's queries read the context of its sources and their own task.
+- :class:`LevelTokens` (a hierarchical modality at its levels: the image JEPA's): context tokens
+  of every predicted level and one query per target token of every target block; a block's
+  queries read the context and their own block.
+- :class:`ModalityTokens` (the shared space): context tokens of every present modality and one
+  query per target token of every task (sources → target modality); a modality's context reads
+  its own context, a task's queries read the context of its sources and their own task.
+- :class:`TaskTokens`: the model's parts of either kind by name (``"shared"``, or the modality
+  predicted at its levels), laid side by side in one sequence, no part reading another's.
 
 Either way the context is embedded once, no prediction sees another's answer, the JIN eq. 7-8
 spatial bias runs over every token's coordinates, and the MLPs may be a (multi-gate) mixture of experts.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import torch
 from timm.layers import trunc_normal_
@@ -25,10 +28,14 @@ from jin.layers import Experts, SpatialBias, Stage, drop_path_rates, sincos_embe
 from jin.layers.init import init_weights
 
 
+SHARED = "shared"  # the part of a model's predictor that predicts shared-space tokens (:class:`TaskTokens`)
+
+
 class PredictorSequence(NamedTuple):
     """What the predictor's blocks run on: ``x [B, N, dim]`` (context first, then queries), ``coords [B, N, 3]``,
     attention ``group [1, N]`` and ``reads [G, G]`` or ``None`` (see :class:`~jin.layers.AttentionSpec`),
-    ``num_context`` tokens, and the ``sizes`` of the query groups the output splits into."""
+    ``num_context`` tokens, and the ``sizes`` of the query groups the output splits into; ``parts``: of a
+    :class:`TaskTokens` sequence, each part's name and own sequence (``None`` otherwise)."""
 
     x: torch.Tensor
     coords: torch.Tensor
@@ -36,13 +43,15 @@ class PredictorSequence(NamedTuple):
     reads: torch.Tensor | None
     num_context: int
     sizes: list[int]
+    parts: list[tuple[str, "PredictorSequence"]] | None = None
 
 
 class PredictorOutput(NamedTuple):
-    """``cond``: the conditioning vectors of every query group (``tokens.split``); ``balance``: the mean
-    load-balancing loss of the mixture-of-experts blocks (scalar), ``None`` for dense blocks."""
+    """``cond``: the conditioning vectors of every query group (``tokens.split``; ``{part: …}`` for
+    :class:`TaskTokens`); ``balance``: the mean load-balancing loss of the mixture-of-experts blocks (scalar), ``None``
+    for dense blocks."""
 
-    cond: list[torch.Tensor]
+    cond: list[torch.Tensor] | dict[str, list[torch.Tensor]]
     balance: torch.Tensor | None
 
 
@@ -96,6 +105,16 @@ class LevelTokens(nn.Module):
         group = self.task_groups(num_ctx, M, sum(sizes)).to(x.device)
         return PredictorSequence(x, coords, group, None, num_ctx, sizes)
 
+    @staticmethod
+    def reads_table(seq: PredictorSequence) -> tuple[torch.Tensor, torch.Tensor]:
+        """``seq``'s attention groups as ``(group [1, N] ≥ 0, reads [M + 1, M + 1])`` (:class:`TaskTokens` lays
+        parts side by side this way): the context is group 0, read by every group; block ``m``'s queries group
+        ``m + 1``, reading the context and their own block."""
+        blocks = (seq.x.shape[1] - seq.num_context) // sum(seq.sizes)
+        table = torch.eye(blocks + 1, dtype=torch.bool, device=seq.group.device)
+        table[:, 0] = True
+        return seq.group + 1, table
+
     def split(self, out: torch.Tensor, seq: PredictorSequence) -> list[torch.Tensor]:
         """Query outputs ``[B, M·ΣN_l, dim]`` → per level ``cond [B, M, N_l, dim]``."""
         return list(out.view(out.shape[0], -1, sum(seq.sizes), out.shape[-1]).split(seq.sizes, dim=2))
@@ -148,20 +167,67 @@ class ModalityTokens(nn.Module):
                           + [torch.full((n,), K + t, device=device) for t, n in enumerate(sizes)])[None]
         return PredictorSequence(x, coords, group, self.reads(sources), sum(ctx_sizes), sizes)
 
+    @staticmethod
+    def reads_table(seq: PredictorSequence) -> tuple[torch.Tensor, torch.Tensor]:
+        """``seq``'s attention groups and their table ``(group [1, N], reads [K + T, K + T])``, as they are."""
+        return seq.group, seq.reads
+
     def split(self, out: torch.Tensor, seq: PredictorSequence) -> list[torch.Tensor]:
         """Query outputs ``[B, ΣQ_t, dim]`` → per task ``cond [B, Q_t, dim]``."""
         return list(out.split(seq.sizes, dim=1))
 
 
-LEGACY_TOKEN_PARAMETERS = ("embed", "level_embed", "mask_token", "query_embed")
+class TaskTokens(nn.ModuleDict):
+    """The predictor's sequence of a model's parts, by name: ``"shared"`` (:class:`ModalityTokens`, the shared space's
+    tasks) and each modality predicted at its levels (:class:`LevelTokens`), side by side in one pass.
 
+    ``sequence({part: args})`` takes the parts a step predicts (any of them, in any order), each with the arguments of
+    its own ``sequence``: every part's context comes first, then every part's queries, and a part's tokens read only
+    its own part's (its attention groups are renumbered after the previous parts'); ``split`` returns ``{part: the
+    part's own split}``. One part's sequence is that part's, unchanged.
 
-def _legacy_token_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
-    """Checkpoints written before the predictor's sequence became a module of its own hold its embeddings at
-    ``<prefix>embed.*``, ``<prefix>level_embed``, …; they load under ``<prefix>tokens.*``."""
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        if key[len(prefix):].split(".")[0] in LEGACY_TOKEN_PARAMETERS:
-            state_dict[f"{prefix}tokens.{key[len(prefix):]}"] = state_dict.pop(key)
+    Raises:
+        ValueError: parts of different widths (one predictor has one width).
+    """
+
+    def __init__(self, parts: Mapping[str, LevelTokens | ModalityTokens]):
+        super().__init__(parts)
+        widths = {part.dim for part in parts.values()}
+        if len(widths) != 1:
+            raise ValueError(f"the parts {list(parts)} of one predictor must share its width; they have {widths}")
+        self.dim = widths.pop()
+
+    def init_embeddings(self) -> None:
+        for part in self.values():
+            part.init_embeddings()
+
+    def sequence(self, inputs: Mapping[str, tuple]) -> PredictorSequence:
+        """``{part: the arguments of its sequence}`` → one :class:`PredictorSequence` (``parts``: each part's own)."""
+        seqs = [(name, self[name].sequence(*args)) for name, args in inputs.items()]
+        if len(seqs) == 1:
+            return seqs[0][1]._replace(parts=seqs)
+        groups, tables, offset = [], [], 0
+        for name, seq in seqs:
+            group, reads = self[name].reads_table(seq)
+            groups.append(group + offset)
+            tables.append(reads)
+            offset += reads.shape[0]
+        own = [s for _, s in seqs]
+
+        def side_by_side(parts: list[torch.Tensor]) -> torch.Tensor:  # every context, then every part's queries
+            return torch.cat([t[:, :s.num_context] for t, s in zip(parts, own)]
+                             + [t[:, s.num_context:] for t, s in zip(parts, own)], 1)
+
+        return PredictorSequence(side_by_side([s.x for s in own]), side_by_side([s.coords for s in own]),
+                                 side_by_side(groups), torch.block_diag(*tables), sum(s.num_context for s in own),
+                                 [s.x.shape[1] - s.num_context for s in own], seqs)
+
+    def split(self, out: torch.Tensor, seq: PredictorSequence) -> dict[str, list[torch.Tensor]]:
+        """Query outputs → ``{part: its split}`` (each part's own ``split`` of its queries)."""
+        if len(seq.parts) == 1:
+            (name, own), = seq.parts
+            return {name: self[name].split(out, own)}
+        return {name: self[name].split(o, own) for (name, own), o in zip(seq.parts, out.split(seq.sizes, 1))}
 
 
 class Predictor(nn.Module):
@@ -173,7 +239,8 @@ class Predictor(nn.Module):
     vectors ``cond`` of the head) and the routing's load-balancing loss.
 
     Args:
-        tokens: :class:`LevelTokens` or :class:`ModalityTokens` (its ``dim`` is the predictor's width).
+        tokens: :class:`TaskTokens` (a model's predictor), or one :class:`LevelTokens` or :class:`ModalityTokens`
+            (its ``dim`` is the predictor's width).
         depth, num_heads, mlp_ratio: block shape.
         spatial_bias: add the JIN eq. 7-8 bias (``bias_hidden`` MLP width, ``bias_grid`` tokens per side of the
             finest grid: the unit of Δpos).
@@ -187,7 +254,7 @@ class Predictor(nn.Module):
 
     def __init__(
         self,
-        tokens: LevelTokens | ModalityTokens,
+        tokens: TaskTokens | LevelTokens | ModalityTokens,
         depth: int,
         num_heads: int,
         mlp_ratio: float,
@@ -212,7 +279,6 @@ class Predictor(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.apply(init_weights)
         tokens.init_embeddings()
-        self.register_load_state_dict_pre_hook(_legacy_token_keys)
 
     def forward(self, *inputs, gate: int = 0) -> PredictorOutput:
         """``cond`` of every query group (see ``tokens.split``) and the load-balancing loss, the mixture of experts

@@ -33,7 +33,7 @@ from .eval import check_knn_bank, evaluation_sets
 from .eval.diagnostics import effective_rank, feature_std
 from .eval.probe_curve import ProbeCurve, probe_curve
 from .heads import Head
-from .jepa import legacy_image_names
+from .jepa import legacy_names
 from .masks import complete_mask_specs
 from .preflight import check_gradients, preflight_evaluation
 from .recipes import recipe_of
@@ -302,8 +302,9 @@ class Trainer:
                 self.run.truncate_metrics(-1)
             return
         state = load_checkpoint(self.run.checkpoint)
-        # an image run of before the one model: its names are renamed here, before the state is sharded by name (FSDP)
-        renamed = legacy_image_names(self.model, state["model"])
+        # a checkpoint of an earlier layout (an image run of before the one model, a level predictor of its own): its
+        # names are renamed here, before the state is sharded by name (FSDP)
+        renamed = legacy_names(self.model, state["model"])
         if renamed:
             state["model"] = {renamed.get(k, k): v for k, v in state["model"].items()}
             optimizer = state["optimizer"]

@@ -117,3 +117,21 @@ def shrunk_model(name: str) -> list[str]:
         "data.train_size=64", "data.val_size=32", "mask.image.0.min_keep=2", "trainer.batch_size=8",
         "trainer.log_every=1", "trainer.progress=false", "eval.batch_size=64",
     ]
+
+
+def image_class_name(name: str) -> str:
+    """A parameter's name in the image JEPA's checkpoints before it became the one-modality model: its encoder at
+    ``context_encoder.*`` / ``target_encoder.*``, its predictor's embeddings at ``predictor.tokens.*``."""
+    return name.replace("encoders.image.backbone.", "").replace("predictor.tokens.image.", "predictor.tokens.")
+
+
+def level_predictor_name(name: str) -> str:
+    """A parameter's name in an image checkpoint of the one model before its predictions became one predictor pass:
+    its predictor at ``level_predictors.image.*``."""
+    if not name.startswith("predictor."):
+        return name
+    return "level_predictors.image." + name[len("predictor."):].replace("tokens.image.", "tokens.")
+
+
+# the names of an image run's checkpoints in the layouts of before, by layout
+OLD_IMAGE_LAYOUTS = {"image_class": image_class_name, "level_predictor": level_predictor_name}

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import ROOT, SMALL_EVAL, shrunk_model
+from conftest import ROOT, SMALL_EVAL, image_class_name, shrunk_model
 from prob_jepa.distributed import DistInfo, mean_over_ranks
 from prob_jepa.run_dir import RunDir
 from prob_jepa.train import pretrain
@@ -61,11 +61,6 @@ def test_two_ranks_match_one_process_and_only_rank0_writes(strategy, compose, ti
     assert [p.name for p in (tmp_path / "ranks" / "checkpoints").iterdir()] == ["last.pt"]
 
 
-def old_image_name(name: str) -> str:
-    """A parameter's name in the image JEPA's checkpoints before it became the one-modality model."""
-    return name.replace("encoders.image.backbone.", "").replace("level_predictors.image.", "predictor.")
-
-
 @pytest.mark.slow
 def test_an_image_run_of_before_the_one_model_resumes_under_fsdp(compose, tiny_overrides, tmp_path):
     """A checkpoint under the image JEPA's old names is renamed before FSDP shards it by name: two ranks resume it
@@ -75,10 +70,10 @@ def test_an_image_run_of_before_the_one_model_resumes_under_fsdp(compose, tiny_o
         pretrain(compose(*overrides, "trainer.max_steps=2"), run_dir=tmp_path / run)
     checkpoint = RunDir(tmp_path / "ranks").checkpoint
     state = torch.load(checkpoint, weights_only=True)
-    state["model"] = {old_image_name(k): v for k, v in state["model"].items()}
-    state["optimizer"]["state"] = {old_image_name(k): v for k, v in state["optimizer"]["state"].items()}
+    state["model"] = {image_class_name(k): v for k, v in state["model"].items()}
+    state["optimizer"]["state"] = {image_class_name(k): v for k, v in state["optimizer"]["state"].items()}
     for group in state["optimizer"]["param_groups"]:
-        group["params"] = [old_image_name(k) for k in group["params"]]
+        group["params"] = [image_class_name(k) for k in group["params"]]
     torch.save(state, checkpoint)
     single = pretrain(compose(*overrides, "trainer.max_steps=3"), run_dir=tmp_path / "single")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

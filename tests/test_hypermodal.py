@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import CONF, paired_scene, shrunk_model
+from conftest import CONF, level_predictor_name, paired_scene, shrunk_model
 from jin.encoders import HierarchicalModalityEncoder
 from prob_jepa.config import ConfigError, compose_config
 from prob_jepa.data.multimodal import MultimodalSpec, PairedShapes
@@ -615,8 +615,8 @@ LEVELS = [*HIERARCHICAL, "hypermodal.within_targets=levels"]
 @pytest.mark.parametrize("predict", ["1", "null"])  # the coarsest level (jin_tiny's default), both levels
 def test_a_within_prediction_at_the_levels_is_the_image_jepa_s(compose, scenes, predict):
     """hypermodal.within_targets=levels: beside another modality, the image's within-modality JEPA term is the image
-    JEPA's loss (the image recipe's level terms, JIN eq. 9, on the same model and masks: the same number to the last
-    bit, its weight shared between the levels), and the shared space is left out of it (the shared blocks get no
+    JEPA's loss (the image recipe's level terms, JIN eq. 9, on the same model and masks: the same number up to
+    float rounding, its weight shared between the levels), and the shared space is left out of it (the shared blocks get no
     gradient from it)."""
     from prob_jepa.masks import image_inputs
     from prob_jepa.model import image_terms
@@ -637,11 +637,13 @@ def test_a_within_prediction_at_the_levels_is_the_image_jepa_s(compose, scenes, 
     assert set(image.terms) >= {f"jepa/level{l}" for l in levels}
     # the image JEPA weighs level l by model.level_weights[l]; the hypermodal term shares one weight between them
     expected = sum(0.6 if l == 1 else 0.3 for l in levels)
-    torch.testing.assert_close(hyper.terms["jepa/within"] * expected, image.terms["jepa"], rtol=0, atol=0)
+    # (Σ_l share_l · loss_l) · Σ_l w_l against Σ_l w_l · loss_l / Σ_l w_l: equal up to float32 rounding
+    torch.testing.assert_close(hyper.terms["jepa/within"] * expected, image.terms["jepa"], rtol=1e-6, atol=0)
     hyper.terms["jepa/within"].backward()
     assert all(p.grad is None for p in model.context_encoder.stage.parameters())
-    assert all(p.grad is None for p in model.predictor.parameters()) and model.heads[0].parameters()
-    assert all(p.grad is not None for p in model.level_predictors.parameters() if p.requires_grad)
+    assert all(p.grad is None for p in [*model.predictor.tokens["shared"].parameters(), *model.heads[0].parameters()])
+    image_part = [*model.predictor.tokens["image"].parameters(), *model.predictor.stage.parameters()]
+    assert all(p.grad is not None for p in image_part if p.requires_grad)
     assert set(hyper.targets) == {"image"} and hyper.targets["image"].shape[-1] == cfg.model.dims[0]
 
 
@@ -658,7 +660,7 @@ def test_within_targets_at_the_levels_leave_cross_tasks_in_the_shared_space(comp
     assert {"jepa/within", "jepa/cross", "energy", "infonce"} <= set(out.terms)
     out.loss.backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
-    assert missing == [] and list(model.level_predictors) == ["image"]
+    assert missing == [] and list(model.predictor.tokens) == ["shared", "image"]
     # each modality's within prediction counts once, however many levels the image's is made of
     cfg = compose(*LEVELS, "model.predictor.levels=null", "model.level_weights=[0.3,0.6]")
     torch.manual_seed(0)
@@ -667,6 +669,73 @@ def test_within_targets_at_the_levels_leave_cross_tasks_in_the_shared_space(comp
               for m in ("image", "text")}
     both = loss_of(model, cfg, x, masks, plan_tasks(["image", "text"], "single", step=0)).terms["jepa/within"]
     torch.testing.assert_close(both, (within["image"] + within["text"]) / 2)
+
+
+def test_one_predictor_pass_predicts_the_levels_and_the_shared_space_as_a_pass_each(compose, scenes):
+    """hypermodal.within_targets=levels beside another modality: the image's levels and the shared space's tasks are
+    parts of one predictor pass (TaskTokens), kept apart by the attention mask — each part's cond is what a pass of
+    that part alone gives, and moving one part's tokens leaves the other's cond unchanged to the last bit."""
+    from prob_jepa.predictor import SHARED
+
+    cfg = compose(*LEVELS, "model.predictor.levels=null")
+    torch.manual_seed(0)
+    model = build_hypermodal(cfg).eval()
+    x = batch(scenes, 4, ["image", "text"])
+    masks = masks_for(model, x, cfg)
+    tasks = [t for t in plan_tasks(["image", "text"], "cross", step=0) if t.target != "image" or t.kind != "within"]
+    with torch.no_grad():
+        own = {m: model.context_encoder.encode(m, x[m], masks[m].context) for m in x}
+        ctx = {m: model.context_encoder.share(m, t) for m, t in own.items()}
+        coords = {m: model.target_encoder.share(m, model.target_encoder.encode(m, x[m])).coords for m in x}
+        parts = {SHARED: model.shared_inputs(ctx, coords, masks, tasks),
+                 "image": model.level_inputs("image", own["image"], masks["image"])}
+        joint = model.predictor(parts).cond
+        assert list(joint) == [SHARED, "image"] and len(joint["image"]) == 2 and len(joint[SHARED]) == len(tasks)
+        for name, args in parts.items():
+            alone = model.predictor({name: args}).cond[name]
+            for a, b in zip(joint[name], alone, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        seen, where = parts["image"]
+        moved = model.predictor({**parts, "image": ([(f + 1.0, c) for f, c in seen], where)}).cond
+        assert all(torch.equal(a, b) for a, b in zip(joint[SHARED], moved[SHARED], strict=True))
+        assert not torch.allclose(joint["image"][-1], moved["image"][-1])
+    assert len(model.predictor.stage.blocks) == cfg.model.predictor.depth  # one predictor: one set of blocks
+
+
+def test_one_pass_needs_one_spatial_bias(compose):
+    """The levels' spatial bias is model.*'s and the shared space's hypermodal.*'s: in one pass they must agree."""
+    for override, named in [("hypermodal.spatial_bias=false", r"model\.spatial_bias=True and "
+                             r"hypermodal\.spatial_bias=False must agree"),
+                            ("hypermodal.bias_hidden=8", r"model\.bias_hidden=16 and hypermodal\.bias_hidden=8")]:
+        with pytest.raises(ConfigError, match=named):
+            build_hypermodal(compose(*LEVELS, override))
+        build_hypermodal(compose(*HIERARCHICAL, override))  # the shared space's alone: its own
+
+
+def test_a_checkpoint_of_before_the_predictor_s_parts_loads(compose):
+    """Hypermodal runs written before the predictor's sequence had parts hold its embeddings at predictor.tokens.*:
+    they load under predictor.tokens.shared.*, every tensor where it was."""
+    torch.manual_seed(0)
+    trained = build_hypermodal(compose(*SMALL))
+    old = {k.replace("predictor.tokens.shared.", "predictor.tokens."): v for k, v in trained.state_dict().items()}
+    assert "predictor.tokens.query_embed.weight" in old
+    torch.manual_seed(1)
+    fresh = build_hypermodal(compose(*SMALL))
+    fresh.load_state_dict(old)  # strict
+    for (name, a), b in zip(trained.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_a_checkpoint_of_a_level_predictor_beside_the_shared_one_is_refused_by_name(compose):
+    """Runs of hypermodal.within_targets=levels with several modalities written before the one predictor pass hold
+    two predictors (level_predictors.image.*, predictor.*), which are not one: loading one says so instead of
+    listing missing and unexpected keys."""
+    torch.manual_seed(0)
+    model = build_hypermodal(compose(*LEVELS))
+    old = dict(model.state_dict())
+    old.update({f"level_predictors.image.{k[len('predictor.'):]}": v for k, v in old.items() if k.startswith("predictor.")})
+    with pytest.raises(ValueError, match=r"a predictor for the levels of image beside the shared-space predictor"):
+        model.load_state_dict(old)
 
 
 def test_within_targets_are_checked_by_name(compose):
@@ -710,7 +779,7 @@ def test_the_image_alone_at_its_levels_is_the_image_jepa(compose, scenes, predic
     assert list(state) == list(expected)
     assert all(torch.equal(state[k], expected[k]) for k in state)
     assert [n for n, _ in model.named_parameters()] == [n for n, _ in jepa.named_parameters()]
-    assert not model.context_encoder.shared_space and model.predictor is None and model.proj is None
+    assert not model.context_encoder.shared_space and list(model.predictor.tokens) == ["image"] and model.proj is None
     with torch.no_grad():  # the target encoders as after training: not their context encoders
         for p, q in zip(model.target_encoder.parameters(), jepa.target_encoder.parameters(), strict=True):
             p.add_(0.05 * torch.randn_like(p))
@@ -758,24 +827,33 @@ def test_a_model_without_a_shared_space_takes_what_the_image_jepa_takes(compose,
 
 def test_a_checkpoint_of_the_image_alone_with_a_shared_space_loads_without_it(compose, monkeypatch):
     """Runs of one modality at its levels written before such a model dropped its shared space (1f0ad1c) hold one
-    that no loss trained — shared blocks, projections, shared predictor and head at heads.0: they load into today's
-    model with every encoder, level predictor and level head weight where it was (the level heads moved down one)."""
+    that no loss trained — shared blocks, projections, a shared predictor at predictor.* and head at heads.0 — beside
+    the level predictor at level_predictors.image.*: they load into today's model with every encoder, predictor and
+    level head weight where it was (the level predictor is today's predictor, the level heads moved down one)."""
     from prob_jepa.hypermodal import build as hypermodal_build
 
     cfg = compose(*LEVELS, "data.modalities=[image]", "model.predictor.levels=null")
-    with monkeypatch.context() as patch:  # the model as it was built then
+    with monkeypatch.context() as patch:  # the shared space of the model as it was built then
         patch.setattr(hypermodal_build, "has_shared_space", lambda cfg: True)
         torch.manual_seed(1)
-        old = build_hypermodal(cfg)
-    assert old.context_encoder.shared_space and len(old.heads) == 3
+        shared = build_hypermodal(cfg)
+    torch.manual_seed(2)
+    level_predictor = build_hypermodal(cfg).state_dict()  # its predictor stands for the level predictor of then
+    before = {k.replace("predictor.tokens.shared.", "predictor.tokens."): v for k, v in shared.state_dict().items()
+              if not k.startswith("predictor.tokens.image.")}
+    before.update({level_predictor_name(k): v for k, v in level_predictor.items() if k.startswith("predictor.")})
+    assert {"predictor.tokens.query_embed.weight", "level_predictors.image.tokens.level_embed"} <= set(before)
+    assert shared.context_encoder.shared_space and len(shared.heads) == 3
     torch.manual_seed(0)
     model = build_hypermodal(cfg)
-    model.load_state_dict(old.state_dict())
-    state, before = model.state_dict(), old.state_dict()
-    for key in state:  # heads.i is the old heads.(i+1); every other key kept its name
+    model.load_state_dict(before)
+    for key, value in model.state_dict().items():  # heads.i is the old heads.(i+1)
+        if key.startswith("predictor."):
+            assert torch.equal(value, level_predictor[key]), key
+            continue
         index = key.split(".")[1] if key.startswith("heads.") else None
         source = f"heads.{int(index) + 1}.{key.split('.', 2)[2]}" if index is not None else key
-        assert torch.equal(state[key], before[source]), key
+        assert torch.equal(value, before[source]), key
 
 
 @pytest.mark.slow

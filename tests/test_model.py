@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import MODEL_PRESETS, shrunk_model
+from conftest import MODEL_PRESETS, OLD_IMAGE_LAYOUTS, image_class_name, shrunk_model
 from jin.cross_scale import CrossScalePredictors, children
 from prob_jepa.data import build_datasets
 from prob_jepa.distributed import DistInfo
@@ -93,23 +93,19 @@ def inputs(seed: int = 0):
     return ctx, targets
 
 
-def legacy_image_state(model) -> dict[str, torch.Tensor]:
-    """``model``'s state dict under the names of the image JEPA's checkpoints before it became the one-modality
-    :class:`~prob_jepa.jepa.JEPA`: its image encoder at ``context_encoder.*`` / ``target_encoder.*``, its level
-    predictor at ``predictor.*``."""
-    return {k.replace("encoders.image.backbone.", "").replace("level_predictors.image.", "predictor."): v
-            for k, v in model.state_dict().items()}
-
-
-def test_an_image_checkpoint_from_before_the_one_model_loads(compose, tiny_overrides):
-    """Image runs written when the image JEPA was a class of its own load into the one-modality model, every tensor
-    where it was (the same modules under other names)."""
+@pytest.mark.parametrize("layout", OLD_IMAGE_LAYOUTS)
+def test_an_image_checkpoint_of_an_earlier_layout_loads(compose, tiny_overrides, layout):
+    """Image runs written when the image JEPA was a class of its own, or when the one model had a level predictor of
+    its own, load into today's model, every tensor where it was (the same modules under other names)."""
     torch.manual_seed(0)
     trained = build_model(compose(*tiny_overrides))
-    old = legacy_image_state(trained)
-    assert {"context_encoder.patch_embed.proj.weight", "target_encoder.norms.0.weight"} <= set(old)
-    assert {k.split(".")[0] for k in old} == {"context_encoder", "target_encoder", "predictor", "heads"}
-    assert not any("encoders." in k for k in old)
+    old = {OLD_IMAGE_LAYOUTS[layout](k): v for k, v in trained.state_dict().items()}
+    tops = {"image_class": {"context_encoder", "target_encoder", "predictor", "heads"},
+            "level_predictor": {"context_encoder", "target_encoder", "level_predictors", "heads"}}[layout]
+    assert {k.split(".")[0] for k in old} == tops and not any(".tokens.image." in k for k in old)
+    if layout == "image_class":
+        assert {"context_encoder.patch_embed.proj.weight", "target_encoder.norms.0.weight"} <= set(old)
+        assert not any("encoders." in k for k in old)
     torch.manual_seed(1)
     fresh = build_model(compose(*tiny_overrides))
     fresh.load_state_dict(old)  # strict
@@ -121,7 +117,7 @@ def test_a_checkpoint_from_before_the_token_module_loads(compose, tiny_overrides
     """State dicts written when the predictor's embeddings sat on the predictor itself load unchanged."""
     torch.manual_seed(0)
     trained = build_model(compose(*tiny_overrides))
-    old = {k.replace("predictor.tokens.", "predictor."): v for k, v in legacy_image_state(trained).items()}
+    old = {image_class_name(k).replace("predictor.tokens.", "predictor."): v for k, v in trained.state_dict().items()}
     assert "predictor.level_embed" in old and not any(".tokens." in k for k in old)
     torch.manual_seed(1)
     fresh = build_model(compose(*tiny_overrides))
@@ -274,7 +270,7 @@ def test_the_parameters_come_in_the_image_jepa_class_s_order(compose):
     three steps above move in their last bits, inside the tolerance that the test above must leave)."""
     model = build_model(compose(*shrunk_model("jin_tiny")))
     order = list(dict.fromkeys(n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad))
-    assert order == ["context_encoder", "level_predictors", "heads", "cross_scale"]
+    assert order == ["context_encoder", "predictor", "heads", "cross_scale"]
 
 
 @pytest.mark.parametrize("preset", MODEL_PRESETS)

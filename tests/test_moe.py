@@ -97,7 +97,7 @@ def test_a_moe_trunk_trains_inside_the_jepa(compose, tiny_overrides):
     assert torch.isfinite(out.loss) and out.terms["moe_balance"] > 0
     torch.testing.assert_close(out.loss - without, cfg.model.predictor.moe_balance_weight * out.terms["moe_balance"])
     out.loss.backward()
-    moe = model.level_predictors["image"].stage.blocks[0].mlp
+    moe = model.predictor.stage.blocks[0].mlp
     assert isinstance(moe, MoEMLP) and moe.gates[0].weight.grad.abs().sum() > 0 and moe.w1.grad.abs().sum() > 0
     dense_cfg = compose(*tiny_overrides)
     dense = build_model(dense_cfg)

@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import SMALL_EVAL
+from conftest import OLD_IMAGE_LAYOUTS, SMALL_EVAL
 
 from prob_jepa.config import ConfigError
 from prob_jepa.data import build_datasets
@@ -267,26 +267,25 @@ def test_a_checkpoint_with_optimizer_state_for_parameters_the_model_lacks_is_ref
     assert torch.load(run.checkpoint, weights_only=True)["step"] == 1
 
 
-def old_image_name(name: str) -> str:
-    """A parameter's name in the image JEPA's checkpoints before it became the one-modality model."""
-    return name.replace("encoders.image.backbone.", "").replace("level_predictors.image.", "predictor.")
-
-
-def test_an_image_run_of_before_the_one_model_resumes_exactly(compose, tiny_overrides, tmp_path):
-    """A checkpoint whose model and optimizer state carry the image JEPA's old names (its encoder at
-    context_encoder.*, its predictor at predictor.*) resumes as the same checkpoint under today's names: every
-    AdamW moment found, the same next steps to the last bit."""
+@pytest.mark.parametrize("layout", OLD_IMAGE_LAYOUTS)
+def test_an_image_run_of_an_earlier_layout_resumes_exactly(compose, tiny_overrides, tmp_path, layout):
+    """A checkpoint whose model and optimizer state carry the names of an earlier layout (the image JEPA's class:
+    its encoder at context_encoder.*; the one model's level predictor of its own: level_predictors.image.*) resumes
+    as the same checkpoint under today's names: every AdamW moment found, the same next steps to the last bit."""
+    old_name = OLD_IMAGE_LAYOUTS[layout]
     overrides = (*tiny_overrides, "eval.enabled=false", "model.predictor.moe_experts=0")
     runs = {kind: RunDir(tmp_path / kind) for kind in ("today", "old")}
     for run in runs.values():
         pretrain(compose(*overrides, "trainer.max_steps=2"), run_dir=run.path)
     state = torch.load(runs["old"].checkpoint, weights_only=True)
-    state["model"] = {old_image_name(k): v for k, v in state["model"].items()}
+    state["model"] = {old_name(k): v for k, v in state["model"].items()}
     optimizer = state["optimizer"]
-    optimizer["state"] = {old_image_name(k): v for k, v in optimizer["state"].items()}
+    optimizer["state"] = {old_name(k): v for k, v in optimizer["state"].items()}
     for group in optimizer["param_groups"]:
-        group["params"] = [old_image_name(k) for k in group["params"]]
-    assert "predictor.stage.blocks.0.attn.qkv.weight" in optimizer["state"]
+        group["params"] = [old_name(k) for k in group["params"]]
+    assert not any(".tokens.image." in k for k in optimizer["state"])
+    assert {"image_class": "predictor.", "level_predictor": "level_predictors.image."}[layout] + \
+        "stage.blocks.0.attn.qkv.weight" in optimizer["state"]
     torch.save(state, runs["old"].checkpoint)
     for run in runs.values():
         assert pretrain(compose(*overrides, "trainer.max_steps=4"), run_dir=run.path).step == 4

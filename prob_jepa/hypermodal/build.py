@@ -20,10 +20,10 @@ from jin.hypermodal import HypermodalEncoder
 
 from ..config import ConfigError
 from ..model import (
-    build_configured_head, build_encoder, build_level_heads, build_level_predictor, check_experts, check_heads,
-    check_predicted_weights, encoder_kwargs, has_cross_scale, level_config, predicted_levels, read_levels,
+    build_configured_head, build_encoder, build_level_heads, build_predictor, check_experts, check_heads,
+    check_predicted_weights, encoder_kwargs, has_cross_scale, level_config, level_tokens, predicted_levels, read_levels,
 )
-from ..predictor import ModalityTokens, Predictor
+from ..predictor import SHARED, ModalityTokens, Predictor, TaskTokens
 from ..regularizers import SIGReg
 from ..jepa import JEPA
 
@@ -333,14 +333,23 @@ def build_hypermodal(cfg: DictConfig) -> JEPA:
         h.bias_hidden, h.bias_grid, shared_blocks=h.shared_blocks,
     )
     p = h.predictor
-    predictor = Predictor(
-        ModalityTokens(h.dim, p.dim), p.depth, p.num_heads, p.mlp_ratio,
-        spatial_bias=h.spatial_bias, bias_hidden=h.bias_hidden, bias_grid=h.bias_grid, drop_path_rate=p.drop_path_rate,
-        moe_experts=p.moe_experts, moe_top_k=p.moe_top_k, num_gates=h.m3.gates if h.m3.enabled else 1,
-    ) if shared else None
+    gates = h.m3.gates if h.m3.enabled else 1
+    parts = {SHARED: ModalityTokens(h.dim, p.dim)} if shared else {}
+    hierarchies = level_hierarchies(cfg, encoder) if h.within_targets == "levels" else {}
+    parts.update({m: level_tokens(cfg, backbone) for m, backbone in hierarchies.items()})
+    if hierarchies:  # one pass over the shared space's tasks and the levels: model.predictor, as the image JEPA's
+        check_one_pass(cfg, shared)
+        grid = max([b.grid for b in hierarchies.values()] + ([h.bias_grid] if shared else []))
+        predictor = build_predictor(cfg, parts, bias_grid=grid, num_gates=gates)
+    else:
+        predictor = Predictor(
+            TaskTokens(parts), p.depth, p.num_heads, p.mlp_ratio, spatial_bias=h.spatial_bias,
+            bias_hidden=h.bias_hidden, bias_grid=h.bias_grid, drop_path_rate=p.drop_path_rate,
+            moe_experts=p.moe_experts, moe_top_k=p.moe_top_k, num_gates=gates,
+        )
     head = build_configured_head(cfg.predictor, dim=h.dim, cond_dim=p.dim) if shared else None
     # the image JEPA's order (build_model): predictor, heads, then the hierarchy's cross-scale predictors
-    levels = level_predictors(cfg, encoder) if h.within_targets == "levels" else {}
+    level_heads = {m: build_level_heads(cfg) for m in hierarchies}
     cross = sigreg = None
     if h.image.backbone is not None:  # JIN's hierarchy: its cross-scale predictors and SIGReg, as model.* sets them
         m = cfg.model
@@ -348,16 +357,32 @@ def build_hypermodal(cfg: DictConfig) -> JEPA:
         cross = CrossScalePredictors(level_config(m)["dims"], slices=slices) if has_cross_scale(m) else None
         sigreg = SIGReg(m.sigreg_slices) if m.sigreg_weight > 0 else None
     return JEPA(encoder, predictor, head, h.embed_dim if shared else None, m3=h.m3.enabled, cross_scale=cross,
-                sigreg=sigreg, level_predictors={m: p for m, (p, _) in levels.items()},
-                level_heads={m: heads for m, (_, heads) in levels.items()},
-                predict_levels=level_config(cfg.model)["predict_levels"] if levels else (),
-                level_weights=level_config(cfg.model)["level_weights"] if levels else ())
+                sigreg=sigreg, level_heads=level_heads,
+                predict_levels=level_config(cfg.model)["predict_levels"] if hierarchies else (),
+                level_weights=level_config(cfg.model)["level_weights"] if hierarchies else ())
 
 
-def level_predictors(cfg: DictConfig, encoder: HypermodalEncoder) -> dict[str, tuple[Predictor, list]]:
-    """Per hierarchical modality of ``encoder`` (``hypermodal.within_targets=levels``), the image JEPA's predictor over
-    its levels (``model.predictor``, :func:`~prob_jepa.model.build_level_predictor`) and one ``cfg.predictor`` head
-    per predicted level (``model.predictor.levels``).
+def check_one_pass(cfg: DictConfig, shared: bool) -> None:
+    """One predictor makes the shared space's predictions and the levels' in one pass, so with both its spatial bias
+    is one: ``model.spatial_bias`` / ``model.bias_hidden`` (the levels') and ``hypermodal.spatial_bias`` /
+    ``hypermodal.bias_hidden`` (the shared space's) must agree.
+
+    Raises:
+        ConfigError: naming the keys that disagree.
+    """
+    h, m = cfg.hypermodal, cfg.model
+    differ = [k for k in ("spatial_bias", "bias_hidden") if shared and h[k] != m[k]]
+    if differ:
+        raise ConfigError(
+            "hypermodal.within_targets=levels: one predictor pass predicts the levels and the shared space, so "
+            + ", ".join(f"model.{k}={m[k]} and hypermodal.{k}={h[k]}" for k in differ) + " must agree"
+        )
+
+
+def level_hierarchies(cfg: DictConfig, encoder: HypermodalEncoder) -> dict[str, HierarchicalEncoder]:
+    """Per hierarchical modality of ``encoder`` (``hypermodal.within_targets=levels``), its hierarchy, whose levels
+    ``model.predictor.levels`` the model predicts (the predictor's part :func:`~prob_jepa.model.level_tokens`, one
+    ``cfg.predictor`` head per predicted level).
 
     Raises:
         ConfigError: a predicted level has several slices (a clip's time steps, a cloud's heights), naming
@@ -376,5 +401,5 @@ def level_predictors(cfg: DictConfig, encoder: HypermodalEncoder) -> dict[str, t
                               f"{sliced} of the {name} hierarchy, which have several {what} "
                               f"(hypermodal.{name}.{key}): their tokens share (x, y, scale); predict fewer levels or "
                               f"lower hypermodal.{name}.{key}")
-        out[name] = (build_level_predictor(cfg, backbone), build_level_heads(cfg))
+        out[name] = backbone
     return out
