@@ -163,8 +163,9 @@ class JEPA(ContextTargetPair):
     one :class:`~prob_jepa.step.Predicted` per level (``Predicted.level``); every other task predicts shared-space
     tokens. One predictor pass per mask set makes every prediction (:class:`~prob_jepa.predictor.TaskTokens`: the
     shared space's tasks and each such modality's levels side by side, kept apart by the attention mask). The loss is
-    the term list of the run's recipe (:mod:`prob_jepa.recipes`): for the image, :func:`~prob_jepa.model.image_terms` (``Σ_l w_l · head_l.loss(cond_l, sg[target_l])`` + cross-scale + budget +
-    SIGReg + the experts' balance); for several modalities,
+    the term list of the run's recipe (:mod:`prob_jepa.recipes`): for the image, :func:`~prob_jepa.model.image_terms`
+    (``Σ_l w_l · head_l.loss(cond_l, sg[target_l])`` + cross-scale + budget + SIGReg + the experts' balance); for
+    several modalities,
     :func:`~prob_jepa.hypermodal.objectives.hypermodal_terms`::
 
         Σ_kind w_kind · mean_{τ of kind} head.loss(cond_τ, sg[target_τ])
@@ -442,8 +443,8 @@ class LevelJEPA:
     JIN's encoder), which the image evaluation reads (heads, ambiguity, uncertainty maps, what could be here, cost).
     A view: it holds no weights of its own (``context_encoder``, ``target_encoder``: the modality's
     :class:`~jin.HierarchicalEncoder` in the model's context and target encoders; ``predictor``: the model's
-    predictor, whose part ``name`` predicts the levels; ``heads``: one per predicted level, ``heads[-1]`` the coarsest's), and it is no module: mode and
-    device are the model's (``model.eval()``, ``model.to(device)``).
+    predictor, whose part ``name`` predicts the levels; ``heads``: one per predicted level, ``heads[-1]`` the
+    coarsest's), and it is no module: mode and device are the model's (``model.eval()``, ``model.to(device)``).
     """
 
     def __init__(self, model: JEPA, name: str):

@@ -616,8 +616,8 @@ LEVELS = [*HIERARCHICAL, "hypermodal.within_targets=levels"]
 def test_a_within_prediction_at_the_levels_is_the_image_jepa_s(compose, scenes, predict):
     """hypermodal.within_targets=levels: beside another modality, the image's within-modality JEPA term is the image
     JEPA's loss (the image recipe's level terms, JIN eq. 9, on the same model and masks: the same number up to
-    float rounding, its weight shared between the levels), and the shared space is left out of it (the shared blocks get no
-    gradient from it)."""
+    float rounding, its weight shared between the levels), and the shared space is left out of it (the shared blocks
+    get no gradient from it)."""
     from prob_jepa.masks import image_inputs
     from prob_jepa.model import image_terms
 
@@ -733,7 +733,8 @@ def test_a_checkpoint_of_a_level_predictor_beside_the_shared_one_is_refused_by_n
     torch.manual_seed(0)
     model = build_hypermodal(compose(*LEVELS))
     old = dict(model.state_dict())
-    old.update({f"level_predictors.image.{k[len('predictor.'):]}": v for k, v in old.items() if k.startswith("predictor.")})
+    old.update({f"level_predictors.image.{k[len('predictor.'):]}": v for k, v in old.items()
+                if k.startswith("predictor.")})
     with pytest.raises(ValueError, match=r"a predictor for the levels of image beside the shared-space predictor"):
         model.load_state_dict(old)
 
