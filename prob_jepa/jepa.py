@@ -107,6 +107,8 @@ def legacy_names(model: "JEPA", names: Iterable[str], prefix: str = "") -> dict[
             with several modalities, before the one predictor pass): their two sets of blocks are not one predictor's.
     """
     names = list(names)
+    if not model.context_encoder.shared_space and any(k.startswith(f"{prefix}proj.") for k in names):
+        return {}  # one modality at its levels of before 1f0ad1c: _legacy_shared_space_keys drops its shared space first
     moves: dict[str, str] = {}
     encoders = tuple(f"{prefix}{e}." for e in ("context_encoder", "target_encoder"))
     image = {k for k in names if k.startswith(encoders) and not k.startswith(tuple(f"{e}encoders." for e in encoders))}
@@ -371,20 +373,19 @@ class JEPA(ContextTargetPair):
             ctx = {m: self.context_encoder.share(m, t) for m, t in own.items() if m in shared[1]}
             parts = {SHARED: self.shared_inputs(ctx, coords, sets, shared_tasks)} if shared_tasks else {}
             parts.update({t.target: self.level_inputs(t.target, own[t.target], sets[t.target]) for t in level_tasks})
-            if not parts:  # a phase may make no prediction and train the alignment only
-                continue
-            cond, balance = self.predictor(parts, gate=gate)
-            balances.append(balance)
-            positions = {m: self.context_encoder.encoder(m).level_positions(sets[m].targets) for m in shared[0]}
-            predicted += [
-                Predicted(f"jepa/{task.kind}", 0, c,
-                          gather_tokens(targets[task.target], self.target_tokens(task.target, sets[task.target])),
-                          positions[task.target])
-                for task, c in zip(shared_tasks, cond.get(SHARED, []))
-            ]
-            for task in level_tasks:
-                predicted += self.level_predictions(task.target, cond[task.target], sets[task.target],
-                                                    level_targets[task.target])
+            if parts:  # a phase may make no prediction and train the alignment (and the hierarchies) only
+                cond, balance = self.predictor(parts, gate=gate)
+                balances.append(balance)
+                positions = {m: self.context_encoder.encoder(m).level_positions(sets[m].targets) for m in shared[0]}
+                predicted += [
+                    Predicted(f"jepa/{task.kind}", 0, c,
+                              gather_tokens(targets[task.target], self.target_tokens(task.target, sets[task.target])),
+                              positions[task.target])
+                    for task, c in zip(shared_tasks, cond.get(SHARED, []))
+                ]
+                for task in level_tasks:
+                    predicted += self.level_predictions(task.target, cond[task.target], sets[task.target],
+                                                        level_targets[task.target])
             hierarchies += [t.levels for t in own.values() if t.levels]
             for m, c in ctx.items():
                 means[m].append(c.features.mean(1))

@@ -739,6 +739,33 @@ def test_a_checkpoint_of_a_level_predictor_beside_the_shared_one_is_refused_by_n
         model.load_state_dict(old)
 
 
+@pytest.mark.parametrize("targets", ["shared", "levels"])
+def test_a_step_without_predictions_trains_the_alignment_and_the_hierarchy(compose, scenes, targets):
+    """A phase may plan no prediction (e.g. every JEPA objective at 0): the step still aligns the modalities and
+    keeps the hierarchy's terms (cross-scale, SIGReg), and the predictor gets no gradient."""
+    cfg = compose(*HIERARCHICAL, f"hypermodal.within_targets={targets}", "model.sigreg_weight=0.1")
+    torch.manual_seed(0)
+    model = build_hypermodal(cfg).train()
+    x = batch(scenes, 4, ["image", "text"])
+    out = loss_of(model, cfg, x, masks_for(model, x, cfg), [])
+    assert {"energy", "infonce", "cross_scale", "sigreg"} <= set(out.terms) and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(p.grad is None for p in model.predictor.parameters())
+    assert any(p.grad is not None for p in model.cross_scale.parameters())
+
+
+def test_a_one_modality_checkpoint_with_the_shared_space_of_before_is_left_to_its_hook(compose):
+    """The names of a one-modality run at its levels of before 1f0ad1c (an untrained shared predictor at
+    predictor.* beside the level predictor) are not refused as a level predictor beside a shared one: the load hook
+    drops that shared space first (test above), and a resume is refused for the optimizer state it holds."""
+    from prob_jepa.jepa import legacy_names
+
+    model = build_hypermodal(compose(*LEVELS, "data.modalities=[image]"))
+    names = ["proj.weight", "predictor.stage.blocks.0.attn.qkv.weight",
+             "level_predictors.image.stage.blocks.0.attn.qkv.weight"]
+    assert legacy_names(model, names) == {}
+
+
 def test_within_targets_are_checked_by_name(compose):
     with pytest.raises(ConfigError, match=r"hypermodal\.within_targets='tokens'; valid: shared, levels"):
         build_hypermodal(compose(*HIERARCHICAL, "hypermodal.within_targets=tokens"))
