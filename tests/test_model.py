@@ -240,7 +240,7 @@ def test_the_image_recipe_trains_as_the_image_jepa_class_did(case, overrides, co
 
 
 def test_gradient_checkpointing_recomputes_every_block_and_changes_no_gradient(compose):
-    """trainer.grad_checkpointing: every block (encoders, level predictor) is recomputed in the backward pass, with
+    """trainer.grad_checkpointing: every block (encoders, predictor) is recomputed in the backward pass, with
     the same drop-path draws, so loss and gradients are those of the plain step."""
     from jin.layers import Stage
 
@@ -266,7 +266,7 @@ def test_gradient_checkpointing_recomputes_every_block_and_changes_no_gradient(c
 
 def test_the_parameters_come_in_the_image_jepa_class_s_order(compose):
     """Gradient clipping sums the parameters' norms in the model's order: the image JEPA class's (encoder, predictor,
-    heads, cross-scale) keeps its runs reproducible to the last bit (with the heads before the level predictor the
+    heads, cross-scale) keeps its runs reproducible to the last bit (with the heads before the predictor the
     three steps above move in their last bits, inside the tolerance that the test above must leave)."""
     model = build_model(compose(*shrunk_model("jin_tiny")))
     order = list(dict.fromkeys(n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad))
