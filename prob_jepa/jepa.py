@@ -212,9 +212,10 @@ class JEPA(ContextTargetPair):
             raise ValueError("a shared-space head and alignment width exactly when the encoder has a shared space")
         level_heads = level_heads or {}
         parts = ([SHARED] if encoder.shared_space else []) + list(level_heads)
-        if not isinstance(predictor.tokens, TaskTokens) or list(predictor.tokens) != parts:
+        given = list(predictor.tokens) if isinstance(predictor.tokens, TaskTokens) else type(predictor.tokens).__name__
+        if given != parts:
             raise ValueError(f"the predictor's parts must be {parts} (the shared space's, then each modality predicted "
-                             f"at its levels), not {list(getattr(predictor.tokens, 'keys', list)())}")
+                             f"at its levels), not {given}")
         self.init_target(encoder)
         # the predictor's parameters before the heads': the order in which the image JEPA's optimizer and gradient
         # clipping have always met them

@@ -338,7 +338,8 @@ def build_hypermodal(cfg: DictConfig) -> JEPA:
     hierarchies = level_hierarchies(cfg, encoder) if h.within_targets == "levels" else {}
     parts.update({m: level_tokens(cfg, backbone) for m, backbone in hierarchies.items()})
     if hierarchies:  # one pass over the shared space's tasks and the levels: model.predictor, as the image JEPA's
-        check_one_pass(cfg, shared)
+        if shared:
+            check_one_pass(cfg)
         grid = max([b.grid for b in hierarchies.values()] + ([h.bias_grid] if shared else []))
         predictor = build_predictor(cfg, parts, bias_grid=grid, num_gates=gates)
     else:
@@ -362,7 +363,7 @@ def build_hypermodal(cfg: DictConfig) -> JEPA:
                 level_weights=level_config(cfg.model)["level_weights"] if hierarchies else ())
 
 
-def check_one_pass(cfg: DictConfig, shared: bool) -> None:
+def check_one_pass(cfg: DictConfig) -> None:
     """One predictor makes the shared space's predictions and the levels' in one pass, so with both its spatial bias
     is one: ``model.spatial_bias`` / ``model.bias_hidden`` (the levels') and ``hypermodal.spatial_bias`` /
     ``hypermodal.bias_hidden`` (the shared space's) must agree.
@@ -371,7 +372,7 @@ def check_one_pass(cfg: DictConfig, shared: bool) -> None:
         ConfigError: naming the keys that disagree.
     """
     h, m = cfg.hypermodal, cfg.model
-    differ = [k for k in ("spatial_bias", "bias_hidden") if shared and h[k] != m[k]]
+    differ = [k for k in ("spatial_bias", "bias_hidden") if h[k] != m[k]]
     if differ:
         raise ConfigError(
             "hypermodal.within_targets=levels: one predictor pass predicts the levels and the shared space, so "
