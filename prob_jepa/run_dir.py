@@ -27,8 +27,9 @@ def with_added_keys(cfg: DictConfig) -> DictConfig:
     ``hypermodal.hierarchy.modalities`` (none: only the image had JIN's hierarchy), ``hypermodal.shared_blocks``
     (true), ``hypermodal.within_targets`` (shared: every within-modality prediction in the shared space),
     ``hypermodal.points.voxel_levels`` (1: pillars of full height), ``optim.head_lr_scale`` (1),
-    ``predictor.prediction_type`` of the diffusion head (``epsilon``), ``predictor.num_components`` of the flow
-    head (1: one flow), ``model.paper_params`` (null: a claim, not a
+    ``predictor.prediction_type`` of the diffusion head (``epsilon``), ``predictor.num_components``,
+    ``base_components`` and ``hold_steps`` of the flow head (1, 1, 0: one flow over N(0, I), trained from the first
+    step), ``model.paper_params`` (null: a claim, not a
     setting), ``model.ablation`` and ``hypermodal.ablation`` (null),
     and the scene options of :data:`ADDED_SCENE_OPTIONS`; masks saved before every modality had a list of mask specs
     (``mask.<modality>``) become that list: the image run's one ``mask`` node ``[{kind: multiblock, …}]`` as
@@ -52,7 +53,8 @@ def with_added_keys(cfg: DictConfig) -> DictConfig:
     if cfg.get("predictor", {}).get("name") == "diffusion":
         cfg.predictor.setdefault("prediction_type", "epsilon")
     if cfg.get("predictor", {}).get("name") == "flow":
-        cfg.predictor.setdefault("num_components", 1)
+        for key, value in {"num_components": 1, "base_components": 1, "hold_steps": 0}.items():
+            cfg.predictor.setdefault(key, value)
     if cfg.get("model") is not None:
         cfg.model.setdefault("paper_params", None)
         cfg.model.setdefault("ablation", None)

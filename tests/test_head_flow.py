@@ -11,9 +11,10 @@ from nflows.nn.nets import ResidualNet
 from nflows.transforms import PiecewiseRationalQuadraticCouplingTransform
 from omegaconf import OmegaConf
 
-from conftest import HEAD_CONFIGS
+from conftest import CONF, HEAD_CONFIGS
 from prob_jepa.config import ConfigError
 from prob_jepa.eval.multimodality import axis_coordinates
+from prob_jepa.eval.summary import head_label, head_presets
 from prob_jepa.heads import build_head
 from prob_jepa.heads.flow import _SplineCoupling
 from prob_jepa.run_dir import RunDir
@@ -131,12 +132,12 @@ def assert_a_density_that_samples_itself(head, cond: torch.Tensor, half_width: f
 
 def test_two_flows_put_their_samples_on_the_modes_after_short_training():
     """The 64-D ``ambiguous`` task (modes 5 σ apart, weights 0.7 / 0.3) under a condition as wide as the JEPA
-    predictor's (192), 300 steps: a mixture of two flows puts ≥ 0.75 of its samples nearer a mode than
-    the midpoint, with the minority weight within 0.05 (measured on seeds 0–4: on-mode 0.83–0.87, minority share
-    0.31–0.33, truth 0.89 / 0.30; one flow, ``num_components=1``: 0.51; two flows whose index enters the context
-    embedding at nn.Linear's default scale: 0.52, seed 0)."""
+    predictor's (192), 300 steps: a mixture of two flows (normal base, no hold) puts ≥ 0.75 of its samples nearer a
+    mode than the midpoint, with the minority weight within 0.05 (measured on seeds 0–4: on-mode 0.83–0.87, minority
+    share 0.31–0.33, truth 0.89 / 0.30; one flow, ``num_components=1``: 0.51; two flows whose index enters the
+    context embedding at nn.Linear's default scale: 0.52, seed 0)."""
     task = TASKS["ambiguous"](dim=64, cond_dim=192, seed=0)
-    head = make(dim=64, cond_dim=192, num_components=2)
+    head = make(dim=64, cond_dim=192, num_components=2, base_components=1, hold_steps=0)
     train_head(head, task, steps=300, batch_size=256, lr=3e-3, seed=0)
     c, cond, _ = task.sample(256, torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -147,18 +148,49 @@ def test_two_flows_put_their_samples_on_the_modes_after_short_training():
     assert abs((x < 0.5).double().mean().item() - (1 - task.weight)) < 0.05
 
 
+def test_the_preset_flow_puts_its_samples_on_both_modes_in_their_weights():
+    """The preset (``experiments/conf/predictor/flow.yaml``: a 4-Gaussian base set by the context, couplings held for
+    300 steps) on the 64-D ``ambiguous`` task under a 192-wide condition, 600 steps: ≥ 0.8 of its samples nearer a
+    mode than the midpoint and the minority share within 0.06 of 0.3 (measured on seeds 0–4: on-mode 0.862–0.878,
+    minority share 0.324–0.337; at 400 steps 0.855–0.870 / 0.350–0.384). The base is what this guards: with a normal
+    base the same run reads 0.52 on a mode; without the hold 0.880 / 0.317 (seed 0) — the hold is for the JEPA, whose
+    couplings otherwise explain the second mode first (README, "The head comparison")."""
+    assert (HEAD_CONFIGS["flow"]["base_components"], HEAD_CONFIGS["flow"]["hold_steps"]) == (4, 300)
+    task = TASKS["ambiguous"](dim=64, cond_dim=192, seed=0)
+    head = make(dim=64, cond_dim=192)
+    train_head(head, task, steps=600, batch_size=256, lr=3e-3, seed=0)
+    c, cond, _ = task.sample(256, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        samples = head.sample(cond, 64)
+    mode = task.centre(c)
+    x = axis_coordinates(samples, mode, -mode)
+    assert ((x < 0.25) | (x > 0.75)).double().mean() >= 0.8
+    assert abs((x < 0.5).double().mean().item() - (1 - task.weight)) < 0.06
+
+
 def test_a_flow_run_saved_before_num_components_loads_and_resumes_as_the_one_flow_it_was(compose, tiny_overrides,
                                                                                         tmp_path):
+    """A run saved before the flow's ``num_components``, ``base_components`` and ``hold_steps`` (one flow over N(0, I),
+    the preset until 2026-12-05) loads as that flow, is labelled by ``compare.py`` as differing from today's preset,
+    resumes with the options it was trained with and refuses others by name."""
     run = RunDir(tmp_path / "run")
-    flow = (*tiny_overrides, "predictor=flow", "eval.enabled=false")
+    flow = (*tiny_overrides, "predictor=flow", "predictor.base_components=1", "predictor.hold_steps=0",
+            "eval.enabled=false")
     pretrain(compose(*flow, "trainer.max_steps=1"), run_dir=run.path)
     old = OmegaConf.load(run.config)
-    del old.predictor.num_components
+    for key in ("num_components", "base_components", "hold_steps"):
+        del old.predictor[key]
     OmegaConf.save(old, run.config)
     model, trained = load_run(run.path)
-    assert trained.predictor.num_components == 1 and model.heads[0].weights is None
+    assert (trained.predictor.num_components, trained.predictor.base_components, trained.predictor.hold_steps) == \
+        (1, 1, 0)
+    assert model.heads[0].weights is None and not model.heads[0].held_parameters()
+    assert head_label(run.load_config().predictor, head_presets(CONF)) == "flow(base_components=1,hold_steps=0)"
     with pytest.raises(ConfigError, match="predictor.num_components: 1 -> 2"):
         pretrain(compose(*flow, "trainer.max_steps=2", "predictor.num_components=2"), run_dir=run.path)
+    with pytest.raises(ConfigError, match="predictor.base_components: 1 -> 4"):
+        pretrain(compose(*tiny_overrides, "predictor=flow", "eval.enabled=false", "trainer.max_steps=2"),
+                 run_dir=run.path)
     assert pretrain(compose(*flow, "trainer.max_steps=2"), run_dir=run.path).step == 2
 
 
@@ -201,7 +233,7 @@ def test_held_couplings_start_at_the_identity_and_stay_there_for_hold_steps_of_t
         torch.testing.assert_close(head.log_prob(x, cond), base + logabsdet)
     held = [p for layer in couplings for p in layer.parameters()]
     assert {id(p) for p in head.held_parameters()} == {id(p) for p in held}
-    assert make(dim=6, cond_dim=3, base_components=4).held_parameters() == []
+    assert make(dim=6, cond_dim=3, base_components=4, hold_steps=0).held_parameters() == []
     start = [p.detach().clone() for p in held]
     others = first.transform_net.final_layer.weight.detach().clone()
     task = TASKS["bimodal"](dim=6, cond_dim=3)
@@ -214,7 +246,7 @@ def test_held_couplings_start_at_the_identity_and_stay_there_for_hold_steps_of_t
     assert not moved(2) and moved(3)
     train_head(head, task, steps=2, batch_size=64)
     assert not torch.equal(first.transform_net.final_layer.weight, others)
-    make(dim=6, cond_dim=3, base_components=4).load_state_dict(head.state_dict())
+    make(dim=6, cond_dim=3, base_components=4, hold_steps=0).load_state_dict(head.state_dict())
 
 
 def test_a_head_saved_while_the_hold_counted_its_batches_loads():

@@ -216,7 +216,8 @@ IMAGE_JEPA_CLASS_STEPS = {
 
 @pytest.mark.parametrize("case, overrides", [
     ("default", []),
-    ("flow_every_level_moe_clipped", ["predictor=flow", "model.predictor.levels=null", "model.predictor.moe_experts=2",
+    ("flow_every_level_moe_clipped", ["predictor=flow", "predictor.base_components=1", "predictor.hold_steps=0",
+                                      "model.predictor.levels=null", "model.predictor.moe_experts=2",
                                       "trainer.clip_grad=0.3"]),
 ])
 def test_the_image_recipe_trains_as_the_image_jepa_class_did(case, overrides, compose, tmp_path):
