@@ -5,6 +5,7 @@ import resource
 import signal
 import threading
 import time
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,6 +249,11 @@ class Trainer:
             param_groups(self.model, cfg.optim.head_lr_scale), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
             fused=True,
         )
+        held = max((g["hold_steps"] for g in self.optimizer.param_groups if "hold_steps" in g), default=0)
+        if held >= self.total_steps:
+            warnings.warn(f"predictor.hold_steps={held} >= the schedule's {self.total_steps} optimizer steps: the "
+                          f"head's held parameters (a flow's coupling layers) stay at their initial values for the "
+                          f"whole run", stacklevel=2)
         # A parameter that has had no gradient yet (a modality left out of every step so far) has no AdamW state.
         self.optimizer_load_options = StateDictOptions(full_state_dict=True, strict=not partial)
         # The image recipe's token counts are static per run (MaskCollator), so one graph serves every step.

@@ -4,6 +4,7 @@ old runs' one flow."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -264,6 +265,17 @@ def test_a_head_saved_while_the_hold_counted_its_batches_loads():
 def test_a_base_or_hold_that_cannot_be_built_is_refused_by_name(options, message):
     with pytest.raises(ValueError, match=message):
         make(dim=4, **options)
+
+
+def test_a_hold_as_long_as_the_schedule_is_announced(compose, tiny_overrides, tmp_path):
+    """The preset's 300 held steps in a run whose schedule is shorter: a warning says the held parameters never
+    train; a hold shorter than the schedule says nothing."""
+    flow = (*tiny_overrides, "predictor=flow", "eval.enabled=false", "trainer.max_steps=1")
+    with pytest.warns(UserWarning, match=r"predictor.hold_steps=300 >= the schedule's \d+ optimizer steps"):
+        pretrain(compose(*flow), run_dir=tmp_path / "long")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="predictor.hold_steps")
+        pretrain(compose(*flow, "predictor.hold_steps=2"), run_dir=tmp_path / "short")
 
 
 @pytest.mark.slow
