@@ -194,20 +194,23 @@ class FlowHead(Head):
     With ``num_components = K > 1`` the head is a mixture of ``K`` such flows that share their networks and differ
     in the component's one-hot index appended to the context: ``p(y | c) = Σ_k π_k(c) p_f(y | c, k)``, the weights
     ``π(c)`` from an MLP (softmax; uniform at initialization), the log-density a logsumexp over ``K`` flow passes.
-    One flow is a diffeomorphism of a Gaussian, so it cannot put zero density between two separated modes: it
-    keeps a bridge of mass between them unless its Jacobian grows without bound (Cornish et al. 2020), and
-    learns the sharp map slowly (README, "The head comparison": on the 64-D ``ambiguous`` task one flow puts 52 % of
-    its samples nearer a mode than the midpoint after 300 steps, two flows 80 %, the truth 89 %). Each component
+    One flow over ``N(0, I)`` is a diffeomorphism of a Gaussian, so it cannot put zero density between two separated
+    modes: it keeps a bridge of mass between them unless its Jacobian grows without bound (Cornish et al. 2020), and
+    learns the sharp map slowly (README, "The head comparison": on the 64-D ``ambiguous`` task one flow over
+    ``N(0, I)`` puts 52 % of its samples nearer a mode than the midpoint after 300 steps, two flows 80 %, the truth
+    89 %). Each component
     needs only one mode; the mixture weight picks it. The index enters the context embedding with weights of
     O(1), so the components start apart whatever the width of ``c``. In the JEPA the weights collapse onto one
-    component at every seed tried (README, "The head comparison"), so one flow is the default.
+    component at every seed tried (README, "The head comparison"), so one flow is the preset.
 
     With ``base_components = K > 1`` the base is itself a mixture set by the context (an MDN in the coordinates the
     first, standardizing layer produces, reversed when ``num_layers`` is even), and ``hold_steps`` keeps the
     couplings at the identity while it learns: the base then splits the modes first, as the MDN head does, and the
     couplings refine each mode afterwards.
     Unheld, the couplings explain the second mode as a dependence between the halves of the target before the
-    base's components separate (README, "The head comparison").
+    base's components separate (README, "The head comparison"). The preset (``experiments/conf/predictor/flow.yaml``)
+    has ``base_components=4``, ``hold_steps=300`` since 2026-12-05; the defaults here (1, 0) are what a saved config
+    without the keys was trained with.
 
     Sampling inverts all layers in one pass (couplings, not autoregressive layers), each draw with its component.
     ``mean`` is the Monte-Carlo mean of ``S = mean_samples`` draws from a fixed seed (the
