@@ -134,22 +134,29 @@ def assert_a_density_that_samples_itself(head, cond: torch.Tensor, half_width: f
         assert (empirical - cdf[row]).abs().max() < 0.02, row
 
 
+def ambiguous_task_shares(head, steps: int) -> tuple[float, float]:
+    """``head`` trained ``steps`` steps on the 64-D ``ambiguous`` task (seed 0, minority weight 0.3) under a 192-wide
+    condition: the shares of its samples (64 for each of 256 rows) nearer a mode than the midpoint and nearer the
+    minority mode."""
+    task = TASKS["ambiguous"](dim=64, cond_dim=192, seed=0)
+    assert task.weight == 0.7
+    train_head(head, task, steps=steps, batch_size=256, lr=3e-3, seed=0)
+    c, cond, _ = task.sample(256, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        samples = head.sample(cond, 64)
+    mode = task.centre(c)
+    x = axis_coordinates(samples, mode, -mode)
+    return ((x < 0.25) | (x > 0.75)).double().mean().item(), (x < 0.5).double().mean().item()
+
+
 def test_two_flows_put_their_samples_on_the_modes_after_short_training():
     """The 64-D ``ambiguous`` task (modes 5 σ apart, weights 0.7 / 0.3) under a condition as wide as the JEPA
     predictor's (192), 300 steps: a mixture of two flows (normal base, no hold) puts ≥ 0.75 of its samples nearer a
     mode than the midpoint, with the minority weight within 0.05 (measured on seeds 0–4: on-mode 0.83–0.87, minority
     share 0.31–0.33, truth 0.89 / 0.30; one flow, ``num_components=1``: 0.51; two flows whose index enters the
     context embedding at nn.Linear's default scale: 0.52, seed 0)."""
-    task = TASKS["ambiguous"](dim=64, cond_dim=192, seed=0)
-    head = make(dim=64, cond_dim=192, num_components=2, **ONE_FLOW)
-    train_head(head, task, steps=300, batch_size=256, lr=3e-3, seed=0)
-    c, cond, _ = task.sample(256, torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        samples = head.sample(cond, 64)
-    mode = task.centre(c)
-    x = axis_coordinates(samples, mode, -mode)
-    assert ((x < 0.25) | (x > 0.75)).double().mean() >= 0.75
-    assert abs((x < 0.5).double().mean().item() - (1 - task.weight)) < 0.05
+    on_mode, minority = ambiguous_task_shares(make(dim=64, cond_dim=192, num_components=2, **ONE_FLOW), steps=300)
+    assert on_mode >= 0.75 and abs(minority - 0.3) < 0.05
 
 
 def test_the_preset_flow_puts_its_samples_on_both_modes_in_their_weights():
@@ -161,16 +168,8 @@ def test_the_preset_flow_puts_its_samples_on_both_modes_in_their_weights():
     the hold is for the JEPA, whose couplings otherwise explain the second mode first (README, "The head
     comparison")."""
     assert (HEAD_CONFIGS["flow"]["base_components"], HEAD_CONFIGS["flow"]["hold_steps"]) == (4, 300)
-    task = TASKS["ambiguous"](dim=64, cond_dim=192, seed=0)
-    head = make(dim=64, cond_dim=192)
-    train_head(head, task, steps=600, batch_size=256, lr=3e-3, seed=0)
-    c, cond, _ = task.sample(256, torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        samples = head.sample(cond, 64)
-    mode = task.centre(c)
-    x = axis_coordinates(samples, mode, -mode)
-    assert ((x < 0.25) | (x > 0.75)).double().mean() >= 0.8
-    assert abs((x < 0.5).double().mean().item() - (1 - task.weight)) < 0.06
+    on_mode, minority = ambiguous_task_shares(make(dim=64, cond_dim=192), steps=600)
+    assert on_mode >= 0.8 and abs(minority - 0.3) < 0.06
 
 
 def test_a_flow_run_saved_before_num_components_loads_and_resumes_as_the_one_flow_it_was(compose, tiny_overrides,
