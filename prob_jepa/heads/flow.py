@@ -198,10 +198,9 @@ class FlowHead(Head):
     modes: it keeps a bridge of mass between them unless its Jacobian grows without bound (Cornish et al. 2020), and
     learns the sharp map slowly (README, "The head comparison": on the 64-D ``ambiguous`` task one flow over
     ``N(0, I)`` puts 52 % of its samples nearer a mode than the midpoint after 300 steps, two flows 80 %, the truth
-    89 %). Each component
-    needs only one mode; the mixture weight picks it. The index enters the context embedding with weights of
-    O(1), so the components start apart whatever the width of ``c``. In the JEPA the weights collapse onto one
-    component at every seed tried (README, "The head comparison"), so one flow is the preset.
+    89 %). Each component needs only one mode; the mixture weight picks it. The index enters the context embedding
+    with weights of O(1), so the components start apart whatever the width of ``c``. In the JEPA the weights collapse
+    onto one component at every seed tried (README, "The head comparison"), so one flow is the preset.
 
     With ``base_components = K > 1`` the base is itself a mixture set by the context (an MDN in the coordinates the
     first, standardizing layer produces, reversed when ``num_layers`` is even), and ``hold_steps`` keeps the
