@@ -28,7 +28,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ConfigError, is_count, is_finite_number
 from .data import GlobalBatchSampler, SeededDataset, build_datasets, seed_for
 from .distributed import (
-    STRATEGIES, DistInfo, any_rank, barrier, gradient_sync, init_distributed, mean_over_ranks, wrap_model,
+    STRATEGIES, DistInfo, any_rank, barrier, gradient_sync, init_distributed, mean_over_ranks, settle, wrap_model,
 )
 from .eval import check_knn_bank, evaluation_sets
 from .eval.diagnostics import effective_rank, feature_std
@@ -558,5 +558,5 @@ def pretrain(
         model = trainer.full_model()
         if info.is_main:
             metrics = evaluate(model, cfg, probe_set, val_set, run, info.device)
-    barrier(info)
+    settle(info)
     return TrainResult(run.path, metrics, trainer.step, status)

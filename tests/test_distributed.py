@@ -1,11 +1,13 @@
 """torchrun: two processes (gloo, CPU) train exactly like one process with the same global batch."""
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,9 +15,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import ROOT, SMALL_EVAL, image_class_name, shrunk_model
-from prob_jepa.distributed import DistInfo, mean_over_ranks
+from prob_jepa.distributed import DistInfo, init_distributed, mean_over_ranks, settle
 from prob_jepa.run_dir import RunDir
 from prob_jepa.train import pretrain
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _log_terms(rank: int, port: int, out: str) -> None:
@@ -31,12 +39,31 @@ def _log_terms(rank: int, port: int, out: str) -> None:
 def test_logged_terms_are_averaged_by_name_over_the_ranks_that_have_them(tmp_path):
     """Ranks whose steps made different terms (modality dropout, curriculum) log the same names, each the mean of
     the ranks that computed it — not the values of another name that sat at the same position."""
-    with socket.socket() as s:  # a free port
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_log_terms, args=(port, str(tmp_path / "logged")), nprocs=2)
+    mp.spawn(_log_terms, args=(_free_port(), str(tmp_path / "logged")), nprocs=2)
     logged = [json.loads((tmp_path / f"logged.{r}").read_text()) for r in range(2)]
     assert logged[0] == logged[1] == {"loss": 2.0, "jepa/within": 2.0, "jepa/cross": 4.0}
+
+
+def _exit_after_a_run(rank: int, port: int, out: str, settled: bool) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    # exit handlers run last-registered first: this one runs after any that init_distributed registers
+    atexit.register(lambda: Path(f"{out}.{rank}").write_text(str(dist.is_initialized())))
+    info = init_distributed("cpu")
+    if settled:
+        settle(info)
+    else:  # a run stopped before its last barrier
+        dist.barrier()
+
+
+@pytest.mark.parametrize("settled", [True, False])
+def test_a_rank_destroys_its_process_group_at_exit_only_after_the_run_settled(settled, tmp_path):
+    """A Gloo group left to the interpreter's finalization aborted a rank that had finished its run (SIGABRT,
+    "terminate called without an active exception": a torchrun test in CI), so a settled run's group is gone by
+    the time the process's exit handlers are done; one that did not settle (a rank leaving by an exception) is
+    left, since destroying it waits for work its peers will never finish."""
+    mp.spawn(_exit_after_a_run, args=(_free_port(), str(tmp_path / "initialized"), settled), nprocs=2)
+    assert [(tmp_path / f"initialized.{r}").read_text() for r in range(2)] == [str(not settled)] * 2
 
 
 @pytest.mark.slow
