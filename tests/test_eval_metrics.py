@@ -25,6 +25,7 @@ from prob_jepa.eval.metrics import crps, energy_score, nll_per_dim, pearson_r
 from prob_jepa.eval.multimodality import (
     axis_coordinates, axis_histogram, axis_position, mode_coverage, on_mode_share, sharpness,
 )
+from prob_jepa.eval.uncertainty import attainable_correlation
 
 LEVELS = (0.5, 0.8, 0.95)
 
@@ -237,6 +238,23 @@ def test_pearson_r_matches_hand_computation():
     x, y = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([2.0, 4.0, 5.0, 9.0])
     assert pearson_r(x, y) == pytest.approx(11 / math.sqrt(5 * 26))
     assert pearson_r(x, 1 - 2 * x) == pytest.approx(-1.0)
+
+
+def test_the_attainable_energy_correlation_is_the_point_biserial_bound():
+    """A normal energy and an accuracy p: the most negative r a 0/1 correctness can have is
+    −φ(Φ⁻¹(p)) / √(p(1 − p)) (−0.70 at p = 0.8); right images that are exactly the lowest energies reach it, right
+    images drawn at random sit near 0, far above it."""
+    g = torch.Generator().manual_seed(0)
+    energy = torch.randn(100_000, generator=g, dtype=torch.float64)
+    by_chance = (torch.rand(len(energy), generator=g, dtype=torch.float64) < 0.8).double()
+    p = by_chance.mean().item()
+    z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(p, dtype=torch.float64)).item()
+    bound = -math.exp(-z * z / 2) / math.sqrt(2 * math.pi) / math.sqrt(p * (1 - p))
+    assert attainable_correlation(energy, by_chance) == pytest.approx(bound, abs=0.003)
+    assert bound == pytest.approx(-0.70, abs=0.01)
+    assert abs(pearson_r(energy, by_chance)) < 0.02
+    lowest = (energy < energy.quantile(p)).double()
+    assert pearson_r(energy, lowest) == pytest.approx(attainable_correlation(energy, lowest), abs=1e-9)
 
 
 # multimodality on two known modes

@@ -12,7 +12,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
+import torch  # noqa: E402
 
+from .metrics import pearson_r  # noqa: E402
+from .uncertainty import attainable_correlation  # noqa: E402
 from .what_could_be_here import CLASSES  # noqa: E402
 
 sns.set_theme(style="whitegrid", context="notebook")
@@ -140,7 +143,8 @@ def pit_histograms(runs: Runs, path: Path) -> Path:
 
 
 def energy_distributions(runs: Runs, path: Path) -> Path:
-    """Per run: energies of true vs. other candidate targets, and image energies where the probe is right vs. wrong."""
+    """Per run: energies of true vs. other candidate targets, and image energies where the probe is right vs. wrong
+    (titled with their Pearson r and the most negative r they allow, :func:`~.uncertainty.attainable_correlation`)."""
     fig, axes = _grid(2 * len(runs), 3.8, 3.0, cols=4)
     for i, (name, d) in enumerate(runs.items()):
         e = d["energy"]
@@ -152,7 +156,9 @@ def energy_distributions(runs: Runs, path: Path) -> Path:
         for mask, label in ((correct, "probe right"), (~correct, "probe wrong")):
             if mask.sum() > 1:
                 sns.kdeplot(image[mask], ax=b, label=label, fill=True, warn_singular=False)
-        b.set(title=f"{name}: images", xlabel="mean energy (nats)")
+        energy, right = torch.as_tensor(image), torch.as_tensor(correct, dtype=torch.float64)
+        b.set(title=f"{name}: images\nr {pearson_r(energy, right):+.2f} (a perfect ranking: "
+                    f"{attainable_correlation(energy, right):+.2f})", xlabel="mean energy (nats)")
         a.legend(fontsize=7)
         b.legend(fontsize=7)
     return save(fig, path)
