@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,7 +17,7 @@ from prob_jepa.hypermodal import (
     jin_energy_alignment, m3_tasks,
     modality_dropout, pair_energy, phase_at, plan_tasks,
 )
-from prob_jepa.hypermodal.evaluate import recall_at_k
+from prob_jepa.hypermodal.evaluate import energy_retrieval_correlation, recall_at_k
 from prob_jepa.masks import coordinate_block_masks
 from prob_jepa.eval.summary import markdown, model_label, summary_row
 from prob_jepa.run_dir import RunDir
@@ -279,6 +281,24 @@ def test_recall_at_k():
     assert recall_at_k(twins, twins) == pytest.approx({"R@1": 0.5, "R@5": 1.0, "R@10": 1.0, "median_rank": 1.5})
 
 
+def test_the_energy_retrieval_correlation_reads_the_energies_of_the_true_and_the_retrieved_pairs():
+    """Four queries at 0°, 90°, 180°, 270° and their matches turned 10°, 30°, 95°, −75° from them: the first two
+    retrieve their match, the last two each other's (15° and 5° away). Pearson r is computed from those angles."""
+    degrees = lambda *a: torch.tensor([[math.cos(math.radians(x)), math.sin(math.radians(x))] for x in a])  # noqa: E731
+    queries, matches = degrees(0, 90, 180, 270), degrees(10, 120, 275, 195)
+    energy = lambda d: 1 - math.cos(math.radians(d))  # noqa: E731
+    right = [1, 1, 0, 0]
+    r = energy_retrieval_correlation({"a": queries, "b": matches})["a->b"]
+    assert r["matched"] == pytest.approx(np.corrcoef([energy(d) for d in (10, 30, 95, 75)], right)[0, 1])
+    assert r["matched"] < -0.9
+    # the wrong retrievals land nearer than the second right one's match: the retrieved energy misleads
+    assert r["retrieved"] == pytest.approx(np.corrcoef([energy(d) for d in (10, 30, 15, 5)], right)[0, 1])
+    assert r["retrieved"] > 0
+    # a collapsed model retrieves by chance alike for every query: nothing to correlate with
+    collapsed = energy_retrieval_correlation({"a": torch.ones(8, 4) / 2, "b": torch.ones(8, 4) / 2})
+    assert all(math.isnan(v) for v in collapsed["a->b"].values())
+
+
 @pytest.mark.slow
 def test_hypermodal_run_end_to_end_and_resumes_exactly(compose, tmp_path):
     cfg = compose(*SMALL, "trainer.max_steps=3", "eval.enabled=false")
@@ -293,6 +313,7 @@ def test_hypermodal_run_end_to_end_and_resumes_exactly(compose, tmp_path):
     pairs = [f"{a}->{b}" for a in MODALITIES for b in MODALITIES if a != b]
     assert sorted(metrics["retrieval"]) == sorted(pairs)
     assert all(set(r) == {"R@1", "R@5", "R@10", "median_rank"} for r in metrics["retrieval"].values())
+    assert sorted(metrics["energy_retrieval_r"]) == sorted(pairs)
     assert set(metrics["zero_shot"]) == set(MODALITIES) and set(metrics["modality_dropout"]) == set("12345")
     assert metrics["representation"]["chance_R@1"] == 1 / 64
     for png in ("retrieval.png", "transfer.png", "training_curves.png"):

@@ -1,5 +1,5 @@
 """Evaluation of a hypermodal run: per-modality probe and k-NN against the random initialization, retrieval, zero-shot
-transfer, modality dropout, alignment energies."""
+transfer, modality dropout, alignment energies and their correlation with a right retrieval."""
 from __future__ import annotations
 
 import itertools
@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from ..config import ConfigError
 from ..eval import check_knn_bank, evaluation_sets, feature_scores, plots, probe_problems, random_init_model
 from ..eval.cost import first_batch, step_flops, training_cost
+from ..eval.metrics import pearson_r
 from ..eval.representation import linear_probe
 from ..run_dir import RunDir
 from ..jepa import JEPA
@@ -50,6 +51,19 @@ def embed_dataset(
     return cat(embeds), cat(feats), torch.cat(labels)
 
 
+def _ranks(query: torch.Tensor, gallery: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query ``[N]``: gallery items that score above its true match (cosine), and others that tie with it."""
+    sim = query @ gallery.T
+    true = sim.diagonal()[:, None]
+    return (sim > true).sum(1).double(), (sim == true).sum(1).double() - 1
+
+
+def _hits(above: torch.Tensor, tied: torch.Tensor, k: int) -> torch.Tensor:
+    """Per query, the chance that its true match ranks in the top ``k`` over a random order of its tie
+    (the true match's 0-based rank is uniform on ``above … above + tied``)."""
+    return ((k - above) / (tied + 1)).clamp(0, 1)
+
+
 def recall_at_k(query: torch.Tensor, gallery: torch.Tensor, ks: Sequence[int] = KS) -> dict[str, float]:
     """Item ``i`` of ``query [N, E]`` should retrieve item ``i`` of ``gallery [N, E]`` (cosine similarity).
 
@@ -58,12 +72,8 @@ def recall_at_k(query: torch.Tensor, gallery: torch.Tensor, ks: Sequence[int] = 
     ordered at random: ``R@k`` is its expectation over that order, the rank the mid-rank of the tie, so a collapsed
     model scores chance (``1/N``), not 1.
     """
-    sim = query @ gallery.T
-    true = sim.diagonal()[:, None]
-    above = (sim > true).sum(1).double()  # items that beat the true match
-    tied = (sim == true).sum(1).double() - 1  # other items that score exactly as it
-    # over a random order of the tie, the true match's 0-based rank is uniform on above … above + tied
-    out = {f"R@{k}": ((k - above) / (tied + 1)).clamp(0, 1).mean().item() for k in ks}
+    above, tied = _ranks(query, gallery)
+    out = {f"R@{k}": _hits(above, tied, k).mean().item() for k in ks}
     out["median_rank"] = (above + tied / 2).median().item() + 1
     return out
 
@@ -119,6 +129,30 @@ def alignment_energies(embeds: Mapping[str, torch.Tensor]) -> dict[str, dict[str
     return out
 
 
+def energy_retrieval_correlation(embeds: Mapping[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    """Whether the alignment energy says which retrievals are right, JIN's own test of its energy (the JIN paper,
+    §5.3: "energy correlates strongly with prediction accuracy (Pearson r = −0.83)", with eq. 5's energy between
+    modalities): per direction ``a->b`` of every pair of ``embeds {m: [N, E]}``, the Pearson r over queries between
+    an energy (:func:`~prob_jepa.hypermodal.objectives.pair_energy`, ``1 − cos``) and the query's true match ranking
+    first (1 / 0; a tie counted at its chance, as ``R@1``):
+
+    - ``matched``: the energy of the query and its true match — what an image head's energy is (that of the true
+      target), known only with the label; negative by construction once some retrievals are right (a retrieval
+      is right exactly when this energy is the query's lowest);
+    - ``retrieved``: the energy of the query and the item it retrieves (the lowest), known without the label: the
+      test of the energy as an uncertainty.
+
+    Negative: lower energy goes with a right retrieval. NaN where no or every retrieval is right.
+    """
+    out = {}
+    for a, b in itertools.permutations(embeds, 2):
+        energy = pair_energy(embeds[a], embeds[b])
+        right = _hits(*_ranks(embeds[a], embeds[b]), k=1)
+        out[f"{a}->{b}"] = {"matched": pearson_r(energy.diagonal(), right),
+                            "retrieved": pearson_r(energy.min(1).values, right)}
+    return out
+
+
 def retrieval_figure(table: Mapping[str, Mapping[str, float]], names: Sequence[str], path, chance: float):
     """Heat map of R@1 for every (query, gallery) pair."""
     grid = [[table[f"{a}->{b}"]["R@1"] if a != b else float("nan") for b in names] for a in names]
@@ -129,10 +163,15 @@ def retrieval_figure(table: Mapping[str, Mapping[str, float]], names: Sequence[s
     return plots.save(fig, path)
 
 
-def transfer_figure(zero_shot, dropout, energies, path):
-    """Zero-shot transfer matrix, accuracy against present modalities, matched vs random energies."""
+# the JIN paper's energy–accuracy correlation (§5.3), drawn beside ours
+JIN_ENERGY_R = -0.83
+
+
+def transfer_figure(zero_shot, dropout, energies, energy_r, path):
+    """Zero-shot transfer matrix, accuracy against present modalities, matched vs random energies, and the
+    correlation of the energy with a right retrieval per direction (:func:`energy_retrieval_correlation`)."""
     names = list(zero_shot)
-    fig, axes = plots.plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plots.plt.subplots(1, 4, figsize=(21, 4.4))
     plots.sns.heatmap([[zero_shot[a][b] for b in names] for a in names], annot=True, fmt=".2f", vmin=0, vmax=1,
                       cmap="viridis", xticklabels=names, yticklabels=names, ax=axes[0])
     axes[0].set(xlabel="evaluated on", ylabel="probe fit on", title="zero-shot class transfer")
@@ -146,6 +185,16 @@ def transfer_figure(zero_shot, dropout, energies, path):
     axes[2].set_xticks(list(x), pairs, rotation=60, fontsize=7)
     axes[2].set(ylabel="energy (1 − cos)", title="alignment energy (JIN eq. 5)")
     axes[2].legend()
+    directions = list(energy_r)
+    x = range(len(directions))
+    for shift, kind, label in ((-0.2, "matched", "of the true match"), (0.2, "retrieved", "of the retrieved item")):
+        axes[3].bar([i + shift for i in x], [energy_r[d][kind] for d in directions], 0.4, label=f"energy {label}")
+    axes[3].axhline(0, color="black", lw=0.8)
+    axes[3].axhline(JIN_ENERGY_R, color="grey", ls="--", lw=1, label=f"JIN §5.3 (r = {JIN_ENERGY_R})")
+    axes[3].set_xticks(list(x), directions, rotation=60, fontsize=7)
+    axes[3].set(ylim=(-1, 1), ylabel="Pearson r with a right retrieval (R@1)",
+                title="does lower energy go with a right retrieval?")
+    axes[3].legend(fontsize=7, loc="upper right")
     return plots.save(fig, path)
 
 
@@ -167,7 +216,8 @@ def evaluate_hypermodal(
 ) -> dict[str, Any]:
     """Per-modality linear probe and k-NN of the target encoder and of the same model at its random initialization
     (``representation.random_init``); with two modalities or more, retrieval R@1/5/10 in each direction, zero-shot
-    transfer, modality dropout and alignment energies; and the FLOPs of a training step (the mean over the draws of
+    transfer, modality dropout, alignment energies and their correlation with a right retrieval
+    (:func:`energy_retrieval_correlation`); and the FLOPs of a training step (the mean over the draws of
     ``COST_STEPS`` of the run's steps, spread evenly; a run stopped early by ``trainer.max_steps`` is measured as if
     its curriculum ended there).
 
@@ -209,6 +259,7 @@ def evaluate_hypermodal(
             "zero_shot": zero_shot_transfer(train_z, train_y, val_z, val_y, e.probe_max_iter),
             "modality_dropout": dropout_robustness(train_z, train_y, val_z, val_y, e.probe_max_iter),
             "energy": alignment_energies(val_z),
+            "energy_retrieval_r": energy_retrieval_correlation(val_z),
         })
     records = run.read_metrics()
     trained = records[-1]["step"] if records else 1
@@ -225,5 +276,5 @@ def evaluate_hypermodal(
     if aligned:
         retrieval_figure(table, model.modalities, run.plots / "retrieval.png", 1 / len(val_y))
         transfer_figure(metrics["zero_shot"], metrics["modality_dropout"], metrics["energy"],
-                        run.plots / "transfer.png")
+                        metrics["energy_retrieval_r"], run.plots / "transfer.png")
     return metrics
