@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -58,8 +59,10 @@ def main(cfg: DictConfig) -> None:
             attempt.replace(run_dir / RECORD)
     print(f"run directory: {result.run_dir}  (status: {result.status}, step {result.step})")
     if result.status == "interrupted":  # a non-zero exit, so a job scheduler does not count the run as done
-        sys.exit(f"interrupted at step {result.step}: {result.run_dir}/checkpoints/last.pt is saved; run the same "
-                 f"command again to continue")
+        # the default run directory is named by the start time: "the same command" would start a new run
+        again = shlex.join([*hc.overrides.task, f"hydra.run.dir={result.run_dir}"])
+        sys.exit(f"interrupted at step {result.step}: {result.run_dir}/checkpoints/last.pt is saved; to continue it "
+                 f"(under torchrun, through the same launcher):\n  python experiments/run.py {again}")
     if result.metrics:
         print(json.dumps(result.metrics.get("representation", {}), indent=2))
 

@@ -89,6 +89,7 @@ def test_a_terminated_run_saves_and_exits_non_zero(tmp_path):
     """SIGTERM (preemption) saves the checkpoint; the exit status says the run is not done, so a scheduler requeues
     it rather than counting it a success."""
     import os
+    import shlex
     import signal
     import time
 
@@ -104,6 +105,9 @@ def test_a_terminated_run_saves_and_exits_non_zero(tmp_path):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode not in (0, None) and "interrupted at step" in err, (proc.returncode, err[-2000:])
     assert (tmp_path / "checkpoints" / "last.pt").exists()
+    # the command that continues it names the run directory (the default one is named by the start time)
+    again = shlex.join([*TINY, "eval.enabled=false", "trainer.epochs=50", f"hydra.run.dir={tmp_path}"])
+    assert f"python experiments/run.py {again}" in err, err[-2000:]
 
 
 def test_a_refused_resume_leaves_the_hydra_record_as_it_was(tmp_path):

@@ -47,23 +47,30 @@ def test_logged_terms_are_averaged_by_name_over_the_ranks_that_have_them(tmp_pat
 def _exit_after_a_run(rank: int, port: int, out: str, settled: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE="2")
-    # exit handlers run last-registered first: this one runs after any that init_distributed registers
-    atexit.register(lambda: Path(f"{out}.{rank}").write_text(str(dist.is_initialized())))
+    after_the_run = []
+
+    def record_and_leave() -> None:  # registered first, so it runs after any handler init_distributed registers
+        Path(f"{out}.{rank}").write_text(f"{after_the_run} {dist.is_initialized()}")
+        os._exit(0)  # past the interpreter's finalization, where a group left up can abort the process
+
+    atexit.register(record_and_leave)
     info = init_distributed("cpu")
     if settled:
         settle(info)
     else:  # a run stopped before its last barrier
         dist.barrier()
+    after_the_run.append(dist.is_initialized())
 
 
 @pytest.mark.parametrize("settled", [True, False])
 def test_a_rank_destroys_its_process_group_at_exit_only_after_the_run_settled(settled, tmp_path):
     """A Gloo group left to the interpreter's finalization aborted a rank that had finished its run (SIGABRT,
     "terminate called without an active exception": a torchrun test in CI), so a settled run's group is gone by
-    the time the process's exit handlers are done; one that did not settle (a rank leaving by an exception) is
-    left, since destroying it waits for work its peers will never finish."""
+    the time the process's exit handlers are done — and not before (the process's next run, a multirun's job, uses
+    it: re-creating it fails under torchrun); one that did not settle (a rank leaving by an exception) is left,
+    since destroying it waits for work its peers will never finish."""
     mp.spawn(_exit_after_a_run, args=(_free_port(), str(tmp_path / "initialized"), settled), nprocs=2)
-    assert [(tmp_path / f"initialized.{r}").read_text() for r in range(2)] == [str(not settled)] * 2
+    assert [(tmp_path / f"initialized.{r}").read_text() for r in range(2)] == [f"[True] {not settled}"] * 2
 
 
 @pytest.mark.slow

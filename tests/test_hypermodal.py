@@ -294,6 +294,11 @@ def test_the_energy_retrieval_correlation_reads_the_energies_of_the_true_and_the
     # the wrong retrievals land nearer than the second right one's match: the retrieved energy misleads
     assert r["retrieved"] == pytest.approx(np.corrcoef([energy(d) for d in (10, 30, 15, 5)], right)[0, 1])
     assert r["retrieved"] > 0
+    # a tie with the true match counts at its chance, as R@1 does: two matches at 0°, the third 10° from its query
+    queries, matches = degrees(0, 120, 240), degrees(0, 0, 250)
+    r = energy_retrieval_correlation({"a": queries, "b": matches})["a->b"]
+    assert r["matched"] == pytest.approx(np.corrcoef([energy(d) for d in (0, 120, 10)], [0.5, 0.5, 1])[0, 1])
+    assert r["retrieved"] == pytest.approx(np.corrcoef([energy(d) for d in (0, 120, 10)], [0.5, 0.5, 1])[0, 1])
     # a collapsed model retrieves by chance alike for every query: nothing to correlate with
     collapsed = energy_retrieval_correlation({"a": torch.ones(8, 4) / 2, "b": torch.ones(8, 4) / 2})
     assert all(math.isnan(v) for v in collapsed["a->b"].values())

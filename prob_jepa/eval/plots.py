@@ -156,9 +156,12 @@ def energy_distributions(runs: Runs, path: Path) -> Path:
         for mask, label in ((correct, "probe right"), (~correct, "probe wrong")):
             if mask.sum() > 1:
                 sns.kdeplot(image[mask], ax=b, label=label, fill=True, warn_singular=False)
-        energy, right = torch.as_tensor(image), torch.as_tensor(correct, dtype=torch.float64)
-        b.set(title=f"{name}: images\nr {pearson_r(energy, right):+.2f} (a perfect ranking: "
-                    f"{attainable_correlation(energy, right):+.2f})", xlabel="mean energy (nats)")
+        title = f"{name}: images"
+        if len(image) > 1:
+            energy, right = torch.as_tensor(image), torch.as_tensor(correct, dtype=torch.float64)
+            title += (f"\nr {pearson_r(energy, right):+.2f} (a perfect ranking: "
+                      f"{attainable_correlation(energy, right):+.2f})")
+        b.set(title=title, xlabel="mean energy (nats)")
         a.legend(fontsize=7)
         b.legend(fontsize=7)
     return save(fig, path)

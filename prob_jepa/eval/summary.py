@@ -45,7 +45,8 @@ COLUMNS = {  # column: (path in eval.json, format)
     "here_colour_1": (("what_could_be_here", "samples", "colour_1"), ".3f"),
     "retrieval_acc": (("head", "energy_retrieval", "after", "accuracy"), ".3f"),
     "energy_probe_r": (("uncertainty", "energy_correct_pearson_r"), ".3f"),
-    "energy_probe_r_attainable": (("uncertainty", "energy_correct_pearson_r_attainable"), ".3f"),  # a perfect ranking's
+    # the most negative energy_probe_r these energies allow (every right image below every wrong one)
+    "energy_probe_r_attainable": (("uncertainty", "energy_correct_pearson_r_attainable"), ".3f"),
     "ece_raw": (("uncertainty", "raw", "ece"), ".3f"),
     "ece_temperature": (("uncertainty", "temperature", "ece"), ".3f"),
     "ece_energy": (("uncertainty", "energy_temperature", "ece"), ".3f"),

@@ -22,10 +22,11 @@ def attainable_correlation(energy: torch.Tensor, correct: torch.Tensor) -> float
     r with the ones moved onto the lowest energies (every right image below every wrong one) — the scale for
     :func:`energy_calibration`'s r, which a perfect ranking reaches and nothing passes.
 
-    A 0/1 variable bounds a correlation below 1 in magnitude (the point-biserial r): with a normal energy and an
-    accuracy of 0.5 / 0.8 / 0.9 the bound is −0.80 / −0.70 / −0.58, whatever the energy knows.
+    How tight the bound is depends on how the energy is spread (the point-biserial r): for a normal energy at an
+    accuracy of 0.5 / 0.8 / 0.9 it is −0.80 / −0.70 / −0.58, whatever the energy knows; an energy of two values can
+    reach −1. NaN when every image or none is right.
     """
-    ideal = torch.zeros(len(energy), dtype=torch.float64)
+    ideal = torch.zeros_like(energy, dtype=torch.float64)
     ideal[energy.argsort()[: int(correct.sum())]] = 1
     return pearson_r(energy, ideal)
 

@@ -8,6 +8,7 @@ from collections import defaultdict
 from typing import Any, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -52,8 +53,12 @@ def embed_dataset(
 
 
 def _ranks(query: torch.Tensor, gallery: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per query ``[N]``: gallery items that score above its true match (cosine), and others that tie with it."""
-    sim = query @ gallery.T
+    """Per query ``[N]``: gallery items that score above its true match (cosine), and others that tie with it.
+
+    Normalized here, as :func:`~prob_jepa.hypermodal.objectives.pair_energy` does, so that the item ranked first is
+    the one of lowest energy (embeddings normalized under bf16 autocast are only about unit length).
+    """
+    sim = F.normalize(query, dim=-1) @ F.normalize(gallery, dim=-1).T
     true = sim.diagonal()[:, None]
     return (sim > true).sum(1).double(), (sim == true).sum(1).double() - 1
 
@@ -137,8 +142,8 @@ def energy_retrieval_correlation(embeds: Mapping[str, torch.Tensor]) -> dict[str
     first (1 / 0; a tie counted at its chance, as ``R@1``):
 
     - ``matched``: the energy of the query and its true match — what an image head's energy is (that of the true
-      target), known only with the label; negative by construction once some retrievals are right (a retrieval
-      is right exactly when this energy is the query's lowest);
+      target), known only with the label; it leans negative once some retrievals are right whatever the energy
+      knows (a retrieval is right exactly when this energy is the query's lowest);
     - ``retrieved``: the energy of the query and the item it retrieves (the lowest), known without the label: the
       test of the energy as an uncertainty.
 
