@@ -52,15 +52,11 @@ def embed_dataset(
     return cat(embeds), cat(feats), torch.cat(labels)
 
 
-def _ranks(query: torch.Tensor, gallery: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per query ``[N]``: gallery items that score above its true match (cosine), and others that tie with it.
-
-    Normalized here, as :func:`~prob_jepa.hypermodal.objectives.pair_energy` does, so that the item ranked first is
-    the one of lowest energy (embeddings normalized under bf16 autocast are only about unit length).
-    """
-    sim = F.normalize(query, dim=-1) @ F.normalize(gallery, dim=-1).T
-    true = sim.diagonal()[:, None]
-    return (sim > true).sum(1).double(), (sim == true).sum(1).double() - 1
+def _ranks(score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query (row of ``score [N, N]``, higher: better; the true match on the diagonal) ``[N]``: gallery items
+    that score above its true match, and others that tie with it."""
+    true = score.diagonal()[:, None]
+    return (score > true).sum(1).double(), (score == true).sum(1).double() - 1
 
 
 def _hits(above: torch.Tensor, tied: torch.Tensor, k: int) -> torch.Tensor:
@@ -77,7 +73,8 @@ def recall_at_k(query: torch.Tensor, gallery: torch.Tensor, ks: Sequence[int] = 
     ordered at random: ``R@k`` is its expectation over that order, the rank the mid-rank of the tie, so a collapsed
     model scores chance (``1/N``), not 1.
     """
-    above, tied = _ranks(query, gallery)
+    # normalized here, as pair_energy does (embeddings normalized under bf16 autocast are only about unit length)
+    above, tied = _ranks(F.normalize(query, dim=-1) @ F.normalize(gallery, dim=-1).T)
     out = {f"R@{k}": _hits(above, tied, k).mean().item() for k in ks}
     out["median_rank"] = (above + tied / 2).median().item() + 1
     return out
@@ -152,7 +149,7 @@ def energy_retrieval_correlation(embeds: Mapping[str, torch.Tensor]) -> dict[str
     out = {}
     for a, b in itertools.permutations(embeds, 2):
         energy = pair_energy(embeds[a], embeds[b])
-        right = _hits(*_ranks(embeds[a], embeds[b]), k=1)
+        right = _hits(*_ranks(-energy), k=1)  # ranked by the energy itself: the retrieved item is the lowest
         out[f"{a}->{b}"] = {"matched": pearson_r(energy.diagonal(), right),
                             "retrieved": pearson_r(energy.min(1).values, right)}
     return out
