@@ -102,11 +102,11 @@ def supervised_reference(cfg: DictConfig, progress: bool = True) -> dict[str, fl
     out: dict[str, float] = {"steps": steps}
     reference = random_init_model(cfg, cpu).level_jepa("image")
     for name, encode in (("supervised", model.features), ("random_init", reference.features)):
-        scores, _, vx, vy = frozen_feature_scores(encode, probe_train, probe_val, cfg.eval, cpu, name)
-        out.update({f"{name}_{key}": value for key, value in scores.items()})
+        scored = frozen_feature_scores(encode, probe_train, probe_val, cfg.eval, cpu, name)
+        out.update({f"{name}_{key}": value for key, value in scored.scores.items()})
         if name == "supervised":
             with torch.no_grad():
-                out["classifier"] = (model.classifier(vx).argmax(1) == vy).float().mean().item()
+                out["classifier"] = (model.classifier(scored.val_x).argmax(1) == scored.val_y).float().mean().item()
     return out
 
 

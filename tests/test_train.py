@@ -14,7 +14,8 @@ from conftest import OLD_IMAGE_LAYOUTS, SMALL_EVAL
 
 from prob_jepa.config import ConfigError
 from prob_jepa.data import build_datasets
-from prob_jepa.eval import evaluation_sets
+from prob_jepa.eval import evaluation_sets, random_init_model
+from prob_jepa.eval.metrics import paired_difference
 from prob_jepa.eval.representation import extract_features, linear_probe
 from prob_jepa.eval.scale import rescale
 from prob_jepa.model import build_model
@@ -119,6 +120,16 @@ def test_run_directory_holds_everything_a_user_needs(compose, tiny_overrides, tm
     half = (refit.predict(sx).argmax(1) == sy).float().mean().item()
     assert half == metrics["representation"]["pretrained"]["scale"]["0.5"]["linear_probe"]
     assert set(metrics["representation"]["random_init"]["scale"]) == {"0.5", "2.0"}
+    # the margin pairs the two encoders' probes image by image (fails if it paired other images or other probes)
+    random_features = random_init_model(cfg, torch.device("cpu")).level_jepa("image").features
+    rtx, rx = (extract_features(random_features, s, 64, torch.device("cpu"))[0] for s in (train_set, val_set))
+    reference = linear_probe(rtx, ty, rx, vy, max_iter=cfg.eval.probe_max_iter)
+    assert reference.accuracy == metrics["representation"]["random_init"]["linear_probe"]
+    right = [(p.predict(x).argmax(1) == vy) for p, x in ((refit, vx), (reference, rx))]
+    margin = metrics["representation"]["margin"]
+    assert (margin["linear_probe"], margin["linear_probe_se"]) == paired_difference(*right)
+    assert margin["images"] == len(vy) and margin["knn"] == pytest.approx(
+        metrics["representation"]["pretrained"]["knn"] - metrics["representation"]["random_init"]["knn"], abs=1e-12)
     for png in ("training_curves.png", "probe.png", "scale_robustness.png", "uncertainty_maps.png",
                 "what_could_be_here.png"):
         assert Image.open(run.plots / png).size[0] > 100

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -21,7 +21,8 @@ from . import plots
 from .ambiguity import ambiguity_metrics
 from .cost import first_batch, step_flops, training_cost
 from .heads import EVAL_DRAWS, collect_rows, head_metrics, on_head
-from .representation import ProbeResult, extract_features, knn_accuracy, linear_probe
+from .metrics import paired_difference
+from .representation import ProbeResult, extract_features, knn_predict, linear_probe
 from .scale import scale_scores
 from .uncertainty import energy_calibration, image_energies
 from .uncertainty_maps import region_means, unit_uncertainty
@@ -68,48 +69,72 @@ def representation_metrics(
     model: JEPA, cfg: DictConfig, train_set: Dataset, val_set: Dataset, device: torch.device
 ) -> tuple[dict[str, dict[str, Any]], torch.Tensor, torch.Tensor]:
     """Linear probe and k-NN on the target encoder, and on the same encoder at its random initialization, each also
-    on the validation images rescaled by every ``eval.scales`` factor (``scale``: :func:`scale_scores`).
+    on the validation images rescaled by every ``eval.scales`` factor (``scale``: :func:`scale_scores`); and
+    ``margin``, pretrained minus random initialization on the same validation images with the paired standard error
+    of each difference (:func:`~prob_jepa.eval.metrics.paired_difference`; ``images``: how many).
 
     Returns the metrics and the pretrained probe's validation logits and labels.
     """
     reference = random_init_model(cfg, device)
-    out, logits, labels = {}, None, None
     frozen_features = recipe_of(cfg).frozen_features
-    for name, m in (("pretrained", model), ("random_init", reference)):
-        out[name], probe, _, vy = frozen_feature_scores(frozen_features(m), train_set, val_set, cfg.eval, device, name,
-                                                        scales=cfg.eval.scales)
-        if logits is None:
-            logits, labels = probe.logits, vy
-    return out, logits, labels
+    scored = {name: frozen_feature_scores(frozen_features(m), train_set, val_set, cfg.eval, device, name,
+                                          scales=cfg.eval.scales)
+              for name, m in (("pretrained", model), ("random_init", reference))}
+    out: dict[str, dict[str, Any]] = {name: s.scores for name, s in scored.items()}
+    pretrained, random_init = scored["pretrained"].right(), scored["random_init"].right()
+    out["margin"] = {"images": len(scored["pretrained"].val_y)}
+    for metric in pretrained:
+        out["margin"][metric], out["margin"][f"{metric}_se"] = paired_difference(pretrained[metric],
+                                                                                 random_init[metric])
+    return out, scored["pretrained"].probe.logits, scored["pretrained"].val_y
 
 
 def feature_scores(
     train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, eval_cfg: DictConfig
-) -> tuple[dict[str, Any], ProbeResult]:
+) -> tuple[dict[str, Any], ProbeResult, torch.Tensor]:
     """Linear probe (``eval.probe_max_iter``) and k-NN (``eval.knn_k``, ``eval.knn_temperature``) of frozen features
-    ``[N, D]`` with labels ``[N]``: ``{"linear_probe", "probe_weight_decay", "knn"}`` and the probe."""
+    ``[N, D]`` with labels ``[N]``: ``{"linear_probe", "probe_weight_decay", "knn"}``, the probe, and the k-NN
+    class of each validation row ``[N]``."""
     e = eval_cfg
     probe = linear_probe(train_x, train_y, val_x, val_y, max_iter=e.probe_max_iter)
-    knn = knn_accuracy(train_x, train_y, val_x, val_y, k=e.knn_k, temperature=e.knn_temperature)
-    return {"linear_probe": probe.accuracy, "probe_weight_decay": probe.weight_decay, "knn": knn}, probe
+    num_classes = int(max(train_y.max(), val_y.max())) + 1
+    knn = knn_predict(train_x, train_y, val_x, num_classes, k=e.knn_k, temperature=e.knn_temperature)
+    scores = {"linear_probe": probe.accuracy, "probe_weight_decay": probe.weight_decay,
+              "knn": (knn == val_y).sum().item() / len(val_y)}
+    return scores, probe, knn
+
+
+class FrozenScores(NamedTuple):
+    """:func:`frozen_feature_scores`' answer: the scores, the probe, the k-NN class of each validation image ``[N]``,
+    and the validation features ``[N, D]`` and labels ``[N]``."""
+
+    scores: dict[str, Any]
+    probe: ProbeResult
+    knn_predictions: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+
+    def right(self) -> dict[str, torch.Tensor]:
+        """Whether the linear probe and k-NN classify each validation image right: ``{metric: bool [N]}``."""
+        return {"linear_probe": self.probe.logits.argmax(1) == self.val_y, "knn": self.knn_predictions == self.val_y}
 
 
 def frozen_feature_scores(
     encode: Callable[[torch.Tensor], torch.Tensor], train_set: Dataset, val_set: Dataset, eval_cfg: DictConfig,
     device: torch.device, name: str = "", scales: Sequence[float] = (),
-) -> tuple[dict[str, Any], ProbeResult, torch.Tensor, torch.Tensor]:
+) -> FrozenScores:
     """Linear probe (``eval.probe_max_iter``) and k-NN (``eval.knn_k``, ``eval.knn_temperature``) of the frozen
     features ``encode(images) → [B, D]``: the scores (``linear_probe``, ``probe_weight_decay``, ``knn``, and with
     ``scales`` the same probe and k-NN bank on rescaled validation images, ``scale``: :func:`scale_scores`), the
-    probe, and the validation features ``[N, D]`` and labels ``[N]``."""
+    probe, the k-NN classes, and the validation features ``[N, D]`` and labels ``[N]``."""
     e = eval_cfg
     tx, ty = extract_features(encode, train_set, e.batch_size, device, f"{name} train features")
     vx, vy = extract_features(encode, val_set, e.batch_size, device, f"{name} val features")
-    scores, probe = feature_scores(tx, ty, vx, vy, e)
+    scores, probe, knn = feature_scores(tx, ty, vx, vy, e)
     if scales:
         scores["scale"] = scale_scores(encode, probe, tx, ty, val_set, scales, e.batch_size, device, e.knn_k,
                                        e.knn_temperature, name)
-    return scores, probe, vx, vy
+    return FrozenScores(scores, probe, knn, vx, vy)
 
 
 def uncertainty_map_metrics(

@@ -105,3 +105,20 @@ def pearson_r(x: torch.Tensor, y: torch.Tensor) -> float:
         raise ValueError(f"expected two vectors of equal length ≥ 2, got {tuple(x.shape)} and {tuple(y.shape)}")
     x, y = x - x.mean(), y - y.mean()
     return ((x * y).sum() / (x.norm() * y.norm())).item()
+
+
+@torch.no_grad()
+def paired_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """Mean of ``a − b`` over paired per-item scores ``[N]`` (e.g. two encoders' probes being right on the same
+    validation images) and its standard error ``sd(a − b) / √N`` (sample sd, N − 1): how far the difference could
+    move on another draw of N items from the same world. Pairing removes the items both get right or wrong, so it is
+    smaller than the two accuracies' own errors combined.
+
+    Raises:
+        ValueError: ``a`` and ``b`` differ in shape or hold fewer than 2 items.
+    """
+    a, b = a.double().flatten(), b.double().flatten()
+    if a.shape != b.shape or len(a) < 2:
+        raise ValueError(f"expected two vectors of equal length ≥ 2, got {tuple(a.shape)} and {tuple(b.shape)}")
+    d = a - b
+    return d.mean().item(), (d.std() / len(d) ** 0.5).item()

@@ -118,6 +118,27 @@ def linear_probe(
     return ProbeResult(_accuracy(w, test_x, test_y), best, test_x @ w[:-1] + w[-1], w, mu, sd)
 
 
+def knn_predict(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Weighted k-NN class of each test row ``[N]`` from features ``[N_train, D]`` / ``[N, D]``, L2-normalized
+    (cosine, DINO's ``exp(s / T)`` votes over the ``k`` nearest training rows; Wu et al. 2018, arXiv:1805.01978)."""
+    train_x, test_x = F.normalize(train_x, dim=1), F.normalize(test_x, dim=1)
+    k = min(k, len(train_x))
+    out = []
+    for start in range(0, len(test_x), chunk):
+        top, idx = (test_x[start : start + chunk] @ train_x.T).topk(k, dim=1)
+        votes = torch.zeros(len(top), num_classes).scatter_add_(1, train_y[idx], (top / temperature).exp())
+        out.append(votes.argmax(1))
+    return torch.cat(out)
+
+
 def knn_accuracy(
     train_x: torch.Tensor,
     train_y: torch.Tensor,
@@ -127,17 +148,10 @@ def knn_accuracy(
     temperature: float = 0.07,
     chunk: int = 1024,
 ) -> float:
-    """Weighted k-NN top-1 accuracy on L2-normalized features (cosine, DINO's ``exp(s / T)`` votes)."""
+    """Weighted k-NN top-1 accuracy on L2-normalized features (:func:`knn_predict`)."""
     num_classes = int(max(train_y.max(), test_y.max())) + 1
-    train_x, test_x = F.normalize(train_x, dim=1), F.normalize(test_x, dim=1)
-    k = min(k, len(train_x))
-    correct = 0
-    for start in range(0, len(test_x), chunk):
-        sim = test_x[start : start + chunk] @ train_x.T
-        top, idx = sim.topk(k, dim=1)
-        votes = torch.zeros(len(top), num_classes).scatter_add_(1, train_y[idx], (top / temperature).exp())
-        correct += (votes.argmax(1) == test_y[start : start + chunk]).sum().item()
-    return correct / len(test_x)
+    predicted = knn_predict(train_x, train_y, test_x, num_classes, k, temperature, chunk)
+    return (predicted == test_y).sum().item() / len(test_x)
 
 
 def factor_r2(

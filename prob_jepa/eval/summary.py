@@ -17,6 +17,8 @@ COLUMNS = {  # column: (path in eval.json, format)
     "knn": (("representation", "pretrained", "knn"), ".3f"),
     "probe_random_init": (("representation", "random_init", "linear_probe"), ".3f"),
     "knn_random_init": (("representation", "random_init", "knn"), ".3f"),
+    "probe_margin": (("representation", "margin", "linear_probe"), "+.3f"),  # pretrained − random init, same images
+    "probe_margin_se": (("representation", "margin", "linear_probe_se"), ".3f"),  # its paired standard error
     "probe_0.5x": (("representation", "pretrained", "scale", "0.5", "linear_probe"), ".3f"),  # JIN Table 4
     "probe_2x": (("representation", "pretrained", "scale", "2.0", "linear_probe"), ".3f"),
     "nll_per_dim": (("head", "likelihood", "nll_per_dim"), ".3f"),

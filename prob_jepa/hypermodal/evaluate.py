@@ -207,7 +207,7 @@ def frozen_scores(train_f: Mapping[str, torch.Tensor], train_y: torch.Tensor, va
     ``{m: [N, D]}``, scored as the image run scores its encoder (:func:`~prob_jepa.eval.feature_scores`)."""
     out = {}
     for m in val_f:
-        scores, _ = feature_scores(train_f[m], train_y, val_f[m], val_y, e)
+        scores = feature_scores(train_f[m], train_y, val_f[m], val_y, e)[0]
         out[f"linear_probe/{m}"], out[f"knn/{m}"] = scores["linear_probe"], scores["knn"]
     return out
 
