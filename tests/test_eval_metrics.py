@@ -265,8 +265,10 @@ def test_paired_difference_matches_hand_computation():
     mean, se = paired_difference(a, b)
     assert mean == pytest.approx(0.4)
     assert se == pytest.approx(math.sqrt((3 * 0.4**2 + 2 * 0.6**2) / 4 / 5))
-    with pytest.raises(ValueError, match="equal length"):
-        paired_difference(a, b[:4])
+    assert math.isnan(paired_difference(a[:1], b[:1])[1])  # one image: a margin, no spread
+    for short, shaped in ((b[:4], b), (b.view(5, 1), b.view(5, 1))):  # a shorter vector; a column is no vector
+        with pytest.raises(ValueError, match="equal length"):
+            paired_difference(a if shaped.dim() == 1 else a.view(5, 1), short)
 
 
 def test_the_paired_standard_error_is_the_spread_of_the_margin_over_draws_of_images():

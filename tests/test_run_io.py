@@ -104,7 +104,9 @@ def test_a_run_saved_before_a_data_key_existed_still_evaluates(trained, tmp_path
     legacy = OmegaConf.load(trained[0].run_dir / "config.yaml")
     legacy.data.scene.update(hue=[0.0, 1.0], value=[0.55, 1.0], background=[0.15, 0.5])
     assert OmegaConf.to_container(filled) == OmegaConf.to_container(legacy.data.scene)  # nothing else changed
-    assert set(evaluate_script.main([str(old)])["representation"]) == {"pretrained", "random_init"}
+    representation = evaluate_script.main([str(old)])["representation"]
+    assert set(representation) == {"pretrained", "random_init", "margin"}
+    assert set(representation["margin"]) == {"images", "linear_probe", "linear_probe_se", "knn", "knn_se"}
     factors = feature_factors_script.main([str(old)])
     assert set(factors["pretrained"]["r2"]) == {"radius", "cx", "cy", "theta", "hue_sin", "hue_cos", "value",
                                                  "background_r", "background_g", "background_b", "texture"}

@@ -16,7 +16,7 @@ from prob_jepa.config import ConfigError
 from prob_jepa.data import build_datasets
 from prob_jepa.eval import evaluation_sets, random_init_model
 from prob_jepa.eval.metrics import paired_difference
-from prob_jepa.eval.representation import extract_features, linear_probe
+from prob_jepa.eval.representation import extract_features, knn_predict, linear_probe
 from prob_jepa.eval.scale import rescale
 from prob_jepa.model import build_model
 from prob_jepa.run_dir import ADDED_SCENE_OPTIONS, RunDir
@@ -128,8 +128,9 @@ def test_run_directory_holds_everything_a_user_needs(compose, tiny_overrides, tm
     right = [(p.predict(x).argmax(1) == vy) for p, x in ((refit, vx), (reference, rx))]
     margin = metrics["representation"]["margin"]
     assert (margin["linear_probe"], margin["linear_probe_se"]) == paired_difference(*right)
-    assert margin["images"] == len(vy) and margin["knn"] == pytest.approx(
-        metrics["representation"]["pretrained"]["knn"] - metrics["representation"]["random_init"]["knn"], abs=1e-12)
+    knn = [knn_predict(t, ty, x, cfg.data.num_classes, cfg.eval.knn_k, cfg.eval.knn_temperature) == vy
+           for t, x in ((tx, vx), (rtx, rx))]
+    assert (margin["knn"], margin["knn_se"]) == paired_difference(*knn) and margin["images"] == len(vy)
     for png in ("training_curves.png", "probe.png", "scale_robustness.png", "uncertainty_maps.png",
                 "what_could_be_here.png"):
         assert Image.open(run.plots / png).size[0] > 100

@@ -8,6 +8,7 @@ Functions return Python floats, or tensors where the answer is per item or per b
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from pyro.ops.stats import crps_empirical, energy_score_empirical
@@ -110,15 +111,15 @@ def pearson_r(x: torch.Tensor, y: torch.Tensor) -> float:
 @torch.no_grad()
 def paired_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     """Mean of ``a − b`` over paired per-item scores ``[N]`` (e.g. two encoders' probes being right on the same
-    validation images) and its standard error ``sd(a − b) / √N`` (sample sd, N − 1): how far the difference could
-    move on another draw of N items from the same world. Pairing removes the items both get right or wrong, so it is
-    smaller than the two accuracies' own errors combined.
+    validation images) and its standard error ``sd(a − b) / √N`` (sample sd, N − 1): the spread of that mean over
+    draws of N items from the same world, with whatever scores the items held fixed (for a probe: its weights and
+    training features). When the two tend to be right on the same items, pairing makes it smaller than the two
+    accuracies' own errors combined. NaN for a single item (``RunDir.write_eval`` stores it as null).
 
     Raises:
-        ValueError: ``a`` and ``b`` differ in shape or hold fewer than 2 items.
+        ValueError: ``a`` and ``b`` are not vectors of one shape with at least one item.
     """
-    a, b = a.double().flatten(), b.double().flatten()
-    if a.shape != b.shape or len(a) < 2:
-        raise ValueError(f"expected two vectors of equal length ≥ 2, got {tuple(a.shape)} and {tuple(b.shape)}")
-    d = a - b
-    return d.mean().item(), (d.std() / len(d) ** 0.5).item()
+    if a.dim() != 1 or a.shape != b.shape or len(a) < 1:
+        raise ValueError(f"expected two vectors of equal length ≥ 1, got {tuple(a.shape)} and {tuple(b.shape)}")
+    d = a.double() - b.double()
+    return d.mean().item(), (d.std() / len(d) ** 0.5).item() if len(d) > 1 else math.nan
