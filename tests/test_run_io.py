@@ -165,6 +165,8 @@ def test_evaluate_refuses_impossible_eval_values_before_any_work(trained):
         evaluate_script.main([str(run.path), "eval.scales=2"])
     with pytest.raises(SystemExit, match=r"eval.probe_train_size=0 must be at least 10 \(or null: every image\)"):
         evaluate_script.main([str(run.path), "eval.probe_train_size=0"])
+    with pytest.raises(SystemExit, match=r"eval.probe_val_size=1 must be at least 2 \(or null: every image\)"):
+        evaluate_script.main([str(run.path), "eval.probe_val_size=1"])
     # k-NN searched min(k, bank) neighbours while eval.json recorded k
     with pytest.raises(SystemExit, match=r"eval.knn_k=41 must be a positive number of neighbours at most "
                                          r"eval.probe_train_size=40"):

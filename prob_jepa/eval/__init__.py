@@ -184,7 +184,9 @@ def probe_problems(e: DictConfig) -> list[str]:
     if not (is_finite_number(e.knn_temperature) and e.knn_temperature > 0):
         problems.append(f"eval.knn_temperature={e.knn_temperature!r} must be a finite number > 0 (the votes are "
                         f"exp(similarity / T))")
-    for key, low in (("probe_train_size", 10), ("probe_val_size", 1)):  # 10: the probe's penalty needs held-out rows
+    # 10: the probe's penalty is chosen on held-out rows; 2: the energy's temperatures are fit on some validation
+    # images and scored on others (one image failed inside the evaluation)
+    for key, low in (("probe_train_size", 10), ("probe_val_size", 2)):
         if e[key] is not None and e[key] < low:
             problems.append(f"eval.{key}={e[key]} must be at least {low} (or null: every image)")
     bank = e.probe_train_size
