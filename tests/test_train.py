@@ -128,7 +128,7 @@ def test_run_directory_holds_everything_a_user_needs(compose, tiny_overrides, tm
     right = [(p.predict(x).argmax(1) == vy) for p, x in ((refit, vx), (reference, rx))]
     margin = metrics["representation"]["margin"]
     assert (margin["linear_probe"], margin["linear_probe_se"]) == paired_difference(*right)
-    knn = [knn_predict(t, ty, x, cfg.data.num_classes, cfg.eval.knn_k, cfg.eval.knn_temperature) == vy
+    knn = [knn_predict(t, ty, x, cfg.eval.knn_k, cfg.eval.knn_temperature) == vy
            for t, x in ((tx, vx), (rtx, rx))]
     assert (margin["knn"], margin["knn_se"]) == paired_difference(*knn) and margin["images"] == len(vy)
     for png in ("training_curves.png", "probe.png", "scale_robustness.png", "uncertainty_maps.png",

@@ -97,8 +97,7 @@ def feature_scores(
     class of each validation row ``[N]``."""
     e = eval_cfg
     probe = linear_probe(train_x, train_y, val_x, val_y, max_iter=e.probe_max_iter)
-    num_classes = int(max(train_y.max(), val_y.max())) + 1
-    knn = knn_predict(train_x, train_y, val_x, num_classes, k=e.knn_k, temperature=e.knn_temperature)
+    knn = knn_predict(train_x, train_y, val_x, k=e.knn_k, temperature=e.knn_temperature)
     scores = {"linear_probe": probe.accuracy, "probe_weight_decay": probe.weight_decay,
               "knn": (knn == val_y).sum().item() / len(val_y)}
     return scores, probe, knn

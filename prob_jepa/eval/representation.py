@@ -122,13 +122,13 @@ def knn_predict(
     train_x: torch.Tensor,
     train_y: torch.Tensor,
     test_x: torch.Tensor,
-    num_classes: int,
     k: int = 20,
     temperature: float = 0.07,
     chunk: int = 1024,
 ) -> torch.Tensor:
     """Weighted k-NN class of each test row ``[N]`` from features ``[N_train, D]`` / ``[N, D]``, L2-normalized
     (cosine, DINO's ``exp(s / T)`` votes over the ``k`` nearest training rows; Wu et al. 2018, arXiv:1805.01978)."""
+    num_classes = int(train_y.max()) + 1  # a class no training row has gets no vote
     train_x, test_x = F.normalize(train_x, dim=1), F.normalize(test_x, dim=1)
     k = min(k, len(train_x))
     out = []
@@ -149,9 +149,7 @@ def knn_accuracy(
     chunk: int = 1024,
 ) -> float:
     """Weighted k-NN top-1 accuracy on L2-normalized features (:func:`knn_predict`)."""
-    num_classes = int(max(train_y.max(), test_y.max())) + 1
-    predicted = knn_predict(train_x, train_y, test_x, num_classes, k, temperature, chunk)
-    return (predicted == test_y).sum().item() / len(test_x)
+    return (knn_predict(train_x, train_y, test_x, k, temperature, chunk) == test_y).sum().item() / len(test_x)
 
 
 def factor_r2(
