@@ -64,7 +64,7 @@ def test_loss_is_finite_and_reaches_every_trainable_parameter(compose, tiny_over
 
 
 def test_sigreg_term_is_weighted_into_the_loss(compose, tiny_overrides):
-    assert compose().model.sigreg_weight == 0.1  # the default run's recipe (model=jin_tiny)
+    assert compose().model.sigreg_weight == 1.0  # the default run's recipe (model=jin_tiny)
     cfg = compose(*tiny_overrides, "model.sigreg_weight=0.5")
     model = build_model(cfg)
     masks = ImageMasks(cfg, model.level_jepa("image").context_encoder)(4, 0)
@@ -195,6 +195,7 @@ def test_levels_ablation_keeps_global_attention_where_the_full_model_has_it(comp
 # them to the last bit on the machine that wrote them; the tolerance leaves room for another CPU's kernels, not for
 # another loss.
 STEP_KEYS = ("loss", "cross_scale", "sigreg", "grad_norm", "jepa/level0", "jepa/level1")
+SIGREG_WEIGHT_AT_4F05D8B = 0.1  # jin_tiny's until 2026-12-06: the weight the steps below were taken at
 IMAGE_JEPA_CLASS_STEPS = {
     "default": ([(1.315693974494934, 0.4417513608932495, 0.20244990289211273, 0.5684603452682495, None,
                   2.142533779144287),
@@ -227,7 +228,8 @@ def test_the_image_recipe_trains_as_the_image_jepa_class_did(case, overrides, co
     draw would move them)."""
     from prob_jepa.train import pretrain
 
-    cfg = compose(*shrunk_model("jin_tiny"), "eval.enabled=false", "trainer.max_steps=3", *overrides)
+    cfg = compose(*shrunk_model("jin_tiny"), "eval.enabled=false", "trainer.max_steps=3",
+                  f"model.sigreg_weight={SIGREG_WEIGHT_AT_4F05D8B}", *overrides)
     pretrain(cfg, run_dir=tmp_path)
     steps = [tuple(r.get(k) for k in STEP_KEYS) for r in RunDir(tmp_path).read_metrics() if "loss" in r]
     state = torch.load(RunDir(tmp_path).checkpoint, weights_only=True)["model"]
