@@ -65,6 +65,9 @@ def test_loss_is_finite_and_reaches_every_trainable_parameter(compose, tiny_over
 
 def test_sigreg_term_is_weighted_into_the_loss(compose, tiny_overrides):
     assert compose().model.sigreg_weight == 1.0  # the default run's recipe (model=jin_tiny)
+    # the weights the README's tables of these presets were measured at: the default's, and 0.1 for hypermodal JIN
+    assert compose("experiment=compare_heads").model.sigreg_weight == 1.0
+    assert compose("experiment=hypermodal_shapes").model.sigreg_weight == 0.1
     cfg = compose(*tiny_overrides, "model.sigreg_weight=0.5")
     model = build_model(cfg)
     masks = ImageMasks(cfg, model.level_jepa("image").context_encoder)(4, 0)
@@ -222,10 +225,10 @@ IMAGE_JEPA_CLASS_STEPS = {
                                       "trainer.clip_grad=0.3"]),
 ])
 def test_the_image_recipe_trains_as_the_image_jepa_class_did(case, overrides, compose, tmp_path):
-    """The default recipe (jin_tiny's switches: cross-scale, budget, SIGReg; one predicted level) and a run of every
-    level, a flow head and experts with the gradient clipped, at CPU size: the one-modality model takes the steps the
-    image JEPA class took — its losses, level terms, gradient norms and weights (a changed term weight, level or mask
-    draw would move them)."""
+    """The default recipe (jin_tiny's switches: cross-scale, budget, SIGReg — at 4f05d8b's weight; one predicted
+    level) and a run of every level, a flow head and experts with the gradient clipped, at CPU size: the one-modality
+    model takes the steps the image JEPA class took — its losses, level terms, gradient norms and weights (a changed
+    term weight, level or mask draw would move them)."""
     from prob_jepa.train import pretrain
 
     cfg = compose(*shrunk_model("jin_tiny"), "eval.enabled=false", "trainer.max_steps=3",
