@@ -271,6 +271,21 @@ def test_paired_difference_matches_hand_computation():
             paired_difference(a if shaped.dim() == 1 else a.view(5, 1), short)
 
 
+def test_paired_margins_give_each_score_its_margin_and_error():
+    from prob_jepa.eval import paired_margins
+
+    pretrained = {"linear_probe/image": torch.tensor([1, 1, 0, 1, 1]).bool(), "knn/image": torch.ones(5).bool()}
+    random_init = {"linear_probe/image": torch.tensor([0, 1, 0, 0, 1]).bool(), "knn/image": torch.ones(5).bool()}
+    margin = paired_margins(pretrained, random_init)
+    assert set(margin) == {"images", "linear_probe/image", "linear_probe/image_se", "knn/image", "knn/image_se"}
+    assert margin["images"] == 5
+    assert margin["linear_probe/image"] == pytest.approx(0.4)
+    assert margin["linear_probe/image_se"] == pytest.approx(math.sqrt((3 * 0.4**2 + 2 * 0.6**2) / 4 / 5))
+    assert (margin["knn/image"], margin["knn/image_se"]) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="equal length"):  # not the same images
+        paired_margins(pretrained, {k: v[:4] for k, v in random_init.items()})
+
+
 def test_the_paired_standard_error_is_the_spread_of_the_margin_over_draws_of_images():
     """Two probes right on nested sets of images (every image the weaker gets right, the stronger does too: 0.85
     against 0.75, as pretrained features against random ones): over 4000 draws of 500 images the margin's spread is

@@ -335,6 +335,14 @@ def test_hypermodal_run_end_to_end_and_resumes_exactly(compose, tmp_path):
     assert row["knn"] == metrics["representation"]["knn/image"]
     assert row["probe_random_init"] == metrics["representation"]["random_init"]["linear_probe/image"]
     assert row["knn_random_init"] == metrics["representation"]["random_init"]["knn/image"]
+    # each score's margin over the random initialization on the same 64 scenes, with its paired standard error
+    margin = metrics["representation"]["margin"]
+    assert set(margin) == {"images"} | scores | {f"{s}_se" for s in scores} and margin["images"] == 64
+    for s in scores:
+        expected = metrics["representation"][s] - metrics["representation"]["random_init"][s]
+        assert margin[s] == pytest.approx(expected, abs=1e-6) and 0 <= margin[f"{s}_se"] <= 0.13
+    assert (row["probe_margin"], row["probe_margin_se"]) == (margin["linear_probe/image"],
+                                                             margin["linear_probe/image_se"])
 
 
 @pytest.mark.parametrize("overrides", [SMALL, []])  # a hypermodal run, the default image run
@@ -444,6 +452,25 @@ HIERARCHICAL = [  # jin_tiny, shrunk, as the image encoder beside text (experime
 
 
 @pytest.mark.slow
+def test_frozen_scores_mark_each_item_right_as_their_scores_count_it(compose):
+    """A hypermodal run's per-item rights (``representation.margin`` pairs them) are its probe's and k-NN's own:
+    their means are the scores, for features the probe reads well and features it reads badly."""
+    from prob_jepa.hypermodal.evaluate import frozen_scores
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(4).repeat(30)
+    centres = 2 * torch.randn(4, 8, generator=g)
+    features = lambda noise: {"image": centres[y] + noise * torch.randn(120, 8, generator=g)}  # noqa: E731
+    for noise in (0.5, 3.0):
+        scores, right = frozen_scores(features(noise), y, features(noise), y, compose().eval)
+        assert set(right) == set(scores) == {"linear_probe/image", "knn/image"}
+        for score, is_right in right.items():
+            assert is_right.dtype == torch.bool and is_right.shape == (120,)
+            assert is_right.float().mean().item() == pytest.approx(scores[score], abs=1e-6)
+        if noise == 3.0:  # the two scores differ: a right of one under the other's name fails
+            assert scores["linear_probe/image"] != scores["knn/image"]
+
+
 def test_a_one_modality_run_trains_and_is_scored_against_its_random_initialization(compose, tmp_path):
     """The image alone through the hierarchical encoder and the shared space (the image JEPA as the one-modality case
     of the hypermodal model): no alignment, no retrieval, the probe and k-NN against the random initialization."""
@@ -451,7 +478,7 @@ def test_a_one_modality_run_trains_and_is_scored_against_its_random_initializati
     metrics = result.metrics
     assert (result.status, result.step) == ("stopped", 3)
     scores = {f"{kind}/{m}" for kind in ("linear_probe", "knn") for m in ("image", "image/encoder")}
-    assert set(metrics["representation"]) == scores | {"random_init"}
+    assert set(metrics["representation"]) == scores | {"random_init", "margin"}
     assert "retrieval" not in metrics and "energy" not in metrics
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["training_curves.png"]
     assert not any(k in r for r in RunDir(tmp_path).read_metrics() for k in ("energy", "infonce", "jepa/cross"))
@@ -920,8 +947,10 @@ def test_a_one_modality_run_at_the_levels_is_scored_on_its_encoder(compose, tmp_
     assert (result.status, result.step) == ("stopped", 3)
     scores = {"linear_probe/image/encoder", "knn/image/encoder"}
     representation = result.metrics["representation"]
-    assert set(representation) == scores | {"random_init"} and set(representation["random_init"]) == scores
+    assert set(representation) == scores | {"random_init", "margin"} and set(representation["random_init"]) == scores
     assert {r["jepa/within"] > 0 for r in RunDir(tmp_path).read_metrics()} == {True}
     row = summary_row(RunDir(tmp_path))
     assert (row["linear_probe"], row["knn_random_init"]) == (representation["linear_probe/image/encoder"],
                                                              representation["random_init"]["knn/image/encoder"])
+    assert (row["probe_margin"], row["probe_margin_se"]) == (representation["margin"]["linear_probe/image/encoder"],
+                                                             representation["margin"]["linear_probe/image/encoder_se"])

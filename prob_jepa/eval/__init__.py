@@ -81,12 +81,28 @@ def representation_metrics(
                                           scales=cfg.eval.scales)
               for name, m in (("pretrained", model), ("random_init", reference))}
     out: dict[str, dict[str, Any]] = {name: s.scores for name, s in scored.items()}
-    pretrained, random_init = scored["pretrained"].right(), scored["random_init"].right()
-    out["margin"] = {"images": len(scored["pretrained"].val_y)}
-    for metric in pretrained:
-        out["margin"][metric], out["margin"][f"{metric}_se"] = paired_difference(pretrained[metric],
-                                                                                 random_init[metric])
+    out["margin"] = paired_margins(scored["pretrained"].right(), scored["random_init"].right())
     return out, scored["pretrained"].probe.logits, scored["pretrained"].val_y
+
+
+def paired_margins(pretrained: dict[str, torch.Tensor], random_init: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Per score, the pretrained-minus-random-initialization accuracy on the same validation items and its paired
+    standard error (``<score>_se``; :func:`~prob_jepa.eval.metrics.paired_difference`), from whether each encoder
+    classifies each item right ``{score: bool [N]}``; ``images``: N.
+
+    Raises:
+        ValueError: the two do not score the same items (lengths differ).
+    """
+    out: dict[str, Any] = {"images": len(next(iter(pretrained.values())))}
+    for score in pretrained:
+        out[score], out[f"{score}_se"] = paired_difference(pretrained[score], random_init[score])
+    return out
+
+
+def classified_right(probe: ProbeResult, knn_predictions: torch.Tensor, val_y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Whether the linear probe and k-NN classify each validation item right: ``{"linear_probe", "knn"}``, each
+    bool ``[N]``."""
+    return {"linear_probe": probe.logits.argmax(1) == val_y, "knn": knn_predictions == val_y}
 
 
 def feature_scores(
@@ -114,8 +130,8 @@ class FrozenScores(NamedTuple):
     val_y: torch.Tensor
 
     def right(self) -> dict[str, torch.Tensor]:
-        """Whether the linear probe and k-NN classify each validation image right: ``{metric: bool [N]}``."""
-        return {"linear_probe": self.probe.logits.argmax(1) == self.val_y, "knn": self.knn_predictions == self.val_y}
+        """Whether the linear probe and k-NN classify each validation image right: :func:`classified_right`."""
+        return classified_right(self.probe, self.knn_predictions, self.val_y)
 
 
 def frozen_feature_scores(

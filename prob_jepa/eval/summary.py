@@ -64,11 +64,13 @@ COLUMNS = {  # column: (path in eval.json, format)
 # where a hypermodal run records a column that an image run records elsewhere: its image modality's probe and k-NN
 # of the shared space, or, in a model without one, of its encoder's coarsest level (the first path it has)
 HYPERMODAL_COLUMNS = {
-    column: [(*at, f"{score}/image{part}") for part in ("", "/encoder")]
-    for column, at, score in (("linear_probe", ("representation",), "linear_probe"),
-                              ("knn", ("representation",), "knn"),
-                              ("probe_random_init", ("representation", "random_init"), "linear_probe"),
-                              ("knn_random_init", ("representation", "random_init"), "knn"))
+    column: [(*at, f"{score}/image{part}{suffix}") for part in ("", "/encoder")]
+    for column, at, score, suffix in (("linear_probe", ("representation",), "linear_probe", ""),
+                                      ("knn", ("representation",), "knn", ""),
+                                      ("probe_random_init", ("representation", "random_init"), "linear_probe", ""),
+                                      ("knn_random_init", ("representation", "random_init"), "knn", ""),
+                                      ("probe_margin", ("representation", "margin"), "linear_probe", ""),
+                                      ("probe_margin_se", ("representation", "margin"), "linear_probe", "_se"))
 }
 
 

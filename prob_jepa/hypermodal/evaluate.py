@@ -14,7 +14,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..config import ConfigError
-from ..eval import check_knn_bank, evaluation_sets, feature_scores, plots, probe_problems, random_init_model
+from ..eval import (
+    check_knn_bank, classified_right, evaluation_sets, feature_scores, paired_margins, plots, probe_problems,
+    random_init_model,
+)
 from ..eval.cost import first_batch, step_flops, training_cost
 from ..eval.metrics import pearson_r
 from ..eval.representation import linear_probe
@@ -179,14 +182,16 @@ def transfer_figure(zero_shot, dropout, energies, energy_r, path):
     axes[0].set(xlabel="evaluated on", ylabel="probe fit on", title="zero-shot class transfer")
     ks = sorted(dropout, key=int)
     axes[1].plot([int(k) for k in ks], [dropout[k] for k in ks], marker="o")
-    axes[1].set(xlabel="modalities present", ylabel="probe accuracy (fused)", ylim=(0, 1), title="modality dropout")
+    axes[1].set_xticks([int(k) for k in ks])
+    axes[1].set(xlabel="modalities present", ylabel="probe accuracy (fused)", ylim=(0, 1.05), title="modality dropout")
     pairs = list(energies)
     x = range(len(pairs))
     axes[2].bar([i - 0.2 for i in x], [energies[p]["matched"] for p in pairs], 0.4, label="matched")
     axes[2].bar([i + 0.2 for i in x], [energies[p]["random"] for p in pairs], 0.4, label="random")
     axes[2].set_xticks(list(x), pairs, rotation=60, fontsize=7)
-    axes[2].set(ylabel="energy (1 − cos)", title="alignment energy (JIN eq. 5)")
-    axes[2].legend()
+    top = max([1.0] + [v for p in pairs for v in energies[p].values()])
+    axes[2].set(ylabel="energy (1 − cos)", title="alignment energy (JIN eq. 5)", ylim=(0, 1.25 * top))
+    axes[2].legend(ncol=2, loc="upper center")  # above the bars: the headroom of ylim
     directions = list(energy_r)
     x = range(len(directions))
     for shift, kind, label in ((-0.2, "matched", "of the true match"), (0.2, "retrieved", "of the retrieved item")):
@@ -201,15 +206,18 @@ def transfer_figure(zero_shot, dropout, energies, energy_r, path):
 
 
 def frozen_scores(train_f: Mapping[str, torch.Tensor], train_y: torch.Tensor, val_f: Mapping[str, torch.Tensor],
-                  val_y: torch.Tensor, e: DictConfig) -> dict[str, float]:
+                  val_y: torch.Tensor, e: DictConfig) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Per representation ``m`` (a modality's shared-space mean token; ``<m>/encoder``: its hierarchical encoder's
     coarsest level), the linear probe (``linear_probe/<m>``) and k-NN (``knn/<m>``) accuracy of the frozen features
-    ``{m: [N, D]}``, scored as the image run scores its encoder (:func:`~prob_jepa.eval.feature_scores`)."""
-    out = {}
+    ``{m: [N, D]}``, scored as the image run scores its encoder (:func:`~prob_jepa.eval.feature_scores`), and under
+    the same names whether each validation item is classified right (bool ``[N]``)."""
+    out, right = {}, {}
     for m in val_f:
-        scores = feature_scores(train_f[m], train_y, val_f[m], val_y, e)[0]
+        scores, probe, knn = feature_scores(train_f[m], train_y, val_f[m], val_y, e)
         out[f"linear_probe/{m}"], out[f"knn/{m}"] = scores["linear_probe"], scores["knn"]
-    return out
+        for score, is_right in classified_right(probe, knn, val_y).items():
+            right[f"{score}/{m}"] = is_right
+    return out, right
 
 
 def evaluate_hypermodal(
@@ -217,7 +225,8 @@ def evaluate_hypermodal(
     device: torch.device,
 ) -> dict[str, Any]:
     """Per-modality linear probe and k-NN of the target encoder and of the same model at its random initialization
-    (``representation.random_init``); with two modalities or more, retrieval R@1/5/10 in each direction, zero-shot
+    (``representation.random_init``), and the margins between them on the same validation items with their paired
+    standard errors (``representation.margin``: :func:`~prob_jepa.eval.paired_margins`); with two modalities or more, retrieval R@1/5/10 in each direction, zero-shot
     transfer, modality dropout, alignment energies and their correlation with a right retrieval
     (:func:`energy_retrieval_correlation`); and the FLOPs of a training step (the mean over the draws of
     ``COST_STEPS`` of the run's steps, spread evenly; a run stopped early by ``trainer.max_steps`` is measured as if
@@ -244,9 +253,10 @@ def evaluate_hypermodal(
     _, ref_train_f, _ = embed_dataset(reference, train_set, e.batch_size, device, embeddings=False)
     _, ref_val_f, _ = embed_dataset(reference, val_set, e.batch_size, device, embeddings=False)
     del reference
+    scores, right = frozen_scores(train_f, train_y, val_f, val_y, e)
+    ref_scores, ref_right = frozen_scores(ref_train_f, train_y, ref_val_f, val_y, e)
     metrics: dict[str, Any] = {"representation": {
-        **frozen_scores(train_f, train_y, val_f, val_y, e),
-        "random_init": frozen_scores(ref_train_f, train_y, ref_val_f, val_y, e),
+        **scores, "random_init": ref_scores, "margin": paired_margins(right, ref_right),
     }}
     if aligned:
         table = retrieval(val_z)
