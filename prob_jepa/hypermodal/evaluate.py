@@ -226,11 +226,11 @@ def evaluate_hypermodal(
 ) -> dict[str, Any]:
     """Per-modality linear probe and k-NN of the target encoder and of the same model at its random initialization
     (``representation.random_init``), and the margins between them on the same validation items with their paired
-    standard errors (``representation.margin``: :func:`~prob_jepa.eval.paired_margins`); with two modalities or more, retrieval R@1/5/10 in each direction, zero-shot
-    transfer, modality dropout, alignment energies and their correlation with a right retrieval
-    (:func:`energy_retrieval_correlation`); and the FLOPs of a training step (the mean over the draws of
-    ``COST_STEPS`` of the run's steps, spread evenly; a run stopped early by ``trainer.max_steps`` is measured as if
-    its curriculum ended there).
+    standard errors (``representation.margin``: :func:`~prob_jepa.eval.paired_margins`); with two modalities or
+    more, retrieval R@1/5/10 in each direction, zero-shot transfer, modality dropout, alignment energies and their
+    correlation with a right retrieval (:func:`energy_retrieval_correlation`); and the FLOPs of a training step (the
+    mean over the draws of ``COST_STEPS`` of the run's steps, spread evenly; a run stopped early by
+    ``trainer.max_steps`` is measured as if its curriculum ended there).
 
     Writes ``eval.json`` and ``plots/training_curves.png``, with two modalities or more ``plots/retrieval.png`` and
     ``plots/transfer.png``.
