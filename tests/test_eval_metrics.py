@@ -284,6 +284,10 @@ def test_paired_margins_give_each_score_its_margin_and_error():
     assert (margin["knn/image"], margin["knn/image_se"]) == (0.0, 0.0)
     with pytest.raises(ValueError, match="equal length"):  # not the same images
         paired_margins(pretrained, {k: v[:4] for k, v in random_init.items()})
+    for other in ({}, {"knn/image": random_init["knn/image"]}, {**random_init, "knn/text": torch.ones(5).bool()}):
+        with pytest.raises(ValueError, match="the same scores"):
+            paired_margins(pretrained if other else {}, other)
+    assert paired_margins(pretrained, random_init, count="scenes")["scenes"] == 5
 
 
 def test_the_paired_standard_error_is_the_spread_of_the_margin_over_draws_of_images():

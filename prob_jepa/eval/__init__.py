@@ -85,15 +85,18 @@ def representation_metrics(
     return out, scored["pretrained"].probe.logits, scored["pretrained"].val_y
 
 
-def paired_margins(pretrained: dict[str, torch.Tensor], random_init: dict[str, torch.Tensor]) -> dict[str, Any]:
+def paired_margins(pretrained: dict[str, torch.Tensor], random_init: dict[str, torch.Tensor],
+                   count: str = "images") -> dict[str, Any]:
     """Per score, the pretrained-minus-random-initialization accuracy on the same validation items and its paired
     standard error (``<score>_se``; :func:`~prob_jepa.eval.metrics.paired_difference`), from whether each encoder
-    classifies each item right ``{score: bool [N]}``; ``images``: N.
+    classifies each item right ``{score: bool [N]}``; under ``count`` (what the items are), N.
 
     Raises:
-        ValueError: the two do not score the same items (lengths differ).
+        ValueError: no scores, not the same scores on both sides, or vectors that are not of one length ≥ 1.
     """
-    out: dict[str, Any] = {"images": len(next(iter(pretrained.values())))}
+    if not pretrained or set(pretrained) != set(random_init):
+        raise ValueError(f"expected the same scores on both sides, got {sorted(pretrained)} and {sorted(random_init)}")
+    out: dict[str, Any] = {count: len(next(iter(pretrained.values())))}
     for score in pretrained:
         out[score], out[f"{score}_se"] = paired_difference(pretrained[score], random_init[score])
     return out

@@ -62,7 +62,8 @@ COLUMNS = {  # column: (path in eval.json, format)
 }
 
 # where a hypermodal run records a column that an image run records elsewhere: its image modality's probe and k-NN
-# of the shared space, or, in a model without one, of its encoder's coarsest level (the first path it has)
+# (and the probe's margin over the random initialization with its error) of the shared space, or, in a model without
+# one, of its encoder's coarsest level (the first path it has)
 HYPERMODAL_COLUMNS = {
     column: [(*at, f"{score}/image{part}{suffix}") for part in ("", "/encoder")]
     for column, at, score, suffix in (("linear_probe", ("representation",), "linear_probe", ""),

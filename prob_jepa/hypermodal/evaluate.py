@@ -256,7 +256,7 @@ def evaluate_hypermodal(
     scores, right = frozen_scores(train_f, train_y, val_f, val_y, e)
     ref_scores, ref_right = frozen_scores(ref_train_f, train_y, ref_val_f, val_y, e)
     metrics: dict[str, Any] = {"representation": {
-        **scores, "random_init": ref_scores, "margin": paired_margins(right, ref_right),
+        **scores, "random_init": ref_scores, "margin": paired_margins(right, ref_right, count="scenes"),
     }}
     if aligned:
         table = retrieval(val_z)
