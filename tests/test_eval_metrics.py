@@ -284,9 +284,12 @@ def test_paired_margins_give_each_score_its_margin_and_error():
     assert (margin["knn/image"], margin["knn/image_se"]) == (0.0, 0.0)
     with pytest.raises(ValueError, match="equal length"):  # not the same images
         paired_margins(pretrained, {k: v[:4] for k, v in random_init.items()})
-    for other in ({}, {"knn/image": random_init["knn/image"]}, {**random_init, "knn/text": torch.ones(5).bool()}):
+    no_scores = ({}, {})
+    missing = (pretrained, {"knn/image": random_init["knn/image"]})
+    extra = (pretrained, {**random_init, "knn/text": torch.ones(5).bool()})
+    for a, b in (no_scores, missing, extra):
         with pytest.raises(ValueError, match="the same scores"):
-            paired_margins(pretrained if other else {}, other)
+            paired_margins(a, b)
     assert paired_margins(pretrained, random_init, count="scenes")["scenes"] == 5
 
 
