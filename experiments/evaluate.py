@@ -72,9 +72,9 @@ def main(argv: list[str]) -> dict:
     except (FileNotFoundError, ConfigError) as e:
         sys.exit(f"error: {e}")
     evaluate = recipe_of(cfg).evaluate()
-    probe_set, val_set = build_datasets(cfg.data, ("train_eval", "val"))
     device = next(model.parameters()).device
     try:
+        probe_set, val_set = build_datasets(cfg.data, ("train_eval", "val"))
         metrics = evaluate(model, cfg, probe_set, val_set, run, device)  # checks its eval.* keys before any work
     except ConfigError as e:
         sys.exit(f"error: {e}")

@@ -531,6 +531,8 @@ def pretrain(
     complete_mask_specs(cfg)  # config.yaml holds every option of every mask spec it trains with
     info = init_distributed(cfg.trainer.device)
     check_trainer(cfg.trainer)  # before anything is written (the trainer checks again, for its other callers)
+    if not is_count(cfg.seed, low=0):
+        raise ConfigError(f"seed={cfg.seed!r} must be a whole number >= 0 (it seeds the weights and every mask draw)")
     accumulation(cfg.trainer.batch_size, cfg.trainer.micro_batch_size, info.world_size)
     run = RunDir(run_dir if run_dir is not None else Path("runs") / time.strftime("%Y-%m-%d_%H-%M-%S"))
     probe_set = train_set

@@ -65,6 +65,19 @@ ROOT = Path(__file__).resolve().parents[1]
     ("predictor=autoregressive predictor.num_components=0", "num_components=0: a positive number"),
     ("predictor=autoregressive predictor.hidden=[-5]", r"hidden=\[-5\]: positive MADE layer widths"),
     ("predictor=flow predictor.num_components=0", "predictor=flow: .*num_components=0: a positive number of flows"),
+    # found by a new user (2026-12-06): each trained, or crashed naming no key
+    ("predictor=flow predictor.num_layers=-2", "num_layers=-2: a number of coupling layers >= 0"),
+    ("predictor=flow predictor.num_bins=0", "num_bins=0: a positive integer"),
+    ("predictor=flow predictor.tail_bound=0", r"tail_bound=0: a finite number > 0"),
+    ("predictor=mdn predictor.min_scale=-1", r"min_scale=-1: a floor on the scales in \[0, 1\)"),
+    ("predictor=mdn predictor.min_scale=1", r"min_scale=1: a floor on the scales in \[0, 1\)"),
+    ("data.train_size=-5", r"data\.train_size=-5 must be a positive number of scenes"),
+    ("data.val_size=0", r"data\.val_size=0 must be a positive number of scenes"),
+    ("data.scene.distractors=-2", "data.scene.distractors must be a whole number >= 0"),
+    ("data.scene.noise=-0.1", "data.scene.noise must be a finite pixel-noise std >= 0"),
+    ("data.marker.size=0", r"data\.marker\.size=0 must be a positive number of pixels"),
+    ("data.marker.size=-4", r"data\.marker\.size=-4 must be a positive number of pixels"),
+    ("seed=-1", r"seed=-1 must be a whole number >= 0"),
 ])
 def test_a_value_no_run_can_train_with_is_named_before_anything_is_trained(compose, tiny_overrides, tmp_path,
                                                                           override, message):

@@ -168,11 +168,23 @@ def test_evaluate_refuses_impossible_eval_values_before_any_work(trained):
     with pytest.raises(SystemExit, match=r"eval.probe_val_size=1 must be at least 2 \(or null: every image\)"):
         evaluate_script.main([str(run.path), "eval.probe_val_size=1"])
     # k-NN searched min(k, bank) neighbours while eval.json recorded k
-    with pytest.raises(SystemExit, match=r"eval.knn_k=41 must be a positive number of neighbours at most "
-                                         r"eval.probe_train_size=40"):
+    with pytest.raises(SystemExit, match=r"eval.knn_k=41 must be at most eval.probe_train_size=40"):
         evaluate_script.main([str(run.path), "eval.probe_train_size=40", "eval.knn_k=41"])
     with pytest.raises(SystemExit, match=r"eval.knn_k=0 must be a positive number of neighbours"):
         evaluate_script.main([str(run.path), "eval.knn_k=0"])
+    # a negative k is not too many neighbours: the message named the probe size (the preflight's) as its bound
+    with pytest.raises(SystemExit, match=r"eval.knn_k=-1 must be a positive number of neighbours$"):
+        evaluate_script.main([str(run.path), "eval.probe_train_size=40", "eval.knn_k=-1"])
+    # a 150 % interval was scored (coverage 1.0) and the batch size reached the DataLoader's own error
+    with pytest.raises(SystemExit, match=r"eval.coverage_levels=\[0.5, 1.5\] must be a non-empty list of interval "
+                                         r"levels in \(0, 1\), e.g. \[0.5, 0.8, 0.95\]; "
+                                         r"eval.batch_size=-1 must be a positive number of images"):
+        evaluate_script.main([str(run.path), "eval.coverage_levels=[0.5,1.5]", "eval.batch_size=-1"])
+    with pytest.raises(SystemExit, match=r"eval.coverage_levels=\[\] must be a non-empty list"):
+        evaluate_script.main([str(run.path), "eval.coverage_levels=[]"])
+    # a negative number of validation scenes reached torch.cat's error, naming no key
+    with pytest.raises(SystemExit, match=r"data.val_size=-1 must be a positive number of scenes"):
+        evaluate_script.main([str(run.path), "data.val_size=-1"])
     # ... and without a probe size, beyond the training images there are (128)
     with pytest.raises(SystemExit, match=r"eval.knn_k=129 must be at most the 128 images k-NN searches"):
         evaluate_script.main([str(run.path), "eval.probe_train_size=null", "eval.knn_k=129"])

@@ -42,7 +42,9 @@ from torch.utils.data import Dataset
 
 from jin.encoders import farthest_point_order
 
-from .shapes import CLASSES, EXTENT, Scene, class_names, draw_scenes, normalize, object_mask, paint, to_uint8
+from .shapes import (
+    CLASSES, EXTENT, Scene, check_split_sizes, class_names, draw_scenes, normalize, object_mask, paint, to_uint8,
+)
 
 MODALITIES = ("image", "audio", "text", "video", "points")
 
@@ -364,8 +366,9 @@ def build_paired_shapes(cfg, splits: Sequence[str] = ("train", "val")) -> tuple[
     """Datasets of ``data=paired_shapes``: disjoint seeds per split; ``train_eval`` is ``train``.
 
     Raises:
-        ConfigError: an invalid ``data.scene`` (:meth:`Scene.from_config`).
+        ConfigError: an invalid ``data.scene`` (:meth:`Scene.from_config`), ``data.train_size`` or ``data.val_size``.
     """
+    check_split_sizes(cfg)
     spec, modalities, scene = MultimodalSpec.from_config(cfg), tuple(cfg.modalities), Scene.from_config(cfg.scene)
     made: dict[str, PairedShapes] = {}
     for s in splits:

@@ -26,7 +26,7 @@ from typing import NamedTuple, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from ..config import ConfigError
+from ..config import ConfigError, is_count, is_finite_number
 
 CLASSES = ("circle", "square", "triangle", "diamond", "cross", "ring", "star", "bar")
 MEAN, STD = 0.5, 0.25  # images are normalized as (x - MEAN) / STD
@@ -135,6 +135,11 @@ class Scene:
                 f"data.scene.decoy must be a probability and data.scene.decoy_radius a range 0 < lo <= hi <= "
                 f"{0.5 / EXTENT:.3f}, got {cfg['decoy']} and {[d_lo, d_hi]}"
             )
+        if not is_count(cfg["distractors"], low=0):
+            raise ConfigError(f"data.scene.distractors must be a whole number >= 0 (small blobs per scene), got "
+                              f"{cfg['distractors']!r}")
+        if not (is_finite_number(cfg["noise"]) and cfg["noise"] >= 0):
+            raise ConfigError(f"data.scene.noise must be a finite pixel-noise std >= 0, got {cfg['noise']!r}")
         if type(cfg["decoys"]) is not int or cfg["decoys"] < 1:
             raise ConfigError(f"data.scene.decoys must be a whole number >= 1 (the most decoys), got {cfg['decoys']!r}")
         if cfg["layout"] not in LAYOUTS:
@@ -471,10 +476,25 @@ def ambiguity_pairs(n: int, image_size: int, seed: int, marker: Marker, scene: S
     return AmbiguityPairs(normalize(torch.stack([a, b])), marker.weights, marker)
 
 
+def check_split_sizes(cfg) -> None:
+    """Raise :class:`ConfigError` unless ``data.train_size`` and ``data.val_size`` are positive numbers of scenes."""
+    for key in ("train_size", "val_size"):
+        if not is_count(cfg[key]):
+            raise ConfigError(f"data.{key}={cfg[key]!r} must be a positive number of scenes")
+
+
 def build_shapes(cfg, splits: Sequence[str] = ("train", "val")) -> tuple[ShapesDataset, ...]:
-    """Datasets of ``data=shapes``: disjoint seeds per split; ``train_eval`` is ``train`` (there is no augmentation)."""
+    """Datasets of ``data=shapes``: disjoint seeds per split; ``train_eval`` is ``train`` (there is no augmentation).
+
+    Raises:
+        ConfigError: an invalid ``data.scene`` (:meth:`Scene.from_config`), ``data.marker``, ``data.train_size`` or
+            ``data.val_size``.
+    """
+    check_split_sizes(cfg)
     marker, scene = Marker.from_config(cfg.marker), Scene.from_config(cfg.scene)
     m = cfg.marker
+    if not is_count(m.size):
+        raise ConfigError(f"data.marker.size={m.size!r} must be a positive number of pixels (the marker's side)")
     if not (0 <= m.x and 0 <= m.y and m.x + m.size <= cfg.image_size and m.y + m.size <= cfg.image_size):
         raise ConfigError(
             f"data.marker (x={m.x}, y={m.y}, size={m.size}) must lie inside the {cfg.image_size}-px image "

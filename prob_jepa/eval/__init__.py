@@ -208,9 +208,10 @@ def probe_problems(e: DictConfig) -> list[str]:
         if e[key] is not None and e[key] < low:
             problems.append(f"eval.{key}={e[key]} must be at least {low} (or null: every image)")
     bank = e.probe_train_size
-    if not is_count(e.knn_k) or (bank is not None and is_count(bank) and e.knn_k > bank):
-        problems.append(f"eval.knn_k={e.knn_k!r} must be a positive number of neighbours"
-                        + (f" at most eval.probe_train_size={bank} (the images k-NN searches)" if bank else ""))
+    if not is_count(e.knn_k):
+        problems.append(f"eval.knn_k={e.knn_k!r} must be a positive number of neighbours")
+    elif bank is not None and is_count(bank) and e.knn_k > bank:
+        problems.append(f"eval.knn_k={e.knn_k} must be at most eval.probe_train_size={bank} (the images k-NN searches)")
     return problems
 
 
@@ -244,6 +245,13 @@ def check_evaluation(cfg: DictConfig, unit_grid: int) -> None:
         shown = list(scales) if OmegaConf.is_list(scales) else scales
         problems.append(f"eval.scales={shown} must be a list of positive factors, e.g. [0.5, 2.0] (0.5: the "
                         f"content at half size; [] skips the evaluation)")
+    levels = e.coverage_levels
+    if not (OmegaConf.is_list(levels) and levels and all(is_finite_number(p) and 0 < p < 1 for p in levels)):
+        shown = list(levels) if OmegaConf.is_list(levels) else levels
+        problems.append(f"eval.coverage_levels={shown} must be a non-empty list of interval levels in (0, 1), e.g. "
+                        f"[0.5, 0.8, 0.95]")
+    if not is_count(e.batch_size):
+        problems.append(f"eval.batch_size={e.batch_size!r} must be a positive number of images")
     if e.num_samples < 2:
         problems.append(f"eval.num_samples={e.num_samples} must be at least 2 (spreads and the sample temperature)")
     if not 1 <= e.map_block < unit_grid:

@@ -20,7 +20,7 @@ from torch import nn
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
 from . import register_head
-from ..config import is_count
+from ..config import is_count, is_finite_number
 from .base import Head, fp32
 from .layers import mlp
 
@@ -241,8 +241,9 @@ class FlowHead(Head):
             the first step.
 
     Raises:
-        ValueError: an unknown ``transform``, ``num_components`` or ``base_components`` not a positive integer,
-            ``hold_steps`` not a non-negative integer (a number of optimizer steps).
+        ValueError: an unknown ``transform``; ``num_components``, ``base_components``, ``hidden``, ``num_blocks``,
+            ``num_bins`` or ``mean_samples`` not a positive integer; ``num_layers`` or ``hold_steps`` not a
+            non-negative integer; ``tail_bound`` not a finite number > 0.
 
     References:
         Dinh et al., Density estimation using Real NVP, arXiv:1605.08803 (eq. 4-6);
@@ -279,8 +280,17 @@ class FlowHead(Head):
             raise ValueError(f"num_components={num_components!r}: a positive number of flows in the mixture")
         if not is_count(base_components):
             raise ValueError(f"base_components={base_components!r}: a positive number of Gaussians in the base")
-        if not (is_count(hold_steps) or hold_steps == 0):
+        if not is_count(hold_steps, low=0):
             raise ValueError(f"hold_steps={hold_steps!r}: a number of optimizer steps >= 0")
+        if not is_count(num_layers, low=0):
+            raise ValueError(f"num_layers={num_layers!r}: a number of coupling layers >= 0")
+        for name, value in (("hidden", hidden), ("num_blocks", num_blocks), ("num_bins", num_bins),
+                            ("mean_samples", mean_samples)):
+            if not is_count(value):
+                raise ValueError(f"{name}={value!r}: a positive integer")
+        if not (is_finite_number(tail_bound) and tail_bound > 0):
+            raise ValueError(f"tail_bound={tail_bound!r}: a finite number > 0 (the splines act on [-tail_bound, "
+                             f"tail_bound])")
         self.mean_samples, self.num_components = mean_samples, num_components
 
         def conditioner(in_features: int, out_features: int) -> nn.Module:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
-from ..config import is_count
+from ..config import is_count, is_finite_number
 from . import register_head
 from .base import Head, fp32
 from .layers import mlp
@@ -35,7 +35,10 @@ class MDNHead(Head):
         dim, cond_dim: target and condition widths.
         num_components: ``K``.
         hidden: hidden widths of the MLP (one width, a list, or 0 / null for a linear map).
-        min_scale: floor added to every ``σ``.
+        min_scale: floor added to every ``σ``, in [0, 1) (every ``σ`` starts at 1).
+
+    Raises:
+        ValueError: ``num_components`` not a positive integer, ``min_scale`` not a finite number in [0, 1).
 
     References:
         Bishop, Mixture Density Networks, Aston University NCRG/94/004 (1994).
@@ -52,6 +55,8 @@ class MDNHead(Head):
         super().__init__(dim, cond_dim)
         if not is_count(num_components):
             raise ValueError(f"num_components={num_components!r}: a positive number of mixture components")
+        if not (is_finite_number(min_scale) and 0 <= min_scale < 1):
+            raise ValueError(f"min_scale={min_scale!r}: a floor on the scales in [0, 1) (every scale starts at 1)")
         self.num_components, self.min_scale = num_components, min_scale
         self.net = mlp(cond_dim, hidden, num_components * (1 + 2 * dim))
         out = self.net[-1]
