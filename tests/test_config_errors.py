@@ -78,6 +78,8 @@ ROOT = Path(__file__).resolve().parents[1]
     ("data.marker.size=0", r"data\.marker\.size=0 must be a positive number of pixels"),
     ("data.marker.size=-4", r"data\.marker\.size=-4 must be a positive number of pixels"),
     ("seed=-1", r"seed=-1 must be a whole number >= 0"),
+    ("model.predictor.moe_experts=-2", r"model\.predictor\.moe_experts=-2 must be a whole number >= 0"),
+    ("predictor=diffusion predictor.timesteps=-5", "timesteps=-5: a positive number of diffusion steps"),
 ])
 def test_a_value_no_run_can_train_with_is_named_before_anything_is_trained(compose, tiny_overrides, tmp_path,
                                                                           override, message):

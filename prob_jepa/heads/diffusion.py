@@ -12,6 +12,7 @@ from torch import nn
 from torchdiffeq import odeint
 
 from . import register_head
+from ..config import is_count
 from .base import Head, fp32
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -130,6 +131,10 @@ class DiffusionHead(Head):
         exact_divergence_max_dim: largest D given the exact divergence.
         mean_samples, seed: DDIM draws behind ``mean`` (even); seed of their noise and of the Hutchinson probes.
 
+    Raises:
+        ValueError: an unknown ``beta_schedule`` or ``prediction_type``, ``timesteps`` not a positive integer,
+            ``sampling_steps`` not between 1 and ``timesteps``, ``mean_samples`` not even and positive.
+
     References:
         Ho et al. 2020 (DDPM, arXiv:2006.11239); Song et al. 2021 (DDIM, arXiv:2010.02502);
         Peebles & Xie 2023 (DiT, arXiv:2212.09748); Song et al. 2021 (arXiv:2011.13456).
@@ -159,6 +164,8 @@ class DiffusionHead(Head):
             raise ValueError(f"beta_schedule {beta_schedule!r}; valid: {', '.join(BETA_SCHEDULES)}")
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type {prediction_type!r}; valid: {', '.join(PREDICTION_TYPES)}")
+        if not is_count(timesteps):
+            raise ValueError(f"timesteps={timesteps!r}: a positive number of diffusion steps")
         if not 1 <= sampling_steps <= timesteps:
             raise ValueError(
                 f"sampling_steps={sampling_steps} must be between 1 and timesteps={timesteps}: "
