@@ -66,7 +66,7 @@ def load_head_trials(file: str | Path, overrides: Sequence[str], config_dir: str
     Raises:
         ValueError: a top-level key the file does not have (``step=``, Hydra's ``+key=``), ``heads`` not a non-empty
             list of head configs of ``config_dir/predictor`` (or null), a ``per_head`` entry that is not a mapping or
-            names no head config, steps (top-level or a head's) that are not a positive integer, a learning rate
+            names no head config, a ``per_head`` entry on the command line for a head ``heads`` does not train, steps (top-level or a head's) that are not a positive integer, a learning rate
             that is not a finite positive number, or a seed that is not an integer; each names the key and the
             valid values.
     """
@@ -86,6 +86,10 @@ def load_head_trials(file: str | Path, overrides: Sequence[str], config_dir: str
         wrong = [str(n) for n in names if n not in known]
         if wrong:
             raise ValueError(f"{key}: {', '.join(wrong)}; valid: {', '.join(known)}")
+    untrained = [str(h) for h in (given.per_head if "per_head" in given else {}) if h not in cfg.heads]
+    if untrained:
+        raise ValueError(f"per_head.{untrained[0]}: {untrained[0]} is not among heads={list(cfg.heads)}, so its "
+                         f"options would be ignored; add it to heads or drop them")
     settings = [(h, o) for h, o in cfg.per_head.items() if o is not None]
     not_mappings = [h for h, o in settings if not OmegaConf.is_dict(o)]
     if not_mappings:

@@ -53,6 +53,15 @@ def test_a_benchmark_that_cannot_run_is_refused_before_any_head_trains(override,
         load_experiment("heads_benchmark").load_config([override])
 
 
+def test_options_for_a_head_that_is_not_trained_are_refused_not_ignored():
+    hb = load_experiment("heads_benchmark")
+    with pytest.raises(ValueError, match=r"per_head.flow: flow is not among heads=\['mdn'\], so its options would be "
+                                         r"ignored"):
+        hb.load_config(["heads=[mdn]", "per_head.flow.num_layers=4"])
+    # the file's own per_head entries for every head stay defaults, whatever heads trains
+    assert list(hb.load_config(["heads=[mdn]", "per_head.mdn.steps=3"]).heads) == ["mdn"]
+
+
 @pytest.mark.slow
 def test_two_mode_tasks_report_where_the_samples_sit_and_where_the_truth_does():
     hb = load_experiment("heads_benchmark")
