@@ -66,9 +66,9 @@ def load_head_trials(file: str | Path, overrides: Sequence[str], config_dir: str
     Raises:
         ValueError: a top-level key the file does not have (``step=``, Hydra's ``+key=``), ``heads`` not a non-empty
             list of head configs of ``config_dir/predictor`` (or null), a ``per_head`` entry that is not a mapping or
-            names no head config, a ``per_head`` entry on the command line for a head ``heads`` does not train, steps (top-level or a head's) that are not a positive integer, a learning rate
-            that is not a finite positive number, or a seed that is not an integer; each names the key and the
-            valid values.
+            names no head config, a ``per_head`` entry on the command line for a head ``heads`` does not train, steps
+            (top-level or a head's) that are not a positive integer, a learning rate that is not a finite positive
+            number, or a seed that is not an integer; each names the key and the valid values.
     """
     base = OmegaConf.load(file)
     given = OmegaConf.from_dotlist(list(overrides))
