@@ -72,7 +72,8 @@ def load_config(overrides: list[str]):
 
     Raises:
         ValueError: before any head trains — a top-level key the file does not have (``step=``, Hydra's ``+key=``),
-            a head without a config in ``experiments/conf/predictor``, a ``per_head`` entry for such a head, a task
+            a head without a config in ``experiments/conf/predictor``, a ``per_head`` entry for such a head or (on the
+            command line) for a head ``heads`` does not train, a task
             not in :data:`~prob_jepa.synthetic.TASKS`, no head / task / dimension, steps (top-level or a head's),
             ``cond_dim``, ``batch_size``, ``test_size``, ``timing_rows`` or ``num_samples`` not a positive integer,
             or an option a head rejects (``per_head.<head>.*``); each names the valid values. ``heads`` comes back

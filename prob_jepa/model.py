@@ -132,11 +132,12 @@ def check_experts(key: str, predictor: DictConfig) -> None:
     """A mixture of experts routes each token to ``moe_top_k`` of ``moe_experts`` experts.
 
     Raises:
-        ConfigError: ``{key}.moe_experts`` is not a whole number >= 0, or ``{key}.moe_top_k`` is not between 1 and
-            ``{key}.moe_experts`` (when experts are on).
+        ConfigError: ``{key}.moe_experts`` is not a whole number >= 0 (or null), or ``{key}.moe_top_k`` is not
+            between 1 and ``{key}.moe_experts`` (when experts are on).
     """
-    if not is_count(predictor.moe_experts, low=0):
-        raise ConfigError(f"{key}.moe_experts={predictor.moe_experts!r} must be a whole number >= 0 (0: a dense MLP)")
+    if predictor.moe_experts is not None and not is_count(predictor.moe_experts, low=0):
+        raise ConfigError(f"{key}.moe_experts={predictor.moe_experts!r} must be a whole number >= 0 (0 or null: "
+                          f"a dense MLP)")
     if predictor.moe_experts and not 1 <= predictor.moe_top_k <= predictor.moe_experts:
         raise ConfigError(
             f"{key}.moe_top_k={predictor.moe_top_k} must be between 1 and {key}.moe_experts={predictor.moe_experts}"

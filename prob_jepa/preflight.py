@@ -46,14 +46,20 @@ def state_kept(model: nn.Module) -> Iterator[None]:
                     b.copy_(buffers[name])
 
 
+EVERY_IMAGE = ("probe_train_size", "probe_val_size")  # eval sizes whose null means every image
+
+
 def preflight_config(cfg: DictConfig) -> DictConfig:
-    """``cfg`` with the evaluation's sizes cut to ``eval.preflight`` (each never above the run's own value), and
+    """``cfg`` with the evaluation's sizes cut to ``eval.preflight`` (each never above the run's own value; a value
+    that is not a positive whole number, or null where null does not mean every image, is kept, so that the
+    evaluation's own checks name it before step 1 instead of after the last), and
     ``eval.knn_k`` to the cut number of probe images; the FLOP count of the evaluation then runs on at most
     ``eval.preflight.probe_val_size`` images."""
     small = copy.deepcopy(cfg)
     for key, value in cfg.eval.preflight.items():
         mine = small.eval[key]
-        small.eval[key] = value if mine is None else min(mine, value)
+        if is_count(mine) or (mine is None and key in EVERY_IMAGE):
+            small.eval[key] = value if mine is None else min(mine, value)
     small.trainer.batch_size = min(small.trainer.batch_size, cfg.eval.preflight.probe_val_size)
     if is_count(small.eval.knn_k):  # the run's k is checked against the run's own images (check_knn_bank)
         small.eval.knn_k = min(small.eval.knn_k, small.eval.probe_train_size)

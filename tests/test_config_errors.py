@@ -78,6 +78,9 @@ ROOT = Path(__file__).resolve().parents[1]
     ("data.marker.size=0", r"data\.marker\.size=0 must be a positive number of pixels"),
     ("data.marker.size=-4", r"data\.marker\.size=-4 must be a positive number of pixels"),
     ("seed=-1", r"seed=-1 must be a whole number >= 0"),
+    ("data.marker.size=null", r"data\.marker\.size=None must be a positive number of pixels"),
+    ("data.marker.size=abc", r"data\.marker\.size='abc' must be a positive number of pixels"),
+    ("data.marker.x=-1", r"data\.marker\.x=-1 must be a whole number of pixels >= 0"),
     ("model.predictor.moe_experts=-2", r"model\.predictor\.moe_experts=-2 must be a whole number >= 0"),
     ("predictor=diffusion predictor.timesteps=-5", "timesteps=-5: a positive number of diffusion steps"),
 ])
@@ -85,6 +88,20 @@ def test_a_value_no_run_can_train_with_is_named_before_anything_is_trained(compo
                                                                           override, message):
     with pytest.raises(ConfigError, match=message):
         pretrain(compose(*tiny_overrides, "eval.enabled=false", *override.split()), run_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("eval.batch_size=null", r"eval\.batch_size=None must be a positive number of images"),
+    ("eval.batch_size=64.0", r"eval\.batch_size=64\.0 must be a positive number of images"),
+    ("eval.head_images=null", r"eval\.head_images=None must be at least 2"),
+])
+def test_an_evaluation_value_the_preflight_would_shrink_is_named_before_step_1(compose, tiny_overrides, tmp_path,
+                                                                            override, message):
+    """The preflight evaluates with its own smaller sizes; a run value no evaluation can use was replaced by them,
+    passed, and failed after the last step."""
+    with pytest.raises(ConfigError, match=message):
+        pretrain(compose(*tiny_overrides, override), run_dir=tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 

@@ -32,6 +32,14 @@ def make(dim: int, cond_dim: int = 8, **overrides):
     return build_head("flow", dim=dim, cond_dim=cond_dim, **{**HEAD_CONFIGS["flow"], **overrides})
 
 
+def test_options_an_affine_flow_does_not_read_are_not_checked_and_zero_blocks_is_a_linear_conditioner():
+    flow = make(4, transform="affine", tail_bound=0, num_bins=None, num_blocks=0)
+    x, c = torch.randn(16, 4), torch.randn(16, 8)
+    assert torch.isfinite(flow.log_prob(x, c)).all()
+    with pytest.raises(ValueError, match="tail_bound=0: a finite number > 0"):
+        make(4, transform="spline", tail_bound=0)
+
+
 def test_affine_flow_fits_a_target_narrower_than_the_base():
     # nflows' own affine coupling scale is at most 1.001 (data → noise), so a stack of it cannot
     # put the NLL per dimension below the base's peak, 0.5·log(2π) ≈ 0.92 nats; N(0, 0.05²) has −1.58.

@@ -394,6 +394,8 @@ def test_hypermodal_presets_train(compose, tmp_path, preset):
      r"eval\.knn_k=30 .* eval\.probe_train_size=20"),
     (["eval.enabled=true", "eval.knn_k=200"], r"eval\.knn_k=200 must be at most the 128 images"),  # probe size null
     (["eval.enabled=true", "eval.knn_temperature=0"], r"eval\.knn_temperature=0 must be a finite number > 0"),
+    (["eval.enabled=true", "eval.batch_size=0"], r"eval\.batch_size=0 must be a positive number of images"),
+    (["eval.enabled=true", "eval.batch_size=null"], r"eval\.batch_size=None must be a positive number of images"),
     (["data.modalities=[]"], r"data\.modalities=\[\] must list distinct modalities, at least one"),
     (["data.modalities=[audio,audio]"], r"data\.modalities=\['audio', 'audio'\] must list distinct"),
     (["data.modalities=[audio]", "hypermodal.objectives.within=0"], r"hypermodal\.objectives\.within=0 with "),

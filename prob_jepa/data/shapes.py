@@ -48,6 +48,11 @@ class Marker:
         weights = tuple(float(w) for w in cfg["weights"])
         if len(colors) != 2 or len(weights) != 2 or abs(sum(weights) - 1) > 1e-6:
             raise ConfigError(f"data.marker needs two colours and two weights summing to 1, got {colors}, {weights}")
+        if not is_count(cfg["size"]):
+            raise ConfigError(f"data.marker.size={cfg['size']!r} must be a positive number of pixels (its side)")
+        for key in ("x", "y"):
+            if not is_count(cfg[key], low=0):
+                raise ConfigError(f"data.marker.{key}={cfg[key]!r} must be a whole number of pixels >= 0")
         return cls(int(cfg["size"]), int(cfg["x"]), int(cfg["y"]), colors, weights)
 
     def units(self, unit_px: int, image_size: int) -> list[int]:
@@ -493,8 +498,6 @@ def build_shapes(cfg, splits: Sequence[str] = ("train", "val")) -> tuple[ShapesD
     check_split_sizes(cfg)
     marker, scene = Marker.from_config(cfg.marker), Scene.from_config(cfg.scene)
     m = cfg.marker
-    if not is_count(m.size):
-        raise ConfigError(f"data.marker.size={m.size!r} must be a positive number of pixels (the marker's side)")
     if not (0 <= m.x and 0 <= m.y and m.x + m.size <= cfg.image_size and m.y + m.size <= cfg.image_size):
         raise ConfigError(
             f"data.marker (x={m.x}, y={m.y}, size={m.size}) must lie inside the {cfg.image_size}-px image "

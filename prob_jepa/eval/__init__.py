@@ -193,10 +193,12 @@ def retrieval_panel(
 
 
 def probe_problems(e: DictConfig) -> list[str]:
-    """What is wrong with the linear probe's and k-NN's settings in ``eval`` (``probe_train_size``, ``probe_val_size``,
-    ``probe_max_iter``, ``knn_k``, ``knn_temperature``): one message per key, naming it and its valid range (empty:
-    nothing)."""
+    """What is wrong with the linear probe's and k-NN's settings in ``eval`` (``batch_size`` of the feature passes,
+    ``probe_train_size``, ``probe_val_size``, ``probe_max_iter``, ``knn_k``, ``knn_temperature``): one message per
+    key, naming it and its valid range (empty: nothing)."""
     problems = []
+    if not is_count(e.batch_size):
+        problems.append(f"eval.batch_size={e.batch_size!r} must be a positive number of images")
     if not is_count(e.probe_max_iter):
         problems.append(f"eval.probe_max_iter={e.probe_max_iter!r} must be a positive number of L-BFGS iterations")
     if not (is_finite_number(e.knn_temperature) and e.knn_temperature > 0):
@@ -235,9 +237,9 @@ def check_evaluation(cfg: DictConfig, unit_grid: int) -> None:
     """
     e, problems = cfg.eval, []
     for key in ("map_images", "bank_images", "ambiguity_pairs"):
-        if e[key] < 1:
+        if not is_count(e[key]):
             problems.append(f"eval.{key}={e[key]} must be at least 1")
-    if e.head_images < 2:  # the temperatures are fit on some images and scored on others
+    if not is_count(e.head_images, low=2):  # the temperatures are fit on some images and scored on others
         problems.append(f"eval.head_images={e.head_images} must be at least 2")
     problems += probe_problems(e)
     scales = e.scales
@@ -250,9 +252,7 @@ def check_evaluation(cfg: DictConfig, unit_grid: int) -> None:
         shown = list(levels) if OmegaConf.is_list(levels) else levels
         problems.append(f"eval.coverage_levels={shown} must be a non-empty list of interval levels in (0, 1), e.g. "
                         f"[0.5, 0.8, 0.95]")
-    if not is_count(e.batch_size):
-        problems.append(f"eval.batch_size={e.batch_size!r} must be a positive number of images")
-    if e.num_samples < 2:
+    if not is_count(e.num_samples, low=2):
         problems.append(f"eval.num_samples={e.num_samples} must be at least 2 (spreads and the sample temperature)")
     if not 1 <= e.map_block < unit_grid:
         problems.append(f"eval.map_block={e.map_block} must be between 1 and {unit_grid - 1} "

@@ -241,9 +241,10 @@ class FlowHead(Head):
             the first step.
 
     Raises:
-        ValueError: an unknown ``transform``; ``num_components``, ``base_components``, ``hidden``, ``num_blocks``,
-            ``num_bins`` or ``mean_samples`` not a positive integer; ``num_layers`` or ``hold_steps`` not a
-            non-negative integer; ``tail_bound`` not a finite number > 0.
+        ValueError: an unknown ``transform``; ``num_components``, ``base_components``, ``hidden`` or
+            ``mean_samples`` not a positive integer; ``num_layers``, ``num_blocks`` or ``hold_steps`` not a
+            non-negative integer; for splines, ``num_bins`` not a positive integer or ``tail_bound`` not a finite
+            number > 0.
 
     References:
         Dinh et al., Density estimation using Real NVP, arXiv:1605.08803 (eq. 4-6);
@@ -284,11 +285,13 @@ class FlowHead(Head):
             raise ValueError(f"hold_steps={hold_steps!r}: a number of optimizer steps >= 0")
         if not is_count(num_layers, low=0):
             raise ValueError(f"num_layers={num_layers!r}: a number of coupling layers >= 0")
-        for name, value in (("hidden", hidden), ("num_blocks", num_blocks), ("num_bins", num_bins),
-                            ("mean_samples", mean_samples)):
+        if not is_count(num_blocks, low=0):
+            raise ValueError(f"num_blocks={num_blocks!r}: a number of residual blocks >= 0")
+        for name, value in (("hidden", hidden), ("mean_samples", mean_samples)) + (
+                (("num_bins", num_bins),) if transform == "spline" else ()):
             if not is_count(value):
                 raise ValueError(f"{name}={value!r}: a positive integer")
-        if not (is_finite_number(tail_bound) and tail_bound > 0):
+        if transform == "spline" and not (is_finite_number(tail_bound) and tail_bound > 0):
             raise ValueError(f"tail_bound={tail_bound!r}: a finite number > 0 (the splines act on [-tail_bound, "
                              f"tail_bound])")
         self.mean_samples, self.num_components = mean_samples, num_components
