@@ -145,7 +145,7 @@ class Scene:
                               f"{cfg['distractors']!r}")
         if not (is_finite_number(cfg["noise"]) and cfg["noise"] >= 0):
             raise ConfigError(f"data.scene.noise must be a finite pixel-noise std >= 0, got {cfg['noise']!r}")
-        if type(cfg["decoys"]) is not int or cfg["decoys"] < 1:
+        if not is_count(cfg["decoys"]):
             raise ConfigError(f"data.scene.decoys must be a whole number >= 1 (the most decoys), got {cfg['decoys']!r}")
         if cfg["layout"] not in LAYOUTS:
             raise ConfigError(f"data.scene.layout must be one of {', '.join(LAYOUTS)}, got {cfg['layout']!r}")

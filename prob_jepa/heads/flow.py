@@ -287,13 +287,15 @@ class FlowHead(Head):
             raise ValueError(f"num_layers={num_layers!r}: a number of coupling layers >= 0")
         if not is_count(num_blocks, low=0):
             raise ValueError(f"num_blocks={num_blocks!r}: a number of residual blocks >= 0")
-        for name, value in (("hidden", hidden), ("mean_samples", mean_samples)) + (
-                (("num_bins", num_bins),) if transform == "spline" else ()):
+        for name, value in (("hidden", hidden), ("mean_samples", mean_samples)):
             if not is_count(value):
                 raise ValueError(f"{name}={value!r}: a positive integer")
-        if transform == "spline" and not (is_finite_number(tail_bound) and tail_bound > 0):
-            raise ValueError(f"tail_bound={tail_bound!r}: a finite number > 0 (the splines act on [-tail_bound, "
-                             f"tail_bound])")
+        if transform == "spline":  # an affine flow reads neither
+            if not is_count(num_bins):
+                raise ValueError(f"num_bins={num_bins!r}: a positive integer")
+            if not (is_finite_number(tail_bound) and tail_bound > 0):
+                raise ValueError(f"tail_bound={tail_bound!r}: a finite number > 0 (the splines act on [-tail_bound, "
+                                 f"tail_bound])")
         self.mean_samples, self.num_components = mean_samples, num_components
 
         def conditioner(in_features: int, out_features: int) -> nn.Module:
