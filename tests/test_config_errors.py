@@ -95,6 +95,8 @@ def test_a_value_no_run_can_train_with_is_named_before_anything_is_trained(compo
     ("eval.batch_size=null", r"eval\.batch_size=None must be a positive number of images"),
     ("eval.batch_size=64.0", r"eval\.batch_size=64\.0 must be a positive number of images"),
     ("eval.head_images=null", r"eval\.head_images=None must be at least 2"),
+    ("eval.probe_train_size=64.0", r"eval\.probe_train_size=64\.0 must be at least 10 \(or null: every image\), a"),
+    ("eval.probe_val_size=abc", r"eval\.probe_val_size='abc' must be at least 2 \(or null: every image\), a whole"),
 ])
 def test_an_evaluation_value_the_preflight_would_shrink_is_named_before_step_1(compose, tiny_overrides, tmp_path,
                                                                             override, message):

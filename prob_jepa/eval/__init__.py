@@ -207,8 +207,8 @@ def probe_problems(e: DictConfig) -> list[str]:
     # 10: the probe's penalty is chosen on held-out rows; 2: the energy's temperatures are fit on some validation
     # images and scored on others (one image failed inside the evaluation)
     for key, low in (("probe_train_size", 10), ("probe_val_size", 2)):
-        if e[key] is not None and e[key] < low:
-            problems.append(f"eval.{key}={e[key]} must be at least {low} (or null: every image)")
+        if e[key] is not None and not is_count(e[key], low=low):
+            problems.append(f"eval.{key}={e[key]!r} must be at least {low} (or null: every image), a whole number")
     bank = e.probe_train_size
     if not is_count(e.knn_k):
         problems.append(f"eval.knn_k={e.knn_k!r} must be a positive number of neighbours")
