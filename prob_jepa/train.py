@@ -30,7 +30,7 @@ from .data import GlobalBatchSampler, SeededDataset, build_datasets, seed_for
 from .distributed import (
     STRATEGIES, DistInfo, any_rank, barrier, gradient_sync, init_distributed, mean_over_ranks, settle, wrap_model,
 )
-from .eval import check_knn_bank, evaluation_sets, probe_problems
+from .eval import check_knn_bank, evaluation_sets
 from .eval.diagnostics import effective_rank, feature_std
 from .eval.probe_curve import ProbeCurve, probe_curve
 from .heads import Head
@@ -540,8 +540,6 @@ def pretrain(
         train_set, default_val, probe_set = build_datasets(cfg.data, ("train", "val", "train_eval"))
         val_set = default_val if val_set is None else val_set
     if cfg.eval.enabled:  # the preflight evaluates on fewer images: the run's own sizes and k-NN bank are checked here
-        if problems := probe_problems(cfg.eval):  # before evaluation_sets reads the sizes
-            raise ConfigError("; ".join(problems))
         check_knn_bank(cfg.eval, evaluation_sets(probe_set, val_set, cfg.eval)[0])
     curve = probe_curve(cfg, recipe.frozen_features, probe_set, val_set, info.device)
     check_resumable(run, cfg)  # before config.yaml is written: a refused resume leaves the run as it was

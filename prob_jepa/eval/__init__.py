@@ -52,7 +52,13 @@ def with_validation(train_set: Dataset, val_set: Dataset | None) -> tuple[Datase
 
 def evaluation_sets(train_set: Dataset, val_set: Dataset | None, eval_cfg: DictConfig) -> tuple[Dataset, Dataset]:
     """The probes' (train, validation) sets: :func:`with_validation`, each cut to ``eval.probe_train_size`` /
-    ``eval.probe_val_size``."""
+    ``eval.probe_val_size``.
+
+    Raises:
+        ConfigError: the probe's or k-NN's ``eval.*`` settings are out of range (:func:`probe_problems`, naming them).
+    """
+    if problems := probe_problems(eval_cfg):
+        raise ConfigError("; ".join(problems))
     train_set, val_set = with_validation(train_set, val_set)
     return first(train_set, eval_cfg.probe_train_size), first(val_set, eval_cfg.probe_val_size)
 

@@ -13,10 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..config import ConfigError
 from ..eval import (
-    check_knn_bank, classified_right, evaluation_sets, feature_scores, paired_margins, plots, probe_problems,
-    random_init_model,
+    check_knn_bank, classified_right, evaluation_sets, feature_scores, paired_margins, plots, random_init_model,
 )
 from ..eval.cost import first_batch, step_flops, training_cost
 from ..eval.metrics import pearson_r
@@ -239,12 +237,9 @@ def evaluate_hypermodal(
         ConfigError: the probe's or k-NN's ``eval.*`` settings are out of range (naming them), before any work.
     """
     e = cfg.eval
-    problems = probe_problems(e)
-    if problems:
-        raise ConfigError("; ".join(problems))
+    train_set, val_set = evaluation_sets(train_set, val_set, e)  # checks the probe's and k-NN's settings first
     model.eval()
     aligned = len(model.modalities) > 1  # one modality has nothing to align with or retrieve
-    train_set, val_set = evaluation_sets(train_set, val_set, e)
     check_knn_bank(e, train_set)
     tic = time.perf_counter()
     train_z, train_f, train_y = embed_dataset(model, train_set, e.batch_size, device, embeddings=aligned)
